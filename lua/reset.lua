@@ -1,0 +1,18 @@
+-- reset.lua: clears a target's window (its slots and their metadata). The reservation sequence
+-- is kept, so tokens issued before the reset can never match a slot opened after it.
+--
+-- KEYS[1] window       zset
+-- KEYS[2] window meta  hash
+-- KEYS[3] residency    sender home: its "away" string; portfolio home: unused
+-- ARGV[1] home kind "s" | "p"
+-- ARGV[2] sender, or "" for a portfolio
+-- Returns {"moved", portfolio} when the sender is assigned to a portfolio, or {1}.
+
+if ARGV[1] == 's' then
+  local ok, where = resident('s', KEYS[3], ARGV[2])
+  if not ok then
+    return { 'moved', where }
+  end
+end
+redis.call('DEL', KEYS[1], KEYS[2])
+return { 1 }

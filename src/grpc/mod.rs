@@ -1,0 +1,260 @@
+//! The tonic services: decode and validate requests, call the ledger, encode answers. No rules
+//! live here; conversion between the wire and the domain is in [`convert`].
+
+pub mod convert;
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::ledger::Ledger;
+use crate::model::{
+    AcquireRequest, Cursor, Defaults, PortfolioId, RecipientId, Reservation, SenderId,
+};
+use crate::proto::{self, admin_service_server::AdminService, quota_service_server::QuotaService};
+use convert::{invalid, status};
+
+/// What the services need besides the ledger.
+#[derive(Debug, Clone)]
+pub struct ApiOptions {
+    pub trust_client_clock: bool,
+    pub defaults: Defaults,
+    pub max_batch: usize,
+}
+
+pub struct QuotaApi<L> {
+    ledger: Arc<L>,
+    opts: ApiOptions,
+}
+
+pub struct AdminApi<L> {
+    ledger: Arc<L>,
+    opts: ApiOptions,
+}
+
+impl<L> QuotaApi<L> {
+    pub fn new(ledger: Arc<L>, opts: ApiOptions) -> Self {
+        QuotaApi { ledger, opts }
+    }
+}
+
+impl<L> AdminApi<L> {
+    pub fn new(ledger: Arc<L>, opts: ApiOptions) -> Self {
+        AdminApi { ledger, opts }
+    }
+}
+
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
+impl<L: Ledger> QuotaApi<L> {
+    async fn decide(
+        &self,
+        sender: &str,
+        recipients: Vec<(&str, String)>,
+        kind: i32,
+        dry_run: bool,
+        at: Option<&prost_types::Timestamp>,
+    ) -> Result<Vec<proto::AcquireResponse>, Status> {
+        let req = AcquireRequest {
+            sender: SenderId::parse("sender", sender).map_err(invalid)?,
+            recipients: recipients
+                .iter()
+                .map(|(r, field)| RecipientId::parse(field, r))
+                .collect::<Result<_, _>>()
+                .map_err(invalid)?,
+            kind: convert::kind(kind).map_err(invalid)?,
+            dry_run,
+            at: convert::clock(at, self.opts.trust_client_clock).map_err(invalid)?,
+        };
+        let outcomes = self.ledger.acquire(req).await.map_err(status)?;
+        for o in &outcomes {
+            tracing::debug!(sender, recipient = %o.recipient, decision = o.decision.name(), "decided");
+        }
+        Ok(outcomes.into_iter().map(convert::outcome).collect())
+    }
+}
+
+#[tonic::async_trait]
+impl<L: Ledger> QuotaService for QuotaApi<L> {
+    async fn acquire(
+        &self,
+        req: Request<proto::AcquireRequest>,
+    ) -> Result<Response<proto::AcquireResponse>, Status> {
+        let r = req.into_inner();
+        let mut out = self
+            .decide(
+                &r.sender,
+                vec![(&r.recipient, "recipient".into())],
+                r.kind,
+                r.dry_run,
+                r.at.as_ref(),
+            )
+            .await?;
+        Ok(Response::new(
+            out.pop().ok_or_else(|| Status::internal("no outcome"))?,
+        ))
+    }
+
+    async fn acquire_batch(
+        &self,
+        req: Request<proto::AcquireBatchRequest>,
+    ) -> Result<Response<proto::AcquireBatchResponse>, Status> {
+        let r = req.into_inner();
+        if r.recipients.is_empty() {
+            return Err(Status::invalid_argument("recipients: must not be empty"));
+        }
+        if r.recipients.len() > self.opts.max_batch {
+            return Err(Status::invalid_argument(format!(
+                "recipients: {} recipients, more than the maximum batch of {}",
+                r.recipients.len(),
+                self.opts.max_batch
+            )));
+        }
+        let recipients = r
+            .recipients
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.as_str(), format!("recipients[{i}]")))
+            .collect();
+        let results = self
+            .decide(&r.sender, recipients, r.kind, r.dry_run, r.at.as_ref())
+            .await?;
+        Ok(Response::new(proto::AcquireBatchResponse { results }))
+    }
+
+    async fn release(
+        &self,
+        req: Request<proto::ReleaseRequest>,
+    ) -> Result<Response<proto::ReleaseResponse>, Status> {
+        let r = req.into_inner();
+        let sender = SenderId::parse("sender", &r.sender).map_err(invalid)?;
+        let recipient = RecipientId::parse("recipient", &r.recipient).map_err(invalid)?;
+        let reservation = Reservation::parse("reservation", &r.reservation).map_err(invalid)?;
+        let at = convert::clock(r.at.as_ref(), self.opts.trust_client_clock).map_err(invalid)?;
+        let released = self
+            .ledger
+            .release(sender, recipient, reservation, at)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::ReleaseResponse { released }))
+    }
+
+    async fn record_inbound(
+        &self,
+        req: Request<proto::RecordInboundRequest>,
+    ) -> Result<Response<proto::RecordInboundResponse>, Status> {
+        let r = req.into_inner();
+        let sender = SenderId::parse("sender", &r.sender).map_err(invalid)?;
+        let recipient = RecipientId::parse("recipient", &r.recipient).map_err(invalid)?;
+        let at = convert::clock(r.at.as_ref(), self.opts.trust_client_clock).map_err(invalid)?;
+        let until = self
+            .ledger
+            .record_inbound(sender, recipient, r.free_entry_point, at)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::RecordInboundResponse {
+            service_window_expires_at: Some(convert::timestamp(until)),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl<L: Ledger> AdminService for AdminApi<L> {
+    async fn put_policy(
+        &self,
+        req: Request<proto::PutPolicyRequest>,
+    ) -> Result<Response<proto::PutPolicyResponse>, Status> {
+        let r = req.into_inner();
+        let target = convert::target(r.target.as_ref()).map_err(invalid)?;
+        let policy =
+            convert::policy(r.policy.as_ref(), &target, &self.opts.defaults).map_err(invalid)?;
+        convert::clock(r.at.as_ref(), self.opts.trust_client_clock).map_err(invalid)?;
+        let stored = self
+            .ledger
+            .put_policy(target, policy)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::PutPolicyResponse {
+            policy: Some(convert::policy_to_proto(&stored)),
+        }))
+    }
+
+    async fn assign_sender(
+        &self,
+        req: Request<proto::AssignSenderRequest>,
+    ) -> Result<Response<proto::AssignSenderResponse>, Status> {
+        let r = req.into_inner();
+        let sender = SenderId::parse("sender", &r.sender).map_err(invalid)?;
+        let portfolio = if r.portfolio.is_empty() {
+            None
+        } else {
+            Some(PortfolioId::parse("portfolio", &r.portfolio).map_err(invalid)?)
+        };
+        convert::clock(r.at.as_ref(), self.opts.trust_client_clock).map_err(invalid)?;
+        self.ledger
+            .assign_sender(sender, portfolio)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::AssignSenderResponse {}))
+    }
+
+    async fn inspect(
+        &self,
+        req: Request<proto::InspectRequest>,
+    ) -> Result<Response<proto::InspectResponse>, Status> {
+        let r = req.into_inner();
+        let target = convert::target(r.target.as_ref()).map_err(invalid)?;
+        let recipient = convert::optional_recipient("recipient", &r.recipient).map_err(invalid)?;
+        let at = convert::clock(r.at.as_ref(), self.opts.trust_client_clock).map_err(invalid)?;
+        let i = self
+            .ledger
+            .inspect(target, recipient, at)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(convert::inspection(i)))
+    }
+
+    async fn list_window(
+        &self,
+        req: Request<proto::ListWindowRequest>,
+    ) -> Result<Response<proto::ListWindowResponse>, Status> {
+        let r = req.into_inner();
+        let target = convert::target(r.target.as_ref()).map_err(invalid)?;
+        let page_size = match r.page_size as usize {
+            0 => DEFAULT_PAGE,
+            n => n.min(MAX_PAGE),
+        };
+        let after = if r.page_token.is_empty() {
+            None
+        } else {
+            Some(Cursor::parse("page_token", &r.page_token).map_err(invalid)?)
+        };
+        let at = convert::clock(r.at.as_ref(), self.opts.trust_client_clock).map_err(invalid)?;
+        let page = self
+            .ledger
+            .list_window(target, page_size, after, at)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::ListWindowResponse {
+            entries: page
+                .entries
+                .into_iter()
+                .map(convert::window_entry)
+                .collect(),
+            next_page_token: page.next.map(|c| c.encode()).unwrap_or_default(),
+        }))
+    }
+
+    async fn reset(
+        &self,
+        req: Request<proto::ResetRequest>,
+    ) -> Result<Response<proto::ResetResponse>, Status> {
+        let r = req.into_inner();
+        let target = convert::target(r.target.as_ref()).map_err(invalid)?;
+        convert::clock(r.at.as_ref(), self.opts.trust_client_clock).map_err(invalid)?;
+        self.ledger.reset(target).await.map_err(status)?;
+        tracing::info!(target: "waquota::admin", "window reset");
+        Ok(Response::new(proto::ResetResponse {}))
+    }
+}

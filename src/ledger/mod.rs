@@ -1,0 +1,93 @@
+//! The ledger: where slots and service windows live, and where every decision is made atomically.
+//!
+//! [`Ledger`] is implemented twice with the same semantics: [`memory::MemoryLedger`] (one process)
+//! and [`redis::RedisLedger`] (shared by any number of instances). The behaviour test suite runs
+//! the same bodies against both so they cannot drift.
+
+pub mod memory;
+pub mod redis;
+
+use std::future::Future;
+
+use crate::model::{
+    AcquireRequest, Cursor, Inspection, InvalidArgument, Millis, Outcome, Policy, PortfolioId,
+    RecipientId, Reservation, SenderId, Target, WindowPage,
+};
+
+/// What a ledger can fail with. Transient store trouble is kept apart from bad input.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The store cannot be reached or did not answer in time: `UNAVAILABLE`.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Invalid(#[from] InvalidArgument),
+    /// The request is well-formed but the ledger's state does not allow it: `FAILED_PRECONDITION`.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A broken invariant (an unexpected reply from a script): `INTERNAL`.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub type Result<T> = std::result::Result<T, LedgerError>;
+
+pub trait Ledger: Send + Sync + 'static {
+    /// Decides every recipient in order, in one atomic step (`Acquire` is a batch of one).
+    fn acquire(&self, req: AcquireRequest) -> impl Future<Output = Result<Vec<Outcome>>> + Send;
+
+    /// Frees the slot `reservation` opened, while no later counted delivery has touched it.
+    fn release(
+        &self,
+        sender: SenderId,
+        recipient: RecipientId,
+        reservation: Reservation,
+        at: Option<Millis>,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Opens or restarts the (sender, recipient) service window; returns when it ends.
+    fn record_inbound(
+        &self,
+        sender: SenderId,
+        recipient: RecipientId,
+        free_entry_point: bool,
+        at: Option<Millis>,
+    ) -> impl Future<Output = Result<Millis>> + Send;
+
+    fn put_policy(
+        &self,
+        target: Target,
+        policy: Policy,
+    ) -> impl Future<Output = Result<Policy>> + Send;
+
+    /// Assigns a sender to a portfolio (`None` detaches). Its service windows and own policy move
+    /// with it; its own window is kept for when it is detached again.
+    fn assign_sender(
+        &self,
+        sender: SenderId,
+        portfolio: Option<PortfolioId>,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    fn inspect(
+        &self,
+        target: Target,
+        recipient: Option<RecipientId>,
+        at: Option<Millis>,
+    ) -> impl Future<Output = Result<Inspection>> + Send;
+
+    /// Live slots of the target's deciding window, by expiry then recipient.
+    fn list_window(
+        &self,
+        target: Target,
+        page_size: usize,
+        after: Option<Cursor>,
+        at: Option<Millis>,
+    ) -> impl Future<Output = Result<WindowPage>> + Send;
+
+    /// Clears the target's window (its slots; service windows and policy are kept). A sender
+    /// assigned to a portfolio is refused: its slots live in the portfolio's window.
+    fn reset(&self, target: Target) -> impl Future<Output = Result<()>> + Send;
+
+    /// Health: can the store answer?
+    fn ping(&self) -> impl Future<Output = Result<()>> + Send;
+}

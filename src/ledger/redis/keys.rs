@@ -1,0 +1,152 @@
+//! The key schema, in one place (documented in the README, "Key schema").
+//!
+//! Every key of one *home* shares the hash tag `{s:<sender>}` (a sender's own home) or
+//! `{p:<portfolio>}` (a portfolio's home), so each script touches a single cluster slot. A
+//! sender's own state (its policy, its service windows) lives at its current home: its own while
+//! unassigned, its portfolio's while assigned, because the decision script needs it in the same
+//! slot as the window that decides. Ids never contain `{` or `}` (see `model`), so no id can
+//! change a tag.
+
+use crate::model::{PortfolioId, SenderId};
+
+/// Where a sender's state lives, and whose window decides for it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Home {
+    Sender(SenderId),
+    Portfolio(PortfolioId),
+}
+
+impl Home {
+    /// "s" or "p": what the scripts' residency checks expect.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Home::Sender(_) => "s",
+            Home::Portfolio(_) => "p",
+        }
+    }
+
+    pub fn of(portfolio: Option<PortfolioId>, sender: &SenderId) -> Home {
+        match portfolio {
+            Some(p) => Home::Portfolio(p),
+            None => Home::Sender(sender.clone()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+/// The keys of one home; built once per request.
+#[derive(Debug, Clone)]
+pub struct HomeKeys {
+    /// `<prefix>:{s:<sender>}` or `<prefix>:{p:<portfolio>}`
+    base: String,
+    kind: &'static str,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        Keys {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    pub fn home(&self, home: &Home) -> HomeKeys {
+        let base = match home {
+            Home::Sender(s) => format!("{}:{{s:{s}}}", self.prefix),
+            Home::Portfolio(p) => format!("{}:{{p:{p}}}", self.prefix),
+        };
+        HomeKeys {
+            base,
+            kind: home.kind(),
+        }
+    }
+}
+
+impl HomeKeys {
+    fn key(&self, suffix: &str) -> String {
+        let mut k = String::with_capacity(self.base.len() + 1 + suffix.len());
+        k.push_str(&self.base);
+        k.push(':');
+        k.push_str(suffix);
+        k
+    }
+
+    /// zset recipient -> slot expiry (ms). TTL: latest expiry + slack.
+    pub fn window(&self) -> String {
+        self.key("w")
+    }
+
+    /// hash recipient -> "<reservation>|<opening sender>". TTL: as the window.
+    pub fn window_meta(&self) -> String {
+        self.key("wm")
+    }
+
+    /// string: the reservation sequence of this window. TTL: as the window.
+    pub fn sequence(&self) -> String {
+        self.key("seq")
+    }
+
+    /// hash limit/tier/mode/custom: a portfolio's policy. Persistent (configuration).
+    pub fn portfolio_policy(&self) -> String {
+        self.key("pol")
+    }
+
+    /// hash limit/tier/mode/custom: a sender's own policy, kept at its current home. Persistent.
+    pub fn sender_policy(&self, sender: &SenderId) -> String {
+        self.key(&format!("sp:{sender}"))
+    }
+
+    /// zset recipient -> service window expiry (ms) of one sender. TTL: latest expiry + slack.
+    pub fn service_windows(&self, sender: &SenderId) -> String {
+        self.key(&format!("csw:{sender}"))
+    }
+
+    /// Prefix of the service-window keys of this home (the inspect script appends a sender).
+    pub fn service_windows_prefix(&self) -> String {
+        self.key("csw:")
+    }
+
+    /// Sender home: string "away" = the portfolio it is assigned to (absent when unassigned).
+    /// Portfolio home: set "m" of the senders assigned to it. Both persistent (configuration).
+    pub fn residency(&self) -> String {
+        self.key(if self.kind == "s" { "away" } else { "m" })
+    }
+
+    /// The policy of the window that decides at this home.
+    pub fn window_policy(&self, sender: &SenderId) -> String {
+        if self.kind == "s" {
+            self.sender_policy(sender)
+        } else {
+            self.portfolio_policy()
+        }
+    }
+
+    /// The keys that move with a sender when it is assigned elsewhere.
+    pub fn sender_scoped(&self, sender: &SenderId) -> [String; 2] {
+        [self.sender_policy(sender), self.service_windows(sender)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_of_one_home_share_a_hash_tag() {
+        let keys = Keys::new("wq");
+        let s = SenderId::parse("sender", "1555:0100").unwrap();
+        let h = keys.home(&Home::Sender(s.clone()));
+        assert_eq!(h.window(), "wq:{s:1555:0100}:w");
+        assert_eq!(h.residency(), "wq:{s:1555:0100}:away");
+        assert_eq!(h.service_windows(&s), "wq:{s:1555:0100}:csw:1555:0100");
+        let p = keys.home(&Home::Portfolio(
+            PortfolioId::parse("portfolio", "P1").unwrap(),
+        ));
+        assert_eq!(p.window_policy(&s), "wq:{p:P1}:pol");
+        assert_eq!(p.sender_policy(&s), "wq:{p:P1}:sp:1555:0100");
+        assert_eq!(p.residency(), "wq:{p:P1}:m");
+    }
+}

@@ -1,0 +1,808 @@
+//! The Redis ledger: every decision is one EVALSHA of one script from `lua/`.
+//!
+//! Concurrency design: the scripts are the only writers, and Redis runs each one atomically, so
+//! any number of waquota instances share one exact ledger without locks of their own. An
+//! instance keeps only a cache of which home each sender lives at; every script re-checks
+//! residency and answers `moved` when the cache is stale (after an `AssignSender` elsewhere),
+//! so a reassignment takes effect on the next request on every instance, at the cost of one
+//! extra round trip once.
+
+pub mod keys;
+pub mod scripts;
+
+use std::collections::HashMap;
+use std::sync::{Mutex, RwLock, atomic::AtomicUsize, atomic::Ordering};
+use std::time::Duration;
+
+use deadpool_redis::{Runtime, Timeouts};
+use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
+
+use super::{Ledger, LedgerError, Result};
+use crate::config::{Settings, Store};
+use crate::model::{
+    AcquireRequest, Cursor, Decision, Defaults, FREE_ENTRY_POINT_MS, Inspection, MessageKind,
+    Millis, Outcome, Policy, PortfolioId, RecipientId, Reservation, SERVICE_WINDOW_MS, SLOT_MS,
+    Scope, SenderId, Target, Tier, WindowEntry, WindowMode, WindowPage, remaining,
+};
+use keys::{Home, HomeKeys, Keys};
+use scripts::{Script, Scripts};
+
+/// Keys outlive their latest expiry by this much, so a key never vanishes while logically live.
+const TTL_SLACK_MS: Millis = 3_600_000;
+/// Most expired slots one acquire trims; the rest go on later calls (counting never needs them gone).
+const TRIM_PER_CALL: usize = 1000;
+/// A reassignment in flight can bounce a request between homes; give up after this many hops.
+const MAX_HOPS: usize = 5;
+/// Senders whose home is cached; past this the cache starts over (it only saves a round trip).
+const ROUTE_CACHE_MAX: usize = 100_000;
+
+enum Pool {
+    Single(deadpool_redis::Pool),
+    Cluster(deadpool_redis::cluster::Pool),
+}
+
+/// A checked-out pool object, kept: the hot path clones its multiplexed handle.
+enum Held {
+    Single(deadpool_redis::Connection),
+    Cluster(deadpool_redis::cluster::Connection),
+}
+
+#[derive(Clone)]
+enum Conn {
+    Single(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Conn {
+    async fn query(&mut self, cmd: &redis::Cmd) -> redis::RedisResult<Value> {
+        match self {
+            Conn::Single(c) => cmd.query_async(c).await,
+            Conn::Cluster(c) => cmd.query_async(c).await,
+        }
+    }
+}
+
+/// Connections through deadpool-redis. deadpool health-checks a connection (PING) each time it
+/// is checked out, which would double the round trips of a decision; so each slot here checks one
+/// out once and reuses its multiplexed handle (many requests pipelined on one socket) until a
+/// connection error, when the object goes back to the pool to be checked or replaced.
+struct Conns {
+    pool: Pool,
+    held: Vec<Mutex<Option<Held>>>,
+    next: AtomicUsize,
+}
+
+impl Conns {
+    async fn get(&self) -> redis::RedisResult<(usize, Conn)> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.held.len();
+        if let Some(c) = self.handle(i) {
+            return Ok((i, c));
+        }
+        let held = match &self.pool {
+            Pool::Single(p) => Held::Single(p.get().await.map_err(pool_error)?),
+            Pool::Cluster(p) => Held::Cluster(p.get().await.map_err(pool_error)?),
+        };
+        let mut slot = self.held[i].lock().unwrap_or_else(|e| e.into_inner());
+        let slot = slot.get_or_insert(held);
+        Ok((i, Self::clone_handle(slot)))
+    }
+
+    fn handle(&self, i: usize) -> Option<Conn> {
+        self.held[i]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(Self::clone_handle)
+    }
+
+    fn clone_handle(h: &Held) -> Conn {
+        match h {
+            Held::Single(c) => Conn::Single((**c).clone()),
+            Held::Cluster(c) => Conn::Cluster((**c).clone()),
+        }
+    }
+
+    fn discard(&self, i: usize) {
+        self.held[i]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+}
+
+fn pool_error(e: deadpool_redis::PoolError) -> RedisError {
+    match e {
+        deadpool_redis::PoolError::Backend(e) => e,
+        other => RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::NotConnected,
+            other.to_string(),
+        )),
+    }
+}
+
+pub struct RedisLedger {
+    conns: Conns,
+    scripts: Scripts,
+    keys: Keys,
+    defaults: Defaults,
+    timeout: Duration,
+    routes: RwLock<HashMap<SenderId, Option<PortfolioId>>>,
+}
+
+/// One script call: its keys and arguments.
+struct Call<'a> {
+    script: &'a Script,
+    keys: Vec<String>,
+    args: Vec<Vec<u8>>,
+}
+
+impl<'a> Call<'a> {
+    fn new(script: &'a Script, keys: Vec<String>) -> Self {
+        Call {
+            script,
+            keys,
+            args: Vec::new(),
+        }
+    }
+
+    fn arg(mut self, a: impl AsRef<[u8]>) -> Self {
+        self.args.push(a.as_ref().to_vec());
+        self
+    }
+
+    fn num(self, n: impl std::fmt::Display) -> Self {
+        self.arg(n.to_string())
+    }
+
+    fn clock(self, at: Option<Millis>) -> Self {
+        match at {
+            Some(ms) => self.num(ms),
+            None => self.arg(""),
+        }
+    }
+
+    fn cmd(&self, by_source: bool) -> redis::Cmd {
+        let mut c = redis::cmd(if by_source { "EVAL" } else { "EVALSHA" });
+        c.arg(if by_source {
+            self.script.source
+        } else {
+            self.script.sha.as_str()
+        });
+        c.arg(self.keys.len()).arg(&self.keys).arg(&self.args);
+        c
+    }
+}
+
+/// Transient trouble (the store is down, failing over, or slow) is `UNAVAILABLE`; anything else
+/// from a script is a bug and is `INTERNAL`.
+fn store_error(e: RedisError) -> LedgerError {
+    let transient = e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.is_cluster_error()
+        || matches!(
+            e.kind(),
+            ErrorKind::ClusterConnectionNotFound
+                | ErrorKind::AuthenticationFailed
+                | ErrorKind::Server(
+                    ServerErrorKind::BusyLoading
+                        | ServerErrorKind::TryAgain
+                        | ServerErrorKind::ClusterDown
+                        | ServerErrorKind::MasterDown
+                        | ServerErrorKind::ReadOnly
+                        | ServerErrorKind::NoPerm
+                )
+        );
+    if transient {
+        LedgerError::Unavailable(e.to_string())
+    } else {
+        LedgerError::Internal(e.to_string())
+    }
+}
+
+fn bad_reply(what: &str, v: &Value) -> LedgerError {
+    LedgerError::Internal(format!("unexpected reply from the {what} script: {v:?}"))
+}
+
+fn items(v: Value) -> std::result::Result<Vec<Value>, Value> {
+    match v {
+        Value::Array(items) => Ok(items),
+        other => Err(other),
+    }
+}
+
+fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+/// A time the scripts report as -1 when there is none.
+fn opt_ms(v: &Value) -> Option<Millis> {
+    int(v).filter(|ms| *ms != -1)
+}
+
+/// `{"moved", portfolio}`: the sender lives elsewhere (portfolio "" = its own home).
+fn moved(v: &Value) -> Option<Option<PortfolioId>> {
+    let Value::Array(items) = v else { return None };
+    match items.first() {
+        Some(Value::BulkString(b)) if b == b"moved" => {
+            let p = items.get(1).and_then(text).unwrap_or_default();
+            Some(if p.is_empty() {
+                None
+            } else {
+                PortfolioId::parse("portfolio", &p).ok()
+            })
+        }
+        _ => None,
+    }
+}
+
+fn policy_fields(p: &Policy) -> [String; 4] {
+    [
+        p.limit().to_string(),
+        p.tier.name().to_owned(),
+        p.window_mode.name().to_owned(),
+        p.custom_limit.to_string(),
+    ]
+}
+
+impl RedisLedger {
+    pub async fn connect(settings: &Settings) -> Result<Self> {
+        let pool_cfg = deadpool_redis::PoolConfig {
+            max_size: settings.redis_pool_size,
+            timeouts: Timeouts {
+                wait: Some(settings.redis_timeout),
+                create: Some(settings.redis_timeout),
+                recycle: Some(settings.redis_timeout),
+            },
+            ..Default::default()
+        };
+        let config_error = |e: &dyn std::fmt::Display| {
+            LedgerError::Unavailable(format!("redis configuration: {e}"))
+        };
+        let pool = match &settings.store {
+            Store::Redis { url } => {
+                let mut cfg = deadpool_redis::Config::from_url(url.clone());
+                cfg.pool = Some(pool_cfg);
+                Pool::Single(
+                    cfg.create_pool(Some(Runtime::Tokio1))
+                        .map_err(|e| config_error(&e))?,
+                )
+            }
+            Store::Cluster { nodes } => {
+                let mut cfg = deadpool_redis::cluster::Config::from_urls(nodes.clone());
+                cfg.pool = Some(pool_cfg);
+                Pool::Cluster(
+                    cfg.create_pool(Some(Runtime::Tokio1))
+                        .map_err(|e| config_error(&e))?,
+                )
+            }
+            Store::Memory => {
+                return Err(LedgerError::Internal(
+                    "the Redis ledger needs a Redis store".into(),
+                ));
+            }
+        };
+        let ledger = RedisLedger {
+            conns: Conns {
+                pool,
+                held: (0..settings.redis_pool_size.max(1))
+                    .map(|_| Mutex::new(None))
+                    .collect(),
+                next: AtomicUsize::new(0),
+            },
+            scripts: Scripts::new(),
+            keys: Keys::new(&settings.key_prefix),
+            defaults: settings.defaults,
+            timeout: settings.redis_timeout,
+            routes: RwLock::new(HashMap::new()),
+        };
+        if let Err(e) = ledger.ping().await {
+            tracing::warn!(error = %e, "Redis does not answer yet; serving UNAVAILABLE until it does");
+        }
+        Ok(ledger)
+    }
+
+    /// Script reloads so far (NOSCRIPT answers).
+    pub fn script_reloads(&self) -> u64 {
+        self.scripts.reloads.load(Ordering::Relaxed)
+    }
+
+    async fn query_raw(&self, cmd: &redis::Cmd) -> redis::RedisResult<Value> {
+        let (i, mut conn) = self.conns.get().await?;
+        let result = match tokio::time::timeout(self.timeout, conn.query(cmd)).await {
+            Ok(r) => r,
+            Err(_) => Err(RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("Redis did not answer within {:?}", self.timeout),
+            ))),
+        };
+        if let Err(e) = &result {
+            if e.is_io_error()
+                || e.is_connection_dropped()
+                || e.is_connection_refusal()
+                || e.is_timeout()
+            {
+                self.conns.discard(i);
+            }
+        }
+        result
+    }
+
+    async fn query(&self, cmd: &redis::Cmd) -> Result<Value> {
+        self.query_raw(cmd).await.map_err(store_error)
+    }
+
+    async fn run(&self, call: &Call<'_>) -> Result<Value> {
+        match self.query_raw(&call.cmd(false)).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                self.scripts.count_reload();
+                tracing::info!(
+                    script = call.script.name,
+                    "script not cached on Redis: sending it again"
+                );
+                self.query(&call.cmd(true)).await
+            }
+            r => r.map_err(store_error),
+        }
+    }
+
+    fn cached_home(&self, sender: &SenderId) -> Home {
+        let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
+        Home::of(routes.get(sender).cloned().flatten(), sender)
+    }
+
+    fn learn(&self, sender: &SenderId, portfolio: Option<PortfolioId>) {
+        let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
+        if routes.len() >= ROUTE_CACHE_MAX && !routes.contains_key(sender) {
+            routes.clear();
+        }
+        routes.insert(sender.clone(), portfolio);
+    }
+
+    /// Runs a sender-scoped script at the sender's home, following `moved` answers.
+    async fn at_home<'s>(
+        &'s self,
+        sender: &SenderId,
+        make: impl Fn(&Home, &HomeKeys) -> Call<'s>,
+    ) -> Result<(Home, Value)> {
+        let mut home = self.cached_home(sender);
+        for hop in 0..MAX_HOPS {
+            let v = self.run(&make(&home, &self.keys.home(&home))).await?;
+            match moved(&v) {
+                None => return Ok((home, v)),
+                Some(p) => {
+                    home = Home::of(p.clone(), sender);
+                    self.learn(sender, p);
+                    if hop > 0 {
+                        // Bounced twice: a reassignment is in flight; let it finish.
+                        tokio::time::sleep(Duration::from_millis(2 * hop as u64)).await;
+                    }
+                }
+            }
+        }
+        Err(LedgerError::Unavailable(format!(
+            "sender {sender} is being reassigned; try again"
+        )))
+    }
+
+    fn defaults_for(&self, home: &Home) -> Policy {
+        match home {
+            Home::Sender(_) => self.defaults.sender,
+            Home::Portfolio(_) => self.defaults.portfolio,
+        }
+    }
+
+    async fn current_portfolio(&self, sender: &SenderId) -> Result<Option<PortfolioId>> {
+        let key = self.keys.home(&Home::Sender(sender.clone())).residency();
+        let v = self.query(redis::cmd("GET").arg(&key)).await?;
+        Ok(text(&v).and_then(|p| PortfolioId::parse("portfolio", &p).ok()))
+    }
+}
+
+fn scope_of(home: &Home) -> Scope {
+    match home {
+        Home::Sender(_) => Scope::Sender,
+        Home::Portfolio(_) => Scope::Portfolio,
+    }
+}
+
+fn tier_named(s: &str) -> Result<Tier> {
+    Tier::from_name(s)
+        .ok_or_else(|| LedgerError::Internal(format!("unknown tier {s:?} stored in Redis")))
+}
+
+fn mode_named(s: &str) -> Result<WindowMode> {
+    WindowMode::from_name(s)
+        .ok_or_else(|| LedgerError::Internal(format!("unknown window mode {s:?} stored in Redis")))
+}
+
+impl Ledger for RedisLedger {
+    async fn acquire(&self, req: AcquireRequest) -> Result<Vec<Outcome>> {
+        let s = &self.scripts.acquire;
+        let (home, v) = self
+            .at_home(&req.sender, |home, k| {
+                let d = self.defaults_for(home);
+                let mut call = Call::new(
+                    s,
+                    vec![
+                        k.window(),
+                        k.window_meta(),
+                        k.sequence(),
+                        k.window_policy(&req.sender),
+                        k.service_windows(&req.sender),
+                        k.residency(),
+                    ],
+                )
+                .clock(req.at)
+                .arg(home.kind())
+                .arg(req.sender.as_str())
+                .arg(if req.kind == MessageKind::FreeForm {
+                    "f"
+                } else {
+                    "t"
+                })
+                .arg(if req.dry_run { "1" } else { "0" })
+                .num(d.limit())
+                .arg(d.tier.name())
+                .arg(d.window_mode.name())
+                .num(SLOT_MS)
+                .num(TTL_SLACK_MS)
+                .num(TRIM_PER_CALL);
+                for r in &req.recipients {
+                    call = call.arg(r.as_str());
+                }
+                call
+            })
+            .await?;
+        let items = items(v).map_err(|v| bad_reply("acquire", &v))?;
+        let bad = || bad_reply("acquire", &Value::Array(items.clone()));
+        if items.len() != 3 + 5 * req.recipients.len() {
+            return Err(bad());
+        }
+        let limit = int(&items[1]).ok_or_else(bad)? as u64;
+        let tier = tier_named(&text(&items[2]).ok_or_else(bad)?)?;
+        let scope = scope_of(&home);
+        req.recipients
+            .iter()
+            .zip(items[3..].chunks_exact(5))
+            .map(|(r, f)| {
+                let decision = int(&f[0]).and_then(Decision::from_code).ok_or_else(bad)?;
+                let used = int(&f[3]).ok_or_else(bad)? as u64;
+                let resv = text(&f[4]).unwrap_or_default();
+                let reservation = if resv.is_empty() {
+                    None
+                } else {
+                    let (at, seq) = resv.split_once('.').ok_or_else(bad)?;
+                    Some(Reservation {
+                        opened_at: at.parse().map_err(|_| bad())?,
+                        seq: seq.parse().map_err(|_| bad())?,
+                    })
+                };
+                Ok(Outcome {
+                    recipient: r.clone(),
+                    decision,
+                    expires_at: opt_ms(&f[1]),
+                    retry_after_ms: opt_ms(&f[2]),
+                    limit,
+                    used,
+                    remaining: remaining(limit, used),
+                    tier,
+                    scope,
+                    reservation,
+                })
+            })
+            .collect()
+    }
+
+    async fn release(
+        &self,
+        sender: SenderId,
+        recipient: RecipientId,
+        reservation: Reservation,
+        at: Option<Millis>,
+    ) -> Result<bool> {
+        let s = &self.scripts.release;
+        let (_, v) = self
+            .at_home(&sender, |home, k| {
+                Call::new(s, vec![k.window(), k.window_meta(), k.residency()])
+                    .clock(at)
+                    .arg(home.kind())
+                    .arg(sender.as_str())
+                    .arg(recipient.as_str())
+                    .arg(reservation.stored())
+            })
+            .await?;
+        let items = items(v).map_err(|v| bad_reply("release", &v))?;
+        Ok(items.first().and_then(int) == Some(1))
+    }
+
+    async fn record_inbound(
+        &self,
+        sender: SenderId,
+        recipient: RecipientId,
+        free_entry_point: bool,
+        at: Option<Millis>,
+    ) -> Result<Millis> {
+        let s = &self.scripts.inbound;
+        let span = if free_entry_point {
+            FREE_ENTRY_POINT_MS
+        } else {
+            SERVICE_WINDOW_MS
+        };
+        let (_, v) = self
+            .at_home(&sender, |home, k| {
+                Call::new(s, vec![k.service_windows(&sender), k.residency()])
+                    .clock(at)
+                    .arg(home.kind())
+                    .arg(sender.as_str())
+                    .arg(recipient.as_str())
+                    .num(span)
+                    .num(TTL_SLACK_MS)
+            })
+            .await?;
+        let items = items(v).map_err(|v| bad_reply("inbound", &v))?;
+        items
+            .get(1)
+            .and_then(int)
+            .ok_or_else(|| bad_reply("inbound", &Value::Array(items.clone())))
+    }
+
+    async fn put_policy(&self, target: Target, policy: Policy) -> Result<Policy> {
+        let [limit, tier, mode, custom] = policy_fields(&policy);
+        match target {
+            Target::Portfolio(p) => {
+                let key = self.keys.home(&Home::Portfolio(p)).portfolio_policy();
+                let mut cmd = redis::cmd("HSET");
+                cmd.arg(&key)
+                    .arg("limit")
+                    .arg(&limit)
+                    .arg("tier")
+                    .arg(&tier)
+                    .arg("mode")
+                    .arg(&mode);
+                cmd.arg("custom").arg(&custom);
+                self.query(&cmd).await?;
+            }
+            Target::Sender(sender) => {
+                let s = &self.scripts.policy;
+                self.at_home(&sender, |home, k| {
+                    Call::new(s, vec![k.sender_policy(&sender), k.residency()])
+                        .arg(home.kind())
+                        .arg(sender.as_str())
+                        .arg(&limit)
+                        .arg(&tier)
+                        .arg(&mode)
+                        .arg(&custom)
+                })
+                .await?;
+            }
+        }
+        Ok(policy)
+    }
+
+    async fn assign_sender(&self, sender: SenderId, portfolio: Option<PortfolioId>) -> Result<()> {
+        let old = self.current_portfolio(&sender).await?;
+        let new_home = Home::of(portfolio.clone(), &sender);
+        let new_keys = self.keys.home(&new_home);
+        if old == portfolio {
+            // Already there; make sure the portfolio lists it (repairs an interrupted move).
+            if portfolio.is_some() {
+                self.query(
+                    redis::cmd("SADD")
+                        .arg(new_keys.residency())
+                        .arg(sender.as_str()),
+                )
+                .await?;
+            }
+            self.learn(&sender, portfolio);
+            return Ok(());
+        }
+        let old_home = Home::of(old.clone(), &sender);
+        let old_keys = self.keys.home(&old_home);
+        let target_name = portfolio
+            .as_ref()
+            .map(|p| p.to_string())
+            .unwrap_or_default();
+        if let (Some(_), Some(p)) = (&old, &portfolio) {
+            // Portfolio to portfolio: point the sender's route at the new home first, so requests
+            // that miss the old home are sent on to the new one.
+            let away = self.keys.home(&Home::Sender(sender.clone())).residency();
+            self.query(redis::cmd("SET").arg(&away).arg(p.as_str()))
+                .await?;
+        }
+        let mut keys = vec![old_keys.residency()];
+        keys.extend(old_keys.sender_scoped(&sender));
+        let out = Call::new(&self.scripts.move_out, keys)
+            .arg(old_home.kind())
+            .arg(sender.as_str())
+            .arg(&target_name);
+        let dumped = items(self.run(&out).await?).map_err(|v| bad_reply("move_out", &v))?;
+        let mut keys = vec![new_keys.residency()];
+        keys.extend(new_keys.sender_scoped(&sender));
+        let mut into = Call::new(&self.scripts.move_in, keys)
+            .arg(new_home.kind())
+            .arg(sender.as_str());
+        for pair in dumped[1..].chunks_exact(2) {
+            let payload = match &pair[0] {
+                Value::BulkString(b) => b.clone(),
+                _ => Vec::new(),
+            };
+            into = into.arg(payload).num(int(&pair[1]).unwrap_or(-2));
+        }
+        self.run(&into).await?;
+        self.learn(&sender, portfolio);
+        tracing::info!(%sender, from = ?old, to = ?target_name, "sender reassigned");
+        Ok(())
+    }
+
+    async fn inspect(
+        &self,
+        target: Target,
+        recipient: Option<RecipientId>,
+        at: Option<Millis>,
+    ) -> Result<Inspection> {
+        let s = &self.scripts.inspect;
+        let r = recipient
+            .as_ref()
+            .map(|r| r.as_str().to_owned())
+            .unwrap_or_default();
+        let make = |home: &Home, k: &HomeKeys, sender: &str, policy_key: String| {
+            let d = self.defaults_for(home);
+            Call::new(s, vec![k.window(), policy_key, k.residency()])
+                .clock(at)
+                .arg(home.kind())
+                .arg(sender)
+                .arg(&r)
+                .num(d.limit())
+                .arg(d.tier.name())
+                .arg(d.window_mode.name())
+                .arg(k.service_windows_prefix())
+        };
+        let (home, v) = match &target {
+            Target::Sender(sender) => {
+                self.at_home(sender, |home, k| {
+                    make(home, k, sender.as_str(), k.window_policy(sender))
+                })
+                .await?
+            }
+            Target::Portfolio(p) => {
+                let home = Home::Portfolio(p.clone());
+                let k = self.keys.home(&home);
+                let v = self.run(&make(&home, &k, "", k.portfolio_policy())).await?;
+                (home, v)
+            }
+        };
+        let f = items(v).map_err(|v| bad_reply("inspect", &v))?;
+        let bad = || bad_reply("inspect", &Value::Array(f.clone()));
+        if f.len() < 11 {
+            return Err(bad());
+        }
+        let num = |i: usize| int(&f[i]).ok_or_else(bad);
+        let limit = num(1)? as u64;
+        let used = num(5)? as u64;
+        let policy = Policy {
+            tier: tier_named(&text(&f[2]).ok_or_else(bad)?)?,
+            window_mode: mode_named(&text(&f[3]).ok_or_else(bad)?)?,
+            custom_limit: num(4)? as u64,
+        };
+        let senders = f[11..]
+            .iter()
+            .filter_map(text)
+            .filter_map(|s| SenderId::parse("sender", &s).ok())
+            .collect();
+        Ok(Inspection {
+            now: num(0)?,
+            policy,
+            scope: scope_of(&home),
+            limit,
+            used,
+            remaining: remaining(limit, used),
+            next_slot_free_at: opt_ms(&f[6]),
+            slots_freeing_next_hour: num(7)? as u64,
+            open_service_windows: num(8)? as u64,
+            portfolio: match (&target, &home) {
+                (Target::Sender(_), Home::Portfolio(p)) => Some(p.clone()),
+                _ => None,
+            },
+            senders,
+            counted_until: opt_ms(&f[9]),
+            service_window_until: opt_ms(&f[10]),
+            recipient,
+        })
+    }
+
+    async fn list_window(
+        &self,
+        target: Target,
+        page_size: usize,
+        after: Option<Cursor>,
+        at: Option<Millis>,
+    ) -> Result<WindowPage> {
+        let s = &self.scripts.list;
+        let make = |home: &Home, k: &HomeKeys, sender: &str| {
+            let call = Call::new(s, vec![k.window(), k.window_meta(), k.residency()])
+                .clock(at)
+                .arg(home.kind())
+                .arg(sender)
+                .num(page_size + 1);
+            match &after {
+                Some(c) => call.num(c.expires_at).arg(c.recipient.as_str()),
+                None => call.arg("").arg(""),
+            }
+        };
+        let v = match &target {
+            Target::Sender(sender) => {
+                self.at_home(sender, |home, k| make(home, k, sender.as_str()))
+                    .await?
+                    .1
+            }
+            Target::Portfolio(p) => {
+                let home = Home::Portfolio(p.clone());
+                self.run(&make(&home, &self.keys.home(&home), "")).await?
+            }
+        };
+        let f = items(v).map_err(|v| bad_reply("list", &v))?;
+        let bad = || bad_reply("list", &Value::Array(f.clone()));
+        let mut entries = f
+            .chunks_exact(3)
+            .map(|e| {
+                Ok(WindowEntry {
+                    expires_at: int(&e[0]).ok_or_else(bad)?,
+                    recipient: RecipientId::parse("recipient", &text(&e[1]).ok_or_else(bad)?)
+                        .map_err(|_| bad())?,
+                    sender: SenderId::parse("sender", &text(&e[2]).ok_or_else(bad)?)
+                        .map_err(|_| bad())?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let next = if entries.len() > page_size {
+            entries.truncate(page_size);
+            entries.last().map(|e| Cursor {
+                expires_at: e.expires_at,
+                recipient: e.recipient.clone(),
+            })
+        } else {
+            None
+        };
+        Ok(WindowPage { entries, next })
+    }
+
+    async fn reset(&self, target: Target) -> Result<()> {
+        let (home, sender) = match &target {
+            Target::Sender(s) => (Home::Sender(s.clone()), s.to_string()),
+            Target::Portfolio(p) => (Home::Portfolio(p.clone()), String::new()),
+        };
+        let k = self.keys.home(&home);
+        let call = Call::new(
+            &self.scripts.reset,
+            vec![k.window(), k.window_meta(), k.residency()],
+        )
+        .arg(home.kind())
+        .arg(&sender);
+        let v = self.run(&call).await?;
+        if let Some(Some(p)) = moved(&v) {
+            return Err(LedgerError::FailedPrecondition(format!(
+                "sender {sender} is assigned to portfolio {p}: its slots are the portfolio's; reset the portfolio or detach the sender first"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.query(&redis::cmd("PING")).await.map(|_| ())
+    }
+}
