@@ -26,7 +26,6 @@ if sender ~= '' then
   senders = { sender }
 else
   senders = redis.call('SMEMBERS', KEYS[3])
-  table.sort(senders)
 end
 local win = KEYS[1]
 local pol = redis.call('HMGET', KEYS[2], 'limit', 'tier', 'mode', 'custom')

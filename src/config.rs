@@ -1,22 +1,77 @@
-//! Server settings: one typed struct, with the defaults the README documents.
+//! Server settings: one typed struct with the defaults the README documents.
+//!
+//! The struct is plain data with serde defaults, so that a configuration file may set any subset
+//! of it; the binary layers built-in defaults, the file, the environment and flags onto it.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::{Deserialize, Serialize};
 
 use crate::model::Defaults;
 
 /// Where the ledger lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Store {
     /// In this process only: for trying waquota out and for tests.
+    #[default]
     Memory,
-    /// A standalone Redis (or a primary behind a proxy): `redis://` or `rediss://` URL.
+    /// A standalone Redis (or a primary behind a proxy): `redis://` or `rediss://` (TLS) URL,
+    /// with `user:password@` for an ACL user.
     Redis { url: String },
     /// A Redis Cluster, through the cluster client: one or more seed node URLs.
     Cluster { nodes: Vec<String> },
 }
 
-#[derive(Debug, Clone)]
+/// What a decision answers when the store cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStoreError {
+    /// `UNAVAILABLE`: the safe side for a quota.
+    #[default]
+    Deny,
+    /// Admit the message (transactional traffic may prefer sending to stalling); counted in
+    /// metrics and logged, never silent.
+    Allow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Bearer tokens for the two roles. Empty lists = authentication off.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AuthSettings {
+    /// May call QuotaService.
+    pub sender_tokens: Vec<String>,
+    /// May call QuotaService and AdminService.
+    pub operator_tokens: Vec<String>,
+}
+
+impl AuthSettings {
+    pub fn enabled(&self) -> bool {
+        !self.sender_tokens.is_empty() || !self.operator_tokens.is_empty()
+    }
+}
+
+/// TLS for the gRPC listener; with `client_ca`, clients must present a certificate (mutual TLS).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsSettings {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Settings {
+    /// Address of the gRPC listener.
     pub listen: SocketAddr,
     pub store: Store,
     /// Prefix of every Redis key, so several deployments can share one Redis.
@@ -24,15 +79,31 @@ pub struct Settings {
     /// Honour the `at` field of requests (tests, replays, simulations).
     pub trust_client_clock: bool,
     /// Policies of targets that have none stored.
+    #[serde(skip)]
     pub defaults: Defaults,
     /// Most recipients in one `AcquireBatch`.
     pub max_batch: usize,
+    /// Largest gRPC message accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// Most requests in flight at once; beyond it calls get `RESOURCE_EXHAUSTED` immediately.
+    pub max_in_flight: usize,
     /// Connections kept to Redis (each one multiplexed).
     pub redis_pool_size: usize,
     /// Longest wait for one Redis call before answering `UNAVAILABLE`.
+    #[serde(with = "millis")]
     pub redis_timeout: Duration,
     /// How long in-flight requests may take to finish on shutdown.
+    #[serde(with = "millis")]
     pub shutdown_grace: Duration,
+    /// Decisions when the store cannot be reached (a policy may override it).
+    pub on_store_error: OnStoreError,
+    /// Prometheus `/metrics` listener; `None` = no metrics endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+    pub log_format: LogFormat,
+    /// tracing EnvFilter syntax, e.g. `info` or `waquota=debug`.
+    pub log_level: String,
+    pub auth: AuthSettings,
+    pub tls: Option<TlsSettings>,
 }
 
 impl Default for Settings {
@@ -44,9 +115,31 @@ impl Default for Settings {
             trust_client_clock: false,
             defaults: Defaults::default(),
             max_batch: 1000,
+            max_message_bytes: 4 * 1024 * 1024,
+            max_in_flight: 4096,
             redis_pool_size: 4,
             redis_timeout: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(10),
+            on_store_error: OnStoreError::Deny,
+            metrics_listen: None,
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+            auth: AuthSettings::default(),
+            tls: None,
         }
+    }
+}
+
+/// Durations in configuration files are whole milliseconds.
+mod millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
     }
 }

@@ -103,6 +103,8 @@ impl ServeArgs {
             redis_pool_size: self.redis_pool_size.max(1),
             redis_timeout: Duration::from_millis(self.redis_timeout_ms),
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
+            log_level: self.log.clone(),
+            ..Settings::default()
         }
     }
 }

@@ -308,10 +308,10 @@ impl Ledger for MemoryLedger {
 
     async fn assign_sender(&self, sender: SenderId, portfolio: Option<PortfolioId>) -> Result<()> {
         let mut st = self.lock();
-        if let Some(old) = st.assigned.remove(&sender) {
-            if let Some(m) = st.members.get_mut(&old) {
-                m.remove(&sender);
-            }
+        if let Some(old) = st.assigned.remove(&sender)
+            && let Some(m) = st.members.get_mut(&old)
+        {
+            m.remove(&sender);
         }
         if let Some(p) = portfolio {
             st.members
@@ -430,12 +430,12 @@ impl Ledger for MemoryLedger {
 
     async fn reset(&self, target: Target) -> Result<()> {
         let mut st = self.lock();
-        if let Target::Sender(s) = &target {
-            if let Some(p) = st.assigned.get(s) {
-                return Err(LedgerError::FailedPrecondition(format!(
-                    "sender {s} is assigned to portfolio {p}: its slots are the portfolio's; reset the portfolio or detach the sender first"
-                )));
-            }
+        if let Target::Sender(s) = &target
+            && let Some(p) = st.assigned.get(s)
+        {
+            return Err(LedgerError::FailedPrecondition(format!(
+                "sender {s} is assigned to portfolio {p}: its slots are the portfolio's; reset the portfolio or detach the sender first"
+            )));
         }
         if let Some(w) = st.windows.get_mut(&target) {
             w.slots.clear();

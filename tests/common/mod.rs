@@ -34,7 +34,10 @@ pub fn at(h: i64, m: i64, s: i64, ms: i64) -> i64 {
 }
 
 pub fn ts(ms: i64) -> Timestamp {
-    Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 }
+    Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
 }
 
 pub fn ms_of(t: &Timestamp) -> i64 {
@@ -54,7 +57,10 @@ fn spawn_killed_with_parent(cmd: &mut Command) -> std::io::Result<Child> {
             Ok(())
         });
     }
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn()
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -73,13 +79,19 @@ fn scratch_dir(what: &str) -> PathBuf {
 /// A free TCP port on loopback (and, with `bus`, port + 10000 free too, for cluster buses).
 pub fn free_port(bus: bool) -> u16 {
     loop {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         if !bus {
             return port;
         }
         // Cluster bus ports are port + 10000: draw from a range where that stays valid.
         let base = 20_000 + (port % 20_000);
-        if TcpListener::bind(("127.0.0.1", base)).is_ok() && TcpListener::bind(("127.0.0.1", base + 10_000)).is_ok() {
+        if TcpListener::bind(("127.0.0.1", base)).is_ok()
+            && TcpListener::bind(("127.0.0.1", base + 10_000)).is_ok()
+        {
             return base;
         }
     }
@@ -87,7 +99,11 @@ pub fn free_port(bus: bool) -> u16 {
 
 /// Sends one inline command and returns the raw reply (enough for PING and CLUSTER INFO).
 pub fn raw_command(port: u16, cmd: &str) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_millis(200)).ok()?;
+    let mut s = TcpStream::connect_timeout(
+        &SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(200),
+    )
+    .ok()?;
     s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
     s.write_all(format!("{cmd}\r\n").as_bytes()).ok()?;
     let mut buf = vec![0u8; 64 * 1024];
@@ -104,8 +120,14 @@ fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
 }
 
 pub fn require_redis() {
-    let found = Command::new("redis-server").arg("--version").output().is_ok();
-    assert!(found, "redis-server is not installed: run ./scripts/test, which installs it");
+    let found = Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_ok();
+    assert!(
+        found,
+        "redis-server is not installed: run ./scripts/test, which installs it"
+    );
 }
 
 /// One `redis-server` on a free loopback port, with no persistence.
@@ -134,9 +156,18 @@ impl RedisServer {
     fn try_start(port: u16, extra: &[&str], what: &str) -> Option<RedisServer> {
         let dir = scratch_dir(what);
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--dir", dir.to_str().unwrap()])
-            .args(extra);
+        cmd.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args(["--dir", dir.to_str().unwrap()])
+        .args(extra);
         let mut child = spawn_killed_with_parent(&mut cmd).ok()?;
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(5) {
@@ -182,12 +213,22 @@ impl RedisCluster {
         while nodes.len() < 3 {
             let port = free_port(true);
             let conf = format!("nodes-{port}.conf");
-            let extra = ["--cluster-enabled", "yes", "--cluster-config-file", &conf, "--cluster-node-timeout", "5000"];
+            let extra = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                &conf,
+                "--cluster-node-timeout",
+                "5000",
+            ];
             if let Some(s) = RedisServer::try_start(port, &extra, "cluster") {
                 nodes.push(s);
             }
         }
-        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
         let out = Command::new("redis-cli")
             .arg("--cluster")
             .arg("create")
@@ -195,7 +236,11 @@ impl RedisCluster {
             .args(["--cluster-replicas", "0", "--cluster-yes"])
             .output()
             .expect("redis-cli --cluster create");
-        assert!(out.status.success(), "cluster create failed: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            out.status.success(),
+            "cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         for n in &nodes {
             wait_until("cluster_state:ok", Duration::from_secs(20), || {
                 raw_command(n.port, "CLUSTER INFO").is_some_and(|r| r.contains("cluster_state:ok"))
@@ -252,7 +297,11 @@ impl TestServer {
                 (Store_::Cluster(c), Store::Cluster { nodes })
             }
         };
-        let mut settings = Settings { store: config, trust_client_clock: true, ..Settings::default() };
+        let mut settings = Settings {
+            store: config,
+            trust_client_clock: true,
+            ..Settings::default()
+        };
         tweak(&mut settings);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -264,7 +313,13 @@ impl TestServer {
             .await
             .expect("server");
         });
-        TestServer { addr, backend, stop: Some(stop), task: Some(task), store }
+        TestServer {
+            addr,
+            backend,
+            stop: Some(stop),
+            task: Some(task),
+            store,
+        }
     }
 
     pub fn endpoint(&self) -> String {
@@ -274,9 +329,15 @@ impl TestServer {
     async fn channel(&self) -> Channel {
         let start = Instant::now();
         loop {
-            match Channel::from_shared(self.endpoint()).unwrap().connect().await {
+            match Channel::from_shared(self.endpoint())
+                .unwrap()
+                .connect()
+                .await
+            {
                 Ok(c) => return c,
-                Err(e) if start.elapsed() > Duration::from_secs(10) => panic!("cannot connect: {e}"),
+                Err(e) if start.elapsed() > Duration::from_secs(10) => {
+                    panic!("cannot connect: {e}")
+                }
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
             }
         }
@@ -335,7 +396,10 @@ impl WaquotaProcess {
             let port = free_port(false);
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_waquota"));
-            cmd.arg("serve").args(["--listen", &addr.to_string()]).args(args).env("WAQUOTA_LOG", "warn");
+            cmd.arg("serve")
+                .args(["--listen", &addr.to_string()])
+                .args(args)
+                .env("WAQUOTA_LOG", "warn");
             let mut child = spawn_killed_with_parent(&mut cmd).expect("spawn waquota");
             let start = Instant::now();
             while start.elapsed() < Duration::from_secs(10) {

@@ -330,14 +330,13 @@ impl RedisLedger {
                 format!("Redis did not answer within {:?}", self.timeout),
             ))),
         };
-        if let Err(e) = &result {
-            if e.is_io_error()
+        if let Err(e) = &result
+            && (e.is_io_error()
                 || e.is_connection_dropped()
                 || e.is_connection_refusal()
-                || e.is_timeout()
-            {
-                self.conns.discard(i);
-            }
+                || e.is_timeout())
+        {
+            self.conns.discard(i);
         }
         result
     }

@@ -1,0 +1,387 @@
+//! The operational surface: the standard gRPC health service on every backend, server
+//! reflection, the behaviour while Redis is down and after it comes back, and the real
+//! `waquota serve` binary with its default (in-memory) store and untrusted clock.
+//!
+//! Waiting for a health change polls in steps of at most 100 ms; nothing sleeps for a time
+//! window.
+
+mod common;
+
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Backend, RedisServer, TestServer, WaquotaProcess, raw_command, ts};
+use tonic::Code;
+use tonic::codegen::tokio_stream;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use waquota::proto::quota_service_client::QuotaServiceClient;
+use waquota::proto::{AcquireRequest, AcquireResponse, Decision};
+
+const SERVICES: [&str; 3] = ["", "waquota.v1.QuotaService", "waquota.v1.AdminService"];
+const POLL: Duration = Duration::from_millis(100);
+const PATIENCE: Duration = Duration::from_secs(5);
+
+async fn channel(endpoint: &str) -> Channel {
+    let start = Instant::now();
+    loop {
+        match Channel::from_shared(endpoint.to_owned())
+            .unwrap()
+            .connect()
+            .await
+        {
+            Ok(c) => return c,
+            Err(e) if start.elapsed() > Duration::from_secs(10) => {
+                panic!("cannot connect to {endpoint}: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+/// The status the health service reports for `service`, or the gRPC code it refused with.
+async fn health_of(
+    client: &mut HealthClient<Channel>,
+    service: &str,
+) -> Result<ServingStatus, Code> {
+    let req = HealthCheckRequest {
+        service: service.to_owned(),
+    };
+    match client.check(req).await {
+        Ok(r) => {
+            Ok(ServingStatus::try_from(r.into_inner().status).unwrap_or(ServingStatus::Unknown))
+        }
+        Err(s) => Err(s.code()),
+    }
+}
+
+/// Polls until every service in SERVICES reports `want`; returns how long it took.
+async fn wait_health(client: &mut HealthClient<Channel>, want: ServingStatus) -> Duration {
+    let start = Instant::now();
+    loop {
+        let mut seen = Vec::new();
+        for s in SERVICES {
+            seen.push((s, health_of(client, s).await));
+        }
+        if seen.iter().all(|(_, st)| *st == Ok(want)) {
+            return start.elapsed();
+        }
+        if start.elapsed() < POLL {
+            println!("DEBUG first seen {seen:?}");
+        }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "health did not turn {want:?} within {PATIENCE:?}: {seen:?}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+fn acquire(sender: &str, recipient: &str) -> AcquireRequest {
+    AcquireRequest {
+        sender: sender.into(),
+        recipient: recipient.into(),
+        ..Default::default()
+    }
+}
+
+async fn try_acquire(
+    q: &mut QuotaServiceClient<Channel>,
+    sender: &str,
+    recipient: &str,
+) -> Result<AcquireResponse, tonic::Status> {
+    q.acquire(acquire(sender, recipient))
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn decision(r: &AcquireResponse) -> Decision {
+    Decision::try_from(r.decision).unwrap_or(Decision::Unspecified)
+}
+
+// ------------------------------------------------------------------------------ health
+
+async fn health_serving_on(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let mut health = HealthClient::new(channel(&server.endpoint()).await);
+    let took = wait_health(&mut health, ServingStatus::Serving).await;
+    println!("{backend:?}: every service SERVING after {took:?}");
+    // A service waquota does not run is unknown to the health service.
+    assert_eq!(
+        health_of(&mut health, "no.such.Service").await,
+        Err(Code::NotFound)
+    );
+    // And it really serves.
+    let mut q = server.quota().await;
+    let r = try_acquire(&mut q, "health-sender", "4915100000001")
+        .await
+        .expect("acquire");
+    assert_eq!(decision(&r), Decision::AllowedNew);
+}
+
+#[tokio::test]
+async fn health_serving_memory() {
+    health_serving_on(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn health_serving_redis() {
+    health_serving_on(Backend::Redis).await;
+}
+
+#[tokio::test]
+async fn health_serving_cluster() {
+    health_serving_on(Backend::Cluster).await;
+}
+
+// ------------------------------------------------------------------------------ reflection
+
+async fn list_services(endpoint: &str) -> Vec<String> {
+    let mut client = ServerReflectionClient::new(channel(endpoint).await);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = client
+        .server_reflection_info(tokio_stream::once(req))
+        .await
+        .expect("reflection call")
+        .into_inner();
+    let reply = replies
+        .message()
+        .await
+        .expect("reflection reply")
+        .expect("one reflection reply");
+    match reply.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("expected a service list, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn reflection_lists_both_services() {
+    for backend in [Backend::Memory, Backend::Redis] {
+        let server = TestServer::start(backend).await;
+        let names = list_services(&server.endpoint()).await;
+        println!("{backend:?}: reflection lists {names:?}");
+        for want in [
+            "waquota.v1.QuotaService",
+            "waquota.v1.AdminService",
+            "grpc.health.v1.Health",
+        ] {
+            assert!(
+                names.iter().any(|n| n == want),
+                "{backend:?}: reflection does not list {want}: {names:?}"
+            );
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------ Redis down
+
+/// A redis-server started by hand on a given port (to bring a killed one back on the same
+/// port); killed when dropped, and when the test process dies.
+struct ManualRedis {
+    child: Child,
+}
+
+impl ManualRedis {
+    fn start_on(port: u16) -> ManualRedis {
+        let dir = std::env::temp_dir();
+        let start = Instant::now();
+        loop {
+            let mut cmd = Command::new("redis-server");
+            cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .args(["--dir", dir.to_str().unwrap()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill the child when
+            // the test process goes away.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+            let mut child = cmd.spawn().expect("spawn redis-server");
+            while start.elapsed() < PATIENCE {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // could not bind yet (the old socket is still closing): try again
+                }
+                if raw_command(port, "PING").is_some_and(|r| r.starts_with("+PONG")) {
+                    return ManualRedis { child };
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            assert!(
+                start.elapsed() < PATIENCE,
+                "could not restart redis-server on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for ManualRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_is_unavailable_and_recovers_without_restart() {
+    let mut server = TestServer::start(Backend::Redis).await;
+    let mut health = HealthClient::new(channel(&server.endpoint()).await);
+    let mut q = server.quota().await;
+    wait_health(&mut health, ServingStatus::Serving).await;
+
+    // Use enough requests that every pooled connection has been opened.
+    for i in 0..8 {
+        let r = try_acquire(&mut q, "down-sender", &format!("49151000000{i:02}"))
+            .await
+            .expect("acquire before the outage");
+        assert_eq!(decision(&r), Decision::AllowedNew);
+    }
+
+    let port = {
+        let redis = server.redis().expect("a standalone Redis");
+        let port = redis.port;
+        redis.kill();
+        port
+    };
+
+    // While Redis is down: every Acquire is UNAVAILABLE (never another code, never a hang).
+    for i in 0..6 {
+        let err = try_acquire(&mut q, "down-sender", &format!("49151000001{i:02}"))
+            .await
+            .expect_err("an Acquire cannot succeed while Redis is down");
+        assert_eq!(
+            err.code(),
+            Code::Unavailable,
+            "Redis down must be UNAVAILABLE, got {err:?}"
+        );
+    }
+    let took = wait_health(&mut health, ServingStatus::NotServing).await;
+    println!("health NOT_SERVING {took:?} after the outage was seen");
+    let err = try_acquire(&mut q, "down-sender", "4915100000200")
+        .await
+        .expect_err("still down");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+
+    // Bring Redis back on the same port (empty: no persistence), without touching waquota.
+    let _redis = ManualRedis::start_on(port);
+    let took = wait_health(&mut health, ServingStatus::Serving).await;
+    println!("health back to SERVING {took:?} after Redis restarted");
+
+    // The first Acquires after SERVING may still meet a pooled connection that died with the
+    // old Redis; each such answer must be UNAVAILABLE, and the pool must heal within a few.
+    let start = Instant::now();
+    let mut stale = 0;
+    let first_ok = loop {
+        match try_acquire(&mut q, "down-sender", "4915100000300").await {
+            Ok(r) => break r,
+            Err(e) => {
+                assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+                stale += 1;
+                assert!(
+                    start.elapsed() < PATIENCE,
+                    "Acquire still fails {PATIENCE:?} after Redis came back: {e:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    println!("UNAVAILABLE answers after health returned to SERVING: {stale}");
+    // The ledger started over empty: the recipient is new again.
+    assert_eq!(decision(&first_ok), Decision::AllowedNew);
+    assert_eq!(first_ok.used, 1, "the restarted Redis holds no old slots");
+    // From then on every request succeeds (twice the pool size, so every connection is used).
+    for i in 0..8 {
+        let r = try_acquire(&mut q, "down-sender", &format!("49151000004{i:02}"))
+            .await
+            .expect("acquire after recovery");
+        assert_eq!(decision(&r), Decision::AllowedNew);
+    }
+    let r = try_acquire(&mut q, "down-sender", "4915100000300")
+        .await
+        .expect("acquire after recovery");
+    assert_eq!(decision(&r), Decision::AllowedCounted);
+    assert_eq!(r.used, 9);
+    server.stop().await;
+}
+
+// ------------------------------------------------------------------------------ the binary
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_binary_serves_in_memory_with_the_real_clock() {
+    let process = WaquotaProcess::start(&[]);
+    let ch = channel(&process.endpoint()).await;
+    let mut health = HealthClient::new(ch.clone());
+    wait_health(&mut health, ServingStatus::Serving).await;
+
+    let mut q = QuotaServiceClient::new(ch);
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let r = try_acquire(&mut q, "binary-sender", "+49 151 0000-0001")
+        .await
+        .expect("acquire without `at` on the real clock");
+    assert_eq!(decision(&r), Decision::AllowedNew);
+    assert!(r.allowed);
+    assert_eq!(r.recipient, "4915100000001");
+    assert_eq!((r.limit, r.used, r.remaining), (250, 1, 249));
+    // The slot runs 24 h from now (the server's clock, which is this machine's).
+    let expires = common::ms_of(r.expires_at.as_ref().expect("expires_at"));
+    let slot = expires - before;
+    assert!(
+        (common::DAY..common::DAY + 60_000).contains(&slot),
+        "the slot should end 24 h after now, ends {slot} ms after"
+    );
+
+    let mut with_at = acquire("binary-sender", "4915100000002");
+    with_at.at = Some(ts(common::at(12, 0, 0, 0)));
+    let err = q
+        .acquire(with_at)
+        .await
+        .expect_err("`at` without --trust-client-clock must be refused");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    println!("`at` refused: {}", err.message());
+    // A refused request changes nothing.
+    let r = try_acquire(&mut q, "binary-sender", "4915100000003")
+        .await
+        .expect("acquire");
+    assert_eq!((decision(&r), r.used), (Decision::AllowedNew, 2));
+}
+
+#[tokio::test]
+async fn real_binary_health_and_reflection() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let process = WaquotaProcess::start(&["--redis", &url]);
+    let mut health = HealthClient::new(channel(&process.endpoint()).await);
+    wait_health(&mut health, ServingStatus::Serving).await;
+    let names = list_services(&process.endpoint()).await;
+    assert!(
+        names.iter().any(|n| n == "waquota.v1.QuotaService"),
+        "{names:?}"
+    );
+    assert!(
+        names.iter().any(|n| n == "waquota.v1.AdminService"),
+        "{names:?}"
+    );
+}
