@@ -198,6 +198,24 @@ impl Tier {
             .into_iter()
             .find(|t| t.name().eq_ignore_ascii_case(s))
     }
+
+    /// The tier above on a rule set's ladder (PRODUCT.md §1.3); None at the top, and from the
+    /// legacy trial tier (50), which only verification lifts.
+    pub fn next(self, rules: RuleSet) -> Option<Tier> {
+        let ladder: &[Tier] = match rules {
+            RuleSet::Legacy => &[Tier::T250, Tier::T1K, Tier::T10K, Tier::T100K, Tier::Unlimited],
+            RuleSet::Portfolio => &[Tier::T250, Tier::T2K, Tier::T10K, Tier::T100K, Tier::Unlimited],
+        };
+        let i = ladder.iter().position(|t| *t == self)?;
+        ladder.get(i + 1).copied()
+    }
+
+    /// The tier below on the legacy ladder (portfolios are never downgraded).
+    pub fn previous(self) -> Option<Tier> {
+        let ladder = [Tier::T50, Tier::T250, Tier::T1K, Tier::T10K, Tier::T100K, Tier::Unlimited];
+        let i = ladder.iter().position(|t| *t == self)?;
+        i.checked_sub(1).map(|j| ladder[j])
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -225,47 +243,244 @@ impl WindowMode {
     }
 }
 
-/// The policy of one window (a sender's own, or a portfolio's).
+macro_rules! named_enum {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident = $text:literal),* $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $($variant),* }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),*];
+
+            /// The short name used in storage, configuration and the CLI.
+            pub fn name(self) -> &'static str {
+                match self { $($name::$variant => $text),* }
+            }
+
+            pub fn from_name(s: &str) -> Option<$name> {
+                Self::ALL.iter().copied().find(|v| v.name().eq_ignore_ascii_case(s))
+            }
+        }
+    };
+}
+
+named_enum!(
+    /// What WhatsApp says of a sender (a business phone number), or an operator's stop.
+    SenderStatus {
+        Connected = "connected",
+        Flagged = "flagged",
+        Restricted = "restricted",
+        Paused = "paused",
+        Banned = "banned",
+        Disconnected = "disconnected",
+    }
+);
+
+impl SenderStatus {
+    /// May not send at all: `DECISION_DENIED_SENDER_BLOCKED`.
+    pub fn blocks(self) -> bool {
+        matches!(self, SenderStatus::Paused | SenderStatus::Banned | SenderStatus::Disconnected)
+    }
+}
+
+named_enum!(
+    /// The quality rating WhatsApp gives a number (green = high, yellow = medium, red = low).
+    Quality { Green = "green", Yellow = "yellow", Red = "red" }
+);
+
+named_enum!(
+    /// Which of WhatsApp's messaging-limit rules a window follows (PRODUCT.md §1.1, §1.3).
+    RuleSet { Legacy = "legacy", Portfolio = "portfolio" }
+);
+
+named_enum!(
+    /// A template's category; the marketing frequency cap applies to `Marketing`.
+    Category { Marketing = "marketing", Utility = "utility", Authentication = "authentication", Service = "service" }
+);
+
+/// A policy: of a window (tier, limit, mode, headroom, rules: read from the window's owner) and of
+/// a sender (status, quality, rates, caps: read from the sender's own policy). PRODUCT.md §2.4.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
     pub tier: Tier,
     /// Overrides the tier's limit when non-zero.
     pub custom_limit: u64,
     pub window_mode: WindowMode,
+    pub status: SenderStatus,
+    /// None: unknown, which counts as eligible for upgrades.
+    pub quality: Option<Quality>,
+    /// 0 = the configured default.
+    pub messages_per_second: u32,
+    /// 0 = the configured default.
+    pub pair_interval_ms: Millis,
+    /// 0 = the configured default.
+    pub pair_burst: u32,
+    /// 0..=99: the effective limit keeps this margin below the limit.
+    pub headroom_percent: u32,
+    /// On a sender in a portfolio: most of the portfolio's slots it may hold; 0 = no cap.
+    pub sender_cap: u64,
+    /// Most marketing messages per user per period; 0 = no cap.
+    pub marketing_cap: u32,
+    /// 0 = 24 h.
+    pub marketing_cap_period_ms: Millis,
+    pub rule_set: RuleSet,
+    pub auto_tier: bool,
 }
 
 impl Policy {
+    /// A policy with a tier and mode, everything else at its default.
+    pub fn basic(tier: Tier, window_mode: WindowMode, rule_set: RuleSet) -> Policy {
+        Policy {
+            tier,
+            custom_limit: 0,
+            window_mode,
+            status: SenderStatus::Connected,
+            quality: None,
+            messages_per_second: 0,
+            pair_interval_ms: 0,
+            pair_burst: 0,
+            headroom_percent: 0,
+            sender_cap: 0,
+            marketing_cap: 0,
+            marketing_cap_period_ms: 0,
+            rule_set,
+            auto_tier: false,
+        }
+    }
+
     /// The limit this policy enforces; 0 = unlimited.
     pub fn limit(&self) -> u64 {
-        if self.custom_limit > 0 {
-            self.custom_limit
-        } else {
-            self.tier.limit()
-        }
+        if self.custom_limit > 0 { self.custom_limit } else { self.tier.limit() }
+    }
+
+    /// The limit minus the headroom, rounded down (meaningless when `limit()` is 0 = unlimited).
+    pub fn effective_limit(&self) -> u64 {
+        effective_limit(self.limit(), self.headroom_percent)
+    }
+
+    /// Eligible for an upgrade: connected (not flagged), and quality unknown, green or (legacy)
+    /// yellow (PRODUCT.md §1.3).
+    pub fn eligible_for_upgrade(&self) -> bool {
+        self.status == SenderStatus::Connected
+            && match (self.rule_set, self.quality) {
+                (_, None | Some(Quality::Green)) => true,
+                (RuleSet::Legacy, Some(Quality::Yellow)) => true,
+                _ => false,
+            }
     }
 }
 
-/// Policies for targets that have none stored (PRODUCT.md §2.2).
+pub fn effective_limit(limit: u64, headroom_percent: u32) -> u64 {
+    limit * u64::from(100 - headroom_percent.min(99)) / 100
+}
+
+/// Policies for targets that have none stored (PRODUCT.md §2.2), and the rate defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Defaults {
     pub sender: Policy,
     pub portfolio: Policy,
+    pub messages_per_second: u32,
+    pub pair_interval_ms: Millis,
+    pub pair_burst: u32,
 }
 
 impl Default for Defaults {
     fn default() -> Self {
         Defaults {
-            sender: Policy {
-                tier: Tier::T250,
-                custom_limit: 0,
-                window_mode: WindowMode::Conversation,
-            },
-            portfolio: Policy {
-                tier: Tier::T250,
-                custom_limit: 0,
-                window_mode: WindowMode::Rolling,
-            },
+            sender: Policy::basic(Tier::T250, WindowMode::Conversation, RuleSet::Legacy),
+            portfolio: Policy::basic(Tier::T250, WindowMode::Rolling, RuleSet::Portfolio),
+            messages_per_second: 80,
+            pair_interval_ms: 6_000,
+            pair_burst: 45,
         }
+    }
+}
+
+/// The rates and caps a sender decides with, defaults resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rates {
+    /// GCRA emission interval of the sender's throughput, in microseconds.
+    pub interval_us: i64,
+    /// Messages that may go out at once (one second's worth).
+    pub burst: i64,
+    pub pair_interval_us: i64,
+    pub pair_burst: i64,
+    pub marketing_cap: u32,
+    pub marketing_period_ms: Millis,
+}
+
+impl Rates {
+    pub fn of(p: &Policy, d: &Defaults) -> Rates {
+        let mps = if p.messages_per_second == 0 { d.messages_per_second } else { p.messages_per_second }.max(1);
+        let pair_ms = if p.pair_interval_ms == 0 { d.pair_interval_ms } else { p.pair_interval_ms };
+        let pair_burst = if p.pair_burst == 0 { d.pair_burst } else { p.pair_burst };
+        Rates {
+            interval_us: 1_000_000 / i64::from(mps),
+            burst: i64::from(mps),
+            pair_interval_us: pair_ms * 1000,
+            pair_burst: i64::from(pair_burst.max(1)),
+            marketing_cap: p.marketing_cap,
+            marketing_period_ms: if p.marketing_cap_period_ms == 0 { DAY_MS } else { p.marketing_cap_period_ms },
+        }
+    }
+}
+
+/// GCRA (the generic cell rate algorithm): a message at `now_us` conforms when the theoretical
+/// arrival time it would push to stays within `burst` intervals of now. Returns the new TAT, or
+/// the wait in milliseconds (rounded up) until it would conform. Both ledgers use this arithmetic
+/// (the scripts mirror it), so they refuse exactly the same messages.
+pub fn gcra(tat_us: i64, now_us: i64, interval_us: i64, burst: i64) -> Result<i64, Millis> {
+    let new_tat = tat_us.max(now_us) + interval_us;
+    let over = new_tat - now_us - burst * interval_us;
+    if over > 0 { Err((over + 999) / 1000) } else { Ok(new_tat) }
+}
+
+/// How long a refused WhatsApp marketing message (error 131049) holds marketing to that user.
+pub const MARKETING_HOLD_MS: Millis = DAY_MS;
+/// WhatsApp's error for a user who received too many marketing messages.
+pub const ERROR_MARKETING_CAP: u32 = 131_049;
+
+/// A projected tier change (PRODUCT.md §1.3): advisory unless the policy has `auto_tier`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Projection {
+    pub next_tier: Option<Tier>,
+    pub upgrade_at: Option<Millis>,
+    pub downgrade_at: Option<Millis>,
+}
+
+impl Projection {
+    pub fn is_empty(&self) -> bool {
+        self.upgrade_at.is_none() && self.downgrade_at.is_none()
+    }
+}
+
+/// Legacy: an upgrade takes effect 24 h after the 7-day count reached half the limit.
+pub const LEGACY_UPGRADE_DELAY_MS: Millis = DAY_MS;
+/// Portfolio: within 6 h of reaching half the limit (the latest moment is projected).
+pub const PORTFOLIO_UPGRADE_DELAY_MS: Millis = 6 * HOUR_MS;
+/// Legacy: flagged for 7 days means one tier down.
+pub const FLAGGED_DOWNGRADE_MS: Millis = 7 * DAY_MS;
+pub const WEEK_MS: Millis = 7 * DAY_MS;
+pub const MONTH_MS: Millis = 30 * DAY_MS;
+/// Portfolio 250 → 2K also by 2,000 unique users within 30 days.
+pub const PORTFOLIO_ENTRY_UNIQUES: u64 = 2_000;
+
+/// Does the count of unique users cross the bar for the next tier? (PRODUCT.md §1.3)
+pub fn upgrade_threshold_met(rules: RuleSet, tier: Tier, unique_7d: u64, unique_30d: u64) -> bool {
+    if tier.limit() == 0 {
+        return false;
+    }
+    let half = tier.limit() / 2;
+    match rules {
+        RuleSet::Legacy => tier != Tier::T50 && unique_7d >= half,
+        RuleSet::Portfolio => unique_7d >= half || (tier == Tier::T250 && unique_30d >= PORTFOLIO_ENTRY_UNIQUES),
+    }
+}
+
+pub fn upgrade_delay(rules: RuleSet) -> Millis {
+    match rules {
+        RuleSet::Legacy => LEGACY_UPGRADE_DELAY_MS,
+        RuleSet::Portfolio => PORTFOLIO_UPGRADE_DELAY_MS,
     }
 }
 
@@ -283,6 +498,10 @@ pub enum Decision {
     AllowedServiceWindow,
     DeniedLimit,
     DeniedOutsideServiceWindow,
+    DeniedThroughput,
+    DeniedPairRate,
+    DeniedSenderBlocked,
+    DeniedMarketingCap,
 }
 
 impl Decision {
@@ -301,6 +520,10 @@ impl Decision {
             Decision::AllowedServiceWindow => 3,
             Decision::DeniedLimit => 4,
             Decision::DeniedOutsideServiceWindow => 5,
+            Decision::DeniedThroughput => 6,
+            Decision::DeniedPairRate => 7,
+            Decision::DeniedSenderBlocked => 8,
+            Decision::DeniedMarketingCap => 9,
         }
     }
 
@@ -311,6 +534,10 @@ impl Decision {
             3 => Decision::AllowedServiceWindow,
             4 => Decision::DeniedLimit,
             5 => Decision::DeniedOutsideServiceWindow,
+            6 => Decision::DeniedThroughput,
+            7 => Decision::DeniedPairRate,
+            8 => Decision::DeniedSenderBlocked,
+            9 => Decision::DeniedMarketingCap,
             _ => return None,
         })
     }
@@ -322,6 +549,10 @@ impl Decision {
             Decision::AllowedServiceWindow => "allowed_service_window",
             Decision::DeniedLimit => "denied_limit",
             Decision::DeniedOutsideServiceWindow => "denied_outside_service_window",
+            Decision::DeniedThroughput => "denied_throughput",
+            Decision::DeniedPairRate => "denied_pair_rate",
+            Decision::DeniedSenderBlocked => "denied_sender_blocked",
+            Decision::DeniedMarketingCap => "denied_marketing_cap",
         }
     }
 }
@@ -376,6 +607,7 @@ pub struct AcquireRequest {
     pub sender: SenderId,
     pub recipients: Vec<RecipientId>,
     pub kind: MessageKind,
+    pub category: Option<Category>,
     pub dry_run: bool,
     /// The trusted client clock, when the server honours it.
     pub at: Option<Millis>,
@@ -399,9 +631,16 @@ pub struct Outcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Inspection {
     pub now: Millis,
+    /// The policy of the deciding window (the tier in force, projections applied with auto_tier).
     pub policy: Policy,
+    /// For a sender target: its own policy.
+    pub sender_policy: Option<Policy>,
     pub scope: Scope,
     pub limit: u64,
+    pub effective_limit: u64,
+    pub unique_7d: u64,
+    pub unique_30d: u64,
+    pub projection: Projection,
     pub used: u64,
     pub remaining: u64,
     pub next_slot_free_at: Option<Millis>,
@@ -449,13 +688,16 @@ pub struct WindowPage {
     pub next: Option<Cursor>,
 }
 
-/// `used`/`remaining` against a limit (0 = unlimited: remaining is reported as 0).
-pub fn remaining(limit: u64, used: u64) -> u64 {
-    if limit == 0 {
-        0
-    } else {
-        limit.saturating_sub(used)
-    }
+/// `remaining` against the effective limit (limit 0 = unlimited: remaining is reported as 0).
+pub fn remaining(limit: u64, effective: u64, used: u64) -> u64 {
+    if limit == 0 { 0 } else { effective.saturating_sub(used) }
+}
+
+/// What a failure report did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailureOutcome {
+    pub released: bool,
+    pub hold_until: Option<Millis>,
 }
 
 #[cfg(test)]
@@ -487,6 +729,31 @@ mod tests {
         assert!(RecipientId::parse("recipient", &"a".repeat(129)).is_err());
         assert!(SenderId::parse("sender", "a}b").is_err());
         assert!(PortfolioId::parse("portfolio", "ü").is_err());
+    }
+
+    #[test]
+    fn gcra_admits_a_burst_then_one_per_interval() {
+        // 80 per second: 12,500 us apart, 80 at once.
+        let (t, b) = (12_500, 80);
+        let mut tat = 0;
+        for _ in 0..80 {
+            tat = gcra(tat, 1_000_000, t, b).unwrap();
+        }
+        assert_eq!(gcra(tat, 1_000_000, t, b), Err(13));
+        assert!(gcra(tat, 1_012_500, t, b).is_ok());
+    }
+
+    #[test]
+    fn ladders_and_thresholds() {
+        assert_eq!(Tier::T1K.next(RuleSet::Legacy), Some(Tier::T10K));
+        assert_eq!(Tier::T250.next(RuleSet::Portfolio), Some(Tier::T2K));
+        assert_eq!(Tier::T50.next(RuleSet::Legacy), None);
+        assert_eq!(Tier::T10K.previous(), Some(Tier::T1K));
+        assert!(upgrade_threshold_met(RuleSet::Legacy, Tier::T1K, 500, 500));
+        assert!(!upgrade_threshold_met(RuleSet::Legacy, Tier::T1K, 499, 2000));
+        assert!(upgrade_threshold_met(RuleSet::Portfolio, Tier::T250, 10, 2000));
+        assert_eq!(effective_limit(250, 10), 225);
+        assert_eq!(effective_limit(1000, 33), 670);
     }
 
     #[test]

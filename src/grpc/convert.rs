@@ -6,8 +6,9 @@ use tonic::Status;
 
 use crate::ledger::LedgerError;
 use crate::model::{
-    Decision, Defaults, Inspection, InvalidArgument, MessageKind, Millis, Outcome, Policy,
-    PortfolioId, RecipientId, Scope, SenderId, Target, Tier, WindowEntry, WindowMode,
+    Category, DAY_MS, Decision, Defaults, Inspection, InvalidArgument, MessageKind, Millis, Outcome,
+    Policy, PortfolioId, Projection, Quality, RecipientId, RuleSet, Scope, SenderId, SenderStatus,
+    Target, Tier, WindowEntry, WindowMode,
 };
 use crate::proto;
 
@@ -80,6 +81,30 @@ pub fn kind(v: i32) -> Result<MessageKind, InvalidArgument> {
     }
 }
 
+pub fn category(v: i32) -> Result<Option<Category>, InvalidArgument> {
+    Ok(match proto::Category::try_from(v) {
+        Ok(proto::Category::Unspecified) => None,
+        Ok(proto::Category::Marketing) => Some(Category::Marketing),
+        Ok(proto::Category::Utility) => Some(Category::Utility),
+        Ok(proto::Category::Authentication) => Some(Category::Authentication),
+        Ok(proto::Category::Service) => Some(Category::Service),
+        Err(_) => return Err(InvalidArgument::new("category", format!("unknown Category {v}"))),
+    })
+}
+
+/// A duration field in milliseconds: unset = 0 (the default), else within 1 ms ..= `max`.
+fn duration_ms(field: &str, d: Option<&Duration>, max: Millis) -> Result<Millis, InvalidArgument> {
+    let Some(d) = d else { return Ok(0) };
+    if !(0..1_000_000_000).contains(&d.nanos) || d.seconds < 0 {
+        return Err(InvalidArgument::new(field, "must be a positive duration"));
+    }
+    let ms = d.seconds.saturating_mul(1000).saturating_add(i64::from(d.nanos / 1_000_000));
+    if ms < 1 || ms > max {
+        return Err(InvalidArgument::new(field, format!("must be between 1 ms and {} h", max / 3_600_000)));
+    }
+    Ok(ms)
+}
+
 pub fn target(t: Option<&proto::Target>) -> Result<Target, InvalidArgument> {
     match t.and_then(|t| t.target.as_ref()) {
         Some(proto::target::Target::Sender(s)) => {
@@ -137,46 +162,75 @@ fn mode_to_proto(m: WindowMode) -> proto::WindowMode {
 }
 
 /// A policy from the wire; unspecified fields take the target kind's configured default.
-pub fn policy(
-    p: Option<&proto::Policy>,
-    target: &Target,
-    defaults: &Defaults,
-) -> Result<Policy, InvalidArgument> {
+pub fn policy(p: Option<&proto::Policy>, target: &Target, defaults: &Defaults) -> Result<Policy, InvalidArgument> {
     let p = p.ok_or_else(|| InvalidArgument::new("policy", "required"))?;
     let base = match target {
         Target::Sender(_) => defaults.sender,
         Target::Portfolio(_) => defaults.portfolio,
     };
+    let unknown = |field: &str, what: &str, v: i32| InvalidArgument::new(field, format!("unknown {what} {v}"));
     let tier = match proto::Tier::try_from(p.tier) {
         Ok(t) => tier_from_proto(t).unwrap_or(base.tier),
-        Err(_) => {
-            return Err(InvalidArgument::new(
-                "policy.tier",
-                format!("unknown Tier {}", p.tier),
-            ));
-        }
+        Err(_) => return Err(unknown("policy.tier", "Tier", p.tier)),
     };
     let window_mode = match proto::WindowMode::try_from(p.window_mode) {
         Ok(proto::WindowMode::Unspecified) => base.window_mode,
         Ok(proto::WindowMode::Conversation) => WindowMode::Conversation,
         Ok(proto::WindowMode::Rolling) => WindowMode::Rolling,
-        Err(_) => {
-            return Err(InvalidArgument::new(
-                "policy.window_mode",
-                format!("unknown WindowMode {}", p.window_mode),
-            ));
-        }
+        Err(_) => return Err(unknown("policy.window_mode", "WindowMode", p.window_mode)),
+    };
+    let status = match proto::SenderStatus::try_from(p.status) {
+        Ok(proto::SenderStatus::Unspecified | proto::SenderStatus::Connected) => SenderStatus::Connected,
+        Ok(proto::SenderStatus::Flagged) => SenderStatus::Flagged,
+        Ok(proto::SenderStatus::Restricted) => SenderStatus::Restricted,
+        Ok(proto::SenderStatus::Paused) => SenderStatus::Paused,
+        Ok(proto::SenderStatus::Banned) => SenderStatus::Banned,
+        Ok(proto::SenderStatus::Disconnected) => SenderStatus::Disconnected,
+        Err(_) => return Err(unknown("policy.status", "SenderStatus", p.status)),
+    };
+    let quality = match proto::Quality::try_from(p.quality) {
+        Ok(proto::Quality::Unspecified) => None,
+        Ok(proto::Quality::Green) => Some(Quality::Green),
+        Ok(proto::Quality::Yellow) => Some(Quality::Yellow),
+        Ok(proto::Quality::Red) => Some(Quality::Red),
+        Err(_) => return Err(unknown("policy.quality", "Quality", p.quality)),
+    };
+    let rule_set = match proto::RuleSet::try_from(p.rule_set) {
+        Ok(proto::RuleSet::Unspecified) => base.rule_set,
+        Ok(proto::RuleSet::Legacy) => RuleSet::Legacy,
+        Ok(proto::RuleSet::Portfolio) => RuleSet::Portfolio,
+        Err(_) => return Err(unknown("policy.rule_set", "RuleSet", p.rule_set)),
     };
     if p.custom_limit > 1_000_000_000 {
-        return Err(InvalidArgument::new(
-            "policy.custom_limit",
-            "must be at most 1,000,000,000",
-        ));
+        return Err(InvalidArgument::new("policy.custom_limit", "must be at most 1,000,000,000"));
+    }
+    if p.messages_per_second > 100_000 {
+        return Err(InvalidArgument::new("policy.messages_per_second", "must be 1 to 100,000 (0 = the default)"));
+    }
+    if p.pair_burst > 10_000 {
+        return Err(InvalidArgument::new("policy.pair_burst", "must be at most 10,000 (0 = the default)"));
+    }
+    if p.headroom_percent > 99 {
+        return Err(InvalidArgument::new("policy.headroom_percent", "must be 0 to 99"));
+    }
+    if p.marketing_cap > 10_000 {
+        return Err(InvalidArgument::new("policy.marketing_cap", "must be at most 10,000 (0 = no cap)"));
     }
     Ok(Policy {
         tier,
         custom_limit: p.custom_limit,
         window_mode,
+        status,
+        quality,
+        messages_per_second: p.messages_per_second,
+        pair_interval_ms: duration_ms("policy.pair_interval", p.pair_interval.as_ref(), DAY_MS)?,
+        pair_burst: p.pair_burst,
+        headroom_percent: p.headroom_percent,
+        sender_cap: p.sender_cap,
+        marketing_cap: p.marketing_cap,
+        marketing_cap_period_ms: duration_ms("policy.marketing_cap_period", p.marketing_cap_period.as_ref(), 90 * DAY_MS)?,
+        rule_set,
+        auto_tier: p.auto_tier,
     })
 }
 
@@ -185,7 +239,41 @@ pub fn policy_to_proto(p: &Policy) -> proto::Policy {
         tier: tier_to_proto(p.tier) as i32,
         custom_limit: p.custom_limit,
         window_mode: mode_to_proto(p.window_mode) as i32,
+        status: match p.status {
+            SenderStatus::Connected => proto::SenderStatus::Connected,
+            SenderStatus::Flagged => proto::SenderStatus::Flagged,
+            SenderStatus::Restricted => proto::SenderStatus::Restricted,
+            SenderStatus::Paused => proto::SenderStatus::Paused,
+            SenderStatus::Banned => proto::SenderStatus::Banned,
+            SenderStatus::Disconnected => proto::SenderStatus::Disconnected,
+        } as i32,
+        quality: match p.quality {
+            None => proto::Quality::Unspecified,
+            Some(Quality::Green) => proto::Quality::Green,
+            Some(Quality::Yellow) => proto::Quality::Yellow,
+            Some(Quality::Red) => proto::Quality::Red,
+        } as i32,
+        messages_per_second: p.messages_per_second,
+        pair_interval: (p.pair_interval_ms > 0).then(|| duration(p.pair_interval_ms)),
+        pair_burst: p.pair_burst,
+        headroom_percent: p.headroom_percent,
+        sender_cap: p.sender_cap,
+        marketing_cap: p.marketing_cap,
+        marketing_cap_period: (p.marketing_cap_period_ms > 0).then(|| duration(p.marketing_cap_period_ms)),
+        rule_set: match p.rule_set {
+            RuleSet::Legacy => proto::RuleSet::Legacy,
+            RuleSet::Portfolio => proto::RuleSet::Portfolio,
+        } as i32,
+        auto_tier: p.auto_tier,
     }
+}
+
+fn projection_to_proto(p: &Projection) -> Option<proto::Projection> {
+    (!p.is_empty()).then(|| proto::Projection {
+        next_tier: p.next_tier.map_or(proto::Tier::Unspecified, tier_to_proto) as i32,
+        upgrade_at: p.upgrade_at.map(timestamp),
+        downgrade_at: p.downgrade_at.map(timestamp),
+    })
 }
 
 pub fn decision_to_proto(d: Decision) -> proto::Decision {
@@ -195,6 +283,10 @@ pub fn decision_to_proto(d: Decision) -> proto::Decision {
         Decision::AllowedServiceWindow => proto::Decision::AllowedServiceWindow,
         Decision::DeniedLimit => proto::Decision::DeniedLimit,
         Decision::DeniedOutsideServiceWindow => proto::Decision::DeniedOutsideServiceWindow,
+        Decision::DeniedThroughput => proto::Decision::DeniedThroughput,
+        Decision::DeniedPairRate => proto::Decision::DeniedPairRate,
+        Decision::DeniedSenderBlocked => proto::Decision::DeniedSenderBlocked,
+        Decision::DeniedMarketingCap => proto::Decision::DeniedMarketingCap,
     }
 }
 
@@ -237,6 +329,11 @@ pub fn inspection(i: Inspection) -> proto::InspectResponse {
         recipient: i.recipient.map(|r| r.to_string()).unwrap_or_default(),
         now: Some(timestamp(i.now)),
         senders: i.senders.into_iter().map(|s| s.to_string()).collect(),
+        effective_limit: i.effective_limit,
+        unique_7d: i.unique_7d,
+        unique_30d: i.unique_30d,
+        projection: projection_to_proto(&i.projection),
+        sender_policy: i.sender_policy.as_ref().map(policy_to_proto),
     }
 }
 

@@ -53,6 +53,7 @@ impl<L: Ledger> QuotaApi<L> {
         sender: &str,
         recipients: Vec<(&str, String)>,
         kind: i32,
+        category: i32,
         dry_run: bool,
         at: Option<&prost_types::Timestamp>,
     ) -> Result<Vec<proto::AcquireResponse>, Status> {
@@ -64,6 +65,7 @@ impl<L: Ledger> QuotaApi<L> {
                 .collect::<Result<_, _>>()
                 .map_err(invalid)?,
             kind: convert::kind(kind).map_err(invalid)?,
+            category: convert::category(category).map_err(invalid)?,
             dry_run,
             at: convert::clock(at, self.opts.trust_client_clock).map_err(invalid)?,
         };
@@ -87,6 +89,7 @@ impl<L: Ledger> QuotaService for QuotaApi<L> {
                 &r.sender,
                 vec![(&r.recipient, "recipient".into())],
                 r.kind,
+                r.category,
                 r.dry_run,
                 r.at.as_ref(),
             )
@@ -118,7 +121,7 @@ impl<L: Ledger> QuotaService for QuotaApi<L> {
             .map(|(i, s)| (s.as_str(), format!("recipients[{i}]")))
             .collect();
         let results = self
-            .decide(&r.sender, recipients, r.kind, r.dry_run, r.at.as_ref())
+            .decide(&r.sender, recipients, r.kind, r.category, r.dry_run, r.at.as_ref())
             .await?;
         Ok(Response::new(proto::AcquireBatchResponse { results }))
     }
@@ -157,6 +160,40 @@ impl<L: Ledger> QuotaService for QuotaApi<L> {
             service_window_expires_at: Some(convert::timestamp(until)),
         }))
     }
+
+    async fn confirm(&self, req: Request<proto::ConfirmRequest>) -> Result<Response<proto::ConfirmResponse>, Status> {
+        let r = req.into_inner();
+        let sender = SenderId::parse("sender", &r.sender).map_err(invalid)?;
+        let recipient = RecipientId::parse("recipient", &r.recipient).map_err(invalid)?;
+        let reservation = Reservation::parse("reservation", &r.reservation).map_err(invalid)?;
+        let delivered = r.delivered_at.as_ref().ok_or_else(|| Status::invalid_argument("delivered_at: required"))?;
+        let delivered_at = convert::ms_from_timestamp("delivered_at", delivered).map_err(invalid)?;
+        let at = convert::clock(r.at.as_ref(), self.opts.trust_client_clock).map_err(invalid)?;
+        match self.ledger.confirm(sender, recipient, reservation, delivered_at, at).await.map_err(status)? {
+            Some(until) => Ok(Response::new(proto::ConfirmResponse { expires_at: Some(convert::timestamp(until)) })),
+            None => Err(Status::not_found("reservation: no live slot was opened by this reservation")),
+        }
+    }
+
+    async fn report_failure(
+        &self,
+        req: Request<proto::ReportFailureRequest>,
+    ) -> Result<Response<proto::ReportFailureResponse>, Status> {
+        let r = req.into_inner();
+        let sender = SenderId::parse("sender", &r.sender).map_err(invalid)?;
+        let recipient = RecipientId::parse("recipient", &r.recipient).map_err(invalid)?;
+        let reservation = if r.reservation.is_empty() {
+            None
+        } else {
+            Some(Reservation::parse("reservation", &r.reservation).map_err(invalid)?)
+        };
+        let at = convert::clock(r.at.as_ref(), self.opts.trust_client_clock).map_err(invalid)?;
+        let out = self.ledger.report_failure(sender, recipient, reservation, r.error_code, at).await.map_err(status)?;
+        Ok(Response::new(proto::ReportFailureResponse {
+            released: out.released,
+            hold_until: out.hold_until.map(convert::timestamp),
+        }))
+    }
 }
 
 #[tonic::async_trait]
@@ -169,10 +206,10 @@ impl<L: Ledger> AdminService for AdminApi<L> {
         let target = convert::target(r.target.as_ref()).map_err(invalid)?;
         let policy =
             convert::policy(r.policy.as_ref(), &target, &self.opts.defaults).map_err(invalid)?;
-        convert::clock(r.at.as_ref(), self.opts.trust_client_clock).map_err(invalid)?;
+        let at = convert::clock(r.at.as_ref(), self.opts.trust_client_clock).map_err(invalid)?;
         let stored = self
             .ledger
-            .put_policy(target, policy)
+            .put_policy(target, policy, at)
             .await
             .map_err(status)?;
         Ok(Response::new(proto::PutPolicyResponse {

@@ -1,16 +1,20 @@
 //! The embedded ledger: the same semantics as the Redis ledger, in one process.
 //!
 //! One mutex guards the whole state, so every operation is atomic, as a Lua script is on Redis.
-//! Expired slots and service windows are trimmed when their target is next touched.
+//! A dry run decides on a copy of the state, so it runs the very same code and changes nothing.
+//! Expired entries are trimmed when their target is next touched.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 
 use super::{Ledger, LedgerError, Result};
 use crate::model::{
-    AcquireRequest, Cursor, Decision, Defaults, FREE_ENTRY_POINT_MS, HOUR_MS, Inspection,
-    MessageKind, Millis, Outcome, Policy, PortfolioId, RecipientId, Reservation, SERVICE_WINDOW_MS,
-    SLOT_MS, Scope, SenderId, Target, WindowEntry, WindowMode, WindowPage, remaining,
+    AcquireRequest, Category, Cursor, Decision, Defaults, FailureOutcome, Inspection, MessageKind,
+    Millis, Outcome, Policy, PortfolioId, Projection, Rates, RecipientId, Reservation, RuleSet,
+    Scope, SenderId, SenderStatus, Target, Tier, WindowEntry, WindowMode, WindowPage,
+    ERROR_MARKETING_CAP, FLAGGED_DOWNGRADE_MS, FREE_ENTRY_POINT_MS, HOUR_MS, MARKETING_HOLD_MS,
+    MONTH_MS, SERVICE_WINDOW_MS, SLOT_MS, WEEK_MS, gcra, remaining, upgrade_delay,
+    upgrade_threshold_met,
 };
 
 pub struct MemoryLedger {
@@ -18,7 +22,7 @@ pub struct MemoryLedger {
     state: Mutex<State>,
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct State {
     sender_policy: HashMap<SenderId, Policy>,
     portfolio_policy: HashMap<PortfolioId, Policy>,
@@ -27,6 +31,26 @@ struct State {
     /// Keyed by the window's owner: a sender (its own window) or a portfolio.
     windows: HashMap<Target, Window>,
     service_windows: HashMap<SenderId, HashMap<RecipientId, Millis>>,
+    /// Throughput GCRA: theoretical arrival time per sender, in microseconds.
+    throughput: HashMap<SenderId, i64>,
+    /// Pair-rate GCRA per (sender, recipient), in microseconds.
+    pair: HashMap<SenderId, HashMap<RecipientId, i64>>,
+    /// Times of recent marketing messages per (sender, recipient).
+    marketing: HashMap<SenderId, HashMap<RecipientId, Vec<Millis>>>,
+    /// Marketing holds (WhatsApp error 131049) per window owner and recipient.
+    holds: HashMap<Target, HashMap<RecipientId, Millis>>,
+    /// When each user last got a new (not released) slot, per window owner: tier projections.
+    uniques: HashMap<Target, HashMap<RecipientId, Millis>>,
+    progress: HashMap<Target, Progress>,
+}
+
+/// Tier-projection state of a policy's owner.
+#[derive(Clone, Copy, Default)]
+struct Progress {
+    upgrade_at: Option<Millis>,
+    /// The tier the pending upgrade starts from; a projection for another tier is stale.
+    upgrade_from: Option<Tier>,
+    flagged_since: Option<Millis>,
 }
 
 #[derive(Clone, Default)]
@@ -40,9 +64,13 @@ struct Window {
 #[derive(Clone)]
 struct Slot {
     expires_at: Millis,
+    /// The sender that opened it (sender caps count it against this sender).
     sender: SenderId,
-    /// The reservation that opened the slot; cleared once a later counted delivery touches it.
-    reservation: Option<Reservation>,
+    reservation: Reservation,
+    /// A later counted delivery touched it: its reservation can no longer release it.
+    touched: bool,
+    /// The user's previous entry in `uniques`, restored if this slot is released.
+    prev_unique: Option<Millis>,
 }
 
 impl Window {
@@ -52,6 +80,10 @@ impl Window {
 
     fn used(&self, now: Millis) -> u64 {
         (self.by_expiry.len() - self.by_expiry.iter().take_while(|(e, _)| *e <= now).count()) as u64
+    }
+
+    fn held_by(&self, sender: &SenderId, now: Millis) -> u64 {
+        self.live(now).filter(|(_, r)| self.slots[r].sender == *sender).count() as u64
     }
 
     fn slot(&self, r: &RecipientId, now: Millis) -> Option<&Slot> {
@@ -76,16 +108,19 @@ impl Window {
         self.slots.insert(r.clone(), slot);
     }
 
-    fn remove(&mut self, r: &RecipientId) {
-        if let Some(old) = self.slots.remove(r) {
-            self.by_expiry.remove(&(old.expires_at, r.clone()));
-        }
+    fn remove(&mut self, r: &RecipientId) -> Option<Slot> {
+        let old = self.slots.remove(r)?;
+        self.by_expiry.remove(&(old.expires_at, r.clone()));
+        Some(old)
     }
 
-    /// The expiry after which a new slot fits: the (used - limit)-th earliest live expiry.
-    fn frees_at(&self, now: Millis, used: u64, limit: u64) -> Option<Millis> {
-        let k = used.checked_sub(limit)? as usize;
-        self.live(now).nth(k).map(|(e, _)| *e)
+    /// The expiry after which one more slot fits: the k-th (0-based) earliest live expiry, of
+    /// every slot or of one sender's.
+    fn frees_at(&self, now: Millis, k: u64, of: Option<&SenderId>) -> Option<Millis> {
+        self.live(now)
+            .filter(|(_, r)| of.is_none_or(|s| self.slots[r].sender == *s))
+            .nth(k as usize)
+            .map(|(e, _)| *e)
     }
 }
 
@@ -98,6 +133,63 @@ fn clock(at: Option<Millis>) -> Millis {
     })
 }
 
+/// Applies the tier changes due by `now` to a policy with `auto_tier` (PRODUCT.md §1.3).
+fn settle(policy: &mut Policy, prog: &mut Progress, now: Millis) -> bool {
+    let mut changed = false;
+    while policy.auto_tier {
+        if let (Some(at), Some(from)) = (prog.upgrade_at, prog.upgrade_from)
+            && from == policy.tier
+            && at <= now
+            && policy.eligible_for_upgrade()
+            && let Some(next) = policy.tier.next(policy.rule_set)
+        {
+            policy.tier = next;
+            prog.upgrade_at = None;
+            prog.upgrade_from = None;
+            changed = true;
+            continue;
+        }
+        if policy.rule_set == RuleSet::Legacy
+            && policy.status == SenderStatus::Flagged
+            && let Some(since) = prog.flagged_since
+            && since + FLAGGED_DOWNGRADE_MS <= now
+            && let Some(prev) = policy.tier.previous()
+        {
+            policy.tier = prev;
+            prog.flagged_since = Some(since + FLAGGED_DOWNGRADE_MS);
+            changed = true;
+            continue;
+        }
+        break;
+    }
+    changed
+}
+
+fn projection(policy: &Policy, prog: &Progress) -> Projection {
+    let mut p = Projection::default();
+    if let (Some(at), Some(from)) = (prog.upgrade_at, prog.upgrade_from)
+        && from == policy.tier
+        && policy.eligible_for_upgrade()
+        && let Some(next) = policy.tier.next(policy.rule_set)
+    {
+        p.upgrade_at = Some(at);
+        p.next_tier = Some(next);
+    }
+    if policy.rule_set == RuleSet::Legacy
+        && policy.status == SenderStatus::Flagged
+        && let Some(since) = prog.flagged_since
+        && let Some(prev) = policy.tier.previous()
+    {
+        p.downgrade_at = Some(since + FLAGGED_DOWNGRADE_MS);
+        p.next_tier.get_or_insert(prev);
+    }
+    p
+}
+
+fn count_since(m: Option<&HashMap<RecipientId, Millis>>, since: Millis) -> u64 {
+    m.map_or(0, |m| m.values().filter(|t| **t > since).count() as u64)
+}
+
 impl State {
     /// The window that decides for a sender: its portfolio's if assigned, else its own.
     fn home(&self, sender: &SenderId) -> Target {
@@ -107,7 +199,6 @@ impl State {
         }
     }
 
-    /// The deciding window of a target (a sender in a portfolio decides in the portfolio's).
     fn deciding(&self, target: &Target) -> Target {
         match target {
             Target::Sender(s) => self.home(s),
@@ -115,125 +206,199 @@ impl State {
         }
     }
 
-    fn policy(&self, home: &Target, defaults: &Defaults) -> Policy {
-        match home {
-            Target::Sender(s) => self
-                .sender_policy
-                .get(s)
-                .copied()
-                .unwrap_or(defaults.sender),
-            Target::Portfolio(p) => self
-                .portfolio_policy
-                .get(p)
-                .copied()
-                .unwrap_or(defaults.portfolio),
+    fn policy(&self, owner: &Target, defaults: &Defaults) -> Policy {
+        match owner {
+            Target::Sender(s) => self.sender_policy.get(s).copied().unwrap_or(defaults.sender),
+            Target::Portfolio(p) => self.portfolio_policy.get(p).copied().unwrap_or(defaults.portfolio),
         }
+    }
+
+    fn store_policy(&mut self, owner: &Target, policy: Policy) {
+        match owner {
+            Target::Sender(s) => self.sender_policy.insert(s.clone(), policy),
+            Target::Portfolio(p) => self.portfolio_policy.insert(p.clone(), policy),
+        };
+    }
+
+    /// The window owner's policy with due tier changes applied (and stored).
+    fn settled_policy(&mut self, owner: &Target, defaults: &Defaults, now: Millis) -> Policy {
+        let mut policy = self.policy(owner, defaults);
+        let prog = self.progress.entry(owner.clone()).or_default();
+        if settle(&mut policy, prog, now) {
+            self.store_policy(owner, policy);
+        }
+        policy
     }
 
     fn service_window(&self, sender: &SenderId, r: &RecipientId, now: Millis) -> Option<Millis> {
-        self.service_windows
-            .get(sender)?
-            .get(r)
-            .copied()
-            .filter(|e| *e > now)
+        self.service_windows.get(sender)?.get(r).copied().filter(|e| *e > now)
     }
-}
 
-fn scope_of(home: &Target) -> Scope {
-    match home {
-        Target::Sender(_) => Scope::Sender,
-        Target::Portfolio(_) => Scope::Portfolio,
-    }
-}
-
-impl MemoryLedger {
-    pub fn new(defaults: Defaults) -> Self {
-        MemoryLedger {
-            defaults,
-            state: Mutex::new(State::default()),
+    /// A user got a new slot: count it for projections, and project an upgrade once the count
+    /// first reaches the bar. Returns the user's previous entry (restored if the slot is released).
+    fn note_unique(&mut self, home: &Target, policy: &Policy, r: &RecipientId, now: Millis) -> Option<Millis> {
+        let uniques = self.uniques.entry(home.clone()).or_default();
+        uniques.retain(|_, t| *t > now - MONTH_MS);
+        let prev = uniques.insert(r.clone(), now);
+        let prog = self.progress.entry(home.clone()).or_default();
+        let pending = prog.upgrade_at.is_some() && prog.upgrade_from == Some(policy.tier);
+        if !pending && policy.eligible_for_upgrade() && policy.tier.next(policy.rule_set).is_some() {
+            let u7 = count_since(Some(uniques), now - WEEK_MS);
+            let u30 = uniques.len() as u64;
+            if upgrade_threshold_met(policy.rule_set, policy.tier, u7, u30) {
+                prog.upgrade_at = Some(now + upgrade_delay(policy.rule_set));
+                prog.upgrade_from = Some(policy.tier);
+            }
         }
+        prev
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // A panic while holding the lock cannot leave a half-made decision behind: every
-        // operation computes before it writes, so the state is usable after poisoning.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn release_slot(&mut self, home: &Target, r: &RecipientId, res: Reservation, now: Millis) -> bool {
+        let Some(window) = self.windows.get_mut(home) else { return false };
+        let matches = window.slot(r, now).is_some_and(|s| s.reservation == res && !s.touched);
+        if !matches {
+            return false;
+        }
+        let slot = window.remove(r).expect("slot checked above");
+        if let Some(u) = self.uniques.get_mut(home)
+            && u.get(r) == Some(&slot.reservation.opened_at)
+        {
+            match slot.prev_unique {
+                Some(prev) => u.insert(r.clone(), prev),
+                None => u.remove(r),
+            };
+        }
+        true
     }
-}
 
-impl Ledger for MemoryLedger {
-    async fn acquire(&self, req: AcquireRequest) -> Result<Vec<Outcome>> {
+    fn acquire(&mut self, req: &AcquireRequest, defaults: &Defaults) -> Vec<Outcome> {
         let now = clock(req.at);
-        let mut st = self.lock();
-        let home = st.home(&req.sender);
-        let policy = st.policy(&home, &self.defaults);
-        let limit = policy.limit();
-        let scope = scope_of(&home);
-        let service: Vec<Option<Millis>> = req
-            .recipients
-            .iter()
-            .map(|r| st.service_window(&req.sender, r, now))
-            .collect();
-
-        // A dry run decides on a scratch copy, so it answers exactly what the real run would.
-        let mut scratch;
-        let window: &mut Window = if req.dry_run {
-            scratch = st.windows.get(&home).cloned().unwrap_or_default();
-            &mut scratch
-        } else {
-            let w = st.windows.entry(home.clone()).or_default();
-            w.trim(now);
-            w
+        let now_us = now * 1000;
+        let sender = &req.sender;
+        let home = self.home(sender);
+        let scope = match home {
+            Target::Sender(_) => Scope::Sender,
+            Target::Portfolio(_) => Scope::Portfolio,
         };
+        let wpol = self.settled_policy(&home, defaults, now);
+        let spol = match home {
+            Target::Sender(_) => wpol,
+            Target::Portfolio(_) => self.policy(&Target::Sender(sender.clone()), defaults),
+        };
+        let rates = Rates::of(&spol, defaults);
+        let limit = wpol.limit();
+        let effective = wpol.effective_limit();
+        let sender_cap = if scope == Scope::Portfolio { spol.sender_cap } else { 0 };
+        let blocked = wpol.status.blocks() || spol.status.blocks();
+        let restricted = wpol.status == SenderStatus::Restricted || spol.status == SenderStatus::Restricted;
+        let marketing = req.category == Some(Category::Marketing);
 
+        let window = self.windows.entry(home.clone()).or_default();
+        window.trim(now);
         let mut used = window.used(now);
+        let mut held = if sender_cap > 0 { window.held_by(sender, now) } else { 0 };
+
         let mut out = Vec::with_capacity(req.recipients.len());
-        for (r, sw) in req.recipients.iter().zip(service) {
+        for r in &req.recipients {
             let mut expires_at = None;
             let mut retry_after_ms = None;
             let mut reservation = None;
-            let decision = if let Some(sw) = sw {
-                expires_at = Some(sw);
-                Decision::AllowedServiceWindow
-            } else if req.kind == MessageKind::FreeForm {
-                Decision::DeniedOutsideServiceWindow
-            } else if let Some(slot) = window.slot(r, now).cloned() {
-                let until = match policy.window_mode {
-                    WindowMode::Conversation => slot.expires_at,
-                    WindowMode::Rolling => slot.expires_at.max(now + SLOT_MS),
+            let decision = 'decide: {
+                if blocked {
+                    break 'decide Decision::DeniedSenderBlocked;
+                }
+                let window = &self.windows[&home];
+                let service = self.service_window(sender, r, now);
+                let slot = window.slot(r, now);
+                let fresh = service.is_none() && slot.is_none();
+                if service.is_none() && (req.kind == MessageKind::FreeForm || (restricted && slot.is_none())) {
+                    break 'decide Decision::DeniedOutsideServiceWindow;
+                }
+                if fresh {
+                    let over_limit = limit > 0 && used >= effective;
+                    let over_cap = sender_cap > 0 && held >= sender_cap;
+                    if over_limit || over_cap {
+                        let w = if over_limit { window.frees_at(now, used - effective, None) } else { Some(now) };
+                        let c = if over_cap { window.frees_at(now, held - sender_cap, Some(sender)) } else { Some(now) };
+                        retry_after_ms = w.max(c).map(|e| e - now);
+                        break 'decide Decision::DeniedLimit;
+                    }
+                }
+                if marketing {
+                    let hold = self.holds.get(&home).and_then(|h| h.get(r)).copied().filter(|h| *h > now);
+                    if let Some(h) = hold {
+                        retry_after_ms = Some(h - now);
+                        break 'decide Decision::DeniedMarketingCap;
+                    }
+                    if rates.marketing_cap > 0 {
+                        let since = now - rates.marketing_period_ms;
+                        let mut times: Vec<Millis> = self
+                            .marketing
+                            .get(sender)
+                            .and_then(|m| m.get(r))
+                            .map(|v| v.iter().copied().filter(|t| *t > since).collect())
+                            .unwrap_or_default();
+                        times.sort_unstable();
+                        let cap = rates.marketing_cap as usize;
+                        if times.len() >= cap {
+                            retry_after_ms = Some(times[times.len() - cap] + rates.marketing_period_ms - now);
+                            break 'decide Decision::DeniedMarketingCap;
+                        }
+                    }
+                }
+                let pair_tat = self.pair.get(sender).and_then(|p| p.get(r)).copied().unwrap_or(0);
+                let new_pair = match gcra(pair_tat, now_us, rates.pair_interval_us, rates.pair_burst) {
+                    Ok(t) => t,
+                    Err(wait) => {
+                        retry_after_ms = Some(wait);
+                        break 'decide Decision::DeniedPairRate;
+                    }
                 };
-                window.set(
-                    r,
-                    Slot {
-                        expires_at: until,
-                        reservation: None,
-                        ..slot
-                    },
-                );
-                expires_at = Some(until);
-                Decision::AllowedCounted
-            } else if limit == 0 || used < limit {
+                let tat = self.throughput.get(sender).copied().unwrap_or(0);
+                let new_tat = match gcra(tat, now_us, rates.interval_us, rates.burst) {
+                    Ok(t) => t,
+                    Err(wait) => {
+                        retry_after_ms = Some(wait);
+                        break 'decide Decision::DeniedThroughput;
+                    }
+                };
+
+                // Admitted: consume, in every place at once.
+                self.throughput.insert(sender.clone(), new_tat);
+                self.pair.entry(sender.clone()).or_default().insert(r.clone(), new_pair);
+                if marketing {
+                    let times = self.marketing.entry(sender.clone()).or_default().entry(r.clone()).or_default();
+                    times.retain(|t| *t > now - rates.marketing_period_ms);
+                    times.push(now);
+                }
+                if let Some(sw) = service {
+                    expires_at = Some(sw);
+                    break 'decide Decision::AllowedServiceWindow;
+                }
+                if let Some(slot) = slot.cloned() {
+                    let until = match wpol.window_mode {
+                        WindowMode::Conversation => slot.expires_at,
+                        WindowMode::Rolling => slot.expires_at.max(now + SLOT_MS),
+                    };
+                    let window = self.windows.get_mut(&home).expect("window exists");
+                    window.set(r, Slot { expires_at: until, touched: true, ..slot });
+                    expires_at = Some(until);
+                    break 'decide Decision::AllowedCounted;
+                }
+                let prev_unique = self.note_unique(&home, &wpol, r, now);
+                let window = self.windows.get_mut(&home).expect("window exists");
                 window.seq += 1;
-                let res = Reservation {
-                    opened_at: now,
-                    seq: window.seq,
-                };
+                let res = Reservation { opened_at: now, seq: window.seq };
                 let until = now + SLOT_MS;
                 window.set(
                     r,
-                    Slot {
-                        expires_at: until,
-                        sender: req.sender.clone(),
-                        reservation: Some(res),
-                    },
+                    Slot { expires_at: until, sender: sender.clone(), reservation: res, touched: false, prev_unique },
                 );
                 used += 1;
+                held += 1;
                 expires_at = Some(until);
                 reservation = Some(res);
                 Decision::AllowedNew
-            } else {
-                retry_after_ms = window.frees_at(now, used, limit).map(|e| e - now);
-                Decision::DeniedLimit
             };
             out.push(Outcome {
                 recipient: r.clone(),
@@ -242,13 +407,34 @@ impl Ledger for MemoryLedger {
                 retry_after_ms,
                 limit,
                 used,
-                remaining: remaining(limit, used),
-                tier: policy.tier,
+                remaining: remaining(limit, effective, used),
+                tier: wpol.tier,
                 scope,
                 reservation,
             });
         }
-        Ok(out)
+        out
+    }
+}
+
+impl MemoryLedger {
+    pub fn new(defaults: Defaults) -> Self {
+        MemoryLedger { defaults, state: Mutex::new(State::default()) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // Every operation computes before it writes, so the state is usable after a poisoning.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Ledger for MemoryLedger {
+    async fn acquire(&self, req: AcquireRequest) -> Result<Vec<Outcome>> {
+        let mut st = self.lock();
+        if req.dry_run {
+            return Ok(st.clone().acquire(&req, &self.defaults));
+        }
+        Ok(st.acquire(&req, &self.defaults))
     }
 
     async fn release(
@@ -261,16 +447,7 @@ impl Ledger for MemoryLedger {
         let now = clock(at);
         let mut st = self.lock();
         let home = st.home(&sender);
-        let Some(window) = st.windows.get_mut(&home) else {
-            return Ok(false);
-        };
-        let matches = window
-            .slot(&recipient, now)
-            .is_some_and(|s| s.reservation == Some(reservation));
-        if matches {
-            window.remove(&recipient);
-        }
-        Ok(matches)
+        Ok(st.release_slot(&home, &recipient, reservation, now))
     }
 
     async fn record_inbound(
@@ -281,28 +458,77 @@ impl Ledger for MemoryLedger {
         at: Option<Millis>,
     ) -> Result<Millis> {
         let now = clock(at);
-        let span = if free_entry_point {
-            FREE_ENTRY_POINT_MS
-        } else {
-            SERVICE_WINDOW_MS
-        };
+        let span = if free_entry_point { FREE_ENTRY_POINT_MS } else { SERVICE_WINDOW_MS };
         let mut st = self.lock();
+        // Inbound messages share the sender's throughput (WhatsApp counts both ways); they are
+        // never refused, but at most fill the burst.
+        let rates = Rates::of(&st.policy(&Target::Sender(sender.clone()), &self.defaults), &self.defaults);
+        let now_us = now * 1000;
+        let tat = st.throughput.get(&sender).copied().unwrap_or(0);
+        let new_tat = (tat.max(now_us) + rates.interval_us).min(now_us + rates.burst * rates.interval_us);
+        st.throughput.insert(sender.clone(), new_tat);
         let windows = st.service_windows.entry(sender).or_default();
         windows.retain(|_, e| *e > now);
         // A new inbound message restarts the window, but never cuts a longer free entry point short.
-        let until = windows
-            .get(&recipient)
-            .map_or(now + span, |e| (*e).max(now + span));
+        let until = windows.get(&recipient).map_or(now + span, |e| (*e).max(now + span));
         windows.insert(recipient, until);
         Ok(until)
     }
 
-    async fn put_policy(&self, target: Target, policy: Policy) -> Result<Policy> {
+    async fn confirm(
+        &self,
+        sender: SenderId,
+        recipient: RecipientId,
+        reservation: Reservation,
+        delivered_at: Millis,
+        at: Option<Millis>,
+    ) -> Result<Option<Millis>> {
+        let now = clock(at);
         let mut st = self.lock();
-        match target {
-            Target::Sender(s) => st.sender_policy.insert(s, policy),
-            Target::Portfolio(p) => st.portfolio_policy.insert(p, policy),
+        let home = st.home(&sender);
+        let Some(window) = st.windows.get_mut(&home) else { return Ok(None) };
+        let Some(slot) = window.slot(&recipient, now).filter(|s| s.reservation == reservation).cloned() else {
+            return Ok(None);
         };
+        let delivered = delivered_at.clamp(reservation.opened_at, now);
+        let until = slot.expires_at.max(delivered + SLOT_MS);
+        window.set(&recipient, Slot { expires_at: until, ..slot });
+        Ok(Some(until))
+    }
+
+    async fn report_failure(
+        &self,
+        sender: SenderId,
+        recipient: RecipientId,
+        reservation: Option<Reservation>,
+        error_code: u32,
+        at: Option<Millis>,
+    ) -> Result<FailureOutcome> {
+        let now = clock(at);
+        let mut st = self.lock();
+        let home = st.home(&sender);
+        let released = reservation.is_some_and(|res| st.release_slot(&home, &recipient, res, now));
+        let hold_until = (error_code == ERROR_MARKETING_CAP).then(|| {
+            let holds = st.holds.entry(home).or_default();
+            holds.retain(|_, h| *h > now);
+            let until = holds.get(&recipient).map_or(now + MARKETING_HOLD_MS, |h| (*h).max(now + MARKETING_HOLD_MS));
+            holds.insert(recipient, until);
+            until
+        });
+        Ok(FailureOutcome { released, hold_until })
+    }
+
+    async fn put_policy(&self, target: Target, policy: Policy, at: Option<Millis>) -> Result<Policy> {
+        let now = clock(at);
+        let mut st = self.lock();
+        let old = st.policy(&target, &self.defaults);
+        let prog = st.progress.entry(target.clone()).or_default();
+        if policy.status != SenderStatus::Flagged {
+            prog.flagged_since = None;
+        } else if old.status != SenderStatus::Flagged || prog.flagged_since.is_none() {
+            prog.flagged_since = Some(now);
+        }
+        st.store_policy(&target, policy);
         Ok(policy)
     }
 
@@ -314,60 +540,57 @@ impl Ledger for MemoryLedger {
             m.remove(&sender);
         }
         if let Some(p) = portfolio {
-            st.members
-                .entry(p.clone())
-                .or_default()
-                .insert(sender.clone());
+            st.members.entry(p.clone()).or_default().insert(sender.clone());
             st.assigned.insert(sender, p);
         }
         Ok(())
     }
 
-    async fn inspect(
-        &self,
-        target: Target,
-        recipient: Option<RecipientId>,
-        at: Option<Millis>,
-    ) -> Result<Inspection> {
+    async fn inspect(&self, target: Target, recipient: Option<RecipientId>, at: Option<Millis>) -> Result<Inspection> {
         let now = clock(at);
         let st = self.lock();
         let home = st.deciding(&target);
-        let policy = st.policy(&home, &self.defaults);
+        // Inspection is read-only: due tier changes are shown as applied, not stored.
+        let mut policy = st.policy(&home, &self.defaults);
+        let mut prog = st.progress.get(&home).copied().unwrap_or_default();
+        settle(&mut policy, &mut prog, now);
         let limit = policy.limit();
+        let effective = policy.effective_limit();
         let empty = Window::default();
         let window = st.windows.get(&home).unwrap_or(&empty);
         let used = window.used(now);
         let senders: Vec<SenderId> = match &target {
             Target::Sender(s) => vec![s.clone()],
-            Target::Portfolio(p) => st
-                .members
-                .get(p)
-                .map(|m| m.iter().cloned().collect())
-                .unwrap_or_default(),
+            Target::Portfolio(p) => st.members.get(p).map(|m| m.iter().cloned().collect()).unwrap_or_default(),
         };
         let open_service_windows = senders
             .iter()
             .filter_map(|s| st.service_windows.get(s))
             .map(|w| w.values().filter(|e| **e > now).count() as u64)
             .sum();
-        let service_window_until = recipient.as_ref().and_then(|r| {
-            senders
-                .iter()
-                .filter_map(|s| st.service_window(s, r, now))
-                .max()
-        });
+        let service_window_until =
+            recipient.as_ref().and_then(|r| senders.iter().filter_map(|s| st.service_window(s, r, now)).max());
+        let uniques = st.uniques.get(&home);
         Ok(Inspection {
             now,
             policy,
-            scope: scope_of(&home),
+            sender_policy: match &target {
+                Target::Sender(s) => Some(st.policy(&Target::Sender(s.clone()), &self.defaults)),
+                Target::Portfolio(_) => None,
+            },
+            scope: match home {
+                Target::Sender(_) => Scope::Sender,
+                Target::Portfolio(_) => Scope::Portfolio,
+            },
             limit,
+            effective_limit: if limit == 0 { 0 } else { effective },
+            unique_7d: count_since(uniques, now - WEEK_MS),
+            unique_30d: count_since(uniques, now - MONTH_MS),
+            projection: projection(&policy, &prog),
             used,
-            remaining: remaining(limit, used),
+            remaining: remaining(limit, effective, used),
             next_slot_free_at: window.live(now).next().map(|(e, _)| *e),
-            slots_freeing_next_hour: window
-                .live(now)
-                .take_while(|(e, _)| *e <= now + HOUR_MS)
-                .count() as u64,
+            slots_freeing_next_hour: window.live(now).take_while(|(e, _)| *e <= now + HOUR_MS).count() as u64,
             open_service_windows,
             portfolio: match &target {
                 Target::Sender(s) => st.assigned.get(s).cloned(),
@@ -377,10 +600,7 @@ impl Ledger for MemoryLedger {
                 Target::Sender(_) => Vec::new(),
                 Target::Portfolio(_) => senders,
             },
-            counted_until: recipient
-                .as_ref()
-                .and_then(|r| window.slot(r, now))
-                .map(|s| s.expires_at),
+            counted_until: recipient.as_ref().and_then(|r| window.slot(r, now)).map(|s| s.expires_at),
             service_window_until,
             recipient,
         })
@@ -397,31 +617,17 @@ impl Ledger for MemoryLedger {
         let st = self.lock();
         let home = st.deciding(&target);
         let Some(window) = st.windows.get(&home) else {
-            return Ok(WindowPage {
-                entries: Vec::new(),
-                next: None,
-            });
+            return Ok(WindowPage { entries: Vec::new(), next: None });
         };
         let mut entries: Vec<WindowEntry> = window
             .live(now)
-            .filter(|(e, r)| {
-                after
-                    .as_ref()
-                    .is_none_or(|c| (*e, r) > (c.expires_at, &c.recipient))
-            })
+            .filter(|(e, r)| after.as_ref().is_none_or(|c| (*e, r) > (c.expires_at, &c.recipient)))
             .take(page_size + 1)
-            .map(|(e, r)| WindowEntry {
-                recipient: r.clone(),
-                expires_at: *e,
-                sender: window.slots[r].sender.clone(),
-            })
+            .map(|(e, r)| WindowEntry { recipient: r.clone(), expires_at: *e, sender: window.slots[r].sender.clone() })
             .collect();
         let next = if entries.len() > page_size {
             entries.truncate(page_size);
-            entries.last().map(|e| Cursor {
-                expires_at: e.expires_at,
-                recipient: e.recipient.clone(),
-            })
+            entries.last().map(|e| Cursor { expires_at: e.expires_at, recipient: e.recipient.clone() })
         } else {
             None
         };

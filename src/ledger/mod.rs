@@ -10,8 +10,8 @@ pub mod redis;
 use std::future::Future;
 
 use crate::model::{
-    AcquireRequest, Cursor, Inspection, InvalidArgument, Millis, Outcome, Policy, PortfolioId,
-    RecipientId, Reservation, SenderId, Target, WindowPage,
+    AcquireRequest, Cursor, FailureOutcome, Inspection, InvalidArgument, Millis, Outcome, Policy,
+    PortfolioId, RecipientId, Reservation, SenderId, Target, WindowPage,
 };
 
 /// What a ledger can fail with. Transient store trouble is kept apart from bad input.
@@ -54,10 +54,34 @@ pub trait Ledger: Send + Sync + 'static {
         at: Option<Millis>,
     ) -> impl Future<Output = Result<Millis>> + Send;
 
+    /// The message of `reservation` was delivered at `delivered_at`: the slot then lasts 24 h from
+    /// delivery (never less than it already did). None when that slot is no longer live.
+    fn confirm(
+        &self,
+        sender: SenderId,
+        recipient: RecipientId,
+        reservation: Reservation,
+        delivered_at: Millis,
+        at: Option<Millis>,
+    ) -> impl Future<Output = Result<Option<Millis>>> + Send;
+
+    /// WhatsApp refused the message: releases its reservation (if any), and for error 131049
+    /// holds marketing to that user for 24 h.
+    fn report_failure(
+        &self,
+        sender: SenderId,
+        recipient: RecipientId,
+        reservation: Option<Reservation>,
+        error_code: u32,
+        at: Option<Millis>,
+    ) -> impl Future<Output = Result<FailureOutcome>> + Send;
+
+    /// Stores a target's policy. A change of status to FLAGGED starts the legacy downgrade clock.
     fn put_policy(
         &self,
         target: Target,
         policy: Policy,
+        at: Option<Millis>,
     ) -> impl Future<Output = Result<Policy>> + Send;
 
     /// Assigns a sender to a portfolio (`None` detaches). Its service windows and own policy move
