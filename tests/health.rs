@@ -22,6 +22,7 @@ use tonic_reflection::pb::v1::ServerReflectionRequest;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use waquota::config::Store;
 use waquota::proto::quota_service_client::QuotaServiceClient;
 use waquota::proto::{AcquireRequest, AcquireResponse, Decision};
 
@@ -72,9 +73,6 @@ async fn wait_health(client: &mut HealthClient<Channel>, want: ServingStatus) ->
         }
         if seen.iter().all(|(_, st)| *st == Ok(want)) {
             return start.elapsed();
-        }
-        if start.elapsed() < POLL {
-            println!("DEBUG first seen {seen:?}");
         }
         assert!(
             start.elapsed() < PATIENCE,
@@ -321,6 +319,39 @@ async fn redis_down_is_unavailable_and_recovers_without_restart() {
         .expect("acquire after recovery");
     assert_eq!(decision(&r), Decision::AllowedCounted);
     assert_eq!(r.used, 9);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_at_start_up_is_not_serving_until_it_answers() {
+    let mut dead = RedisServer::start();
+    let (port, url) = (dead.port, dead.url());
+    dead.kill();
+    // Start-up does not fail on an unreachable store: it serves UNAVAILABLE until Redis answers.
+    let server = TestServer::start_with(Backend::Memory, |s| s.store = Store::Redis { url }).await;
+    let mut health = HealthClient::new(channel(&server.endpoint()).await);
+    let took = wait_health(&mut health, ServingStatus::NotServing).await;
+    println!("NOT_SERVING {took:?} after start-up with Redis down");
+    let mut q = server.quota().await;
+    let err = try_acquire(&mut q, "late-sender", "4915100000001")
+        .await
+        .expect_err("no store yet");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+
+    let _redis = ManualRedis::start_on(port);
+    wait_health(&mut health, ServingStatus::Serving).await;
+    let start = Instant::now();
+    let r = loop {
+        match try_acquire(&mut q, "late-sender", "4915100000001").await {
+            Ok(r) => break r,
+            Err(e) => {
+                assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+                assert!(start.elapsed() < PATIENCE, "Acquire still fails: {e:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert_eq!((decision(&r), r.used), (Decision::AllowedNew, 1));
     server.stop().await;
 }
 

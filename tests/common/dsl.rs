@@ -10,7 +10,7 @@ use tonic::{Code, Status};
 use waquota::proto::admin_service_client::AdminServiceClient;
 use waquota::proto::quota_service_client::QuotaServiceClient;
 use waquota::proto::{
-    self, AcquireBatchRequest, AcquireRequest, AcquireResponse, AssignSenderRequest, Decision,
+    AcquireBatchRequest, AcquireRequest, AcquireResponse, AssignSenderRequest, Decision,
     InspectRequest, InspectResponse, ListWindowRequest, ListWindowResponse, MessageKind, Policy,
     PutPolicyRequest, RecordInboundRequest, ReleaseRequest, ResetRequest, Target, Tier,
     WindowEntry, WindowMode, target,
@@ -337,11 +337,17 @@ pub fn is_allowed(d: Decision) -> bool {
     )
 }
 
-/// The decision, and `allowed` agreeing with it.
+/// The decision, `allowed` agreeing with it, and no `retry_after` on an admission.
 #[track_caller]
 pub fn assert_decision(r: &AcquireResponse, d: Decision) {
     assert_eq!(r.decision(), d, "decision of {r:?}");
     assert_eq!(r.allowed, is_allowed(d), "allowed of {r:?}");
+    if r.allowed {
+        assert_eq!(
+            r.retry_after, None,
+            "an admission has no retry_after: {r:?}"
+        );
+    }
 }
 
 /// Decision, `used` and `remaining` at once.
@@ -374,6 +380,3 @@ pub fn assert_invalid<T: std::fmt::Debug>(res: Result<T, Status>, field: &str) {
         status.message()
     );
 }
-
-/// The proto enums of the contract, re-exported for the tests.
-pub use proto::Scope;

@@ -180,6 +180,7 @@ impl RedisServer {
             std::thread::sleep(Duration::from_millis(10));
         }
         let _ = child.kill();
+        let _ = child.wait();
         None
     }
 
@@ -412,6 +413,7 @@ impl WaquotaProcess {
                 std::thread::sleep(Duration::from_millis(20));
             }
             let _ = child.kill();
+            let _ = child.wait();
         }
         panic!("could not start waquota serve {args:?}");
     }

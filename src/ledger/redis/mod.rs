@@ -11,7 +11,7 @@ pub mod keys;
 pub mod scripts;
 
 use std::collections::HashMap;
-use std::sync::{Mutex, RwLock, atomic::AtomicUsize, atomic::Ordering};
+use std::sync::{RwLock, atomic::AtomicUsize, atomic::Ordering};
 use std::time::Duration;
 
 use deadpool_redis::{Runtime, Timeouts};
@@ -68,31 +68,25 @@ impl Conn {
 /// connection error, when the object goes back to the pool to be checked or replaced.
 struct Conns {
     pool: Pool,
-    held: Vec<Mutex<Option<Held>>>,
+    /// Async locks: a request that finds its slot empty checks a connection out while holding
+    /// the slot, so a burst on a cold start waits for that one connection instead of draining
+    /// the pool with checkouts that would never be returned.
+    held: Vec<tokio::sync::Mutex<Option<Held>>>,
     next: AtomicUsize,
 }
 
 impl Conns {
     async fn get(&self) -> redis::RedisResult<(usize, Conn)> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.held.len();
-        if let Some(c) = self.handle(i) {
-            return Ok((i, c));
+        let mut slot = self.held[i].lock().await;
+        if let Some(h) = slot.as_ref() {
+            return Ok((i, Self::clone_handle(h)));
         }
         let held = match &self.pool {
             Pool::Single(p) => Held::Single(p.get().await.map_err(pool_error)?),
             Pool::Cluster(p) => Held::Cluster(p.get().await.map_err(pool_error)?),
         };
-        let mut slot = self.held[i].lock().unwrap_or_else(|e| e.into_inner());
-        let slot = slot.get_or_insert(held);
-        Ok((i, Self::clone_handle(slot)))
-    }
-
-    fn handle(&self, i: usize) -> Option<Conn> {
-        self.held[i]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(Self::clone_handle)
+        Ok((i, Self::clone_handle(slot.insert(held))))
     }
 
     fn clone_handle(h: &Held) -> Conn {
@@ -102,11 +96,8 @@ impl Conns {
         }
     }
 
-    fn discard(&self, i: usize) {
-        self.held[i]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+    async fn discard(&self, i: usize) {
+        self.held[i].lock().await.take();
     }
 }
 
@@ -262,7 +253,8 @@ fn policy_fields(p: &Policy) -> [String; 4] {
 impl RedisLedger {
     pub async fn connect(settings: &Settings) -> Result<Self> {
         let pool_cfg = deadpool_redis::PoolConfig {
-            max_size: settings.redis_pool_size,
+            // One object per slot, plus room to replace a discarded one while it is re-checked.
+            max_size: settings.redis_pool_size.max(1) + 2,
             timeouts: Timeouts {
                 wait: Some(settings.redis_timeout),
                 create: Some(settings.redis_timeout),
@@ -300,7 +292,7 @@ impl RedisLedger {
             conns: Conns {
                 pool,
                 held: (0..settings.redis_pool_size.max(1))
-                    .map(|_| Mutex::new(None))
+                    .map(|_| tokio::sync::Mutex::new(None))
                     .collect(),
                 next: AtomicUsize::new(0),
             },
@@ -336,7 +328,7 @@ impl RedisLedger {
                 || e.is_connection_refusal()
                 || e.is_timeout())
         {
-            self.conns.discard(i);
+            self.conns.discard(i).await;
         }
         result
     }
@@ -698,11 +690,13 @@ impl Ledger for RedisLedger {
             window_mode: mode_named(&text(&f[3]).ok_or_else(bad)?)?,
             custom_limit: num(4)? as u64,
         };
-        let senders = f[11..]
+        // SMEMBERS order is arbitrary: sort here, as the memory ledger does.
+        let mut senders: Vec<SenderId> = f[11..]
             .iter()
             .filter_map(text)
             .filter_map(|s| SenderId::parse("sender", &s).ok())
             .collect();
+        senders.sort();
         Ok(Inspection {
             now: num(0)?,
             policy,
