@@ -1,19 +1,25 @@
--- inspect.lua: a read-only view of a target's deciding window, for operators.
+-- inspect.lua: a read-only view of a target's deciding window, for operators. Tier changes due
+-- under auto_tier are shown as applied, without being written.
 --
 -- KEYS[1] window         zset   recipient -> slot expiry (ms)
--- KEYS[2] window policy  hash   limit, tier, mode, custom
+-- KEYS[2] window policy  hash   the home's policy
 -- KEYS[3] residency      sender target: the "away" string or members set of its home;
 --                        portfolio target: its members set
+-- KEYS[4] uniques        zset   recipient -> when it last got a new slot (ms)
+-- KEYS[5] sender policy  hash   the sender's own policy (portfolio target: = KEYS[2])
 -- ARGV[1] now (ms), or "" for Redis TIME
 -- ARGV[2] home kind "s" | "p"
 -- ARGV[3] sender, or "" when the target is the portfolio itself
 -- ARGV[4] recipient, or ""
--- ARGV[5] default limit, ARGV[6] default tier, ARGV[7] default mode
--- ARGV[8] prefix of this home's service-window keys ("<prefix>:{<home>}:csw:")
--- The service-window keys of a portfolio's members are built here from ARGV[8]; they share the
+-- ARGV[5..7] the home's default tier, mode, rule set
+-- ARGV[8..10] the sender's default tier, mode, rule set
+-- ARGV[11] prefix of this home's service-window keys ("<prefix>:{<home>}:csw:")
+-- The service-window keys of a portfolio's members are built here from ARGV[11]; they share the
 -- home's hash tag, so they live in the same cluster slot as KEYS.
--- Returns {"moved", portfolio|""}, or {now, limit, tier, mode, custom, used, next_free|-1,
--- freeing_next_hour, open_service_windows, counted_until|-1, service_window_until|-1, members...}
+-- Returns {"moved", portfolio|""}, or {now, used, next_free|-1, freeing_next_hour,
+-- open_service_windows, counted_until|-1, service_window_until|-1, unique_7d, unique_30d,
+-- limit, effective, next_tier|"", upgrade_at|-1, downgrade_at|-1, <14 window policy fields>,
+-- <14 sender policy fields, or none for a portfolio target>, then for a portfolio: its members}
 
 local now = clock(ARGV[1])
 local sender, r = ARGV[3], ARGV[4]
@@ -28,7 +34,8 @@ else
   senders = redis.call('SMEMBERS', KEYS[3])
 end
 local win = KEYS[1]
-local pol = redis.call('HMGET', KEYS[2], 'limit', 'tier', 'mode', 'custom')
+local W = read_policy(KEYS[2], ARGV[5], ARGV[6], ARGV[7])
+settle(W, KEYS[2], now, false)
 local live = '(' .. fmt(now)
 local used = redis.call('ZCOUNT', win, live, '+inf')
 local first = redis.call('ZRANGEBYSCORE', win, live, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
@@ -36,7 +43,7 @@ local next_free = first[2] and tonumber(first[2]) or -1
 local hour = redis.call('ZCOUNT', win, live, fmt(now + 3600000))
 local open, sw_until = 0, -1
 for _, s in ipairs(senders) do
-  local key = ARGV[8] .. s
+  local key = ARGV[11] .. s
   open = open + redis.call('ZCOUNT', key, live, '+inf')
   if r ~= '' then
     local e = redis.call('ZSCORE', key, r)
@@ -54,11 +61,27 @@ if r ~= '' then
     counted = e
   end
 end
-local out = {
-  now, tonumber(pol[1] or ARGV[5]), pol[2] or ARGV[6], pol[3] or ARGV[7], tonumber(pol[4] or '0'),
-  used, next_free, hour, open, counted, sw_until,
-}
-if sender == '' then
+local u7 = redis.call('ZCOUNT', KEYS[4], '(' .. fmt(now - WEEK_MS), '+inf')
+local u30 = redis.call('ZCOUNT', KEYS[4], '(' .. fmt(now - MONTH_MS), '+inf')
+local next_tier, up, down = '', -1, -1
+if W.up_at and W.up_from == W.tier and eligible(W) and TIER_NEXT[W.rules][W.tier] then
+  next_tier, up = TIER_NEXT[W.rules][W.tier], W.up_at
+end
+if W.rules == 'legacy' and W.status == 'flagged' and W.flagged and TIER_PREV[W.tier] then
+  down = W.flagged + FLAGGED_DOWNGRADE_MS
+  if next_tier == '' then
+    next_tier = TIER_PREV[W.tier]
+  end
+end
+local out = { now, used, next_free, hour, open, counted, sw_until, u7, u30, limit_of(W), effective_of(W), next_tier, up, down }
+policy_out(W, out)
+if sender ~= '' then
+  if ARGV[2] == 's' then
+    policy_out(W, out)
+  else
+    policy_out(read_policy(KEYS[5], ARGV[8], ARGV[9], ARGV[10]), out)
+  end
+else
   for _, s in ipairs(senders) do
     out[#out + 1] = s
   end

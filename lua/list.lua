@@ -2,7 +2,7 @@
 -- a cursor, so pages neither repeat nor skip even when many slots share one expiry.
 --
 -- KEYS[1] window       zset   recipient -> slot expiry (ms)
--- KEYS[2] window meta  hash   recipient -> "<reservation>|<opening sender>"
+-- KEYS[2] window meta  hash   recipient -> "<reservation>|<touched>|<opener>|<prev unique>"
 -- KEYS[3] residency    sender home: its "away" string; portfolio home: its members set
 -- ARGV[1] now (ms), or "" for Redis TIME
 -- ARGV[2] home kind "s" | "p"
@@ -43,9 +43,10 @@ if need > 0 then
 end
 local out = {}
 for j = 1, #rows, 2 do
-  local m = redis.call('HGET', KEYS[2], rows[j]) or '|'
+  local m = redis.call('HGET', KEYS[2], rows[j]) or '|||'
+  local _, _, opener = split_meta(m)
   out[#out + 1] = rows[j + 1]
   out[#out + 1] = rows[j]
-  out[#out + 1] = string.sub(m, string.find(m, '|', 1, true) + 1)
+  out[#out + 1] = opener
 end
 return out

@@ -361,6 +361,8 @@ async fn one_sender_two_instances_64_clients_exactly_250_new() {
             target: sender_target(&sender),
             policy: Some(Policy {
                 tier: Tier::Tier250 as i32,
+                // The exactness race sends thousands of messages a second: lift the 80/s default.
+                messages_per_second: 100_000,
                 ..Default::default()
             }),
             at: None,
@@ -405,6 +407,15 @@ async fn portfolio_of_three_two_instances_64_clients_exactly_250_new() {
             })
             .await
             .expect("assign_sender");
+        // The exactness race sends thousands of messages a second: lift the 80/s default.
+        admin
+            .put_policy(PutPolicyRequest {
+                target: sender_target(s),
+                policy: Some(Policy { messages_per_second: 100_000, ..Default::default() }),
+                at: None,
+            })
+            .await
+            .expect("put_policy");
     }
     // The other instance learns the assignment from Redis, not from a local cache. (This setup
     // also opens both instances' Redis connections before the burst: the cold start is covered
@@ -442,6 +453,8 @@ async fn batches_two_instances_64_clients_exactly_250_new() {
             target: sender_target(&sender),
             policy: Some(Policy {
                 tier: Tier::Tier250 as i32,
+                // The exactness race sends thousands of messages a second: lift the 80/s default.
+                messages_per_second: 100_000,
                 ..Default::default()
             }),
             at: None,

@@ -346,7 +346,7 @@ impl State {
                         }
                     }
                 }
-                let pair_tat = self.pair.get(sender).and_then(|p| p.get(r)).copied().unwrap_or(0);
+                let pair_tat = self.pair.get(sender).and_then(|p| p.get(r)).copied().unwrap_or(now_us);
                 let new_pair = match gcra(pair_tat, now_us, rates.pair_interval_us, rates.pair_burst) {
                     Ok(t) => t,
                     Err(wait) => {
@@ -354,7 +354,7 @@ impl State {
                         break 'decide Decision::DeniedPairRate;
                     }
                 };
-                let tat = self.throughput.get(sender).copied().unwrap_or(0);
+                let tat = self.throughput.get(sender).copied().unwrap_or(now_us);
                 let new_tat = match gcra(tat, now_us, rates.interval_us, rates.burst) {
                     Ok(t) => t,
                     Err(wait) => {
@@ -464,7 +464,7 @@ impl Ledger for MemoryLedger {
         // never refused, but at most fill the burst.
         let rates = Rates::of(&st.policy(&Target::Sender(sender.clone()), &self.defaults), &self.defaults);
         let now_us = now * 1000;
-        let tat = st.throughput.get(&sender).copied().unwrap_or(0);
+        let tat = st.throughput.get(&sender).copied().unwrap_or(now_us);
         let new_tat = (tat.max(now_us) + rates.interval_us).min(now_us + rates.burst * rates.interval_us);
         st.throughput.insert(sender.clone(), new_tat);
         let windows = st.service_windows.entry(sender).or_default();

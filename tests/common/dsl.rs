@@ -88,6 +88,7 @@ async fn acquire_req(
         kind: kind as i32,
         dry_run,
         at: Some(ts(at_ms)),
+        ..Default::default()
     })
     .await
     .unwrap_or_else(|e| panic!("acquire {sender} -> {recipient}: {e}"))
@@ -126,6 +127,7 @@ async fn batch_req<S: AsRef<str>>(
             kind: MessageKind::Template as i32,
             dry_run,
             at: Some(ts(at_ms)),
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|e| panic!("acquire_batch {sender}: {e}"))
@@ -195,6 +197,18 @@ pub fn policy(tier: Tier, custom_limit: u64, window_mode: WindowMode) -> Policy 
         tier: tier as i32,
         custom_limit,
         window_mode: window_mode as i32,
+        ..Default::default()
+    }
+}
+
+/// The window part of a policy (tier, custom limit, mode): what the quota scenarios set and read
+/// back; the sender fields (status, rates, caps) are the policy engine's tests' business.
+pub fn window_part(p: &Policy) -> Policy {
+    Policy {
+        tier: p.tier,
+        custom_limit: p.custom_limit,
+        window_mode: p.window_mode,
+        ..Default::default()
     }
 }
 

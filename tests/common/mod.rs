@@ -303,6 +303,9 @@ impl TestServer {
             trust_client_clock: true,
             ..Settings::default()
         };
+        // Quota scenarios send hundreds of messages at one instant of the trusted clock; the
+        // default 80 messages/s would refuse most of them. Throughput tests set their own rate.
+        settings.defaults.messages_per_second = 100_000;
         tweak(&mut settings);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -104,6 +104,43 @@ impl HomeKeys {
         self.key(&format!("csw:{sender}"))
     }
 
+    /// Portfolio home: zset recipient -> expiry of the slots one sender opened there (sender
+    /// caps). TTL: latest expiry + slack.
+    pub fn sender_slots(&self, sender: &SenderId) -> String {
+        self.key(&format!("ws:{sender}"))
+    }
+
+    /// Prefix of the per-sender slot indexes (scripts append the opener); "" at a sender home,
+    /// which keeps none (its window holds one sender's slots only).
+    pub fn sender_slots_prefix(&self) -> String {
+        if self.kind == "p" { self.key("ws:") } else { String::new() }
+    }
+
+    /// string: the sender's throughput GCRA theoretical arrival time (us). TTL: until it.
+    pub fn throughput(&self, sender: &SenderId) -> String {
+        self.key(&format!("tp:{sender}"))
+    }
+
+    /// zset recipient -> pair-rate GCRA theoretical arrival time (us). TTL: latest + slack.
+    pub fn pair_rates(&self, sender: &SenderId) -> String {
+        self.key(&format!("pr:{sender}"))
+    }
+
+    /// hash recipient -> "t1,t2,..." recent marketing sends (ms). TTL: cap period + slack.
+    pub fn marketing_log(&self, sender: &SenderId) -> String {
+        self.key(&format!("mk:{sender}"))
+    }
+
+    /// zset recipient -> marketing held until (ms), after WhatsApp error 131049. TTL: latest + slack.
+    pub fn marketing_holds(&self) -> String {
+        self.key("mh")
+    }
+
+    /// zset recipient -> when the user last got a new slot (ms), 30 days: tier projections.
+    pub fn uniques(&self) -> String {
+        self.key("uq")
+    }
+
     /// Prefix of the service-window keys of this home (the inspect script appends a sender).
     pub fn service_windows_prefix(&self) -> String {
         self.key("csw:")
@@ -125,8 +162,14 @@ impl HomeKeys {
     }
 
     /// The keys that move with a sender when it is assigned elsewhere.
-    pub fn sender_scoped(&self, sender: &SenderId) -> [String; 2] {
-        [self.sender_policy(sender), self.service_windows(sender)]
+    pub fn sender_scoped(&self, sender: &SenderId) -> [String; 5] {
+        [
+            self.sender_policy(sender),
+            self.service_windows(sender),
+            self.throughput(sender),
+            self.pair_rates(sender),
+            self.marketing_log(sender),
+        ]
     }
 }
 

@@ -20,9 +20,10 @@ use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 use super::{Ledger, LedgerError, Result};
 use crate::config::{Settings, Store};
 use crate::model::{
-    AcquireRequest, Cursor, Decision, Defaults, FREE_ENTRY_POINT_MS, Inspection, MessageKind,
-    Millis, Outcome, Policy, PortfolioId, RecipientId, Reservation, SERVICE_WINDOW_MS, SLOT_MS,
-    Scope, SenderId, Target, Tier, WindowEntry, WindowMode, WindowPage, remaining,
+    AcquireRequest, Category, Cursor, Decision, Defaults, ERROR_MARKETING_CAP, FREE_ENTRY_POINT_MS,
+    FailureOutcome, Inspection, MARKETING_HOLD_MS, MessageKind, Millis, Outcome, Policy,
+    PortfolioId, Projection, Quality, RecipientId, Reservation, RuleSet, SERVICE_WINDOW_MS, SLOT_MS,
+    Scope, SenderId, SenderStatus, Target, Tier, WindowEntry, WindowMode, WindowPage, remaining,
 };
 use keys::{Home, HomeKeys, Keys};
 use scripts::{Script, Scripts};
@@ -155,7 +156,7 @@ impl<'a> Call<'a> {
     fn cmd(&self, by_source: bool) -> redis::Cmd {
         let mut c = redis::cmd(if by_source { "EVAL" } else { "EVALSHA" });
         c.arg(if by_source {
-            self.script.source
+            self.script.source.as_str()
         } else {
             self.script.sha.as_str()
         });
@@ -241,13 +242,50 @@ fn moved(v: &Value) -> Option<Option<PortfolioId>> {
     }
 }
 
-fn policy_fields(p: &Policy) -> [String; 4] {
+/// A policy as the hash fields the scripts read (`read_policy` in lua/lib.lua).
+fn policy_fields(p: &Policy) -> [(&'static str, String); 14] {
     [
-        p.limit().to_string(),
-        p.tier.name().to_owned(),
-        p.window_mode.name().to_owned(),
-        p.custom_limit.to_string(),
+        ("tier", p.tier.name().to_owned()),
+        ("custom", p.custom_limit.to_string()),
+        ("mode", p.window_mode.name().to_owned()),
+        ("status", p.status.name().to_owned()),
+        ("quality", p.quality.map(|q| q.name()).unwrap_or_default().to_owned()),
+        ("mps", p.messages_per_second.to_string()),
+        ("pint", p.pair_interval_ms.to_string()),
+        ("pburst", p.pair_burst.to_string()),
+        ("head", p.headroom_percent.to_string()),
+        ("scap", p.sender_cap.to_string()),
+        ("mcap", p.marketing_cap.to_string()),
+        ("mper", p.marketing_cap_period_ms.to_string()),
+        ("rules", p.rule_set.name().to_owned()),
+        ("auto", if p.auto_tier { "1" } else { "0" }.to_owned()),
     ]
+}
+
+/// How many values `policy_out` (lua/lib.lua) returns for one policy.
+const POLICY_FIELDS: usize = 14;
+
+/// A policy from the values `policy_out` returned, in `policy_fields` order.
+fn parse_policy(f: &[Value]) -> Option<Policy> {
+    let t = |i: usize| text(&f[i]);
+    let n = |i: usize| int(&f[i]);
+    let quality = t(4)?;
+    Some(Policy {
+        tier: Tier::from_name(&t(0)?)?,
+        custom_limit: n(1)? as u64,
+        window_mode: WindowMode::from_name(&t(2)?)?,
+        status: SenderStatus::from_name(&t(3)?)?,
+        quality: if quality.is_empty() { None } else { Some(Quality::from_name(&quality)?) },
+        messages_per_second: n(5)? as u32,
+        pair_interval_ms: n(6)?,
+        pair_burst: n(7)? as u32,
+        headroom_percent: n(8)? as u32,
+        sender_cap: n(9)? as u64,
+        marketing_cap: n(10)? as u32,
+        marketing_cap_period_ms: n(11)?,
+        rule_set: RuleSet::from_name(&t(12)?)?,
+        auto_tier: n(13)? == 1,
+    })
 }
 
 impl RedisLedger {
@@ -416,17 +454,13 @@ fn tier_named(s: &str) -> Result<Tier> {
         .ok_or_else(|| LedgerError::Internal(format!("unknown tier {s:?} stored in Redis")))
 }
 
-fn mode_named(s: &str) -> Result<WindowMode> {
-    WindowMode::from_name(s)
-        .ok_or_else(|| LedgerError::Internal(format!("unknown window mode {s:?} stored in Redis")))
-}
-
 impl Ledger for RedisLedger {
     async fn acquire(&self, req: AcquireRequest) -> Result<Vec<Outcome>> {
         let s = &self.scripts.acquire;
+        let d = &self.defaults;
         let (home, v) = self
             .at_home(&req.sender, |home, k| {
-                let d = self.defaults_for(home);
+                let w = self.defaults_for(home);
                 let mut call = Call::new(
                     s,
                     vec![
@@ -436,20 +470,27 @@ impl Ledger for RedisLedger {
                         k.window_policy(&req.sender),
                         k.service_windows(&req.sender),
                         k.residency(),
+                        k.sender_policy(&req.sender),
+                        k.sender_slots(&req.sender),
+                        k.throughput(&req.sender),
+                        k.pair_rates(&req.sender),
+                        k.marketing_log(&req.sender),
+                        k.marketing_holds(),
+                        k.uniques(),
                     ],
                 )
                 .clock(req.at)
                 .arg(home.kind())
                 .arg(req.sender.as_str())
-                .arg(if req.kind == MessageKind::FreeForm {
-                    "f"
-                } else {
-                    "t"
-                })
+                .arg(if req.kind == MessageKind::FreeForm { "f" } else { "t" })
                 .arg(if req.dry_run { "1" } else { "0" })
-                .num(d.limit())
-                .arg(d.tier.name())
-                .arg(d.window_mode.name())
+                .arg(if req.category == Some(Category::Marketing) { "1" } else { "0" })
+                .arg(w.tier.name())
+                .arg(w.window_mode.name())
+                .arg(w.rule_set.name())
+                .num(d.messages_per_second)
+                .num(d.pair_interval_ms)
+                .num(d.pair_burst)
                 .num(SLOT_MS)
                 .num(TTL_SLACK_MS)
                 .num(TRIM_PER_CALL);
@@ -461,15 +502,16 @@ impl Ledger for RedisLedger {
             .await?;
         let items = items(v).map_err(|v| bad_reply("acquire", &v))?;
         let bad = || bad_reply("acquire", &Value::Array(items.clone()));
-        if items.len() != 3 + 5 * req.recipients.len() {
+        if items.len() != 4 + 5 * req.recipients.len() {
             return Err(bad());
         }
         let limit = int(&items[1]).ok_or_else(bad)? as u64;
         let tier = tier_named(&text(&items[2]).ok_or_else(bad)?)?;
+        let effective = int(&items[3]).ok_or_else(bad)? as u64;
         let scope = scope_of(&home);
         req.recipients
             .iter()
-            .zip(items[3..].chunks_exact(5))
+            .zip(items[4..].chunks_exact(5))
             .map(|(r, f)| {
                 let decision = int(&f[0]).and_then(Decision::from_code).ok_or_else(bad)?;
                 let used = int(&f[3]).ok_or_else(bad)? as u64;
@@ -477,11 +519,7 @@ impl Ledger for RedisLedger {
                 let reservation = if resv.is_empty() {
                     None
                 } else {
-                    let (at, seq) = resv.split_once('.').ok_or_else(bad)?;
-                    Some(Reservation {
-                        opened_at: at.parse().map_err(|_| bad())?,
-                        seq: seq.parse().map_err(|_| bad())?,
-                    })
+                    Some(Reservation::parse("reservation", &format!("r{resv}")).map_err(|_| bad())?)
                 };
                 Ok(Outcome {
                     recipient: r.clone(),
@@ -490,7 +528,7 @@ impl Ledger for RedisLedger {
                     retry_after_ms: opt_ms(&f[2]),
                     limit,
                     used,
-                    remaining: remaining(limit, used),
+                    remaining: remaining(limit, effective, used),
                     tier,
                     scope,
                     reservation,
@@ -509,12 +547,13 @@ impl Ledger for RedisLedger {
         let s = &self.scripts.release;
         let (_, v) = self
             .at_home(&sender, |home, k| {
-                Call::new(s, vec![k.window(), k.window_meta(), k.residency()])
+                Call::new(s, vec![k.window(), k.window_meta(), k.residency(), k.uniques()])
                     .clock(at)
                     .arg(home.kind())
                     .arg(sender.as_str())
                     .arg(recipient.as_str())
                     .arg(reservation.stored())
+                    .arg(k.sender_slots_prefix())
             })
             .await?;
         let items = items(v).map_err(|v| bad_reply("release", &v))?;
@@ -529,57 +568,112 @@ impl Ledger for RedisLedger {
         at: Option<Millis>,
     ) -> Result<Millis> {
         let s = &self.scripts.inbound;
-        let span = if free_entry_point {
-            FREE_ENTRY_POINT_MS
-        } else {
-            SERVICE_WINDOW_MS
-        };
+        let span = if free_entry_point { FREE_ENTRY_POINT_MS } else { SERVICE_WINDOW_MS };
         let (_, v) = self
             .at_home(&sender, |home, k| {
-                Call::new(s, vec![k.service_windows(&sender), k.residency()])
+                Call::new(
+                    s,
+                    vec![
+                        k.service_windows(&sender),
+                        k.residency(),
+                        k.sender_policy(&sender),
+                        k.throughput(&sender),
+                    ],
+                )
+                .clock(at)
+                .arg(home.kind())
+                .arg(sender.as_str())
+                .arg(recipient.as_str())
+                .num(span)
+                .num(TTL_SLACK_MS)
+                .num(self.defaults.messages_per_second)
+            })
+            .await?;
+        let items = items(v).map_err(|v| bad_reply("inbound", &v))?;
+        items.get(1).and_then(int).ok_or_else(|| bad_reply("inbound", &Value::Array(items.clone())))
+    }
+
+    async fn confirm(
+        &self,
+        sender: SenderId,
+        recipient: RecipientId,
+        reservation: Reservation,
+        delivered_at: Millis,
+        at: Option<Millis>,
+    ) -> Result<Option<Millis>> {
+        let s = &self.scripts.confirm;
+        let (_, v) = self
+            .at_home(&sender, |home, k| {
+                Call::new(s, vec![k.window(), k.window_meta(), k.residency()])
                     .clock(at)
                     .arg(home.kind())
                     .arg(sender.as_str())
                     .arg(recipient.as_str())
-                    .num(span)
+                    .arg(reservation.stored())
+                    .num(delivered_at)
+                    .num(SLOT_MS)
                     .num(TTL_SLACK_MS)
+                    .arg(k.sender_slots_prefix())
             })
             .await?;
-        let items = items(v).map_err(|v| bad_reply("inbound", &v))?;
-        items
-            .get(1)
-            .and_then(int)
-            .ok_or_else(|| bad_reply("inbound", &Value::Array(items.clone())))
+        let items = items(v).map_err(|v| bad_reply("confirm", &v))?;
+        Ok(match items.first().and_then(int) {
+            Some(1) => items.get(1).and_then(int),
+            _ => None,
+        })
     }
 
-    async fn put_policy(&self, target: Target, policy: Policy) -> Result<Policy> {
-        let [limit, tier, mode, custom] = policy_fields(&policy);
+    async fn report_failure(
+        &self,
+        sender: SenderId,
+        recipient: RecipientId,
+        reservation: Option<Reservation>,
+        error_code: u32,
+        at: Option<Millis>,
+    ) -> Result<FailureOutcome> {
+        let s = &self.scripts.failure;
+        let hold = if error_code == ERROR_MARKETING_CAP { MARKETING_HOLD_MS } else { 0 };
+        let (_, v) = self
+            .at_home(&sender, |home, k| {
+                Call::new(
+                    s,
+                    vec![k.window(), k.window_meta(), k.residency(), k.uniques(), k.marketing_holds()],
+                )
+                .clock(at)
+                .arg(home.kind())
+                .arg(sender.as_str())
+                .arg(recipient.as_str())
+                .arg(reservation.map(|r| r.stored()).unwrap_or_default())
+                .arg(k.sender_slots_prefix())
+                .num(hold)
+                .num(TTL_SLACK_MS)
+            })
+            .await?;
+        let items = items(v).map_err(|v| bad_reply("failure", &v))?;
+        Ok(FailureOutcome {
+            released: items.first().and_then(int) == Some(1),
+            hold_until: items.get(1).and_then(opt_ms),
+        })
+    }
+
+    async fn put_policy(&self, target: Target, policy: Policy, at: Option<Millis>) -> Result<Policy> {
+        let s = &self.scripts.policy;
+        let make = |home: &Home, key: String, residency: String, sender: &str| {
+            let mut call = Call::new(s, vec![key, residency]).arg(home.kind()).arg(sender).clock(at);
+            for (field, value) in policy_fields(&policy) {
+                call = call.arg(field).arg(value);
+            }
+            call
+        };
         match target {
             Target::Portfolio(p) => {
-                let key = self.keys.home(&Home::Portfolio(p)).portfolio_policy();
-                let mut cmd = redis::cmd("HSET");
-                cmd.arg(&key)
-                    .arg("limit")
-                    .arg(&limit)
-                    .arg("tier")
-                    .arg(&tier)
-                    .arg("mode")
-                    .arg(&mode);
-                cmd.arg("custom").arg(&custom);
-                self.query(&cmd).await?;
+                let home = Home::Portfolio(p);
+                let k = self.keys.home(&home);
+                self.run(&make(&home, k.portfolio_policy(), k.residency(), "")).await?;
             }
             Target::Sender(sender) => {
-                let s = &self.scripts.policy;
-                self.at_home(&sender, |home, k| {
-                    Call::new(s, vec![k.sender_policy(&sender), k.residency()])
-                        .arg(home.kind())
-                        .arg(sender.as_str())
-                        .arg(&limit)
-                        .arg(&tier)
-                        .arg(&mode)
-                        .arg(&custom)
-                })
-                .await?;
+                self.at_home(&sender, |home, k| make(home, k.sender_policy(&sender), k.residency(), sender.as_str()))
+                    .await?;
             }
         }
         Ok(policy)
@@ -640,80 +734,88 @@ impl Ledger for RedisLedger {
         Ok(())
     }
 
-    async fn inspect(
-        &self,
-        target: Target,
-        recipient: Option<RecipientId>,
-        at: Option<Millis>,
-    ) -> Result<Inspection> {
+    async fn inspect(&self, target: Target, recipient: Option<RecipientId>, at: Option<Millis>) -> Result<Inspection> {
         let s = &self.scripts.inspect;
-        let r = recipient
-            .as_ref()
-            .map(|r| r.as_str().to_owned())
-            .unwrap_or_default();
-        let make = |home: &Home, k: &HomeKeys, sender: &str, policy_key: String| {
-            let d = self.defaults_for(home);
-            Call::new(s, vec![k.window(), policy_key, k.residency()])
+        let r = recipient.as_ref().map(|r| r.as_str().to_owned()).unwrap_or_default();
+        let make = |home: &Home, k: &HomeKeys, sender: &str, policy_key: String, sender_key: String| {
+            let w = self.defaults_for(home);
+            let d = self.defaults.sender;
+            Call::new(s, vec![k.window(), policy_key, k.residency(), k.uniques(), sender_key])
                 .clock(at)
                 .arg(home.kind())
                 .arg(sender)
                 .arg(&r)
-                .num(d.limit())
+                .arg(w.tier.name())
+                .arg(w.window_mode.name())
+                .arg(w.rule_set.name())
                 .arg(d.tier.name())
                 .arg(d.window_mode.name())
+                .arg(d.rule_set.name())
                 .arg(k.service_windows_prefix())
         };
         let (home, v) = match &target {
             Target::Sender(sender) => {
                 self.at_home(sender, |home, k| {
-                    make(home, k, sender.as_str(), k.window_policy(sender))
+                    make(home, k, sender.as_str(), k.window_policy(sender), k.sender_policy(sender))
                 })
                 .await?
             }
             Target::Portfolio(p) => {
                 let home = Home::Portfolio(p.clone());
                 let k = self.keys.home(&home);
-                let v = self.run(&make(&home, &k, "", k.portfolio_policy())).await?;
+                let v = self.run(&make(&home, &k, "", k.portfolio_policy(), k.portfolio_policy())).await?;
                 (home, v)
             }
         };
         let f = items(v).map_err(|v| bad_reply("inspect", &v))?;
         let bad = || bad_reply("inspect", &Value::Array(f.clone()));
-        if f.len() < 11 {
+        const HEAD: usize = 14;
+        if f.len() < HEAD + POLICY_FIELDS {
             return Err(bad());
         }
         let num = |i: usize| int(&f[i]).ok_or_else(bad);
-        let limit = num(1)? as u64;
-        let used = num(5)? as u64;
-        let policy = Policy {
-            tier: tier_named(&text(&f[2]).ok_or_else(bad)?)?,
-            window_mode: mode_named(&text(&f[3]).ok_or_else(bad)?)?,
-            custom_limit: num(4)? as u64,
+        let used = num(1)? as u64;
+        let policy = parse_policy(&f[HEAD..HEAD + POLICY_FIELDS]).ok_or_else(bad)?;
+        let (sender_policy, rest) = match &target {
+            Target::Sender(_) => {
+                let end = HEAD + 2 * POLICY_FIELDS;
+                (Some(parse_policy(f.get(HEAD + POLICY_FIELDS..end).ok_or_else(bad)?).ok_or_else(bad)?), end)
+            }
+            Target::Portfolio(_) => (None, HEAD + POLICY_FIELDS),
         };
         // SMEMBERS order is arbitrary: sort here, as the memory ledger does.
-        let mut senders: Vec<SenderId> = f[11..]
-            .iter()
-            .filter_map(text)
-            .filter_map(|s| SenderId::parse("sender", &s).ok())
-            .collect();
+        let mut senders: Vec<SenderId> =
+            f[rest..].iter().filter_map(text).filter_map(|s| SenderId::parse("sender", &s).ok()).collect();
         senders.sort();
+        let limit = num(9)? as u64;
+        let effective = num(10)? as u64;
+        let next_tier = text(&f[11]).unwrap_or_default();
         Ok(Inspection {
             now: num(0)?,
             policy,
+            sender_policy,
             scope: scope_of(&home),
             limit,
+            effective_limit: if limit == 0 { 0 } else { effective },
+            unique_7d: num(7)? as u64,
+            unique_30d: num(8)? as u64,
+            projection: Projection {
+                next_tier: if next_tier.is_empty() { None } else { Some(tier_named(&next_tier)?) },
+                upgrade_at: opt_ms(&f[12]),
+                downgrade_at: opt_ms(&f[13]),
+            },
             used,
-            remaining: remaining(limit, used),
-            next_slot_free_at: opt_ms(&f[6]),
-            slots_freeing_next_hour: num(7)? as u64,
-            open_service_windows: num(8)? as u64,
+            remaining: remaining(limit, effective, used),
+            next_slot_free_at: opt_ms(&f[2]),
+            slots_freeing_next_hour: num(3)? as u64,
+            open_service_windows: num(4)? as u64,
             portfolio: match (&target, &home) {
                 (Target::Sender(_), Home::Portfolio(p)) => Some(p.clone()),
                 _ => None,
             },
             senders,
-            counted_until: opt_ms(&f[9]),
-            service_window_until: opt_ms(&f[10]),
+            counted_until: opt_ms(&f[5]),
+            service_window_until: opt_ms(&f[6]),
             recipient,
         })
     }
@@ -780,12 +882,10 @@ impl Ledger for RedisLedger {
             Target::Portfolio(p) => (Home::Portfolio(p.clone()), String::new()),
         };
         let k = self.keys.home(&home);
-        let call = Call::new(
-            &self.scripts.reset,
-            vec![k.window(), k.window_meta(), k.residency()],
-        )
-        .arg(home.kind())
-        .arg(&sender);
+        let call = Call::new(&self.scripts.reset, vec![k.window(), k.window_meta(), k.residency()])
+            .arg(home.kind())
+            .arg(&sender)
+            .arg(k.sender_slots_prefix());
         let v = self.run(&call).await?;
         if let Some(Some(p)) = moved(&v) {
             return Err(LedgerError::FailedPrecondition(format!(

@@ -1,0 +1,45 @@
+-- confirm.lua: the message of a reservation was delivered. The slot's clock starts at delivery:
+-- it then lasts until delivery + 24 h, never less than it already did. The delivery time is
+-- clamped to [the reservation's time, now].
+--
+-- KEYS[1] window       zset   recipient -> slot expiry (ms)
+-- KEYS[2] window meta  hash   recipient -> "<reservation>|<touched>|<opener>|<prev unique>"
+-- KEYS[3] residency    sender home: its "away" string; portfolio home: its members set
+-- ARGV[1] now (ms), or "" for Redis TIME
+-- ARGV[2] home kind "s" | "p"
+-- ARGV[3] sender
+-- ARGV[4] recipient
+-- ARGV[5] reservation, stored form "<opened_at>.<seq>"
+-- ARGV[6] delivered at (ms)
+-- ARGV[7] slot length (ms), ARGV[8] TTL slack (ms)
+-- ARGV[9] prefix of the per-sender slot indexes at a portfolio home, "" at a sender home
+-- Returns {"moved", portfolio|""}, or {1, expires_at}, or {0} when no live slot has that reservation.
+
+local now = clock(ARGV[1])
+local ok, where = resident(ARGV[2], KEYS[3], ARGV[3])
+if not ok then
+  return { 'moved', where }
+end
+local win, r, resv = KEYS[1], ARGV[4], ARGV[5]
+local s = redis.call('ZSCORE', win, r)
+local m = redis.call('HGET', KEYS[2], r)
+if not s or tonumber(s) <= now or not m then
+  return { 0 }
+end
+local mresv, _, opener = split_meta(m)
+if mresv ~= resv then
+  return { 0 }
+end
+local opened = tonumber(string.sub(resv, 1, string.find(resv, '.', 1, true) - 1))
+local delivered = math.min(math.max(tonumber(ARGV[6]), opened), now)
+local until_ms = math.max(tonumber(s), delivered + tonumber(ARGV[7]))
+local slack = tonumber(ARGV[8])
+redis.call('ZADD', win, fmt(until_ms), r)
+keep(win, latest(win, now), now, slack)
+keep(KEYS[2], latest(win, now), now, slack)
+if ARGV[9] ~= '' then
+  local ws = ARGV[9] .. opener
+  redis.call('ZADD', ws, fmt(until_ms), r)
+  keep(ws, latest(ws, now), now, slack)
+end
+return { 1, until_ms }
