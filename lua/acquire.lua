@@ -265,7 +265,8 @@ for i = 16, #ARGV do
   out[#out + 1] = expires or -1
   out[#out + 1] = retry or -1
   out[#out + 1] = used
-  out[#out + 1] = resv or ''
+  -- A dry run opens nothing, so it hands out no reservation.
+  out[#out + 1] = (not dry and resv) or ''
 end
 
 if dry then

@@ -432,7 +432,10 @@ impl Ledger for MemoryLedger {
     async fn acquire(&self, req: AcquireRequest) -> Result<Vec<Outcome>> {
         let mut st = self.lock();
         if req.dry_run {
-            return Ok(st.clone().acquire(&req, &self.defaults));
+            // A dry run opens nothing, so it hands out no reservation.
+            let mut out = st.clone().acquire(&req, &self.defaults);
+            out.iter_mut().for_each(|o| o.reservation = None);
+            return Ok(out);
         }
         Ok(st.acquire(&req, &self.defaults))
     }
@@ -574,7 +577,9 @@ impl Ledger for MemoryLedger {
         Ok(Inspection {
             now,
             policy,
+            // A sender's own policy is the deciding one while it is unassigned (settled above).
             sender_policy: match &target {
+                Target::Sender(_) if home == target => Some(policy),
                 Target::Sender(s) => Some(st.policy(&Target::Sender(s.clone()), &self.defaults)),
                 Target::Portfolio(_) => None,
             },
