@@ -332,7 +332,10 @@ impl Settings {
         }
         if let Some(tls) = &self.tls {
             let files = [("tls.cert", Some(&tls.cert)), ("tls.key", Some(&tls.key))];
-            for (key, path) in files.into_iter().chain([("tls.client_ca", tls.client_ca.as_ref())]) {
+            for (key, path) in files
+                .into_iter()
+                .chain([("tls.client_ca", tls.client_ca.as_ref())])
+            {
                 if let Some(path) = path {
                     std::fs::metadata(path).map_err(|e| {
                         ConfigError::invalid(key, format!("{}: {e}", path.display()))
@@ -408,7 +411,10 @@ pub struct Overrides {
 pub const ENV_VARS: [(&str, &str); 25] = [
     ("WAQUOTA_LISTEN", "listen"),
     ("WAQUOTA_REDIS_URL", "store (standalone Redis URL)"),
-    ("WAQUOTA_REDIS_CLUSTER", "store (Cluster seed URLs, comma-separated)"),
+    (
+        "WAQUOTA_REDIS_CLUSTER",
+        "store (Cluster seed URLs, comma-separated)",
+    ),
     ("WAQUOTA_KEY_PREFIX", "key_prefix"),
     ("WAQUOTA_TRUST_CLIENT_CLOCK", "trust_client_clock"),
     ("WAQUOTA_DEFAULT_TIER", "defaults.sender_tier"),
@@ -425,9 +431,18 @@ pub const ENV_VARS: [(&str, &str); 25] = [
     ("WAQUOTA_METRICS_LISTEN", "metrics_listen"),
     ("WAQUOTA_LOG_FORMAT", "log_format"),
     ("WAQUOTA_LOG_LEVEL", "log_level"),
-    ("WAQUOTA_LOG", "log_level (older name; WAQUOTA_LOG_LEVEL wins)"),
-    ("WAQUOTA_AUTH_SENDER_TOKENS", "auth.sender_tokens (comma-separated)"),
-    ("WAQUOTA_AUTH_OPERATOR_TOKENS", "auth.operator_tokens (comma-separated)"),
+    (
+        "WAQUOTA_LOG",
+        "log_level (older name; WAQUOTA_LOG_LEVEL wins)",
+    ),
+    (
+        "WAQUOTA_AUTH_SENDER_TOKENS",
+        "auth.sender_tokens (comma-separated)",
+    ),
+    (
+        "WAQUOTA_AUTH_OPERATOR_TOKENS",
+        "auth.operator_tokens (comma-separated)",
+    ),
     ("WAQUOTA_TLS_CERT", "tls.cert"),
     ("WAQUOTA_TLS_KEY", "tls.key"),
     ("WAQUOTA_TLS_CLIENT_CA", "tls.client_ca"),
@@ -578,9 +593,7 @@ impl Overrides {
             let below = s.tls.take();
             let cert = self.tls_cert.or(below.as_ref().map(|t| t.cert.clone()));
             let key = self.tls_key.or(below.as_ref().map(|t| t.key.clone()));
-            let client_ca = self
-                .tls_client_ca
-                .or(below.and_then(|t| t.client_ca));
+            let client_ca = self.tls_client_ca.or(below.and_then(|t| t.client_ca));
             s.tls = Some(tls_settings(cert, key, client_ca)?);
         }
         Ok(())
@@ -795,7 +808,11 @@ mod tests {
             "env's store replaces the file's"
         );
         assert_eq!(s.max_batch, 30, "flag beats env and file");
-        assert_eq!(s.defaults.sender.tier, Tier::T100K, "flag beats env and file");
+        assert_eq!(
+            s.defaults.sender.tier,
+            Tier::T100K,
+            "flag beats env and file"
+        );
         assert_eq!(s.defaults.portfolio.window_mode, WindowMode::Conversation);
         assert_eq!(s.defaults.sender.window_mode, WindowMode::Conversation);
         assert_eq!(s.auth.sender_tokens, vec!["a", "b"]);
@@ -958,7 +975,10 @@ mod tests {
             "{e}"
         );
         let e = load(&[("WAQUOTA_MAX_BATCH", "many")], Overrides::default());
-        assert!(e.starts_with("WAQUOTA_MAX_BATCH: \"many\" is not a whole number"), "{e}");
+        assert!(
+            e.starts_with("WAQUOTA_MAX_BATCH: \"many\" is not a whole number"),
+            "{e}"
+        );
         let e = load(&[("WAQUOTA_TLS_CERT", "/c")], Overrides::default());
         assert_eq!(
             e,
@@ -973,7 +993,10 @@ mod tests {
                 ..Overrides::default()
             },
         );
-        assert!(e.starts_with("store.url: \"http://u:***@h\" is not a Redis URL"), "{e}");
+        assert!(
+            e.starts_with("store.url: \"http://u:***@h\" is not a Redis URL"),
+            "{e}"
+        );
         let e = load(
             &[],
             Overrides {
@@ -1005,8 +1028,14 @@ mod tests {
     fn file_errors_are_one_line_with_the_line_number() {
         for (text, want) in [
             ("listen = \"x\"\n", "line 1:"),
-            ("\n[defaults]\nsender_tier = \"3k\"\n", "unknown tier \"3k\""),
-            ("max_batch = 1\nlisten_addr = \"a\"\n", "line 2: unknown field `listen_addr`"),
+            (
+                "\n[defaults]\nsender_tier = \"3k\"\n",
+                "unknown tier \"3k\"",
+            ),
+            (
+                "max_batch = 1\nlisten_addr = \"a\"\n",
+                "line 2: unknown field `listen_addr`",
+            ),
             ("[tls]\ncert = \"/c\"\n", "is set without tls.key"),
             (
                 "[store]\nkind = \"redis\"\nurl = \"redis://a\"\nnodes = []\n",

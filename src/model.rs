@@ -205,8 +205,9 @@ impl std::str::FromStr for Tier {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Tier, String> {
-        Tier::from_name(s)
-            .ok_or_else(|| format!("unknown tier {s:?}: use 50, 250, 1k, 2k, 10k, 100k or unlimited"))
+        Tier::from_name(s).ok_or_else(|| {
+            format!("unknown tier {s:?}: use 50, 250, 1k, 2k, 10k, 100k or unlimited")
+        })
     }
 }
 
