@@ -1,0 +1,326 @@
+//! Settings through the real binary: `config check` (layering, redaction, one-line errors) and
+//! `waquota serve` reading a configuration file and logging as JSON.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use common::{WaquotaProcess, free_port};
+use serde_json::Value;
+use waquota::config::{Settings, Store};
+use waquota::model::Tier;
+
+/// A configuration file in a fresh temp path, removed on drop.
+struct ConfigFile(PathBuf);
+
+impl ConfigFile {
+    fn new(name: &str, text: &str) -> ConfigFile {
+        let path = std::env::temp_dir().join(format!(
+            "waquota-config-test-{}-{name}.toml",
+            std::process::id()
+        ));
+        std::fs::write(&path, text).unwrap();
+        ConfigFile(path)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The binary with only the given `WAQUOTA_…` variables set.
+fn waquota(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_waquota"));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("WAQUOTA_")) {
+        cmd.env_remove(k);
+    }
+    cmd.args(args).envs(env.iter().copied());
+    cmd
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let out = waquota(args, env).output().expect("run waquota");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+const FILE: &str = r#"
+listen = "127.0.0.1:7000"
+key_prefix = "from-file"
+max_batch = 10
+max_in_flight = 64
+redis_timeout = 500
+
+[store]
+kind = "redis"
+url = "redis://app:s3cret@127.0.0.1:6379/0"
+
+[defaults]
+sender_tier = "1k"
+portfolio_tier = "10k"
+
+[auth]
+sender_tokens = ["sender-token-1"]
+operator_tokens = ["operator-token-1", "operator-token-2"]
+"#;
+
+#[test]
+fn config_check_prints_the_effective_settings_with_secrets_redacted() {
+    let file = ConfigFile::new("valid", FILE);
+    let out = run(
+        &[
+            "config",
+            "check",
+            "--config",
+            file.path(),
+            "--max-batch",
+            "30",
+        ],
+        &[
+            ("WAQUOTA_MAX_BATCH", "20"),
+            ("WAQUOTA_KEY_PREFIX", "from-env"),
+            ("WAQUOTA_DEFAULT_PORTFOLIO_TIER", "100k"),
+        ],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    println!("{}", out.stdout);
+    assert!(out.stdout.starts_with("# valid;"), "{}", out.stdout);
+    for secret in ["s3cret", "sender-token-1", "operator-token"] {
+        assert!(!out.stdout.contains(secret), "{secret} printed");
+    }
+    assert!(
+        out.stdout
+            .contains(r#"url = "redis://app:***@127.0.0.1:6379/0""#)
+    );
+    assert!(out.stdout.contains(r#"operator_tokens = ["***", "***"]"#));
+
+    // What it prints is a configuration file: read it back and check every layer's winner.
+    let s = Settings::from_toml(&out.stdout).expect("the output reads back as settings");
+    assert_eq!(s.listen.to_string(), "127.0.0.1:7000", "file");
+    assert_eq!(s.max_in_flight, 64, "file");
+    assert_eq!(s.redis_timeout.as_millis(), 500, "file");
+    assert_eq!(s.defaults.sender.tier, Tier::T1K, "file");
+    assert_eq!(s.key_prefix, "from-env", "environment beats file");
+    assert_eq!(
+        s.defaults.portfolio.tier,
+        Tier::T100K,
+        "environment beats file"
+    );
+    assert_eq!(s.max_batch, 30, "flag beats environment and file");
+    assert_eq!(s.max_message_bytes, 4 * 1024 * 1024, "built-in default");
+
+    let out = run(
+        &["config", "check", "--config", file.path(), "--json"],
+        &[(
+            "WAQUOTA_REDIS_CLUSTER",
+            "redis://:pw@127.0.0.1:7001,redis://127.0.0.1:7002",
+        )],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let j: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(j["auth"]["sender_tokens"], serde_json::json!(["***"]));
+    assert_eq!(
+        j["store"],
+        serde_json::json!({"kind": "cluster", "nodes": ["redis://:***@127.0.0.1:7001", "redis://127.0.0.1:7002"]}),
+        "the environment's store replaces the file's"
+    );
+}
+
+#[test]
+fn config_check_without_a_file_prints_the_defaults() {
+    let out = run(&["config", "check"], &[]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let s = Settings::from_toml(&out.stdout).unwrap();
+    assert_eq!(s.store, Store::Memory);
+    assert_eq!(s.listen.to_string(), "0.0.0.0:50051");
+    assert!(
+        out.stdout.contains(r#"sender_tier = "250""#),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn invalid_settings_fail_with_one_clear_line() {
+    let bad_tier = ConfigFile::new(
+        "bad-tier",
+        "max_batch = 5\n[defaults]\nsender_tier = \"3k\"\n",
+    );
+    let typo = ConfigFile::new("typo", "max_bacth = 5\n");
+    let tls = ConfigFile::new("tls", "[tls]\ncert = \"/etc/waquota/cert.pem\"\n");
+    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+        (
+            vec!["--config", bad_tier.path()],
+            vec![],
+            "defaults.sender_tier: unknown tier \"3k\": use 50, 250, 1k, 2k, 10k, 100k or unlimited",
+        ),
+        (
+            vec!["--config", typo.path()],
+            vec![],
+            "line 1: unknown field `max_bacth`",
+        ),
+        (
+            vec!["--config", tls.path()],
+            vec![],
+            "is set without tls.key",
+        ),
+        (
+            vec!["--config", "/nonexistent/waquota.toml"],
+            vec![],
+            "cannot read",
+        ),
+        (
+            vec![],
+            vec![
+                ("WAQUOTA_REDIS_URL", "redis://127.0.0.1:6379"),
+                ("WAQUOTA_REDIS_CLUSTER", "redis://127.0.0.1:7000"),
+            ],
+            "choose one store",
+        ),
+        (
+            vec!["--redis", "http://u:pw@host"],
+            vec![],
+            "store.url: \"http://u:***@host\" is not a Redis URL",
+        ),
+        (
+            vec!["--tls-key", "/k.pem"],
+            vec![],
+            "tls.key: is set without tls.cert",
+        ),
+        (
+            vec![],
+            vec![("WAQUOTA_MAX_BATCH", "lots")],
+            "WAQUOTA_MAX_BATCH: \"lots\" is not a whole number",
+        ),
+        (
+            vec!["--redis-pool-size", "0"],
+            vec![],
+            "redis_pool_size: must be at least 1",
+        ),
+    ];
+    for (args, env, want) in cases {
+        let mut all = vec!["config", "check"];
+        all.extend(&args);
+        let out = run(&all, &env);
+        assert_eq!(out.code, 1, "{args:?} {env:?}: {}", out.stderr);
+        let line = out.stderr.trim_end();
+        assert_eq!(line.lines().count(), 1, "one line: {line:?}");
+        assert!(
+            line.starts_with("waquota: invalid configuration: "),
+            "{line}"
+        );
+        assert!(
+            line.contains(want),
+            "{args:?} {env:?}: {line:?} lacks {want:?}"
+        );
+        assert!(!line.contains("pw@"), "{line}");
+        assert!(
+            out.stdout.is_empty(),
+            "nothing printed for invalid settings"
+        );
+    }
+    // A flag that cannot be parsed is a usage error (exit 2), as for every command.
+    let out = run(&["config", "check", "--default-tier", "3k"], &[]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("unknown tier \"3k\""), "{}", out.stderr);
+}
+
+#[test]
+fn serve_refuses_invalid_settings_before_listening() {
+    let out = run(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--redis",
+            "localhost:6379",
+        ],
+        &[],
+    );
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr
+            .trim_end()
+            .starts_with("waquota: invalid configuration: store.url:"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_reads_its_configuration_file() {
+    let file = ConfigFile::new(
+        "serve",
+        "trust_client_clock = true\n[defaults]\nsender_tier = \"1k\"\nsender_mode = \"rolling\"\n",
+    );
+    let process = WaquotaProcess::start(&["--config", file.path()]);
+    let endpoint = process.endpoint();
+    let out = tokio::task::spawn_blocking(move || {
+        run(
+            &[
+                "--addr",
+                &endpoint,
+                "--at",
+                "2026-03-02T12:00:00Z",
+                "inspect",
+                "s1",
+                "--json",
+            ],
+            &[],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let j: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(j["limit"], 1000, "the file's default tier");
+    assert_eq!(j["policy"]["mode"], "rolling", "the file's default mode");
+    assert_eq!(j["now"], "2026-03-02T12:00:00Z", "the file's trusted clock");
+}
+
+#[test]
+fn serve_logs_json_lines_when_asked() {
+    let port = free_port(false);
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = waquota(
+        &[
+            "serve",
+            "--listen",
+            &listen,
+            "--log-format",
+            "json",
+            "--log",
+            "info",
+        ],
+        &[],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("spawn waquota serve");
+    let mut line = String::new();
+    let read = BufReader::new(child.stdout.take().unwrap()).read_line(&mut line);
+    let _ = child.kill();
+    let _ = child.wait();
+    read.expect("a log line");
+    let j: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    assert_eq!(j["level"], "INFO", "{j}");
+    assert_eq!(j["fields"]["message"], "waquota serving", "{j}");
+}
