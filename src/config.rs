@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{Defaults, Tier, WindowMode};
 
-/// Where the ledger lives.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// Where the ledger lives. Its `Debug` form hides passwords, since it is logged at start-up.
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Store {
     /// In this process only: for trying waquota out and for tests.
@@ -30,6 +30,25 @@ pub enum Store {
     Redis { url: String },
     /// A Redis Cluster, through the cluster client: one or more seed node URLs.
     Cluster { nodes: Vec<String> },
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Store::Memory => f.write_str("Memory"),
+            Store::Redis { url } => f
+                .debug_struct("Redis")
+                .field("url", &redact_url(url))
+                .finish(),
+            Store::Cluster { nodes } => f
+                .debug_struct("Cluster")
+                .field(
+                    "nodes",
+                    &nodes.iter().map(|n| redact_url(n)).collect::<Vec<_>>(),
+                )
+                .finish(),
+        }
+    }
 }
 
 /// What a decision answers when the store cannot be reached.
@@ -76,14 +95,25 @@ impl FromStr for LogFormat {
     }
 }
 
-/// Bearer tokens for the two roles. Empty lists = authentication off.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Bearer tokens for the two roles. Empty lists = authentication off. `Debug` shows how many,
+/// never the tokens.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthSettings {
     /// May call QuotaService.
     pub sender_tokens: Vec<String>,
     /// May call QuotaService and AdminService.
     pub operator_tokens: Vec<String>,
+}
+
+impl fmt::Debug for AuthSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let count = |v: &Vec<String>| format!("{} token(s)", v.len());
+        f.debug_struct("AuthSettings")
+            .field("sender_tokens", &count(&self.sender_tokens))
+            .field("operator_tokens", &count(&self.operator_tokens))
+            .finish()
+    }
 }
 
 impl AuthSettings {
@@ -952,6 +982,10 @@ mod tests {
             assert!(!out.contains(secret), "{secret} printed in {out}");
         }
         assert!(out.contains("redis://a:***@h:1"), "{out}");
+        let debug = format!("{s:?}");
+        for secret in ["tok-s", "tok-o", "pa@"] {
+            assert!(!debug.contains(secret), "{secret} in {debug}");
+        }
     }
 
     #[test]

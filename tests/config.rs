@@ -324,3 +324,220 @@ fn serve_logs_json_lines_when_asked() {
     assert_eq!(j["level"], "INFO", "{j}");
     assert_eq!(j["fields"]["message"], "waquota serving", "{j}");
 }
+
+// ------------------------------------------------------------------------------ Redis URLs
+
+/// Runs `openssl` with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl is not installed: run ./scripts/test, which installs it");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A redis-server that speaks only TLS and knows only the ACL user `app` (password `s3cret`),
+/// with a certificate for 127.0.0.1 signed by a CA of its own (`ca.pem` in `dir`).
+struct TlsRedis {
+    port: u16,
+    dir: PathBuf,
+    child: std::process::Child,
+}
+
+impl TlsRedis {
+    fn start() -> TlsRedis {
+        common::require_redis();
+        let dir = std::env::temp_dir().join(format!("waquota-tls-redis-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        openssl(
+            &dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=waquota test CA",
+            ],
+        );
+        openssl(
+            &dir,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "key.pem",
+                "-out",
+                "req.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        );
+        std::fs::write(
+            dir.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+        )
+        .unwrap();
+        openssl(
+            &dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "req.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "cert.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+            ],
+        );
+        let port = free_port(false);
+        let child = Command::new("redis-server")
+            .current_dir(&dir)
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .args(["--tls-cert-file", "cert.pem", "--tls-key-file", "key.pem"])
+            .args([
+                "--tls-auth-clients",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--user", "app", "on", ">s3cret", "~*", "&*", "+@all"])
+            .args(["--user", "default", "off"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        let mut redis = TlsRedis { port, dir, child };
+        let start = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                redis.child.try_wait().unwrap().is_none(),
+                "redis-server exited: is it built with TLS?"
+            );
+            assert!(
+                start.elapsed().as_secs() < 10,
+                "redis-server did not listen"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        redis
+    }
+
+    fn ca(&self) -> String {
+        self.dir.join("ca.pem").to_str().unwrap().to_owned()
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_reaches_redis_over_tls_as_an_acl_user() {
+    let redis = TlsRedis::start();
+    let url = format!("rediss://app:s3cret@127.0.0.1:{}", redis.port);
+    // rediss:// checks the server against the system's roots; SSL_CERT_FILE names a private CA.
+    let env = [("SSL_CERT_FILE", redis.ca())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let process = WaquotaProcess::start_with_env(&["--redis", &url, "--trust-client-clock"], &env);
+
+    let mut quota =
+        waquota::proto::quota_service_client::QuotaServiceClient::connect(process.endpoint())
+            .await
+            .unwrap();
+    let at = common::ts(common::at(12, 0, 0, 0));
+    // The pool connects lazily: the first calls may meet a Redis not yet connected.
+    let start = std::time::Instant::now();
+    let r = loop {
+        let req = waquota::proto::AcquireRequest {
+            sender: "tls-sender".into(),
+            recipient: "4915100000001".into(),
+            at: Some(at),
+            ..Default::default()
+        };
+        match quota.acquire(req).await {
+            Ok(r) => break r.into_inner(),
+            Err(e) if start.elapsed().as_secs() < 10 => {
+                println!("not yet: {e:?}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("no Acquire over rediss:// within 10 s: {e:?}"),
+        }
+    };
+    assert!(r.allowed);
+
+    let endpoint = process.endpoint();
+    let out = tokio::task::spawn_blocking(move || {
+        run(
+            &[
+                "--addr",
+                &endpoint,
+                "--at",
+                "2026-03-02T12:00:00Z",
+                "inspect",
+                "tls-sender",
+                "--json",
+            ],
+            &[],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let j: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(j["used"], 1, "the slot is in the TLS Redis");
+
+    // A wrong password: the server runs, and the CLI reports its UNAVAILABLE in one line.
+    let bad = format!("rediss://app:wrong@127.0.0.1:{}", redis.port);
+    let process = WaquotaProcess::start_with_env(&["--redis", &bad], &env);
+    let endpoint = process.endpoint();
+    let out =
+        tokio::task::spawn_blocking(move || run(&["--addr", &endpoint, "inspect", "s1"], &[]))
+            .await
+            .unwrap();
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    let line = out.stderr.trim_end();
+    assert_eq!(line.lines().count(), 1, "{line}");
+    assert!(line.starts_with("waquota: UNAVAILABLE: "), "{line}");
+    assert!(
+        !line.contains("wrong"),
+        "the password is not echoed: {line}"
+    );
+}

@@ -392,6 +392,11 @@ pub struct WaquotaProcess {
 
 impl WaquotaProcess {
     pub fn start(args: &[&str]) -> WaquotaProcess {
+        Self::start_with_env(args, &[])
+    }
+
+    /// Starts `waquota serve` with extra environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> WaquotaProcess {
         for _ in 0..5 {
             let port = free_port(false);
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
@@ -399,7 +404,8 @@ impl WaquotaProcess {
             cmd.arg("serve")
                 .args(["--listen", &addr.to_string()])
                 .args(args)
-                .env("WAQUOTA_LOG", "warn");
+                .env("WAQUOTA_LOG", "warn")
+                .envs(env.iter().copied());
             let mut child = spawn_killed_with_parent(&mut cmd).expect("spawn waquota");
             let start = Instant::now();
             while start.elapsed() < Duration::from_secs(10) {
