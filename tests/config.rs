@@ -165,7 +165,8 @@ fn invalid_settings_fail_with_one_clear_line() {
     );
     let typo = ConfigFile::new("typo", "max_bacth = 5\n");
     let tls = ConfigFile::new("tls", "[tls]\ncert = \"/etc/waquota/cert.pem\"\n");
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             vec!["--config", bad_tier.path()],
             vec![],
