@@ -231,11 +231,15 @@ fn one_line(s: &str) -> String {
 
 impl From<Status> for CliError {
     fn from(s: Status) -> Self {
-        let message = if s.message().is_empty() {
+        let mut message = if s.message().is_empty() {
             "no message".to_owned()
         } else {
             one_line(s.message())
         };
+        // A call that failed in transport says only "transport error": add the cause.
+        if std::error::Error::source(&s).is_some() {
+            message = format!("{message}: {}", root_cause(&s));
+        }
         CliError::Failed(format!("{}: {message}", code_name(s.code())))
     }
 }
@@ -247,7 +251,9 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
         cur = next;
     }
     match cur.downcast_ref::<std::io::Error>() {
-        Some(io) if io.kind() != std::io::ErrorKind::Other => io.kind().to_string(),
+        // An OS error reads best as its kind ("connection refused"); a wrapped one (TLS) as
+        // what it wraps.
+        Some(io) if io.get_ref().is_none() => io.kind().to_string(),
         _ => one_line(&cur.to_string()),
     }
 }

@@ -7,6 +7,7 @@ mod common;
 
 use std::process::{Command, Output};
 
+use common::certs::TestCerts;
 use common::dsl::{self, Quota};
 use common::{Backend, D, DAY, HOUR, TestServer, WaquotaProcess, at};
 use serde_json::Value;
@@ -602,4 +603,156 @@ async fn at_against_an_untrusting_server_is_refused_by_the_server() {
     // Without --at the real clock answers.
     let out = raw(&["--addr", &endpoint, "inspect", "s1", "--json"]).await;
     assert_eq!(out.json()["used"], 0);
+}
+
+// ------------------------------------------------------------------------------ TLS and token
+
+/// Runs the binary with extra environment variables, off the async runtime.
+async fn with_env(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_waquota"))
+            .args(&args)
+            .env_remove("WAQUOTA_ADDR")
+            .env_remove("WAQUOTA_TOKEN")
+            .envs(env)
+            .output()
+            .expect("run waquota")
+    })
+    .await
+    .unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The real AdminService over an in-memory ledger, behind mutual TLS and a bearer-token check
+/// (the server's own TLS and auth wiring lives elsewhere; this pins what the CLI sends).
+async fn start_tls_admin(certs: &TestCerts) -> String {
+    use std::sync::Arc;
+    use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+    use waquota::grpc::{AdminApi, ApiOptions};
+    use waquota::ledger::memory::MemoryLedger;
+    use waquota::model::Defaults;
+    use waquota::proto::admin_service_server::AdminServiceServer;
+
+    let opts = ApiOptions {
+        trust_client_clock: true,
+        defaults: Defaults::default(),
+        max_batch: 1000,
+    };
+    let api = AdminApi::new(Arc::new(MemoryLedger::new(opts.defaults)), opts);
+    let check = |req: tonic::Request<()>| match req.metadata().get("authorization") {
+        Some(v) if v == "Bearer ops-token" => Ok(req),
+        _ => Err(tonic::Status::unauthenticated(
+            "missing or wrong bearer token",
+        )),
+    };
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            certs.read("server.pem"),
+            certs.read("server.key"),
+        ))
+        .client_ca_root(Certificate::from_pem(certs.read("ca.pem")));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = Server::builder()
+        .tls_config(tls)
+        .unwrap()
+        .add_service(AdminServiceServer::with_interceptor(api, check))
+        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
+    tokio::spawn(server);
+    format!("https://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_and_the_bearer_token_reach_the_server() {
+    let certs = TestCerts::generate();
+    let addr = start_tls_admin(&certs).await;
+    let (ca, cert, key) = (
+        certs.path("ca.pem"),
+        certs.path("client.pem"),
+        certs.path("client.key"),
+    );
+    let tls = [
+        "--addr",
+        &addr,
+        "--ca-cert",
+        &ca,
+        "--client-cert",
+        &cert,
+        "--client-key",
+        &key,
+        "--at",
+        "2026-03-02T12:00:00Z",
+    ];
+    let with = |extra: &[&'static str]| {
+        let mut v: Vec<&str> = tls.to_vec();
+        v.extend_from_slice(extra);
+        v
+    };
+
+    // Token by flag, and by WAQUOTA_TOKEN.
+    let out = with_env(
+        &with(&["--token", "ops-token", "inspect", "s1", "--json"]),
+        &[],
+    )
+    .await;
+    assert_eq!(out.json()["limit"], 250);
+    let out = with_env(
+        &with(&["policy", "set", "s1", "--tier", "2k"]),
+        &[("WAQUOTA_TOKEN", "ops-token")],
+    )
+    .await;
+    assert_eq!(row(out.ok(), "tier"), "2k");
+
+    // No token, or a wrong one: the server's UNAUTHENTICATED, in one line.
+    let out = with_env(&with(&["inspect", "s1"]), &[]).await;
+    assert_eq!(
+        out.failed(1),
+        "waquota: UNAUTHENTICATED: missing or wrong bearer token"
+    );
+    let out = with_env(&with(&["--token", "guess", "inspect", "s1"]), &[]).await;
+    assert!(out.failed(1).contains("UNAUTHENTICATED"));
+
+    // Without the client certificate the server does not let the call through.
+    let args = [
+        "--addr",
+        &addr,
+        "--ca-cert",
+        &ca,
+        "--token",
+        "ops-token",
+        "inspect",
+        "s1",
+    ];
+    let out = with_env(&args, &[]).await;
+    let line = out.failed(1);
+    assert!(line.contains("CertificateRequired"), "{line}");
+    println!("without a client certificate: {line}");
+
+    // A CA that did not sign the server's certificate: the handshake fails.
+    let args = [
+        "--addr",
+        &addr,
+        "--ca-cert",
+        &cert,
+        "--token",
+        "ops-token",
+        "inspect",
+        "s1",
+    ];
+    let out = with_env(&args, &[]).await;
+    let line = out.failed(1);
+    assert!(
+        line.starts_with(&format!("waquota: cannot reach {addr}")),
+        "{line}"
+    );
+    println!("with the wrong CA: {line}");
 }

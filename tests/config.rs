@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
+use common::certs::TestCerts;
 use common::{WaquotaProcess, free_port};
 use serde_json::Value;
 use waquota::config::{Settings, Store};
@@ -328,95 +329,21 @@ fn serve_logs_json_lines_when_asked() {
 
 // ------------------------------------------------------------------------------ Redis URLs
 
-/// Runs `openssl` with `args` in `dir`.
-fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("openssl is not installed: run ./scripts/test, which installs it");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A redis-server that speaks only TLS and knows only the ACL user `app` (password `s3cret`),
-/// with a certificate for 127.0.0.1 signed by a CA of its own (`ca.pem` in `dir`).
+/// with a certificate for 127.0.0.1 signed by a CA of the test's own.
 struct TlsRedis {
     port: u16,
-    dir: PathBuf,
+    certs: TestCerts,
     child: std::process::Child,
 }
 
 impl TlsRedis {
     fn start() -> TlsRedis {
         common::require_redis();
-        let dir = std::env::temp_dir().join(format!("waquota-tls-redis-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        openssl(
-            &dir,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=waquota test CA",
-            ],
-        );
-        openssl(
-            &dir,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "key.pem",
-                "-out",
-                "req.csr",
-                "-subj",
-                "/CN=127.0.0.1",
-            ],
-        );
-        std::fs::write(
-            dir.join("ext.cnf"),
-            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-        )
-        .unwrap();
-        openssl(
-            &dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "req.csr",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                "cert.pem",
-                "-days",
-                "2",
-                "-extfile",
-                "ext.cnf",
-            ],
-        );
+        let certs = TestCerts::generate();
         let port = free_port(false);
         let child = Command::new("redis-server")
-            .current_dir(&dir)
+            .current_dir(&certs.dir)
             .args([
                 "--port",
                 "0",
@@ -425,7 +352,12 @@ impl TlsRedis {
                 "--bind",
                 "127.0.0.1",
             ])
-            .args(["--tls-cert-file", "cert.pem", "--tls-key-file", "key.pem"])
+            .args([
+                "--tls-cert-file",
+                "server.pem",
+                "--tls-key-file",
+                "server.key",
+            ])
             .args([
                 "--tls-auth-clients",
                 "no",
@@ -441,7 +373,7 @@ impl TlsRedis {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn redis-server");
-        let mut redis = TlsRedis { port, dir, child };
+        let mut redis = TlsRedis { port, certs, child };
         let start = std::time::Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
@@ -458,7 +390,7 @@ impl TlsRedis {
     }
 
     fn ca(&self) -> String {
-        self.dir.join("ca.pem").to_str().unwrap().to_owned()
+        self.certs.path("ca.pem")
     }
 }
 
@@ -466,7 +398,6 @@ impl Drop for TlsRedis {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

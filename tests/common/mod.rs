@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod dsl;
 
 use std::io::{Read, Write};
@@ -65,7 +66,7 @@ fn spawn_killed_with_parent(cmd: &mut Command) -> std::io::Result<Child> {
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
-fn scratch_dir(what: &str) -> PathBuf {
+pub fn scratch_dir(what: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "waquota-test-{what}-{}-{}",
         std::process::id(),
