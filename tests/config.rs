@@ -473,3 +473,88 @@ async fn serve_reaches_redis_over_tls_as_an_acl_user() {
         "the password is not echoed: {line}"
     );
 }
+
+#[test]
+fn every_setting_has_a_flag() {
+    let certs = TestCerts::generate();
+    let (cert, key, ca) = (
+        certs.path("server.pem"),
+        certs.path("server.key"),
+        certs.path("ca.pem"),
+    );
+    #[rustfmt::skip]
+    let args = [
+        "config", "check", "--json",
+        "--listen", "127.0.0.1:1",
+        "--redis-cluster", "redis://127.0.0.1:7000,redis://127.0.0.1:7001",
+        "--key-prefix", "flag",
+        "--trust-client-clock",
+        "--default-tier", "50",
+        "--default-sender-mode", "rolling",
+        "--default-portfolio-tier", "2k",
+        "--default-portfolio-mode", "conversation",
+        "--max-batch", "2",
+        "--max-message-bytes", "2048",
+        "--max-in-flight", "3",
+        "--redis-pool-size", "5",
+        "--redis-timeout-ms", "6",
+        "--shutdown-grace-ms", "7",
+        "--on-store-error", "allow",
+        "--metrics-listen", "127.0.0.1:2",
+        "--log-format", "json",
+        "--log-level", "debug",
+        "--auth-sender-tokens", "s1,s2",
+        "--auth-operator-tokens", "o1",
+        "--tls-cert", &cert,
+        "--tls-key", &key,
+        "--tls-client-ca", &ca,
+    ];
+    let out = run(&args, &[]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let j: Value = serde_json::from_str(&out.stdout).unwrap();
+    let want = serde_json::json!({
+        "listen": "127.0.0.1:1",
+        "key_prefix": "flag",
+        "trust_client_clock": true,
+        "max_batch": 2,
+        "max_message_bytes": 2048,
+        "max_in_flight": 3,
+        "redis_pool_size": 5,
+        "redis_timeout": 6,
+        "shutdown_grace": 7,
+        "on_store_error": "allow",
+        "metrics_listen": "127.0.0.1:2",
+        "log_format": "json",
+        "log_level": "debug",
+        "store": {"kind": "cluster", "nodes": ["redis://127.0.0.1:7000", "redis://127.0.0.1:7001"]},
+        "defaults": {
+            "sender_tier": "50",
+            "sender_mode": "rolling",
+            "portfolio_tier": "2k",
+            "portfolio_mode": "conversation"
+        },
+        "auth": {"sender_tokens": ["***", "***"], "operator_tokens": ["***"]},
+        "tls": {"cert": cert, "key": key, "client_ca": ca},
+    });
+    assert_eq!(j, want);
+
+    // The older spellings still work, and a flag can turn the trusted clock off again.
+    let out = run(
+        &[
+            "config",
+            "check",
+            "--json",
+            "--redis",
+            "redis://127.0.0.1:6379",
+            "--log",
+            "warn",
+            "--trust-client-clock=false",
+        ],
+        &[("WAQUOTA_TRUST_CLIENT_CLOCK", "true")],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let j: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(j["log_level"], "warn");
+    assert_eq!(j["trust_client_clock"], false);
+    assert_eq!(j["store"]["url"], "redis://127.0.0.1:6379");
+}
