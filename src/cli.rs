@@ -696,6 +696,11 @@ async fn list_window(
         if !all || page.next_page_token.is_empty() {
             break (!page.next_page_token.is_empty()).then_some(page.next_page_token);
         }
+        if page.next_page_token == page_token {
+            return Err(CliError::Failed(format!(
+                "the server returned the same page token twice ({page_token}): stopping"
+            )));
+        }
         page_token = page.next_page_token;
     };
     if s.json {
