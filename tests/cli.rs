@@ -734,7 +734,12 @@ async fn mutual_tls_and_the_bearer_token_reach_the_server() {
     ];
     let out = with_env(&args, &[]).await;
     let line = out.failed(1);
-    assert!(line.contains("CertificateRequired"), "{line}");
+    // TLS 1.3 finishes the client's side of the handshake before the server refuses, so the
+    // refusal surfaces on the first call, worded by whichever side of the closing connection
+    // the client notices first (the alert, a broken pipe, a closed stream): only its outcome
+    // is pinned.
+    assert!(line.starts_with("waquota: "), "{line}");
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
     println!("without a client certificate: {line}");
 
     // A CA that did not sign the server's certificate: the handshake fails.
