@@ -74,7 +74,7 @@ pub struct ClientArgs {
     pub json: bool,
     /// The moment to ask about (RFC 3339 UTC, e.g. 2026-03-02T12:00:00Z, or unix
     /// milliseconds); honoured only by a server that trusts client clocks.
-    #[arg(long, global = true, value_parser = parse_at, value_name = "TIME", help_heading = "Operator options")]
+    #[arg(long, global = true, value_parser = parse_time, value_name = "TIME", help_heading = "Operator options")]
     pub at: Option<Millis>,
 }
 
@@ -170,10 +170,6 @@ pub enum SenderCommand {
     },
     /// Detach a sender from its portfolio: it is limited by its own window again.
     Detach { sender: String },
-}
-
-fn parse_at(s: &str) -> Result<Millis, String> {
-    parse_time(s)
 }
 
 // ------------------------------------------------------------------------------ errors

@@ -44,81 +44,81 @@ struct SettingsArgs {
     /// TOML configuration file (between the built-in defaults and the environment).
     #[arg(long, env = "WAQUOTA_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Address of the gRPC listener [default: 0.0.0.0:50051].
-    #[arg(long)]
+    /// Address of the gRPC listener [default: 0.0.0.0:50051] [env: WAQUOTA_LISTEN].
+    #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
     /// Standalone Redis URL (redis:// or rediss:// for TLS; user:password@ for ACL); without a
-    /// store the ledger is in memory.
+    /// store the ledger is in memory [env: WAQUOTA_REDIS_URL].
     #[arg(long, value_name = "URL", conflicts_with = "redis_cluster")]
     redis: Option<String>,
-    /// Redis Cluster seed node URLs, comma-separated.
+    /// Redis Cluster seed node URLs, comma-separated [env: WAQUOTA_REDIS_CLUSTER].
     #[arg(long, value_name = "URLS", value_delimiter = ',')]
     redis_cluster: Vec<String>,
-    /// Prefix of every Redis key [default: wq].
-    #[arg(long)]
+    /// Prefix of every Redis key [default: wq] [env: WAQUOTA_KEY_PREFIX].
+    #[arg(long, value_name = "PREFIX")]
     key_prefix: Option<String>,
-    /// Honour the `at` field of requests (tests, replays, simulations) [default: false].
+    /// Honour the `at` field of requests (tests, replays, simulations) [default: false] [env: WAQUOTA_TRUST_CLIENT_CLOCK].
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", value_parser = parse_bool)]
     trust_client_clock: Option<bool>,
     /// Tier of senders without a stored policy: 50, 250, 1k, 2k, 10k, 100k, unlimited
-    /// [default: 250].
-    #[arg(long, alias = "default-sender-tier")]
+    /// [default: 250] [env: WAQUOTA_DEFAULT_TIER].
+    #[arg(long, alias = "default-sender-tier", value_name = "TIER")]
     default_tier: Option<Tier>,
     /// Window mode of senders without a stored policy: conversation or rolling
-    /// [default: conversation].
-    #[arg(long)]
+    /// [default: conversation] [env: WAQUOTA_DEFAULT_SENDER_MODE].
+    #[arg(long, value_name = "MODE")]
     default_sender_mode: Option<WindowMode>,
-    /// Tier of portfolios without a stored policy [default: 250].
-    #[arg(long)]
+    /// Tier of portfolios without a stored policy [default: 250] [env: WAQUOTA_DEFAULT_PORTFOLIO_TIER].
+    #[arg(long, value_name = "TIER")]
     default_portfolio_tier: Option<Tier>,
-    /// Window mode of portfolios without a stored policy [default: rolling].
-    #[arg(long)]
+    /// Window mode of portfolios without a stored policy [default: rolling] [env: WAQUOTA_DEFAULT_PORTFOLIO_MODE].
+    #[arg(long, value_name = "MODE")]
     default_portfolio_mode: Option<WindowMode>,
-    /// Most recipients in one AcquireBatch [default: 1000].
+    /// Most recipients in one AcquireBatch [default: 1000] [env: WAQUOTA_MAX_BATCH].
     #[arg(long, value_name = "N")]
     max_batch: Option<usize>,
-    /// Largest gRPC message accepted, in bytes [default: 4194304].
+    /// Largest gRPC message accepted, in bytes [default: 4194304] [env: WAQUOTA_MAX_MESSAGE_BYTES].
     #[arg(long, value_name = "BYTES")]
     max_message_bytes: Option<usize>,
-    /// Most requests in flight at once [default: 4096].
+    /// Most requests in flight at once [default: 4096] [env: WAQUOTA_MAX_IN_FLIGHT].
     #[arg(long, value_name = "N")]
     max_in_flight: Option<usize>,
-    /// Multiplexed connections kept to Redis [default: 4].
+    /// Multiplexed connections kept to Redis [default: 4] [env: WAQUOTA_REDIS_POOL_SIZE].
     #[arg(long, value_name = "N")]
     redis_pool_size: Option<usize>,
-    /// Longest wait for one Redis call before answering UNAVAILABLE [default: 2000].
+    /// Longest wait for one Redis call before answering UNAVAILABLE [default: 2000] [env: WAQUOTA_REDIS_TIMEOUT_MS].
     #[arg(long, value_name = "MS")]
     redis_timeout_ms: Option<u64>,
-    /// How long in-flight requests may take to finish on shutdown [default: 10000].
+    /// How long in-flight requests may take to finish on shutdown [default: 10000] [env: WAQUOTA_SHUTDOWN_GRACE_MS].
     #[arg(long, value_name = "MS")]
     shutdown_grace_ms: Option<u64>,
-    /// Answer when the store cannot be reached: deny or allow [default: deny].
-    #[arg(long)]
+    /// Answer when the store cannot be reached: deny or allow [default: deny] [env: WAQUOTA_ON_STORE_ERROR].
+    #[arg(long, value_name = "deny|allow")]
     on_store_error: Option<OnStoreError>,
-    /// Prometheus /metrics listener address [default: none].
+    /// Prometheus /metrics listener address [default: none] [env: WAQUOTA_METRICS_LISTEN].
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
-    /// Log format: text or json [default: text].
-    #[arg(long)]
+    /// Log format: text or json [default: text] [env: WAQUOTA_LOG_FORMAT].
+    #[arg(long, value_name = "text|json")]
     log_format: Option<LogFormat>,
-    /// Log filter (tracing EnvFilter syntax), e.g. info or waquota=debug [default: info].
+    /// Log filter (tracing EnvFilter syntax), e.g. info or waquota=debug [default: info] [env: WAQUOTA_LOG_LEVEL].
     #[arg(long, alias = "log", value_name = "FILTER")]
     log_level: Option<String>,
-    /// Bearer tokens that may call QuotaService, comma-separated (prefer the file or
-    /// WAQUOTA_AUTH_SENDER_TOKENS: flags show in the process list).
+    /// Bearer tokens that may call QuotaService, comma-separated (prefer the file or the
+    /// environment: flags show in the process list) [env: WAQUOTA_AUTH_SENDER_TOKENS].
     #[arg(long, value_name = "TOKENS", value_delimiter = ',')]
     auth_sender_tokens: Option<Vec<String>>,
-    /// Bearer tokens that may call QuotaService and AdminService, comma-separated.
+    /// Bearer tokens that may call QuotaService and AdminService, comma-separated [env: WAQUOTA_AUTH_OPERATOR_TOKENS].
     #[arg(long, value_name = "TOKENS", value_delimiter = ',')]
     auth_operator_tokens: Option<Vec<String>>,
-    /// Server certificate (PEM) for TLS; needs --tls-key.
+    /// Server certificate (PEM) for TLS; needs --tls-key [env: WAQUOTA_TLS_CERT].
     #[arg(long, value_name = "PEM")]
     tls_cert: Option<PathBuf>,
-    /// Private key (PEM) of --tls-cert.
+    /// Private key (PEM) of --tls-cert [env: WAQUOTA_TLS_KEY].
     #[arg(long, value_name = "PEM")]
     tls_key: Option<PathBuf>,
-    /// CA (PEM) that client certificates must chain to (mutual TLS).
+    /// CA (PEM) that client certificates must chain to (mutual TLS) [env: WAQUOTA_TLS_CLIENT_CA].
     #[arg(long, value_name = "PEM")]
     tls_client_ca: Option<PathBuf>,
 }
