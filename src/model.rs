@@ -200,6 +200,17 @@ impl Tier {
     }
 }
 
+/// Parses a tier name (configuration, flags, the CLI); the error lists the names.
+impl std::str::FromStr for Tier {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Tier, String> {
+        Tier::from_name(s).ok_or_else(|| {
+            format!("unknown tier {s:?}: use 50, 250, 1k, 2k, 10k, 100k or unlimited")
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WindowMode {
     /// Legacy: a slot lasts 24 h from the first counted delivery and is not extended.
@@ -222,6 +233,15 @@ impl WindowMode {
             "rolling" => Some(WindowMode::Rolling),
             _ => None,
         }
+    }
+}
+
+impl std::str::FromStr for WindowMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<WindowMode, String> {
+        WindowMode::from_name(s)
+            .ok_or_else(|| format!("unknown window mode {s:?}: use conversation or rolling"))
     }
 }
 

@@ -129,10 +129,18 @@ pub fn tier_to_proto(t: Tier) -> proto::Tier {
     }
 }
 
-fn mode_to_proto(m: WindowMode) -> proto::WindowMode {
+pub fn mode_to_proto(m: WindowMode) -> proto::WindowMode {
     match m {
         WindowMode::Conversation => proto::WindowMode::Conversation,
         WindowMode::Rolling => proto::WindowMode::Rolling,
+    }
+}
+
+pub fn mode_from_proto(m: proto::WindowMode) -> Option<WindowMode> {
+    match m {
+        proto::WindowMode::Unspecified => None,
+        proto::WindowMode::Conversation => Some(WindowMode::Conversation),
+        proto::WindowMode::Rolling => Some(WindowMode::Rolling),
     }
 }
 
@@ -157,9 +165,7 @@ pub fn policy(
         }
     };
     let window_mode = match proto::WindowMode::try_from(p.window_mode) {
-        Ok(proto::WindowMode::Unspecified) => base.window_mode,
-        Ok(proto::WindowMode::Conversation) => WindowMode::Conversation,
-        Ok(proto::WindowMode::Rolling) => WindowMode::Rolling,
+        Ok(m) => mode_from_proto(m).unwrap_or(base.window_mode),
         Err(_) => {
             return Err(InvalidArgument::new(
                 "policy.window_mode",
@@ -202,6 +208,14 @@ pub fn scope_to_proto(s: Scope) -> proto::Scope {
     match s {
         Scope::Sender => proto::Scope::Sender,
         Scope::Portfolio => proto::Scope::Portfolio,
+    }
+}
+
+pub fn scope_from_proto(s: proto::Scope) -> Option<Scope> {
+    match s {
+        proto::Scope::Unspecified => None,
+        proto::Scope::Sender => Some(Scope::Sender),
+        proto::Scope::Portfolio => Some(Scope::Portfolio),
     }
 }
 
