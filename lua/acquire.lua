@@ -182,8 +182,18 @@ local function decide(r)
     local over_limit = limit > 0 and used >= effective
     local over_cap = scap > 0 and held >= scap
     if over_limit or over_cap then
-      local w = over_limit and kth_of(win, moved, used - effective) or now
-      local c = over_cap and kth_of(wskey, wsmoved[sender] or {}, held - scap) or now
+      -- When both bars must clear, the later moment; none when one never clears (an effective
+      -- limit of 0 admits no one, whatever frees).
+      local w, c = now, now
+      if over_limit then
+        w = kth_of(win, moved, used - effective)
+      end
+      if over_cap then
+        c = kth_of(wskey, wsmoved[sender] or {}, held - scap)
+      end
+      if not w or not c then
+        return 4
+      end
       return 4, -1, math.max(w, c) - now
     end
   end

@@ -7,6 +7,7 @@
 -- KEYS[3] residency    sender home: its "away" string; portfolio home: its members set
 -- KEYS[4] uniques      zset   recipient -> when it last got a new slot (ms)
 -- KEYS[5] holds        zset   recipient -> marketing held until (ms)
+-- KEYS[6] window policy hash   the home's policy (a pending upgrade is re-derived on release)
 -- ARGV[1] now (ms), or "" for Redis TIME
 -- ARGV[2] home kind "s" | "p"
 -- ARGV[3] sender
@@ -15,6 +16,7 @@
 -- ARGV[6] prefix of the per-sender slot indexes at a portfolio home, "" at a sender home
 -- ARGV[7] hold length (ms), "0" for no hold
 -- ARGV[8] TTL slack (ms)
+-- ARGV[9] the home's default tier, ARGV[10] its default rule set
 -- Returns {"moved", portfolio|""}, or {released 1|0, hold until|-1}.
 
 local now = clock(ARGV[1])
@@ -24,7 +26,7 @@ if not ok then
 end
 local r = ARGV[4]
 local released = 0
-if ARGV[5] ~= '' and release_slot(KEYS[1], KEYS[2], KEYS[4], ARGV[6], r, ARGV[5], now) then
+if ARGV[5] ~= '' and release_slot(KEYS[1], KEYS[2], KEYS[4], ARGV[6], r, ARGV[5], now, KEYS[6], ARGV[9], ARGV[10]) then
   released = 1
 end
 local hold = -1

@@ -180,10 +180,33 @@ local function gcra(tat, now_us, interval, burst)
   return new_tat
 end
 
+-- When the count of unique users reached the bar for the next tier, re-derived from the users
+-- still counted (as model::crossing_time): the threshold-th in the trailing window. nil: not reached.
+local function crossing_time(uq, rules, tier, now)
+  local limit = TIER_LIMIT[tier]
+  if limit == 0 then
+    return nil
+  end
+  local best
+  if not (rules == 'legacy' and tier == '50') then
+    local row = redis.call('ZRANGEBYSCORE', uq, '(' .. fmt(now - WEEK_MS), '+inf', 'WITHSCORES', 'LIMIT', math.floor(limit / 2) - 1, 1)
+    best = row[2] and tonumber(row[2])
+  end
+  if rules == 'portfolio' and tier == '250' then
+    local row = redis.call('ZRANGEBYSCORE', uq, '(' .. fmt(now - MONTH_MS), '+inf', 'WITHSCORES', 'LIMIT', PORTFOLIO_ENTRY_UNIQUES - 1, 1)
+    local t = row[2] and tonumber(row[2])
+    if t and (not best or t < best) then
+      best = t
+    end
+  end
+  return best
+end
+
 -- Frees a slot opened by `resv` while no later counted delivery touched it: the window entry,
 -- its metadata, the opener's entry in a portfolio's per-sender index, and its count in the
--- projections (the user's previous unique time comes back). Returns true when released.
-local function release_slot(win, meta, uq, ws_prefix, r, resv, now)
+-- projections (the user's previous unique time comes back; a pending upgrade is re-derived
+-- without it). Returns true when released.
+local function release_slot(win, meta, uq, ws_prefix, r, resv, now, polkey, dtier, drules)
   local s = redis.call('ZSCORE', win, r)
   if not s or tonumber(s) <= now then
     return false
@@ -208,6 +231,16 @@ local function release_slot(win, meta, uq, ws_prefix, r, resv, now)
       redis.call('ZREM', uq, r)
     else
       redis.call('ZADD', uq, prev, r)
+    end
+    local f = redis.call('HMGET', polkey, 'up_at', 'up_from', 'tier', 'rules')
+    local tier, rules = f[3] or dtier, f[4] or drules
+    if f[1] and f[2] == tier then
+      local t = crossing_time(uq, rules, tier, now)
+      if t then
+        redis.call('HSET', polkey, 'up_at', fmt(t + UPGRADE_DELAY_MS[rules]))
+      else
+        redis.call('HDEL', polkey, 'up_at', 'up_from')
+      end
     end
   end
   return true

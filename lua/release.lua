@@ -5,12 +5,14 @@
 -- KEYS[2] window meta  hash   recipient -> "<reservation>|<touched>|<opener>|<prev unique>"
 -- KEYS[3] residency    sender home: its "away" string; portfolio home: its members set
 -- KEYS[4] uniques      zset   recipient -> when it last got a new slot (ms)
+-- KEYS[5] window policy hash   the home's policy (a pending upgrade is re-derived on release)
 -- ARGV[1] now (ms), or "" for Redis TIME
 -- ARGV[2] home kind "s" | "p"
 -- ARGV[3] sender
 -- ARGV[4] recipient
 -- ARGV[5] reservation, stored form "<opened_at>.<seq>"
 -- ARGV[6] prefix of the per-sender slot indexes at a portfolio home, "" at a sender home
+-- ARGV[7] the home's default tier, ARGV[8] its default rule set
 -- Returns {"moved", portfolio|""}, or {1} when released, {0} when there was nothing to free.
 
 local now = clock(ARGV[1])
@@ -18,7 +20,7 @@ local ok, where = resident(ARGV[2], KEYS[3], ARGV[3])
 if not ok then
   return { 'moved', where }
 end
-if release_slot(KEYS[1], KEYS[2], KEYS[4], ARGV[6], ARGV[4], ARGV[5], now) then
+if release_slot(KEYS[1], KEYS[2], KEYS[4], ARGV[6], ARGV[4], ARGV[5], now, KEYS[5], ARGV[7], ARGV[8]) then
   return { 1 }
 end
 return { 0 }

@@ -1,17 +1,26 @@
-//! Server settings: one typed struct with the defaults the README documents.
+//! Server settings: one typed struct, and the layers that fill it.
 //!
-//! The struct is plain data with serde defaults, so that a configuration file may set any subset
-//! of it; the binary layers built-in defaults, the file, the environment and flags onto it.
+//! [`Settings::load`] layers, each over the one before: built-in defaults, a TOML file (its keys
+//! are the field names of [`Settings`]; any subset may be given), the environment
+//! (`WAQUOTA_…`) and command-line flags. The environment and the flags are both
+//! [`Overrides`]: only what they set replaces what the layers below said. The merged result is
+//! validated once, so every way of setting a value meets the same checks.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::Defaults;
+use crate::model::{Defaults, Tier, WindowMode};
 
-/// Where the ledger lives.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
+/// Where the ledger lives. Its `Debug` form hides passwords, since it is logged at start-up.
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Store {
     /// In this process only: for trying waquota out and for tests.
     #[default]
@@ -21,6 +30,25 @@ pub enum Store {
     Redis { url: String },
     /// A Redis Cluster, through the cluster client: one or more seed node URLs.
     Cluster { nodes: Vec<String> },
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Store::Memory => f.write_str("Memory"),
+            Store::Redis { url } => f
+                .debug_struct("Redis")
+                .field("url", &redact_url(url))
+                .finish(),
+            Store::Cluster { nodes } => f
+                .debug_struct("Cluster")
+                .field(
+                    "nodes",
+                    &nodes.iter().map(|n| redact_url(n)).collect::<Vec<_>>(),
+                )
+                .finish(),
+        }
+    }
 }
 
 /// What a decision answers when the store cannot be reached.
@@ -35,6 +63,18 @@ pub enum OnStoreError {
     Allow,
 }
 
+impl FromStr for OnStoreError {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "deny" => Ok(OnStoreError::Deny),
+            "allow" => Ok(OnStoreError::Allow),
+            _ => Err(format!("unknown on_store_error {s:?}: use deny or allow")),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -43,14 +83,37 @@ pub enum LogFormat {
     Json,
 }
 
-/// Bearer tokens for the two roles. Empty lists = authentication off.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+impl FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("unknown log format {s:?}: use text or json")),
+        }
+    }
+}
+
+/// Bearer tokens for the two roles. Empty lists = authentication off. `Debug` shows how many,
+/// never the tokens.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AuthSettings {
     /// May call QuotaService.
     pub sender_tokens: Vec<String>,
     /// May call QuotaService and AdminService.
     pub operator_tokens: Vec<String>,
+}
+
+impl fmt::Debug for AuthSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let count = |v: &Vec<String>| format!("{} token(s)", v.len());
+        f.debug_struct("AuthSettings")
+            .field("sender_tokens", &count(&self.sender_tokens))
+            .field("operator_tokens", &count(&self.operator_tokens))
+            .finish()
+    }
 }
 
 impl AuthSettings {
@@ -64,23 +127,19 @@ impl AuthSettings {
 pub struct TlsSettings {
     pub cert: PathBuf,
     pub key: PathBuf,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// Address of the gRPC listener.
     pub listen: SocketAddr,
-    pub store: Store,
     /// Prefix of every Redis key, so several deployments can share one Redis.
     pub key_prefix: String,
     /// Honour the `at` field of requests (tests, replays, simulations).
     pub trust_client_clock: bool,
-    /// Policies of targets that have none stored.
-    #[serde(skip)]
-    pub defaults: Defaults,
     /// Most recipients in one `AcquireBatch`.
     pub max_batch: usize,
     /// Largest gRPC message accepted, in bytes.
@@ -98,11 +157,21 @@ pub struct Settings {
     /// Decisions when the store cannot be reached (a policy may override it).
     pub on_store_error: OnStoreError,
     /// Prometheus `/metrics` listener; `None` = no metrics endpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
     /// tracing EnvFilter syntax, e.g. `info` or `waquota=debug`.
     pub log_level: String,
+    // Tables come after plain values, so that the settings print as TOML in this order.
+    pub store: Store,
+    /// Policies of targets that have none stored (the file's `[defaults]` table).
+    #[serde(with = "defaults_table")]
+    pub defaults: Defaults,
     pub auth: AuthSettings,
+    #[serde(
+        deserialize_with = "tls_table",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub tls: Option<TlsSettings>,
 }
 
@@ -130,6 +199,594 @@ impl Default for Settings {
     }
 }
 
+/// A setting that cannot be used, with where it came from. Displays as one line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+    #[error("{var}: {message}")]
+    Env { var: String, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl ConfigError {
+    fn invalid(key: &str, message: impl fmt::Display) -> Self {
+        ConfigError::Invalid {
+            key: key.to_owned(),
+            message: message.to_string(),
+        }
+    }
+}
+
+impl Settings {
+    /// Defaults, then `file`, then the `WAQUOTA_…` variables among `env`, then `flags`;
+    /// validated.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        flags: Overrides,
+    ) -> Result<Settings, ConfigError> {
+        let mut settings = match file {
+            Some(path) => Settings::from_file(path)?,
+            None => Settings::default(),
+        };
+        Overrides::from_env(env)?.apply(&mut settings)?;
+        flags.apply(&mut settings)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.display().to_string(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Settings::from_toml(&text).map_err(|message| ConfigError::File {
+            path: path.display().to_string(),
+            message,
+        })
+    }
+
+    /// Parses a configuration file's text; the error is one line, with the line number.
+    pub fn from_toml(text: &str) -> Result<Settings, String> {
+        toml::from_str(text).map_err(|e| {
+            let message = e.message().trim().replace('\n', " ");
+            match e.span() {
+                Some(span) => {
+                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                    format!("line {line}: {message}")
+                }
+                None => message,
+            }
+        })
+    }
+
+    /// The settings as a configuration file would say them.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render settings: {e}\n"))
+    }
+
+    /// A copy safe to print: auth tokens and passwords inside Redis URLs become `***`.
+    pub fn redacted(&self) -> Settings {
+        let mut s = self.clone();
+        let stars = |tokens: &mut Vec<String>| tokens.iter_mut().for_each(|t| *t = "***".into());
+        stars(&mut s.auth.sender_tokens);
+        stars(&mut s.auth.operator_tokens);
+        match &mut s.store {
+            Store::Memory => {}
+            Store::Redis { url } => *url = redact_url(url),
+            Store::Cluster { nodes } => nodes.iter_mut().for_each(|n| *n = redact_url(n)),
+        }
+        s
+    }
+
+    /// Checks what types alone do not: ranges, URLs, names, and that TLS files exist.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match &self.store {
+            Store::Memory => {}
+            Store::Redis { url } => check_redis_url("store.url", url)?,
+            Store::Cluster { nodes } => {
+                if nodes.is_empty() {
+                    return Err(ConfigError::invalid(
+                        "store.nodes",
+                        "a cluster needs at least one seed node URL",
+                    ));
+                }
+                for (i, n) in nodes.iter().enumerate() {
+                    check_redis_url(&format!("store.nodes[{i}]"), n)?;
+                }
+            }
+        }
+        // The prefix is part of every key: braces would change the hash tag, spaces break
+        // redis-cli use.
+        if self.key_prefix.is_empty()
+            || self.key_prefix.len() > 64
+            || !self
+                .key_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'))
+        {
+            return Err(ConfigError::invalid(
+                "key_prefix",
+                format!(
+                    "{:?}: use 1 to 64 characters of [A-Za-z0-9._:-]",
+                    self.key_prefix
+                ),
+            ));
+        }
+        for (key, value, min) in [
+            ("max_batch", self.max_batch, 1),
+            ("max_message_bytes", self.max_message_bytes, 1024),
+            ("max_in_flight", self.max_in_flight, 1),
+            ("redis_pool_size", self.redis_pool_size, 1),
+        ] {
+            if value < min {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("must be at least {min}, got {value}"),
+                ));
+            }
+        }
+        let d = &self.defaults;
+        for (key, ok, rule) in [
+            (
+                "defaults.messages_per_second",
+                (1..=100_000).contains(&d.messages_per_second),
+                "1 to 100,000",
+            ),
+            (
+                "defaults.pair_interval_ms",
+                (1..=86_400_000).contains(&d.pair_interval_ms),
+                "1 ms to 24 h",
+            ),
+            (
+                "defaults.pair_burst",
+                (1..=10_000).contains(&d.pair_burst),
+                "1 to 10,000",
+            ),
+        ] {
+            if !ok {
+                return Err(ConfigError::invalid(key, format!("must be {rule}")));
+            }
+        }
+        if self.redis_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "redis_timeout",
+                "must be at least 1 ms",
+            ));
+        }
+        if self.metrics_listen == Some(self.listen) {
+            return Err(ConfigError::invalid(
+                "metrics_listen",
+                format!("{} is also the gRPC listen address", self.listen),
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+            return Err(ConfigError::invalid(
+                "log_level",
+                format!("{:?}: {e}", self.log_level),
+            ));
+        }
+        for (key, tokens) in [
+            ("auth.sender_tokens", &self.auth.sender_tokens),
+            ("auth.operator_tokens", &self.auth.operator_tokens),
+        ] {
+            for (i, t) in tokens.iter().enumerate() {
+                // A token travels in an `authorization` header: visible ASCII, no spaces.
+                if t.is_empty() || !t.chars().all(|c| c.is_ascii_graphic()) {
+                    return Err(ConfigError::invalid(
+                        &format!("{key}[{i}]"),
+                        "a token is 1 or more visible ASCII characters, without spaces",
+                    ));
+                }
+            }
+        }
+        if let Some(tls) = &self.tls {
+            let files = [("tls.cert", Some(&tls.cert)), ("tls.key", Some(&tls.key))];
+            for (key, path) in files
+                .into_iter()
+                .chain([("tls.client_ca", tls.client_ca.as_ref())])
+            {
+                if let Some(path) = path {
+                    std::fs::metadata(path).map_err(|e| {
+                        ConfigError::invalid(key, format!("{}: {e}", path.display()))
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `redis://user:secret@host` → `redis://user:***@host`; anything else is returned as is.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    match rest[..at].split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:***{}", &rest[at..]),
+        None => url.to_owned(),
+    }
+}
+
+fn check_redis_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    let scheme = url.split_once("://").map(|(s, _)| s);
+    if !matches!(scheme, Some("redis" | "rediss")) {
+        return Err(ConfigError::invalid(
+            key,
+            format!(
+                "{:?} is not a Redis URL: use redis://host:port or rediss://host:port (TLS)",
+                redact_url(url)
+            ),
+        ));
+    }
+    redis::IntoConnectionInfo::into_connection_info(url)
+        .map(|_| ())
+        .map_err(|e| ConfigError::invalid(key, format!("{:?}: {e}", redact_url(url))))
+}
+
+/// Settings given by the environment or by flags: each one that is set replaces the layers
+/// below it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub store: Option<Store>,
+    pub key_prefix: Option<String>,
+    pub trust_client_clock: Option<bool>,
+    pub default_sender_tier: Option<Tier>,
+    pub default_sender_mode: Option<WindowMode>,
+    pub default_portfolio_tier: Option<Tier>,
+    pub default_portfolio_mode: Option<WindowMode>,
+    pub default_messages_per_second: Option<u32>,
+    pub default_pair_interval: Option<Duration>,
+    pub default_pair_burst: Option<u32>,
+    pub max_batch: Option<usize>,
+    pub max_message_bytes: Option<usize>,
+    pub max_in_flight: Option<usize>,
+    pub redis_pool_size: Option<usize>,
+    pub redis_timeout: Option<Duration>,
+    pub shutdown_grace: Option<Duration>,
+    pub on_store_error: Option<OnStoreError>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub log_format: Option<LogFormat>,
+    pub log_level: Option<String>,
+    pub sender_tokens: Option<Vec<String>>,
+    pub operator_tokens: Option<Vec<String>>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+/// Every environment variable [`Overrides::from_env`] reads, and the setting it sets.
+pub const ENV_VARS: [(&str, &str); 28] = [
+    ("WAQUOTA_LISTEN", "listen"),
+    ("WAQUOTA_REDIS_URL", "store (standalone Redis URL)"),
+    (
+        "WAQUOTA_REDIS_CLUSTER",
+        "store (Cluster seed URLs, comma-separated)",
+    ),
+    ("WAQUOTA_KEY_PREFIX", "key_prefix"),
+    ("WAQUOTA_TRUST_CLIENT_CLOCK", "trust_client_clock"),
+    ("WAQUOTA_DEFAULT_TIER", "defaults.sender_tier"),
+    ("WAQUOTA_DEFAULT_SENDER_MODE", "defaults.sender_mode"),
+    ("WAQUOTA_DEFAULT_PORTFOLIO_TIER", "defaults.portfolio_tier"),
+    ("WAQUOTA_DEFAULT_PORTFOLIO_MODE", "defaults.portfolio_mode"),
+    (
+        "WAQUOTA_DEFAULT_MESSAGES_PER_SECOND",
+        "defaults.messages_per_second",
+    ),
+    (
+        "WAQUOTA_DEFAULT_PAIR_INTERVAL_MS",
+        "defaults.pair_interval_ms",
+    ),
+    ("WAQUOTA_DEFAULT_PAIR_BURST", "defaults.pair_burst"),
+    ("WAQUOTA_MAX_BATCH", "max_batch"),
+    ("WAQUOTA_MAX_MESSAGE_BYTES", "max_message_bytes"),
+    ("WAQUOTA_MAX_IN_FLIGHT", "max_in_flight"),
+    ("WAQUOTA_REDIS_POOL_SIZE", "redis_pool_size"),
+    ("WAQUOTA_REDIS_TIMEOUT_MS", "redis_timeout"),
+    ("WAQUOTA_SHUTDOWN_GRACE_MS", "shutdown_grace"),
+    ("WAQUOTA_ON_STORE_ERROR", "on_store_error"),
+    ("WAQUOTA_METRICS_LISTEN", "metrics_listen"),
+    ("WAQUOTA_LOG_FORMAT", "log_format"),
+    ("WAQUOTA_LOG_LEVEL", "log_level"),
+    (
+        "WAQUOTA_LOG",
+        "log_level (older name; WAQUOTA_LOG_LEVEL wins)",
+    ),
+    (
+        "WAQUOTA_AUTH_SENDER_TOKENS",
+        "auth.sender_tokens (comma-separated)",
+    ),
+    (
+        "WAQUOTA_AUTH_OPERATOR_TOKENS",
+        "auth.operator_tokens (comma-separated)",
+    ),
+    ("WAQUOTA_TLS_CERT", "tls.cert"),
+    ("WAQUOTA_TLS_KEY", "tls.key"),
+    ("WAQUOTA_TLS_CLIENT_CA", "tls.client_ca"),
+];
+
+fn parse<T: FromStr>(value: &str, what: &str) -> Result<T, String>
+where
+    T::Err: fmt::Display,
+{
+    value
+        .parse()
+        .map_err(|e| format!("{value:?} is not {what}: {e}"))
+}
+
+fn parse_name<T: FromStr<Err = String>>(value: &str) -> Result<T, String> {
+    value.parse()
+}
+
+/// `true`/`false` as people write them in environments.
+pub fn parse_bool(value: &str) -> Result<bool, String> {
+    match value.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(format!("{value:?} is not a boolean: use true or false")),
+    }
+}
+
+/// A comma-separated list; blanks around items are dropped.
+pub fn parse_list(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+impl Overrides {
+    /// Reads the `WAQUOTA_…` variables of [`ENV_VARS`] among `vars`; others are ignored, and so
+    /// is a variable set to the empty string.
+    pub fn from_env(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let mut o = Overrides::default();
+        let (mut redis_url, mut cluster, mut old_log) = (None, None, None);
+        for (name, value) in vars {
+            let value = value.trim();
+            if !name.starts_with("WAQUOTA_") || value.is_empty() {
+                continue;
+            }
+            let mut set = |o: &mut Overrides| -> Result<(), String> {
+                let addr = "a socket address (host:port)";
+                let count = "a whole number";
+                match name.as_str() {
+                    "WAQUOTA_LISTEN" => o.listen = Some(parse(value, addr)?),
+                    "WAQUOTA_REDIS_URL" => redis_url = Some(value.to_owned()),
+                    "WAQUOTA_REDIS_CLUSTER" => cluster = Some(parse_list(value)),
+                    "WAQUOTA_KEY_PREFIX" => o.key_prefix = Some(value.to_owned()),
+                    "WAQUOTA_TRUST_CLIENT_CLOCK" => o.trust_client_clock = Some(parse_bool(value)?),
+                    "WAQUOTA_DEFAULT_TIER" => o.default_sender_tier = Some(parse_name(value)?),
+                    "WAQUOTA_DEFAULT_SENDER_MODE" => {
+                        o.default_sender_mode = Some(parse_name(value)?)
+                    }
+                    "WAQUOTA_DEFAULT_PORTFOLIO_TIER" => {
+                        o.default_portfolio_tier = Some(parse_name(value)?)
+                    }
+                    "WAQUOTA_DEFAULT_PORTFOLIO_MODE" => {
+                        o.default_portfolio_mode = Some(parse_name(value)?)
+                    }
+                    "WAQUOTA_DEFAULT_MESSAGES_PER_SECOND" => {
+                        o.default_messages_per_second = Some(parse(value, count)?)
+                    }
+                    "WAQUOTA_DEFAULT_PAIR_INTERVAL_MS" => {
+                        o.default_pair_interval = Some(Duration::from_millis(parse(value, count)?))
+                    }
+                    "WAQUOTA_DEFAULT_PAIR_BURST" => {
+                        o.default_pair_burst = Some(parse(value, count)?)
+                    }
+                    "WAQUOTA_MAX_BATCH" => o.max_batch = Some(parse(value, count)?),
+                    "WAQUOTA_MAX_MESSAGE_BYTES" => o.max_message_bytes = Some(parse(value, count)?),
+                    "WAQUOTA_MAX_IN_FLIGHT" => o.max_in_flight = Some(parse(value, count)?),
+                    "WAQUOTA_REDIS_POOL_SIZE" => o.redis_pool_size = Some(parse(value, count)?),
+                    "WAQUOTA_REDIS_TIMEOUT_MS" => {
+                        o.redis_timeout = Some(Duration::from_millis(parse(value, count)?))
+                    }
+                    "WAQUOTA_SHUTDOWN_GRACE_MS" => {
+                        o.shutdown_grace = Some(Duration::from_millis(parse(value, count)?))
+                    }
+                    "WAQUOTA_ON_STORE_ERROR" => o.on_store_error = Some(parse_name(value)?),
+                    "WAQUOTA_METRICS_LISTEN" => o.metrics_listen = Some(parse(value, addr)?),
+                    "WAQUOTA_LOG_FORMAT" => o.log_format = Some(parse_name(value)?),
+                    "WAQUOTA_LOG_LEVEL" => o.log_level = Some(value.to_owned()),
+                    "WAQUOTA_LOG" => old_log = Some(value.to_owned()),
+                    "WAQUOTA_AUTH_SENDER_TOKENS" => o.sender_tokens = Some(parse_list(value)),
+                    "WAQUOTA_AUTH_OPERATOR_TOKENS" => o.operator_tokens = Some(parse_list(value)),
+                    "WAQUOTA_TLS_CERT" => o.tls_cert = Some(value.into()),
+                    "WAQUOTA_TLS_KEY" => o.tls_key = Some(value.into()),
+                    "WAQUOTA_TLS_CLIENT_CA" => o.tls_client_ca = Some(value.into()),
+                    // WAQUOTA_ADDR, WAQUOTA_TOKEN, WAQUOTA_CONFIG: the CLI's, not settings.
+                    _ => {}
+                }
+                Ok(())
+            };
+            set(&mut o).map_err(|message| ConfigError::Env {
+                var: name.clone(),
+                message,
+            })?;
+        }
+        o.store = match (redis_url, cluster) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Env {
+                    var: "WAQUOTA_REDIS_URL".into(),
+                    message: "WAQUOTA_REDIS_CLUSTER is set too: choose one store".into(),
+                });
+            }
+            (Some(url), None) => Some(Store::Redis { url }),
+            (None, Some(nodes)) => Some(Store::Cluster { nodes }),
+            (None, None) => None,
+        };
+        if o.log_level.is_none() {
+            o.log_level = old_log;
+        }
+        Ok(o)
+    }
+
+    /// Writes every setting given here over `s`.
+    pub fn apply(self, s: &mut Settings) -> Result<(), ConfigError> {
+        fn put<T>(slot: &mut T, v: Option<T>) {
+            if let Some(v) = v {
+                *slot = v;
+            }
+        }
+        put(&mut s.listen, self.listen);
+        put(&mut s.store, self.store);
+        put(&mut s.key_prefix, self.key_prefix);
+        put(&mut s.trust_client_clock, self.trust_client_clock);
+        put(&mut s.defaults.sender.tier, self.default_sender_tier);
+        put(&mut s.defaults.sender.window_mode, self.default_sender_mode);
+        put(&mut s.defaults.portfolio.tier, self.default_portfolio_tier);
+        put(
+            &mut s.defaults.portfolio.window_mode,
+            self.default_portfolio_mode,
+        );
+        put(
+            &mut s.defaults.messages_per_second,
+            self.default_messages_per_second,
+        );
+        put(
+            &mut s.defaults.pair_interval_ms,
+            self.default_pair_interval.map(|d| d.as_millis() as i64),
+        );
+        put(&mut s.defaults.pair_burst, self.default_pair_burst);
+        put(&mut s.max_batch, self.max_batch);
+        put(&mut s.max_message_bytes, self.max_message_bytes);
+        put(&mut s.max_in_flight, self.max_in_flight);
+        put(&mut s.redis_pool_size, self.redis_pool_size);
+        put(&mut s.redis_timeout, self.redis_timeout);
+        put(&mut s.shutdown_grace, self.shutdown_grace);
+        put(&mut s.on_store_error, self.on_store_error);
+        if self.metrics_listen.is_some() {
+            s.metrics_listen = self.metrics_listen;
+        }
+        put(&mut s.log_format, self.log_format);
+        put(&mut s.log_level, self.log_level);
+        put(&mut s.auth.sender_tokens, self.sender_tokens);
+        put(&mut s.auth.operator_tokens, self.operator_tokens);
+        if self.tls_cert.is_some() || self.tls_key.is_some() || self.tls_client_ca.is_some() {
+            let below = s.tls.take();
+            let cert = self.tls_cert.or(below.as_ref().map(|t| t.cert.clone()));
+            let key = self.tls_key.or(below.as_ref().map(|t| t.key.clone()));
+            let client_ca = self.tls_client_ca.or(below.and_then(|t| t.client_ca));
+            s.tls = Some(tls_settings(cert, key, client_ca)?);
+        }
+        Ok(())
+    }
+}
+
+/// A TLS section from parts: a certificate needs its key, and a client CA needs both.
+fn tls_settings(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+) -> Result<TlsSettings, ConfigError> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(TlsSettings {
+            cert,
+            key,
+            client_ca,
+        }),
+        (Some(_), None) => Err(ConfigError::invalid(
+            "tls.cert",
+            "is set without tls.key (the certificate's private key)",
+        )),
+        (None, Some(_)) => Err(ConfigError::invalid(
+            "tls.key",
+            "is set without tls.cert (the server certificate)",
+        )),
+        (None, None) => Err(ConfigError::invalid(
+            "tls.client_ca",
+            "is set without tls.cert and tls.key (mutual TLS needs TLS)",
+        )),
+    }
+}
+
+fn tls_table<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<TlsSettings>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Parts {
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+        client_ca: Option<PathBuf>,
+    }
+    let p = Parts::deserialize(d)?;
+    tls_settings(p.cert, p.key, p.client_ca)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+/// `[defaults]`: tier and window mode, by name, for senders and portfolios without a policy.
+mod defaults_table {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::model::{Defaults, Policy, Tier, WindowMode};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    struct Table {
+        sender_tier: String,
+        sender_mode: String,
+        portfolio_tier: String,
+        portfolio_mode: String,
+        messages_per_second: u32,
+        pair_interval_ms: u64,
+        pair_burst: u32,
+    }
+
+    impl Default for Table {
+        fn default() -> Self {
+            table(&Defaults::default())
+        }
+    }
+
+    fn table(d: &Defaults) -> Table {
+        Table {
+            sender_tier: d.sender.tier.name().into(),
+            sender_mode: d.sender.window_mode.name().into(),
+            portfolio_tier: d.portfolio.tier.name().into(),
+            portfolio_mode: d.portfolio.window_mode.name().into(),
+            messages_per_second: d.messages_per_second,
+            pair_interval_ms: d.pair_interval_ms as u64,
+            pair_burst: d.pair_burst,
+        }
+    }
+
+    pub fn serialize<S: Serializer>(d: &Defaults, s: S) -> Result<S::Ok, S::Error> {
+        table(d).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Defaults, D::Error> {
+        let t = Table::deserialize(d)?;
+        let err = |key: &str, e: String| serde::de::Error::custom(format!("defaults.{key}: {e}"));
+        let tier = |key: &str, s: &str| s.parse::<Tier>().map_err(|e| err(key, e));
+        let mode = |key: &str, s: &str| s.parse::<WindowMode>().map_err(|e| err(key, e));
+        let base = Defaults::default();
+        Ok(Defaults {
+            sender: Policy {
+                tier: tier("sender_tier", &t.sender_tier)?,
+                window_mode: mode("sender_mode", &t.sender_mode)?,
+                ..base.sender
+            },
+            portfolio: Policy {
+                tier: tier("portfolio_tier", &t.portfolio_tier)?,
+                window_mode: mode("portfolio_mode", &t.portfolio_mode)?,
+                ..base.portfolio
+            },
+            messages_per_second: t.messages_per_second,
+            pair_interval_ms: t.pair_interval_ms as i64,
+            pair_burst: t.pair_burst,
+        })
+    }
+}
+
 /// Durations in configuration files are whole milliseconds.
 mod millis {
     use serde::{Deserialize, Deserializer, Serializer};
@@ -141,5 +798,359 @@ mod millis {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn file(text: &str) -> tempfile_path::Temp {
+        tempfile_path::Temp::with(text)
+    }
+
+    /// A file under the system temp dir, removed on drop (no extra crate for one test helper).
+    mod tempfile_path {
+        use std::path::PathBuf;
+        use std::sync::atomic::{AtomicU32, Ordering};
+
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+
+        pub struct Temp(pub PathBuf);
+
+        impl Temp {
+            pub fn with(text: &str) -> Temp {
+                let path = std::env::temp_dir().join(format!(
+                    "waquota-config-{}-{}.toml",
+                    std::process::id(),
+                    SEQ.fetch_add(1, Ordering::Relaxed)
+                ));
+                std::fs::write(&path, text).unwrap();
+                Temp(path)
+            }
+        }
+
+        impl Drop for Temp {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn nothing_given_is_the_defaults() {
+        let s = Settings::load(None, env(&[]), Overrides::default()).unwrap();
+        assert_eq!(s.listen, "0.0.0.0:50051".parse().unwrap());
+        assert_eq!(s.store, Store::Memory);
+        assert_eq!(s.defaults, Defaults::default());
+        assert_eq!(s.max_batch, 1000);
+        assert_eq!(s.redis_timeout, Duration::from_millis(2000));
+    }
+
+    #[test]
+    fn file_below_env_below_flags() {
+        let f = file(
+            r#"
+            listen = "127.0.0.1:1000"
+            key_prefix = "from-file"
+            max_batch = 10
+            max_in_flight = 7
+            redis_timeout = 300
+            [store]
+            kind = "cluster"
+            nodes = ["redis://127.0.0.1:7000"]
+            [defaults]
+            sender_tier = "1k"
+            portfolio_mode = "conversation"
+            [auth]
+            operator_tokens = ["file-op"]
+            "#,
+        );
+        let vars = env(&[
+            ("WAQUOTA_KEY_PREFIX", "from-env"),
+            ("WAQUOTA_MAX_BATCH", "20"),
+            ("WAQUOTA_REDIS_URL", "redis://127.0.0.1:6379"),
+            ("WAQUOTA_DEFAULT_TIER", "10k"),
+            ("WAQUOTA_AUTH_SENDER_TOKENS", "a, b,"),
+            ("HOME", "/root"),
+        ]);
+        let flags = Overrides {
+            max_batch: Some(30),
+            default_sender_tier: Some(Tier::T100K),
+            ..Overrides::default()
+        };
+        let s = Settings::load(Some(&f.0), vars, flags).unwrap();
+        assert_eq!(s.listen, "127.0.0.1:1000".parse().unwrap(), "file only");
+        assert_eq!(s.max_in_flight, 7, "file only");
+        assert_eq!(s.redis_timeout, Duration::from_millis(300), "file only");
+        assert_eq!(s.key_prefix, "from-env", "env beats file");
+        assert_eq!(
+            s.store,
+            Store::Redis {
+                url: "redis://127.0.0.1:6379".into()
+            },
+            "env's store replaces the file's"
+        );
+        assert_eq!(s.max_batch, 30, "flag beats env and file");
+        assert_eq!(
+            s.defaults.sender.tier,
+            Tier::T100K,
+            "flag beats env and file"
+        );
+        assert_eq!(s.defaults.portfolio.window_mode, WindowMode::Conversation);
+        assert_eq!(s.defaults.sender.window_mode, WindowMode::Conversation);
+        assert_eq!(s.auth.sender_tokens, vec!["a", "b"]);
+        assert_eq!(s.auth.operator_tokens, vec!["file-op"]);
+    }
+
+    #[test]
+    fn every_env_var_is_read() {
+        let vars = env(&[
+            ("WAQUOTA_LISTEN", "127.0.0.1:1"),
+            ("WAQUOTA_REDIS_CLUSTER", "redis://a:1,redis://b:2"),
+            ("WAQUOTA_KEY_PREFIX", "p"),
+            ("WAQUOTA_TRUST_CLIENT_CLOCK", "yes"),
+            ("WAQUOTA_DEFAULT_TIER", "50"),
+            ("WAQUOTA_DEFAULT_SENDER_MODE", "rolling"),
+            ("WAQUOTA_DEFAULT_PORTFOLIO_TIER", "2k"),
+            ("WAQUOTA_DEFAULT_PORTFOLIO_MODE", "conversation"),
+            ("WAQUOTA_DEFAULT_MESSAGES_PER_SECOND", "20"),
+            ("WAQUOTA_DEFAULT_PAIR_INTERVAL_MS", "3000"),
+            ("WAQUOTA_DEFAULT_PAIR_BURST", "9"),
+            ("WAQUOTA_MAX_BATCH", "2"),
+            ("WAQUOTA_MAX_MESSAGE_BYTES", "2048"),
+            ("WAQUOTA_MAX_IN_FLIGHT", "3"),
+            ("WAQUOTA_REDIS_POOL_SIZE", "5"),
+            ("WAQUOTA_REDIS_TIMEOUT_MS", "6"),
+            ("WAQUOTA_SHUTDOWN_GRACE_MS", "7"),
+            ("WAQUOTA_ON_STORE_ERROR", "allow"),
+            ("WAQUOTA_METRICS_LISTEN", "127.0.0.1:2"),
+            ("WAQUOTA_LOG_FORMAT", "json"),
+            ("WAQUOTA_LOG", "warn"),
+            ("WAQUOTA_LOG_LEVEL", "debug"),
+            ("WAQUOTA_AUTH_SENDER_TOKENS", "s1"),
+            ("WAQUOTA_AUTH_OPERATOR_TOKENS", "o1,o2"),
+            ("WAQUOTA_TLS_CERT", "/c"),
+            ("WAQUOTA_TLS_KEY", "/k"),
+            ("WAQUOTA_TLS_CLIENT_CA", "/ca"),
+        ]);
+        assert_eq!(vars.len() + 1, ENV_VARS.len(), "all but WAQUOTA_REDIS_URL");
+        let o = Overrides::from_env(vars).unwrap();
+        let mut s = Settings::default();
+        o.apply(&mut s).unwrap();
+        assert_eq!(s.listen, "127.0.0.1:1".parse().unwrap());
+        assert_eq!(
+            s.store,
+            Store::Cluster {
+                nodes: vec!["redis://a:1".into(), "redis://b:2".into()]
+            }
+        );
+        assert_eq!(s.key_prefix, "p");
+        assert_eq!(
+            (
+                s.defaults.messages_per_second,
+                s.defaults.pair_interval_ms,
+                s.defaults.pair_burst
+            ),
+            (20, 3000, 9)
+        );
+        assert!(s.trust_client_clock);
+        assert_eq!(s.defaults.sender.tier, Tier::T50);
+        assert_eq!(s.defaults.sender.window_mode, WindowMode::Rolling);
+        assert_eq!(s.defaults.portfolio.tier, Tier::T2K);
+        assert_eq!(s.defaults.portfolio.window_mode, WindowMode::Conversation);
+        assert_eq!(
+            (s.max_batch, s.max_message_bytes, s.max_in_flight),
+            (2, 2048, 3)
+        );
+        assert_eq!(s.redis_pool_size, 5);
+        assert_eq!(s.redis_timeout, Duration::from_millis(6));
+        assert_eq!(s.shutdown_grace, Duration::from_millis(7));
+        assert_eq!(s.on_store_error, OnStoreError::Allow);
+        assert_eq!(s.metrics_listen, Some("127.0.0.1:2".parse().unwrap()));
+        assert_eq!(s.log_format, LogFormat::Json);
+        assert_eq!(s.log_level, "debug", "WAQUOTA_LOG_LEVEL beats WAQUOTA_LOG");
+        assert_eq!(s.auth.sender_tokens, vec!["s1"]);
+        assert_eq!(s.auth.operator_tokens, vec!["o1", "o2"]);
+        let tls = s.tls.unwrap();
+        assert_eq!(
+            (tls.cert, tls.key, tls.client_ca),
+            ("/c".into(), "/k".into(), Some("/ca".into()))
+        );
+    }
+
+    #[test]
+    fn every_file_key_is_read_and_printed_settings_read_back() {
+        let f = file(
+            r#"
+            listen = "127.0.0.1:1"
+            key_prefix = "p"
+            trust_client_clock = true
+            max_batch = 2
+            max_message_bytes = 2048
+            max_in_flight = 3
+            redis_pool_size = 5
+            redis_timeout = 6
+            shutdown_grace = 7
+            on_store_error = "allow"
+            metrics_listen = "127.0.0.1:2"
+            log_format = "json"
+            log_level = "debug"
+            [store]
+            kind = "redis"
+            url = "redis://u:pw@127.0.0.1:6379/0"
+            [defaults]
+            sender_tier = "unlimited"
+            sender_mode = "rolling"
+            portfolio_tier = "100k"
+            portfolio_mode = "conversation"
+            [auth]
+            sender_tokens = ["s"]
+            operator_tokens = ["o"]
+            "#,
+        );
+        let s = Settings::from_file(&f.0).unwrap();
+        assert_eq!(s.defaults.sender.tier, Tier::Unlimited);
+        assert_eq!(s.defaults.portfolio.tier, Tier::T100K);
+        assert_eq!(s.max_message_bytes, 2048);
+        assert_eq!(s.log_format, LogFormat::Json);
+        let again = Settings::from_toml(&s.to_toml()).unwrap();
+        assert_eq!(again.to_toml(), s.to_toml());
+        assert_eq!(again.defaults, s.defaults);
+        assert_eq!(again.store, s.store);
+    }
+
+    #[test]
+    fn redaction_hides_tokens_and_url_passwords() {
+        assert_eq!(
+            redact_url("rediss://app:s3cret@redis.example:6380/0"),
+            "rediss://app:***@redis.example:6380/0"
+        );
+        assert_eq!(
+            redact_url("redis://:pw@h:1"),
+            "redis://:***@h:1",
+            "password only"
+        );
+        assert_eq!(redact_url("redis://h:1/2"), "redis://h:1/2");
+        let s = Settings {
+            store: Store::Cluster {
+                nodes: vec!["redis://a:pa@h:1".into(), "redis://h:2".into()],
+            },
+            auth: AuthSettings {
+                sender_tokens: vec!["tok-s".into()],
+                operator_tokens: vec!["tok-o".into()],
+            },
+            ..Settings::default()
+        };
+        let out = s.redacted().to_toml();
+        for secret in ["tok-s", "tok-o", "pa@"] {
+            assert!(!out.contains(secret), "{secret} printed in {out}");
+        }
+        assert!(out.contains("redis://a:***@h:1"), "{out}");
+        let debug = format!("{s:?}");
+        for secret in ["tok-s", "tok-o", "pa@"] {
+            assert!(!debug.contains(secret), "{secret} in {debug}");
+        }
+    }
+
+    #[test]
+    fn invalid_settings_name_the_setting() {
+        let load = |vars: &[(&str, &str)], flags: Overrides| {
+            Settings::load(None, env(vars), flags)
+                .unwrap_err()
+                .to_string()
+        };
+        let e = load(
+            &[
+                ("WAQUOTA_REDIS_URL", "redis://a:1"),
+                ("WAQUOTA_REDIS_CLUSTER", "redis://b:1"),
+            ],
+            Overrides::default(),
+        );
+        assert!(e.contains("choose one store"), "{e}");
+        let e = load(&[("WAQUOTA_DEFAULT_TIER", "3k")], Overrides::default());
+        assert!(
+            e.starts_with("WAQUOTA_DEFAULT_TIER: unknown tier \"3k\""),
+            "{e}"
+        );
+        let e = load(&[("WAQUOTA_MAX_BATCH", "many")], Overrides::default());
+        assert!(
+            e.starts_with("WAQUOTA_MAX_BATCH: \"many\" is not a whole number"),
+            "{e}"
+        );
+        let e = load(&[("WAQUOTA_TLS_CERT", "/c")], Overrides::default());
+        assert_eq!(
+            e,
+            "tls.cert: is set without tls.key (the certificate's private key)"
+        );
+        let e = load(
+            &[],
+            Overrides {
+                store: Some(Store::Redis {
+                    url: "http://u:secret@h".into(),
+                }),
+                ..Overrides::default()
+            },
+        );
+        assert!(
+            e.starts_with("store.url: \"http://u:***@h\" is not a Redis URL"),
+            "{e}"
+        );
+        let e = load(
+            &[],
+            Overrides {
+                key_prefix: Some("a{b}".into()),
+                ..Overrides::default()
+            },
+        );
+        assert!(e.starts_with("key_prefix:"), "{e}");
+        let e = load(
+            &[],
+            Overrides {
+                redis_pool_size: Some(0),
+                ..Overrides::default()
+            },
+        );
+        assert_eq!(e, "redis_pool_size: must be at least 1, got 0");
+        let e = load(
+            &[],
+            Overrides {
+                tls_cert: Some("/nonexistent/cert.pem".into()),
+                tls_key: Some("/nonexistent/key.pem".into()),
+                ..Overrides::default()
+            },
+        );
+        assert!(e.starts_with("tls.cert: /nonexistent/cert.pem:"), "{e}");
+    }
+
+    #[test]
+    fn file_errors_are_one_line_with_the_line_number() {
+        for (text, want) in [
+            ("listen = \"x\"\n", "line 1:"),
+            (
+                "\n[defaults]\nsender_tier = \"3k\"\n",
+                "unknown tier \"3k\"",
+            ),
+            (
+                "max_batch = 1\nlisten_addr = \"a\"\n",
+                "line 2: unknown field `listen_addr`",
+            ),
+            ("[tls]\ncert = \"/c\"\n", "is set without tls.key"),
+            (
+                "[store]\nkind = \"redis\"\nurl = \"redis://a\"\nnodes = []\n",
+                "unknown field `nodes`",
+            ),
+        ] {
+            let e = Settings::from_toml(text).unwrap_err();
+            assert!(e.contains(want), "{text:?}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
     }
 }

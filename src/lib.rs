@@ -6,11 +6,13 @@
 //! - [`model`]: domain types and validation (ids, tiers, policies, decisions); pure, no I/O.
 //! - [`ledger`]: the [`ledger::Ledger`] trait and its two implementations: in memory (one
 //!   process) and Redis (one atomic Lua script per decision, shared by every instance).
-//! - [`config`]: settings for the server.
+//! - [`config`]: the server's settings, layered: defaults, TOML file, environment, flags.
+//! - [`cli`]: the operator commands of the binary, a gRPC client of `AdminService`.
 //! - [`server`]: wiring: services, health, reflection, graceful shutdown.
 //!
 //! Lua scripts live in `lua/`, one per decision, each documenting its KEYS and ARGV.
 
+pub mod cli;
 pub mod config;
 pub mod grpc;
 pub mod ledger;

@@ -1,10 +1,12 @@
-//! The `waquota` binary: `serve` runs the service.
+//! The `waquota` binary: `serve` runs the service, `config check` validates settings, and the
+//! operator commands (`inspect`, `window`, `policy`, `sender`, `reset`) talk to a running server.
 
-use std::{net::SocketAddr, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use waquota::config::{Settings, Store};
-use waquota::model::{Defaults, Tier, WindowMode};
+use waquota::cli::{self, ClientArgs};
+use waquota::config::{LogFormat, OnStoreError, Overrides, Settings, Store, parse_bool};
+use waquota::model::{Tier, WindowMode};
 
 #[derive(Parser)]
 #[command(
@@ -13,6 +15,8 @@ use waquota::model::{Defaults, Tier, WindowMode};
     about = "Distributed rate limiter for WhatsApp Business messaging limits"
 )]
 struct Cli {
+    #[command(flatten)]
+    client: ClientArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -20,123 +24,222 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gRPC service (in-memory ledger unless a Redis store is given).
-    Serve(ServeArgs),
+    Serve(SettingsArgs),
+    /// Work with the server's settings.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    #[command(flatten)]
+    Operator(cli::Command),
 }
 
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate the settings and print the effective ones, secrets redacted.
+    Check(SettingsArgs),
+}
+
+/// Every server setting as a flag; a flag beats the environment, which beats the file.
 #[derive(clap::Args)]
-struct ServeArgs {
-    /// Address of the gRPC listener.
-    #[arg(long, env = "WAQUOTA_LISTEN", default_value = "0.0.0.0:50051")]
-    listen: SocketAddr,
-    /// Standalone Redis URL (redis:// or rediss://); without a store option the ledger is in memory.
-    #[arg(long, env = "WAQUOTA_REDIS_URL", conflicts_with = "redis_cluster")]
+struct SettingsArgs {
+    /// TOML configuration file (between the built-in defaults and the environment).
+    #[arg(long, env = "WAQUOTA_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address of the gRPC listener [default: 0.0.0.0:50051] [env: WAQUOTA_LISTEN].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Standalone Redis URL (redis:// or rediss:// for TLS; user:password@ for ACL); without a
+    /// store the ledger is in memory [env: WAQUOTA_REDIS_URL].
+    #[arg(long, value_name = "URL", conflicts_with = "redis_cluster")]
     redis: Option<String>,
-    /// Redis Cluster seed node URLs, comma-separated.
-    #[arg(long, env = "WAQUOTA_REDIS_CLUSTER", value_delimiter = ',')]
+    /// Redis Cluster seed node URLs, comma-separated [env: WAQUOTA_REDIS_CLUSTER].
+    #[arg(long, value_name = "URLS", value_delimiter = ',')]
     redis_cluster: Vec<String>,
-    /// Prefix of every Redis key.
-    #[arg(long, env = "WAQUOTA_KEY_PREFIX", default_value = "wq")]
-    key_prefix: String,
-    /// Honour the `at` field of requests (tests, replays, simulations).
-    #[arg(long, env = "WAQUOTA_TRUST_CLIENT_CLOCK")]
-    trust_client_clock: bool,
-    /// Tier of senders that have no stored policy: 50, 250, 1k, 2k, 10k, 100k, unlimited.
-    #[arg(long, env = "WAQUOTA_DEFAULT_TIER", default_value = "250", value_parser = parse_tier)]
-    default_tier: Tier,
-    /// Window mode of senders that have no stored policy: conversation or rolling.
-    #[arg(long, env = "WAQUOTA_DEFAULT_SENDER_MODE", default_value = "conversation", value_parser = parse_mode)]
-    default_sender_mode: WindowMode,
-    /// Tier of portfolios that have no stored policy.
-    #[arg(long, env = "WAQUOTA_DEFAULT_PORTFOLIO_TIER", default_value = "250", value_parser = parse_tier)]
-    default_portfolio_tier: Tier,
-    /// Window mode of portfolios that have no stored policy.
-    #[arg(long, env = "WAQUOTA_DEFAULT_PORTFOLIO_MODE", default_value = "rolling", value_parser = parse_mode)]
-    default_portfolio_mode: WindowMode,
-    /// Most recipients in one AcquireBatch.
-    #[arg(long, env = "WAQUOTA_MAX_BATCH", default_value_t = 1000)]
-    max_batch: usize,
-    /// Multiplexed connections kept to Redis.
-    #[arg(long, env = "WAQUOTA_REDIS_POOL_SIZE", default_value_t = 4)]
-    redis_pool_size: usize,
-    /// Longest wait for one Redis call, in milliseconds, before answering UNAVAILABLE.
-    #[arg(long, env = "WAQUOTA_REDIS_TIMEOUT_MS", default_value_t = 2000)]
-    redis_timeout_ms: u64,
-    /// How long in-flight requests may take to finish on shutdown, in milliseconds.
-    #[arg(long, env = "WAQUOTA_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
-    shutdown_grace_ms: u64,
-    /// Log filter (tracing EnvFilter syntax), e.g. info or waquota=debug.
-    #[arg(long, env = "WAQUOTA_LOG", default_value = "info")]
-    log: String,
+    /// Prefix of every Redis key [default: wq] [env: WAQUOTA_KEY_PREFIX].
+    #[arg(long, value_name = "PREFIX")]
+    key_prefix: Option<String>,
+    /// Honour the `at` field of requests (tests, replays, simulations) [default: false] [env: WAQUOTA_TRUST_CLIENT_CLOCK].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = parse_bool)]
+    trust_client_clock: Option<bool>,
+    /// Tier of senders without a stored policy: 50, 250, 1k, 2k, 10k, 100k, unlimited
+    /// [default: 250] [env: WAQUOTA_DEFAULT_TIER].
+    #[arg(long, alias = "default-sender-tier", value_name = "TIER")]
+    default_tier: Option<Tier>,
+    /// Window mode of senders without a stored policy: conversation or rolling
+    /// [default: conversation] [env: WAQUOTA_DEFAULT_SENDER_MODE].
+    #[arg(long, value_name = "MODE")]
+    default_sender_mode: Option<WindowMode>,
+    /// Tier of portfolios without a stored policy [default: 250] [env: WAQUOTA_DEFAULT_PORTFOLIO_TIER].
+    #[arg(long, value_name = "TIER")]
+    default_portfolio_tier: Option<Tier>,
+    /// Window mode of portfolios without a stored policy [default: rolling] [env: WAQUOTA_DEFAULT_PORTFOLIO_MODE].
+    #[arg(long, value_name = "MODE")]
+    default_portfolio_mode: Option<WindowMode>,
+    /// Messages per second of senders whose policy sets none (inbound and outbound together)
+    /// [default: 80] [env: WAQUOTA_DEFAULT_MESSAGES_PER_SECOND].
+    #[arg(long, value_name = "N")]
+    default_messages_per_second: Option<u32>,
+    /// Pair rate: one message per this many milliseconds from a sender to one user
+    /// [default: 6000] [env: WAQUOTA_DEFAULT_PAIR_INTERVAL_MS].
+    #[arg(long, value_name = "MS")]
+    default_pair_interval_ms: Option<u64>,
+    /// Pair rate: messages to one user that may go out at once [default: 45] [env: WAQUOTA_DEFAULT_PAIR_BURST].
+    #[arg(long, value_name = "N")]
+    default_pair_burst: Option<u32>,
+    /// Most recipients in one AcquireBatch [default: 1000] [env: WAQUOTA_MAX_BATCH].
+    #[arg(long, value_name = "N")]
+    max_batch: Option<usize>,
+    /// Largest gRPC message accepted, in bytes [default: 4194304] [env: WAQUOTA_MAX_MESSAGE_BYTES].
+    #[arg(long, value_name = "BYTES")]
+    max_message_bytes: Option<usize>,
+    /// Most requests in flight at once [default: 4096] [env: WAQUOTA_MAX_IN_FLIGHT].
+    #[arg(long, value_name = "N")]
+    max_in_flight: Option<usize>,
+    /// Multiplexed connections kept to Redis [default: 4] [env: WAQUOTA_REDIS_POOL_SIZE].
+    #[arg(long, value_name = "N")]
+    redis_pool_size: Option<usize>,
+    /// Longest wait for one Redis call before answering UNAVAILABLE [default: 2000] [env: WAQUOTA_REDIS_TIMEOUT_MS].
+    #[arg(long, value_name = "MS")]
+    redis_timeout_ms: Option<u64>,
+    /// How long in-flight requests may take to finish on shutdown [default: 10000] [env: WAQUOTA_SHUTDOWN_GRACE_MS].
+    #[arg(long, value_name = "MS")]
+    shutdown_grace_ms: Option<u64>,
+    /// Answer when the store cannot be reached: deny or allow [default: deny] [env: WAQUOTA_ON_STORE_ERROR].
+    #[arg(long, value_name = "deny|allow")]
+    on_store_error: Option<OnStoreError>,
+    /// Prometheus /metrics listener address [default: none] [env: WAQUOTA_METRICS_LISTEN].
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+    /// Log format: text or json [default: text] [env: WAQUOTA_LOG_FORMAT].
+    #[arg(long, value_name = "text|json")]
+    log_format: Option<LogFormat>,
+    /// Log filter (tracing EnvFilter syntax), e.g. info or waquota=debug [default: info] [env: WAQUOTA_LOG_LEVEL].
+    #[arg(long, alias = "log", value_name = "FILTER")]
+    log_level: Option<String>,
+    /// Bearer tokens that may call QuotaService, comma-separated (prefer the file or the
+    /// environment: flags show in the process list) [env: WAQUOTA_AUTH_SENDER_TOKENS].
+    #[arg(long, value_name = "TOKENS", value_delimiter = ',')]
+    auth_sender_tokens: Option<Vec<String>>,
+    /// Bearer tokens that may call QuotaService and AdminService, comma-separated [env: WAQUOTA_AUTH_OPERATOR_TOKENS].
+    #[arg(long, value_name = "TOKENS", value_delimiter = ',')]
+    auth_operator_tokens: Option<Vec<String>>,
+    /// Server certificate (PEM) for TLS; needs --tls-key [env: WAQUOTA_TLS_CERT].
+    #[arg(long, value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert [env: WAQUOTA_TLS_KEY].
+    #[arg(long, value_name = "PEM")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that client certificates must chain to (mutual TLS) [env: WAQUOTA_TLS_CLIENT_CA].
+    #[arg(long, value_name = "PEM")]
+    tls_client_ca: Option<PathBuf>,
 }
 
-fn parse_tier(s: &str) -> Result<Tier, String> {
-    Tier::from_name(s)
-        .ok_or_else(|| format!("unknown tier {s:?}: use 50, 250, 1k, 2k, 10k, 100k or unlimited"))
-}
-
-fn parse_mode(s: &str) -> Result<WindowMode, String> {
-    WindowMode::from_name(s)
-        .ok_or_else(|| format!("unknown window mode {s:?}: use conversation or rolling"))
-}
-
-impl ServeArgs {
-    fn settings(&self) -> Settings {
+impl SettingsArgs {
+    fn overrides(&self) -> Overrides {
         let store = match (&self.redis, self.redis_cluster.is_empty()) {
-            (Some(url), _) => Store::Redis { url: url.clone() },
-            (None, false) => Store::Cluster {
+            (Some(url), _) => Some(Store::Redis { url: url.clone() }),
+            (None, false) => Some(Store::Cluster {
                 nodes: self.redis_cluster.clone(),
-            },
-            (None, true) => Store::Memory,
+            }),
+            (None, true) => None,
         };
-        let mut defaults = Defaults::default();
-        defaults.sender.tier = self.default_tier;
-        defaults.sender.window_mode = self.default_sender_mode;
-        defaults.portfolio.tier = self.default_portfolio_tier;
-        defaults.portfolio.window_mode = self.default_portfolio_mode;
-        Settings {
+        Overrides {
             listen: self.listen,
             store,
             key_prefix: self.key_prefix.clone(),
             trust_client_clock: self.trust_client_clock,
-            defaults,
+            default_sender_tier: self.default_tier,
+            default_sender_mode: self.default_sender_mode,
+            default_portfolio_tier: self.default_portfolio_tier,
+            default_portfolio_mode: self.default_portfolio_mode,
+            default_messages_per_second: self.default_messages_per_second,
+            default_pair_interval: self.default_pair_interval_ms.map(Duration::from_millis),
+            default_pair_burst: self.default_pair_burst,
             max_batch: self.max_batch,
-            redis_pool_size: self.redis_pool_size.max(1),
-            redis_timeout: Duration::from_millis(self.redis_timeout_ms),
-            shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
-            log_level: self.log.clone(),
-            ..Settings::default()
+            max_message_bytes: self.max_message_bytes,
+            max_in_flight: self.max_in_flight,
+            redis_pool_size: self.redis_pool_size,
+            redis_timeout: self.redis_timeout_ms.map(Duration::from_millis),
+            shutdown_grace: self.shutdown_grace_ms.map(Duration::from_millis),
+            on_store_error: self.on_store_error,
+            metrics_listen: self.metrics_listen,
+            log_format: self.log_format,
+            log_level: self.log_level.clone(),
+            sender_tokens: self.auth_sender_tokens.clone(),
+            operator_tokens: self.auth_operator_tokens.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            tls_client_ca: self.tls_client_ca.clone(),
         }
     }
+
+    fn load(&self) -> Result<Settings, String> {
+        Settings::load(self.config.as_deref(), std::env::vars(), self.overrides())
+            .map_err(|e| format!("invalid configuration: {e}"))
+    }
+}
+
+fn fail(code: u8, message: &str) -> ExitCode {
+    eprintln!("waquota: {message}");
+    ExitCode::from(code)
+}
+
+fn init_tracing(settings: &Settings) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&settings.log_level)
+        .unwrap_or_else(|_| "info".into());
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter);
+    match settings.log_format {
+        LogFormat::Text => fmt.init(),
+        LogFormat::Json => fmt.json().init(),
+    }
+}
+
+async fn serve(args: SettingsArgs) -> ExitCode {
+    let settings = match args.load() {
+        Ok(s) => s,
+        Err(e) => return fail(1, &e),
+    };
+    init_tracing(&settings);
+    let listener = match tokio::net::TcpListener::bind(settings.listen).await {
+        Ok(l) => l,
+        Err(e) => return fail(1, &format!("cannot listen on {}: {e}", settings.listen)),
+    };
+    match waquota::server::serve(settings, listener, waquota::server::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(1, &e.to_string()),
+    }
+}
+
+fn config_check(args: SettingsArgs, json: bool) -> ExitCode {
+    let settings = match args.load() {
+        Ok(s) => s.redacted(),
+        Err(e) => return fail(1, &e),
+    };
+    if json {
+        match serde_json::to_string_pretty(&settings) {
+            Ok(s) => println!("{s}"),
+            Err(e) => return fail(1, &format!("cannot print the settings: {e}")),
+        }
+    } else {
+        let source = match &args.config {
+            Some(p) => format!("defaults < {} < environment < flags", p.display()),
+            None => "defaults < environment < flags".into(),
+        };
+        println!("# valid; effective settings ({source}); secrets shown as ***");
+        print!("{}", settings.to_toml());
+    }
+    ExitCode::SUCCESS
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_new(&args.log)
-                        .unwrap_or_else(|_| "info".into()),
-                )
-                .init();
-            let settings = args.settings();
-            let listener = match tokio::net::TcpListener::bind(settings.listen).await {
-                Ok(l) => l,
-                Err(e) => {
-                    eprintln!("waquota: cannot listen on {}: {e}", settings.listen);
-                    return ExitCode::FAILURE;
-                }
-            };
-            match waquota::server::serve(settings, listener, waquota::server::shutdown_signal())
-                .await
-            {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("waquota: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Command::Serve(args) => serve(args).await,
+        Command::Config(ConfigCommand::Check(args)) => config_check(args, cli.client.json),
+        Command::Operator(command) => match cli::run(command, &cli.client).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e.exit_code(), e.message()),
+        },
     }
 }

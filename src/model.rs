@@ -203,8 +203,20 @@ impl Tier {
     /// legacy trial tier (50), which only verification lifts.
     pub fn next(self, rules: RuleSet) -> Option<Tier> {
         let ladder: &[Tier] = match rules {
-            RuleSet::Legacy => &[Tier::T250, Tier::T1K, Tier::T10K, Tier::T100K, Tier::Unlimited],
-            RuleSet::Portfolio => &[Tier::T250, Tier::T2K, Tier::T10K, Tier::T100K, Tier::Unlimited],
+            RuleSet::Legacy => &[
+                Tier::T250,
+                Tier::T1K,
+                Tier::T10K,
+                Tier::T100K,
+                Tier::Unlimited,
+            ],
+            RuleSet::Portfolio => &[
+                Tier::T250,
+                Tier::T2K,
+                Tier::T10K,
+                Tier::T100K,
+                Tier::Unlimited,
+            ],
         };
         let i = ladder.iter().position(|t| *t == self)?;
         ladder.get(i + 1).copied()
@@ -212,9 +224,27 @@ impl Tier {
 
     /// The tier below on the legacy ladder (portfolios are never downgraded).
     pub fn previous(self) -> Option<Tier> {
-        let ladder = [Tier::T50, Tier::T250, Tier::T1K, Tier::T10K, Tier::T100K, Tier::Unlimited];
+        let ladder = [
+            Tier::T50,
+            Tier::T250,
+            Tier::T1K,
+            Tier::T10K,
+            Tier::T100K,
+            Tier::Unlimited,
+        ];
         let i = ladder.iter().position(|t| *t == self)?;
         i.checked_sub(1).map(|j| ladder[j])
+    }
+}
+
+/// Parses a tier name (configuration, flags, the CLI); the error lists the names.
+impl std::str::FromStr for Tier {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Tier, String> {
+        Tier::from_name(s).ok_or_else(|| {
+            format!("unknown tier {s:?}: use 50, 250, 1k, 2k, 10k, 100k or unlimited")
+        })
     }
 }
 
@@ -279,7 +309,10 @@ named_enum!(
 impl SenderStatus {
     /// May not send at all: `DECISION_DENIED_SENDER_BLOCKED`.
     pub fn blocks(self) -> bool {
-        matches!(self, SenderStatus::Paused | SenderStatus::Banned | SenderStatus::Disconnected)
+        matches!(
+            self,
+            SenderStatus::Paused | SenderStatus::Banned | SenderStatus::Disconnected
+        )
     }
 }
 
@@ -297,6 +330,15 @@ named_enum!(
     /// A template's category; the marketing frequency cap applies to `Marketing`.
     Category { Marketing = "marketing", Utility = "utility", Authentication = "authentication", Service = "service" }
 );
+
+impl std::str::FromStr for WindowMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<WindowMode, String> {
+        WindowMode::from_name(s)
+            .ok_or_else(|| format!("unknown window mode {s:?}: use conversation or rolling"))
+    }
+}
 
 /// A policy: of a window (tier, limit, mode, headroom, rules: read from the window's owner) and of
 /// a sender (status, quality, rates, caps: read from the sender's own policy). PRODUCT.md §2.4.
@@ -350,7 +392,11 @@ impl Policy {
 
     /// The limit this policy enforces; 0 = unlimited.
     pub fn limit(&self) -> u64 {
-        if self.custom_limit > 0 { self.custom_limit } else { self.tier.limit() }
+        if self.custom_limit > 0 {
+            self.custom_limit
+        } else {
+            self.tier.limit()
+        }
     }
 
     /// The limit minus the headroom, rounded down (meaningless when `limit()` is 0 = unlimited).
@@ -362,11 +408,10 @@ impl Policy {
     /// yellow (PRODUCT.md §1.3).
     pub fn eligible_for_upgrade(&self) -> bool {
         self.status == SenderStatus::Connected
-            && match (self.rule_set, self.quality) {
-                (_, None | Some(Quality::Green)) => true,
-                (RuleSet::Legacy, Some(Quality::Yellow)) => true,
-                _ => false,
-            }
+            && matches!(
+                (self.rule_set, self.quality),
+                (_, None | Some(Quality::Green)) | (RuleSet::Legacy, Some(Quality::Yellow))
+            )
     }
 }
 
@@ -411,16 +456,33 @@ pub struct Rates {
 
 impl Rates {
     pub fn of(p: &Policy, d: &Defaults) -> Rates {
-        let mps = if p.messages_per_second == 0 { d.messages_per_second } else { p.messages_per_second }.max(1);
-        let pair_ms = if p.pair_interval_ms == 0 { d.pair_interval_ms } else { p.pair_interval_ms };
-        let pair_burst = if p.pair_burst == 0 { d.pair_burst } else { p.pair_burst };
+        let mps = if p.messages_per_second == 0 {
+            d.messages_per_second
+        } else {
+            p.messages_per_second
+        }
+        .max(1);
+        let pair_ms = if p.pair_interval_ms == 0 {
+            d.pair_interval_ms
+        } else {
+            p.pair_interval_ms
+        };
+        let pair_burst = if p.pair_burst == 0 {
+            d.pair_burst
+        } else {
+            p.pair_burst
+        };
         Rates {
             interval_us: 1_000_000 / i64::from(mps),
             burst: i64::from(mps),
             pair_interval_us: pair_ms * 1000,
             pair_burst: i64::from(pair_burst.max(1)),
             marketing_cap: p.marketing_cap,
-            marketing_period_ms: if p.marketing_cap_period_ms == 0 { DAY_MS } else { p.marketing_cap_period_ms },
+            marketing_period_ms: if p.marketing_cap_period_ms == 0 {
+                DAY_MS
+            } else {
+                p.marketing_cap_period_ms
+            },
         }
     }
 }
@@ -432,7 +494,11 @@ impl Rates {
 pub fn gcra(tat_us: i64, now_us: i64, interval_us: i64, burst: i64) -> Result<i64, Millis> {
     let new_tat = tat_us.max(now_us) + interval_us;
     let over = new_tat - now_us - burst * interval_us;
-    if over > 0 { Err((over + 999) / 1000) } else { Ok(new_tat) }
+    if over > 0 {
+        Err((over + 999) / 1000)
+    } else {
+        Ok(new_tat)
+    }
 }
 
 /// How long a refused WhatsApp marketing message (error 131049) holds marketing to that user.
@@ -473,7 +539,38 @@ pub fn upgrade_threshold_met(rules: RuleSet, tier: Tier, unique_7d: u64, unique_
     let half = tier.limit() / 2;
     match rules {
         RuleSet::Legacy => tier != Tier::T50 && unique_7d >= half,
-        RuleSet::Portfolio => unique_7d >= half || (tier == Tier::T250 && unique_30d >= PORTFOLIO_ENTRY_UNIQUES),
+        RuleSet::Portfolio => {
+            unique_7d >= half || (tier == Tier::T250 && unique_30d >= PORTFOLIO_ENTRY_UNIQUES)
+        }
+    }
+}
+
+/// When the count of unique users reached the bar for the next tier, re-derived from the times
+/// users got new slots (used when a release takes one back: the threshold-th user still counted
+/// in the trailing window is when the bar was reached without it). None: the bar is not reached.
+pub fn crossing_time(rules: RuleSet, tier: Tier, times: &[Millis], now: Millis) -> Option<Millis> {
+    let nth_since = |since: Millis, n: u64| {
+        let mut t: Vec<Millis> = times.iter().copied().filter(|t| *t > since).collect();
+        t.sort_unstable();
+        usize::try_from(n)
+            .ok()
+            .and_then(|n| n.checked_sub(1))
+            .and_then(|i| t.get(i).copied())
+    };
+    if tier.limit() == 0 {
+        return None;
+    }
+    let by_week = match (rules, tier) {
+        (RuleSet::Legacy, Tier::T50) => None,
+        _ => nth_since(now - WEEK_MS, tier.limit() / 2),
+    };
+    let by_month = match (rules, tier) {
+        (RuleSet::Portfolio, Tier::T250) => nth_since(now - MONTH_MS, PORTFOLIO_ENTRY_UNIQUES),
+        _ => None,
+    };
+    match (by_week, by_month) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -690,7 +787,11 @@ pub struct WindowPage {
 
 /// `remaining` against the effective limit (limit 0 = unlimited: remaining is reported as 0).
 pub fn remaining(limit: u64, effective: u64, used: u64) -> u64 {
-    if limit == 0 { 0 } else { effective.saturating_sub(used) }
+    if limit == 0 {
+        0
+    } else {
+        effective.saturating_sub(used)
+    }
 }
 
 /// What a failure report did.
@@ -750,8 +851,18 @@ mod tests {
         assert_eq!(Tier::T50.next(RuleSet::Legacy), None);
         assert_eq!(Tier::T10K.previous(), Some(Tier::T1K));
         assert!(upgrade_threshold_met(RuleSet::Legacy, Tier::T1K, 500, 500));
-        assert!(!upgrade_threshold_met(RuleSet::Legacy, Tier::T1K, 499, 2000));
-        assert!(upgrade_threshold_met(RuleSet::Portfolio, Tier::T250, 10, 2000));
+        assert!(!upgrade_threshold_met(
+            RuleSet::Legacy,
+            Tier::T1K,
+            499,
+            2000
+        ));
+        assert!(upgrade_threshold_met(
+            RuleSet::Portfolio,
+            Tier::T250,
+            10,
+            2000
+        ));
         assert_eq!(effective_limit(250, 10), 225);
         assert_eq!(effective_limit(1000, 33), 670);
     }

@@ -67,10 +67,14 @@ pub async fn serve_with<L: Ledger>(
         max_batch: settings.max_batch,
     };
     let (reporter, health) = tonic_health::server::health_reporter();
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Both reflection versions: v1 for current tools, v1alpha for older grpcurl, grpcui, Postman.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let reflection = reflection().build_v1()?;
 
     let (stop_health, mut health_stopped) = tokio::sync::watch::channel(false);
     let probe = {
@@ -120,6 +124,7 @@ pub async fn serve_with<L: Ledger>(
     let server = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(QuotaServiceServer::new(QuotaApi::new(
             ledger.clone(),
             opts.clone(),

@@ -6,9 +6,9 @@ use tonic::Status;
 
 use crate::ledger::LedgerError;
 use crate::model::{
-    Category, DAY_MS, Decision, Defaults, Inspection, InvalidArgument, MessageKind, Millis, Outcome,
-    Policy, PortfolioId, Projection, Quality, RecipientId, RuleSet, Scope, SenderId, SenderStatus,
-    Target, Tier, WindowEntry, WindowMode,
+    Category, DAY_MS, Decision, Defaults, Inspection, InvalidArgument, MessageKind, Millis,
+    Outcome, Policy, PortfolioId, Projection, Quality, RecipientId, RuleSet, Scope, SenderId,
+    SenderStatus, Target, Tier, WindowEntry, WindowMode,
 };
 use crate::proto;
 
@@ -88,7 +88,12 @@ pub fn category(v: i32) -> Result<Option<Category>, InvalidArgument> {
         Ok(proto::Category::Utility) => Some(Category::Utility),
         Ok(proto::Category::Authentication) => Some(Category::Authentication),
         Ok(proto::Category::Service) => Some(Category::Service),
-        Err(_) => return Err(InvalidArgument::new("category", format!("unknown Category {v}"))),
+        Err(_) => {
+            return Err(InvalidArgument::new(
+                "category",
+                format!("unknown Category {v}"),
+            ));
+        }
     })
 }
 
@@ -98,9 +103,15 @@ fn duration_ms(field: &str, d: Option<&Duration>, max: Millis) -> Result<Millis,
     if !(0..1_000_000_000).contains(&d.nanos) || d.seconds < 0 {
         return Err(InvalidArgument::new(field, "must be a positive duration"));
     }
-    let ms = d.seconds.saturating_mul(1000).saturating_add(i64::from(d.nanos / 1_000_000));
+    let ms = d
+        .seconds
+        .saturating_mul(1000)
+        .saturating_add(i64::from(d.nanos / 1_000_000));
     if ms < 1 || ms > max {
-        return Err(InvalidArgument::new(field, format!("must be between 1 ms and {} h", max / 3_600_000)));
+        return Err(InvalidArgument::new(
+            field,
+            format!("must be between 1 ms and {} h", max / 3_600_000),
+        ));
     }
     Ok(ms)
 }
@@ -154,33 +165,47 @@ pub fn tier_to_proto(t: Tier) -> proto::Tier {
     }
 }
 
-fn mode_to_proto(m: WindowMode) -> proto::WindowMode {
+pub fn mode_to_proto(m: WindowMode) -> proto::WindowMode {
     match m {
         WindowMode::Conversation => proto::WindowMode::Conversation,
         WindowMode::Rolling => proto::WindowMode::Rolling,
     }
 }
 
+pub fn mode_from_proto(m: proto::WindowMode) -> Option<WindowMode> {
+    match m {
+        proto::WindowMode::Unspecified => None,
+        proto::WindowMode::Conversation => Some(WindowMode::Conversation),
+        proto::WindowMode::Rolling => Some(WindowMode::Rolling),
+    }
+}
+
 /// A policy from the wire; unspecified fields take the target kind's configured default.
-pub fn policy(p: Option<&proto::Policy>, target: &Target, defaults: &Defaults) -> Result<Policy, InvalidArgument> {
+pub fn policy(
+    p: Option<&proto::Policy>,
+    target: &Target,
+    defaults: &Defaults,
+) -> Result<Policy, InvalidArgument> {
     let p = p.ok_or_else(|| InvalidArgument::new("policy", "required"))?;
     let base = match target {
         Target::Sender(_) => defaults.sender,
         Target::Portfolio(_) => defaults.portfolio,
     };
-    let unknown = |field: &str, what: &str, v: i32| InvalidArgument::new(field, format!("unknown {what} {v}"));
+    let unknown = |field: &str, what: &str, v: i32| {
+        InvalidArgument::new(field, format!("unknown {what} {v}"))
+    };
     let tier = match proto::Tier::try_from(p.tier) {
         Ok(t) => tier_from_proto(t).unwrap_or(base.tier),
         Err(_) => return Err(unknown("policy.tier", "Tier", p.tier)),
     };
     let window_mode = match proto::WindowMode::try_from(p.window_mode) {
-        Ok(proto::WindowMode::Unspecified) => base.window_mode,
-        Ok(proto::WindowMode::Conversation) => WindowMode::Conversation,
-        Ok(proto::WindowMode::Rolling) => WindowMode::Rolling,
+        Ok(m) => mode_from_proto(m).unwrap_or(base.window_mode),
         Err(_) => return Err(unknown("policy.window_mode", "WindowMode", p.window_mode)),
     };
     let status = match proto::SenderStatus::try_from(p.status) {
-        Ok(proto::SenderStatus::Unspecified | proto::SenderStatus::Connected) => SenderStatus::Connected,
+        Ok(proto::SenderStatus::Unspecified | proto::SenderStatus::Connected) => {
+            SenderStatus::Connected
+        }
         Ok(proto::SenderStatus::Flagged) => SenderStatus::Flagged,
         Ok(proto::SenderStatus::Restricted) => SenderStatus::Restricted,
         Ok(proto::SenderStatus::Paused) => SenderStatus::Paused,
@@ -202,19 +227,34 @@ pub fn policy(p: Option<&proto::Policy>, target: &Target, defaults: &Defaults) -
         Err(_) => return Err(unknown("policy.rule_set", "RuleSet", p.rule_set)),
     };
     if p.custom_limit > 1_000_000_000 {
-        return Err(InvalidArgument::new("policy.custom_limit", "must be at most 1,000,000,000"));
+        return Err(InvalidArgument::new(
+            "policy.custom_limit",
+            "must be at most 1,000,000,000",
+        ));
     }
     if p.messages_per_second > 100_000 {
-        return Err(InvalidArgument::new("policy.messages_per_second", "must be 1 to 100,000 (0 = the default)"));
+        return Err(InvalidArgument::new(
+            "policy.messages_per_second",
+            "must be 1 to 100,000 (0 = the default)",
+        ));
     }
     if p.pair_burst > 10_000 {
-        return Err(InvalidArgument::new("policy.pair_burst", "must be at most 10,000 (0 = the default)"));
+        return Err(InvalidArgument::new(
+            "policy.pair_burst",
+            "must be at most 10,000 (0 = the default)",
+        ));
     }
     if p.headroom_percent > 99 {
-        return Err(InvalidArgument::new("policy.headroom_percent", "must be 0 to 99"));
+        return Err(InvalidArgument::new(
+            "policy.headroom_percent",
+            "must be 0 to 99",
+        ));
     }
     if p.marketing_cap > 10_000 {
-        return Err(InvalidArgument::new("policy.marketing_cap", "must be at most 10,000 (0 = no cap)"));
+        return Err(InvalidArgument::new(
+            "policy.marketing_cap",
+            "must be at most 10,000 (0 = no cap)",
+        ));
     }
     Ok(Policy {
         tier,
@@ -228,7 +268,11 @@ pub fn policy(p: Option<&proto::Policy>, target: &Target, defaults: &Defaults) -
         headroom_percent: p.headroom_percent,
         sender_cap: p.sender_cap,
         marketing_cap: p.marketing_cap,
-        marketing_cap_period_ms: duration_ms("policy.marketing_cap_period", p.marketing_cap_period.as_ref(), 90 * DAY_MS)?,
+        marketing_cap_period_ms: duration_ms(
+            "policy.marketing_cap_period",
+            p.marketing_cap_period.as_ref(),
+            90 * DAY_MS,
+        )?,
         rule_set,
         auto_tier: p.auto_tier,
     })
@@ -259,7 +303,8 @@ pub fn policy_to_proto(p: &Policy) -> proto::Policy {
         headroom_percent: p.headroom_percent,
         sender_cap: p.sender_cap,
         marketing_cap: p.marketing_cap,
-        marketing_cap_period: (p.marketing_cap_period_ms > 0).then(|| duration(p.marketing_cap_period_ms)),
+        marketing_cap_period: (p.marketing_cap_period_ms > 0)
+            .then(|| duration(p.marketing_cap_period_ms)),
         rule_set: match p.rule_set {
             RuleSet::Legacy => proto::RuleSet::Legacy,
             RuleSet::Portfolio => proto::RuleSet::Portfolio,
@@ -294,6 +339,14 @@ pub fn scope_to_proto(s: Scope) -> proto::Scope {
     match s {
         Scope::Sender => proto::Scope::Sender,
         Scope::Portfolio => proto::Scope::Portfolio,
+    }
+}
+
+pub fn scope_from_proto(s: proto::Scope) -> Option<Scope> {
+    match s {
+        proto::Scope::Unspecified => None,
+        proto::Scope::Sender => Some(Scope::Sender),
+        proto::Scope::Portfolio => Some(Scope::Portfolio),
     }
 }
 

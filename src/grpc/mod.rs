@@ -121,7 +121,14 @@ impl<L: Ledger> QuotaService for QuotaApi<L> {
             .map(|(i, s)| (s.as_str(), format!("recipients[{i}]")))
             .collect();
         let results = self
-            .decide(&r.sender, recipients, r.kind, r.category, r.dry_run, r.at.as_ref())
+            .decide(
+                &r.sender,
+                recipients,
+                r.kind,
+                r.category,
+                r.dry_run,
+                r.at.as_ref(),
+            )
             .await?;
         Ok(Response::new(proto::AcquireBatchResponse { results }))
     }
@@ -161,17 +168,33 @@ impl<L: Ledger> QuotaService for QuotaApi<L> {
         }))
     }
 
-    async fn confirm(&self, req: Request<proto::ConfirmRequest>) -> Result<Response<proto::ConfirmResponse>, Status> {
+    async fn confirm(
+        &self,
+        req: Request<proto::ConfirmRequest>,
+    ) -> Result<Response<proto::ConfirmResponse>, Status> {
         let r = req.into_inner();
         let sender = SenderId::parse("sender", &r.sender).map_err(invalid)?;
         let recipient = RecipientId::parse("recipient", &r.recipient).map_err(invalid)?;
         let reservation = Reservation::parse("reservation", &r.reservation).map_err(invalid)?;
-        let delivered = r.delivered_at.as_ref().ok_or_else(|| Status::invalid_argument("delivered_at: required"))?;
-        let delivered_at = convert::ms_from_timestamp("delivered_at", delivered).map_err(invalid)?;
+        let delivered = r
+            .delivered_at
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("delivered_at: required"))?;
+        let delivered_at =
+            convert::ms_from_timestamp("delivered_at", delivered).map_err(invalid)?;
         let at = convert::clock(r.at.as_ref(), self.opts.trust_client_clock).map_err(invalid)?;
-        match self.ledger.confirm(sender, recipient, reservation, delivered_at, at).await.map_err(status)? {
-            Some(until) => Ok(Response::new(proto::ConfirmResponse { expires_at: Some(convert::timestamp(until)) })),
-            None => Err(Status::not_found("reservation: no live slot was opened by this reservation")),
+        match self
+            .ledger
+            .confirm(sender, recipient, reservation, delivered_at, at)
+            .await
+            .map_err(status)?
+        {
+            Some(until) => Ok(Response::new(proto::ConfirmResponse {
+                expires_at: Some(convert::timestamp(until)),
+            })),
+            None => Err(Status::not_found(
+                "reservation: no live slot was opened by this reservation",
+            )),
         }
     }
 
@@ -188,7 +211,11 @@ impl<L: Ledger> QuotaService for QuotaApi<L> {
             Some(Reservation::parse("reservation", &r.reservation).map_err(invalid)?)
         };
         let at = convert::clock(r.at.as_ref(), self.opts.trust_client_clock).map_err(invalid)?;
-        let out = self.ledger.report_failure(sender, recipient, reservation, r.error_code, at).await.map_err(status)?;
+        let out = self
+            .ledger
+            .report_failure(sender, recipient, reservation, r.error_code, at)
+            .await
+            .map_err(status)?;
         Ok(Response::new(proto::ReportFailureResponse {
             released: out.released,
             hold_until: out.hold_until.map(convert::timestamp),

@@ -9,12 +9,12 @@ use std::sync::Mutex;
 
 use super::{Ledger, LedgerError, Result};
 use crate::model::{
-    AcquireRequest, Category, Cursor, Decision, Defaults, FailureOutcome, Inspection, MessageKind,
-    Millis, Outcome, Policy, PortfolioId, Projection, Rates, RecipientId, Reservation, RuleSet,
-    Scope, SenderId, SenderStatus, Target, Tier, WindowEntry, WindowMode, WindowPage,
-    ERROR_MARKETING_CAP, FLAGGED_DOWNGRADE_MS, FREE_ENTRY_POINT_MS, HOUR_MS, MARKETING_HOLD_MS,
-    MONTH_MS, SERVICE_WINDOW_MS, SLOT_MS, WEEK_MS, gcra, remaining, upgrade_delay,
-    upgrade_threshold_met,
+    AcquireRequest, Category, Cursor, Decision, Defaults, ERROR_MARKETING_CAP,
+    FLAGGED_DOWNGRADE_MS, FREE_ENTRY_POINT_MS, FailureOutcome, HOUR_MS, Inspection,
+    MARKETING_HOLD_MS, MONTH_MS, MessageKind, Millis, Outcome, Policy, PortfolioId, Projection,
+    Rates, RecipientId, Reservation, RuleSet, SERVICE_WINDOW_MS, SLOT_MS, Scope, SenderId,
+    SenderStatus, Target, Tier, WEEK_MS, WindowEntry, WindowMode, WindowPage, crossing_time, gcra,
+    remaining, upgrade_delay, upgrade_threshold_met,
 };
 
 pub struct MemoryLedger {
@@ -83,7 +83,9 @@ impl Window {
     }
 
     fn held_by(&self, sender: &SenderId, now: Millis) -> u64 {
-        self.live(now).filter(|(_, r)| self.slots[r].sender == *sender).count() as u64
+        self.live(now)
+            .filter(|(_, r)| self.slots[r].sender == *sender)
+            .count() as u64
     }
 
     fn slot(&self, r: &RecipientId, now: Millis) -> Option<&Slot> {
@@ -208,8 +210,16 @@ impl State {
 
     fn policy(&self, owner: &Target, defaults: &Defaults) -> Policy {
         match owner {
-            Target::Sender(s) => self.sender_policy.get(s).copied().unwrap_or(defaults.sender),
-            Target::Portfolio(p) => self.portfolio_policy.get(p).copied().unwrap_or(defaults.portfolio),
+            Target::Sender(s) => self
+                .sender_policy
+                .get(s)
+                .copied()
+                .unwrap_or(defaults.sender),
+            Target::Portfolio(p) => self
+                .portfolio_policy
+                .get(p)
+                .copied()
+                .unwrap_or(defaults.portfolio),
         }
     }
 
@@ -231,18 +241,29 @@ impl State {
     }
 
     fn service_window(&self, sender: &SenderId, r: &RecipientId, now: Millis) -> Option<Millis> {
-        self.service_windows.get(sender)?.get(r).copied().filter(|e| *e > now)
+        self.service_windows
+            .get(sender)?
+            .get(r)
+            .copied()
+            .filter(|e| *e > now)
     }
 
     /// A user got a new slot: count it for projections, and project an upgrade once the count
     /// first reaches the bar. Returns the user's previous entry (restored if the slot is released).
-    fn note_unique(&mut self, home: &Target, policy: &Policy, r: &RecipientId, now: Millis) -> Option<Millis> {
+    fn note_unique(
+        &mut self,
+        home: &Target,
+        policy: &Policy,
+        r: &RecipientId,
+        now: Millis,
+    ) -> Option<Millis> {
         let uniques = self.uniques.entry(home.clone()).or_default();
         uniques.retain(|_, t| *t > now - MONTH_MS);
         let prev = uniques.insert(r.clone(), now);
         let prog = self.progress.entry(home.clone()).or_default();
         let pending = prog.upgrade_at.is_some() && prog.upgrade_from == Some(policy.tier);
-        if !pending && policy.eligible_for_upgrade() && policy.tier.next(policy.rule_set).is_some() {
+        if !pending && policy.eligible_for_upgrade() && policy.tier.next(policy.rule_set).is_some()
+        {
             let u7 = count_since(Some(uniques), now - WEEK_MS);
             let u30 = uniques.len() as u64;
             if upgrade_threshold_met(policy.rule_set, policy.tier, u7, u30) {
@@ -253,9 +274,20 @@ impl State {
         prev
     }
 
-    fn release_slot(&mut self, home: &Target, r: &RecipientId, res: Reservation, now: Millis) -> bool {
-        let Some(window) = self.windows.get_mut(home) else { return false };
-        let matches = window.slot(r, now).is_some_and(|s| s.reservation == res && !s.touched);
+    fn release_slot(
+        &mut self,
+        home: &Target,
+        r: &RecipientId,
+        res: Reservation,
+        now: Millis,
+        defaults: &Defaults,
+    ) -> bool {
+        let Some(window) = self.windows.get_mut(home) else {
+            return false;
+        };
+        let matches = window
+            .slot(r, now)
+            .is_some_and(|s| s.reservation == res && !s.touched);
         if !matches {
             return false;
         }
@@ -267,6 +299,24 @@ impl State {
                 Some(prev) => u.insert(r.clone(), prev),
                 None => u.remove(r),
             };
+            // A pending upgrade counted this user: re-derive when the bar was reached without it.
+            let times: Vec<Millis> = u.values().copied().collect();
+            let policy = self.policy(home, defaults);
+            if let Some(prog) = self.progress.get_mut(home)
+                && prog.upgrade_at.is_some()
+                && prog.upgrade_from == Some(policy.tier)
+            {
+                match crossing_time(policy.rule_set, policy.tier, &times, now) {
+                    Some(t) => prog.upgrade_at = Some(t + upgrade_delay(policy.rule_set)),
+                    None => {
+                        *prog = Progress {
+                            upgrade_at: None,
+                            upgrade_from: None,
+                            ..*prog
+                        }
+                    }
+                }
+            }
         }
         true
     }
@@ -288,15 +338,24 @@ impl State {
         let rates = Rates::of(&spol, defaults);
         let limit = wpol.limit();
         let effective = wpol.effective_limit();
-        let sender_cap = if scope == Scope::Portfolio { spol.sender_cap } else { 0 };
+        let sender_cap = if scope == Scope::Portfolio {
+            spol.sender_cap
+        } else {
+            0
+        };
         let blocked = wpol.status.blocks() || spol.status.blocks();
-        let restricted = wpol.status == SenderStatus::Restricted || spol.status == SenderStatus::Restricted;
+        let restricted =
+            wpol.status == SenderStatus::Restricted || spol.status == SenderStatus::Restricted;
         let marketing = req.category == Some(Category::Marketing);
 
         let window = self.windows.entry(home.clone()).or_default();
         window.trim(now);
         let mut used = window.used(now);
-        let mut held = if sender_cap > 0 { window.held_by(sender, now) } else { 0 };
+        let mut held = if sender_cap > 0 {
+            window.held_by(sender, now)
+        } else {
+            0
+        };
 
         let mut out = Vec::with_capacity(req.recipients.len());
         for r in &req.recipients {
@@ -311,21 +370,38 @@ impl State {
                 let service = self.service_window(sender, r, now);
                 let slot = window.slot(r, now);
                 let fresh = service.is_none() && slot.is_none();
-                if service.is_none() && (req.kind == MessageKind::FreeForm || (restricted && slot.is_none())) {
+                if service.is_none()
+                    && (req.kind == MessageKind::FreeForm || (restricted && slot.is_none()))
+                {
                     break 'decide Decision::DeniedOutsideServiceWindow;
                 }
                 if fresh {
                     let over_limit = limit > 0 && used >= effective;
                     let over_cap = sender_cap > 0 && held >= sender_cap;
                     if over_limit || over_cap {
-                        let w = if over_limit { window.frees_at(now, used - effective, None) } else { Some(now) };
-                        let c = if over_cap { window.frees_at(now, held - sender_cap, Some(sender)) } else { Some(now) };
-                        retry_after_ms = w.max(c).map(|e| e - now);
+                        // When both bars must clear, the later moment; None when one never
+                        // clears (an effective limit of 0 admits no one, whatever frees).
+                        let w = if over_limit {
+                            window.frees_at(now, used - effective, None)
+                        } else {
+                            Some(now)
+                        };
+                        let c = if over_cap {
+                            window.frees_at(now, held - sender_cap, Some(sender))
+                        } else {
+                            Some(now)
+                        };
+                        retry_after_ms = w.zip(c).map(|(w, c)| w.max(c) - now);
                         break 'decide Decision::DeniedLimit;
                     }
                 }
                 if marketing {
-                    let hold = self.holds.get(&home).and_then(|h| h.get(r)).copied().filter(|h| *h > now);
+                    let hold = self
+                        .holds
+                        .get(&home)
+                        .and_then(|h| h.get(r))
+                        .copied()
+                        .filter(|h| *h > now);
                     if let Some(h) = hold {
                         retry_after_ms = Some(h - now);
                         break 'decide Decision::DeniedMarketingCap;
@@ -341,19 +417,26 @@ impl State {
                         times.sort_unstable();
                         let cap = rates.marketing_cap as usize;
                         if times.len() >= cap {
-                            retry_after_ms = Some(times[times.len() - cap] + rates.marketing_period_ms - now);
+                            retry_after_ms =
+                                Some(times[times.len() - cap] + rates.marketing_period_ms - now);
                             break 'decide Decision::DeniedMarketingCap;
                         }
                     }
                 }
-                let pair_tat = self.pair.get(sender).and_then(|p| p.get(r)).copied().unwrap_or(now_us);
-                let new_pair = match gcra(pair_tat, now_us, rates.pair_interval_us, rates.pair_burst) {
-                    Ok(t) => t,
-                    Err(wait) => {
-                        retry_after_ms = Some(wait);
-                        break 'decide Decision::DeniedPairRate;
-                    }
-                };
+                let pair_tat = self
+                    .pair
+                    .get(sender)
+                    .and_then(|p| p.get(r))
+                    .copied()
+                    .unwrap_or(now_us);
+                let new_pair =
+                    match gcra(pair_tat, now_us, rates.pair_interval_us, rates.pair_burst) {
+                        Ok(t) => t,
+                        Err(wait) => {
+                            retry_after_ms = Some(wait);
+                            break 'decide Decision::DeniedPairRate;
+                        }
+                    };
                 let tat = self.throughput.get(sender).copied().unwrap_or(now_us);
                 let new_tat = match gcra(tat, now_us, rates.interval_us, rates.burst) {
                     Ok(t) => t,
@@ -365,9 +448,17 @@ impl State {
 
                 // Admitted: consume, in every place at once.
                 self.throughput.insert(sender.clone(), new_tat);
-                self.pair.entry(sender.clone()).or_default().insert(r.clone(), new_pair);
+                self.pair
+                    .entry(sender.clone())
+                    .or_default()
+                    .insert(r.clone(), new_pair);
                 if marketing {
-                    let times = self.marketing.entry(sender.clone()).or_default().entry(r.clone()).or_default();
+                    let times = self
+                        .marketing
+                        .entry(sender.clone())
+                        .or_default()
+                        .entry(r.clone())
+                        .or_default();
                     times.retain(|t| *t > now - rates.marketing_period_ms);
                     times.push(now);
                 }
@@ -381,25 +472,43 @@ impl State {
                         WindowMode::Rolling => slot.expires_at.max(now + SLOT_MS),
                     };
                     let window = self.windows.get_mut(&home).expect("window exists");
-                    window.set(r, Slot { expires_at: until, touched: true, ..slot });
+                    window.set(
+                        r,
+                        Slot {
+                            expires_at: until,
+                            touched: true,
+                            ..slot
+                        },
+                    );
                     expires_at = Some(until);
                     break 'decide Decision::AllowedCounted;
                 }
                 let prev_unique = self.note_unique(&home, &wpol, r, now);
                 let window = self.windows.get_mut(&home).expect("window exists");
                 window.seq += 1;
-                let res = Reservation { opened_at: now, seq: window.seq };
+                let res = Reservation {
+                    opened_at: now,
+                    seq: window.seq,
+                };
                 let until = now + SLOT_MS;
                 window.set(
                     r,
-                    Slot { expires_at: until, sender: sender.clone(), reservation: res, touched: false, prev_unique },
+                    Slot {
+                        expires_at: until,
+                        sender: sender.clone(),
+                        reservation: res,
+                        touched: false,
+                        prev_unique,
+                    },
                 );
-                used += 1;
-                held += 1;
                 expires_at = Some(until);
                 reservation = Some(res);
                 Decision::AllowedNew
             };
+            if decision == Decision::AllowedNew {
+                used += 1;
+                held += 1;
+            }
             out.push(Outcome {
                 recipient: r.clone(),
                 decision,
@@ -419,7 +528,10 @@ impl State {
 
 impl MemoryLedger {
     pub fn new(defaults: Defaults) -> Self {
-        MemoryLedger { defaults, state: Mutex::new(State::default()) }
+        MemoryLedger {
+            defaults,
+            state: Mutex::new(State::default()),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -450,7 +562,7 @@ impl Ledger for MemoryLedger {
         let now = clock(at);
         let mut st = self.lock();
         let home = st.home(&sender);
-        Ok(st.release_slot(&home, &recipient, reservation, now))
+        Ok(st.release_slot(&home, &recipient, reservation, now, &self.defaults))
     }
 
     async fn record_inbound(
@@ -461,19 +573,29 @@ impl Ledger for MemoryLedger {
         at: Option<Millis>,
     ) -> Result<Millis> {
         let now = clock(at);
-        let span = if free_entry_point { FREE_ENTRY_POINT_MS } else { SERVICE_WINDOW_MS };
+        let span = if free_entry_point {
+            FREE_ENTRY_POINT_MS
+        } else {
+            SERVICE_WINDOW_MS
+        };
         let mut st = self.lock();
         // Inbound messages share the sender's throughput (WhatsApp counts both ways); they are
         // never refused, but at most fill the burst.
-        let rates = Rates::of(&st.policy(&Target::Sender(sender.clone()), &self.defaults), &self.defaults);
+        let rates = Rates::of(
+            &st.policy(&Target::Sender(sender.clone()), &self.defaults),
+            &self.defaults,
+        );
         let now_us = now * 1000;
         let tat = st.throughput.get(&sender).copied().unwrap_or(now_us);
-        let new_tat = (tat.max(now_us) + rates.interval_us).min(now_us + rates.burst * rates.interval_us);
+        let new_tat =
+            (tat.max(now_us) + rates.interval_us).min(now_us + rates.burst * rates.interval_us);
         st.throughput.insert(sender.clone(), new_tat);
         let windows = st.service_windows.entry(sender).or_default();
         windows.retain(|_, e| *e > now);
         // A new inbound message restarts the window, but never cuts a longer free entry point short.
-        let until = windows.get(&recipient).map_or(now + span, |e| (*e).max(now + span));
+        let until = windows
+            .get(&recipient)
+            .map_or(now + span, |e| (*e).max(now + span));
         windows.insert(recipient, until);
         Ok(until)
     }
@@ -489,13 +611,25 @@ impl Ledger for MemoryLedger {
         let now = clock(at);
         let mut st = self.lock();
         let home = st.home(&sender);
-        let Some(window) = st.windows.get_mut(&home) else { return Ok(None) };
-        let Some(slot) = window.slot(&recipient, now).filter(|s| s.reservation == reservation).cloned() else {
+        let Some(window) = st.windows.get_mut(&home) else {
+            return Ok(None);
+        };
+        let Some(slot) = window
+            .slot(&recipient, now)
+            .filter(|s| s.reservation == reservation)
+            .cloned()
+        else {
             return Ok(None);
         };
         let delivered = delivered_at.clamp(reservation.opened_at, now);
         let until = slot.expires_at.max(delivered + SLOT_MS);
-        window.set(&recipient, Slot { expires_at: until, ..slot });
+        window.set(
+            &recipient,
+            Slot {
+                expires_at: until,
+                ..slot
+            },
+        );
         Ok(Some(until))
     }
 
@@ -510,18 +644,29 @@ impl Ledger for MemoryLedger {
         let now = clock(at);
         let mut st = self.lock();
         let home = st.home(&sender);
-        let released = reservation.is_some_and(|res| st.release_slot(&home, &recipient, res, now));
+        let released = reservation
+            .is_some_and(|res| st.release_slot(&home, &recipient, res, now, &self.defaults));
         let hold_until = (error_code == ERROR_MARKETING_CAP).then(|| {
             let holds = st.holds.entry(home).or_default();
             holds.retain(|_, h| *h > now);
-            let until = holds.get(&recipient).map_or(now + MARKETING_HOLD_MS, |h| (*h).max(now + MARKETING_HOLD_MS));
+            let until = holds.get(&recipient).map_or(now + MARKETING_HOLD_MS, |h| {
+                (*h).max(now + MARKETING_HOLD_MS)
+            });
             holds.insert(recipient, until);
             until
         });
-        Ok(FailureOutcome { released, hold_until })
+        Ok(FailureOutcome {
+            released,
+            hold_until,
+        })
     }
 
-    async fn put_policy(&self, target: Target, policy: Policy, at: Option<Millis>) -> Result<Policy> {
+    async fn put_policy(
+        &self,
+        target: Target,
+        policy: Policy,
+        at: Option<Millis>,
+    ) -> Result<Policy> {
         let now = clock(at);
         let mut st = self.lock();
         let old = st.policy(&target, &self.defaults);
@@ -543,13 +688,21 @@ impl Ledger for MemoryLedger {
             m.remove(&sender);
         }
         if let Some(p) = portfolio {
-            st.members.entry(p.clone()).or_default().insert(sender.clone());
+            st.members
+                .entry(p.clone())
+                .or_default()
+                .insert(sender.clone());
             st.assigned.insert(sender, p);
         }
         Ok(())
     }
 
-    async fn inspect(&self, target: Target, recipient: Option<RecipientId>, at: Option<Millis>) -> Result<Inspection> {
+    async fn inspect(
+        &self,
+        target: Target,
+        recipient: Option<RecipientId>,
+        at: Option<Millis>,
+    ) -> Result<Inspection> {
         let now = clock(at);
         let st = self.lock();
         let home = st.deciding(&target);
@@ -564,15 +717,23 @@ impl Ledger for MemoryLedger {
         let used = window.used(now);
         let senders: Vec<SenderId> = match &target {
             Target::Sender(s) => vec![s.clone()],
-            Target::Portfolio(p) => st.members.get(p).map(|m| m.iter().cloned().collect()).unwrap_or_default(),
+            Target::Portfolio(p) => st
+                .members
+                .get(p)
+                .map(|m| m.iter().cloned().collect())
+                .unwrap_or_default(),
         };
         let open_service_windows = senders
             .iter()
             .filter_map(|s| st.service_windows.get(s))
             .map(|w| w.values().filter(|e| **e > now).count() as u64)
             .sum();
-        let service_window_until =
-            recipient.as_ref().and_then(|r| senders.iter().filter_map(|s| st.service_window(s, r, now)).max());
+        let service_window_until = recipient.as_ref().and_then(|r| {
+            senders
+                .iter()
+                .filter_map(|s| st.service_window(s, r, now))
+                .max()
+        });
         let uniques = st.uniques.get(&home);
         Ok(Inspection {
             now,
@@ -595,7 +756,10 @@ impl Ledger for MemoryLedger {
             used,
             remaining: remaining(limit, effective, used),
             next_slot_free_at: window.live(now).next().map(|(e, _)| *e),
-            slots_freeing_next_hour: window.live(now).take_while(|(e, _)| *e <= now + HOUR_MS).count() as u64,
+            slots_freeing_next_hour: window
+                .live(now)
+                .take_while(|(e, _)| *e <= now + HOUR_MS)
+                .count() as u64,
             open_service_windows,
             portfolio: match &target {
                 Target::Sender(s) => st.assigned.get(s).cloned(),
@@ -605,7 +769,10 @@ impl Ledger for MemoryLedger {
                 Target::Sender(_) => Vec::new(),
                 Target::Portfolio(_) => senders,
             },
-            counted_until: recipient.as_ref().and_then(|r| window.slot(r, now)).map(|s| s.expires_at),
+            counted_until: recipient
+                .as_ref()
+                .and_then(|r| window.slot(r, now))
+                .map(|s| s.expires_at),
             service_window_until,
             recipient,
         })
@@ -622,17 +789,31 @@ impl Ledger for MemoryLedger {
         let st = self.lock();
         let home = st.deciding(&target);
         let Some(window) = st.windows.get(&home) else {
-            return Ok(WindowPage { entries: Vec::new(), next: None });
+            return Ok(WindowPage {
+                entries: Vec::new(),
+                next: None,
+            });
         };
         let mut entries: Vec<WindowEntry> = window
             .live(now)
-            .filter(|(e, r)| after.as_ref().is_none_or(|c| (*e, r) > (c.expires_at, &c.recipient)))
+            .filter(|(e, r)| {
+                after
+                    .as_ref()
+                    .is_none_or(|c| (*e, r) > (c.expires_at, &c.recipient))
+            })
             .take(page_size + 1)
-            .map(|(e, r)| WindowEntry { recipient: r.clone(), expires_at: *e, sender: window.slots[r].sender.clone() })
+            .map(|(e, r)| WindowEntry {
+                recipient: r.clone(),
+                expires_at: *e,
+                sender: window.slots[r].sender.clone(),
+            })
             .collect();
         let next = if entries.len() > page_size {
             entries.truncate(page_size);
-            entries.last().map(|e| Cursor { expires_at: e.expires_at, recipient: e.recipient.clone() })
+            entries.last().map(|e| Cursor {
+                expires_at: e.expires_at,
+                recipient: e.recipient.clone(),
+            })
         } else {
             None
         };

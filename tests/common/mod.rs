@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod dsl;
 
 use std::io::{Read, Write};
@@ -65,7 +66,7 @@ fn spawn_killed_with_parent(cmd: &mut Command) -> std::io::Result<Child> {
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
-fn scratch_dir(what: &str) -> PathBuf {
+pub fn scratch_dir(what: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "waquota-test-{what}-{}-{}",
         std::process::id(),
@@ -396,6 +397,11 @@ pub struct WaquotaProcess {
 
 impl WaquotaProcess {
     pub fn start(args: &[&str]) -> WaquotaProcess {
+        Self::start_with_env(args, &[])
+    }
+
+    /// Starts `waquota serve` with extra environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> WaquotaProcess {
         for _ in 0..5 {
             let port = free_port(false);
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
@@ -403,7 +409,8 @@ impl WaquotaProcess {
             cmd.arg("serve")
                 .args(["--listen", &addr.to_string()])
                 .args(args)
-                .env("WAQUOTA_LOG", "warn");
+                .env("WAQUOTA_LOG", "warn")
+                .envs(env.iter().copied());
             let mut child = spawn_killed_with_parent(&mut cmd).expect("spawn waquota");
             let start = Instant::now();
             while start.elapsed() < Duration::from_secs(10) {

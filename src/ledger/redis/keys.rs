@@ -113,7 +113,11 @@ impl HomeKeys {
     /// Prefix of the per-sender slot indexes (scripts append the opener); "" at a sender home,
     /// which keeps none (its window holds one sender's slots only).
     pub fn sender_slots_prefix(&self) -> String {
-        if self.kind == "p" { self.key("ws:") } else { String::new() }
+        if self.kind == "p" {
+            self.key("ws:")
+        } else {
+            String::new()
+        }
     }
 
     /// string: the sender's throughput GCRA theoretical arrival time (us). TTL: until it.

@@ -22,8 +22,9 @@ use crate::config::{Settings, Store};
 use crate::model::{
     AcquireRequest, Category, Cursor, Decision, Defaults, ERROR_MARKETING_CAP, FREE_ENTRY_POINT_MS,
     FailureOutcome, Inspection, MARKETING_HOLD_MS, MessageKind, Millis, Outcome, Policy,
-    PortfolioId, Projection, Quality, RecipientId, Reservation, RuleSet, SERVICE_WINDOW_MS, SLOT_MS,
-    Scope, SenderId, SenderStatus, Target, Tier, WindowEntry, WindowMode, WindowPage, remaining,
+    PortfolioId, Projection, Quality, RecipientId, Reservation, RuleSet, SERVICE_WINDOW_MS,
+    SLOT_MS, Scope, SenderId, SenderStatus, Target, Tier, WindowEntry, WindowMode, WindowPage,
+    remaining,
 };
 use keys::{Home, HomeKeys, Keys};
 use scripts::{Script, Scripts};
@@ -249,7 +250,10 @@ fn policy_fields(p: &Policy) -> [(&'static str, String); 14] {
         ("custom", p.custom_limit.to_string()),
         ("mode", p.window_mode.name().to_owned()),
         ("status", p.status.name().to_owned()),
-        ("quality", p.quality.map(|q| q.name()).unwrap_or_default().to_owned()),
+        (
+            "quality",
+            p.quality.map(|q| q.name()).unwrap_or_default().to_owned(),
+        ),
         ("mps", p.messages_per_second.to_string()),
         ("pint", p.pair_interval_ms.to_string()),
         ("pburst", p.pair_burst.to_string()),
@@ -275,7 +279,11 @@ fn parse_policy(f: &[Value]) -> Option<Policy> {
         custom_limit: n(1)? as u64,
         window_mode: WindowMode::from_name(&t(2)?)?,
         status: SenderStatus::from_name(&t(3)?)?,
-        quality: if quality.is_empty() { None } else { Some(Quality::from_name(&quality)?) },
+        quality: if quality.is_empty() {
+            None
+        } else {
+            Some(Quality::from_name(&quality)?)
+        },
         messages_per_second: n(5)? as u32,
         pair_interval_ms: n(6)?,
         pair_burst: n(7)? as u32,
@@ -482,9 +490,17 @@ impl Ledger for RedisLedger {
                 .clock(req.at)
                 .arg(home.kind())
                 .arg(req.sender.as_str())
-                .arg(if req.kind == MessageKind::FreeForm { "f" } else { "t" })
+                .arg(if req.kind == MessageKind::FreeForm {
+                    "f"
+                } else {
+                    "t"
+                })
                 .arg(if req.dry_run { "1" } else { "0" })
-                .arg(if req.category == Some(Category::Marketing) { "1" } else { "0" })
+                .arg(if req.category == Some(Category::Marketing) {
+                    "1"
+                } else {
+                    "0"
+                })
                 .arg(w.tier.name())
                 .arg(w.window_mode.name())
                 .arg(w.rule_set.name())
@@ -519,7 +535,10 @@ impl Ledger for RedisLedger {
                 let reservation = if resv.is_empty() {
                     None
                 } else {
-                    Some(Reservation::parse("reservation", &format!("r{resv}")).map_err(|_| bad())?)
+                    Some(
+                        Reservation::parse("reservation", &format!("r{resv}"))
+                            .map_err(|_| bad())?,
+                    )
                 };
                 Ok(Outcome {
                     recipient: r.clone(),
@@ -547,13 +566,24 @@ impl Ledger for RedisLedger {
         let s = &self.scripts.release;
         let (_, v) = self
             .at_home(&sender, |home, k| {
-                Call::new(s, vec![k.window(), k.window_meta(), k.residency(), k.uniques()])
-                    .clock(at)
-                    .arg(home.kind())
-                    .arg(sender.as_str())
-                    .arg(recipient.as_str())
-                    .arg(reservation.stored())
-                    .arg(k.sender_slots_prefix())
+                Call::new(
+                    s,
+                    vec![
+                        k.window(),
+                        k.window_meta(),
+                        k.residency(),
+                        k.uniques(),
+                        k.window_policy(&sender),
+                    ],
+                )
+                .clock(at)
+                .arg(home.kind())
+                .arg(sender.as_str())
+                .arg(recipient.as_str())
+                .arg(reservation.stored())
+                .arg(k.sender_slots_prefix())
+                .arg(self.defaults_for(home).tier.name())
+                .arg(self.defaults_for(home).rule_set.name())
             })
             .await?;
         let items = items(v).map_err(|v| bad_reply("release", &v))?;
@@ -568,7 +598,11 @@ impl Ledger for RedisLedger {
         at: Option<Millis>,
     ) -> Result<Millis> {
         let s = &self.scripts.inbound;
-        let span = if free_entry_point { FREE_ENTRY_POINT_MS } else { SERVICE_WINDOW_MS };
+        let span = if free_entry_point {
+            FREE_ENTRY_POINT_MS
+        } else {
+            SERVICE_WINDOW_MS
+        };
         let (_, v) = self
             .at_home(&sender, |home, k| {
                 Call::new(
@@ -590,7 +624,10 @@ impl Ledger for RedisLedger {
             })
             .await?;
         let items = items(v).map_err(|v| bad_reply("inbound", &v))?;
-        items.get(1).and_then(int).ok_or_else(|| bad_reply("inbound", &Value::Array(items.clone())))
+        items
+            .get(1)
+            .and_then(int)
+            .ok_or_else(|| bad_reply("inbound", &Value::Array(items.clone())))
     }
 
     async fn confirm(
@@ -632,12 +669,23 @@ impl Ledger for RedisLedger {
         at: Option<Millis>,
     ) -> Result<FailureOutcome> {
         let s = &self.scripts.failure;
-        let hold = if error_code == ERROR_MARKETING_CAP { MARKETING_HOLD_MS } else { 0 };
+        let hold = if error_code == ERROR_MARKETING_CAP {
+            MARKETING_HOLD_MS
+        } else {
+            0
+        };
         let (_, v) = self
             .at_home(&sender, |home, k| {
                 Call::new(
                     s,
-                    vec![k.window(), k.window_meta(), k.residency(), k.uniques(), k.marketing_holds()],
+                    vec![
+                        k.window(),
+                        k.window_meta(),
+                        k.residency(),
+                        k.uniques(),
+                        k.marketing_holds(),
+                        k.window_policy(&sender),
+                    ],
                 )
                 .clock(at)
                 .arg(home.kind())
@@ -647,6 +695,8 @@ impl Ledger for RedisLedger {
                 .arg(k.sender_slots_prefix())
                 .num(hold)
                 .num(TTL_SLACK_MS)
+                .arg(self.defaults_for(home).tier.name())
+                .arg(self.defaults_for(home).rule_set.name())
             })
             .await?;
         let items = items(v).map_err(|v| bad_reply("failure", &v))?;
@@ -656,10 +706,18 @@ impl Ledger for RedisLedger {
         })
     }
 
-    async fn put_policy(&self, target: Target, policy: Policy, at: Option<Millis>) -> Result<Policy> {
+    async fn put_policy(
+        &self,
+        target: Target,
+        policy: Policy,
+        at: Option<Millis>,
+    ) -> Result<Policy> {
         let s = &self.scripts.policy;
         let make = |home: &Home, key: String, residency: String, sender: &str| {
-            let mut call = Call::new(s, vec![key, residency]).arg(home.kind()).arg(sender).clock(at);
+            let mut call = Call::new(s, vec![key, residency])
+                .arg(home.kind())
+                .arg(sender)
+                .clock(at);
             for (field, value) in policy_fields(&policy) {
                 call = call.arg(field).arg(value);
             }
@@ -669,11 +727,19 @@ impl Ledger for RedisLedger {
             Target::Portfolio(p) => {
                 let home = Home::Portfolio(p);
                 let k = self.keys.home(&home);
-                self.run(&make(&home, k.portfolio_policy(), k.residency(), "")).await?;
+                self.run(&make(&home, k.portfolio_policy(), k.residency(), ""))
+                    .await?;
             }
             Target::Sender(sender) => {
-                self.at_home(&sender, |home, k| make(home, k.sender_policy(&sender), k.residency(), sender.as_str()))
-                    .await?;
+                self.at_home(&sender, |home, k| {
+                    make(
+                        home,
+                        k.sender_policy(&sender),
+                        k.residency(),
+                        sender.as_str(),
+                    )
+                })
+                .await?;
             }
         }
         Ok(policy)
@@ -734,13 +800,31 @@ impl Ledger for RedisLedger {
         Ok(())
     }
 
-    async fn inspect(&self, target: Target, recipient: Option<RecipientId>, at: Option<Millis>) -> Result<Inspection> {
+    async fn inspect(
+        &self,
+        target: Target,
+        recipient: Option<RecipientId>,
+        at: Option<Millis>,
+    ) -> Result<Inspection> {
         let s = &self.scripts.inspect;
-        let r = recipient.as_ref().map(|r| r.as_str().to_owned()).unwrap_or_default();
-        let make = |home: &Home, k: &HomeKeys, sender: &str, policy_key: String, sender_key: String| {
-            let w = self.defaults_for(home);
-            let d = self.defaults.sender;
-            Call::new(s, vec![k.window(), policy_key, k.residency(), k.uniques(), sender_key])
+        let r = recipient
+            .as_ref()
+            .map(|r| r.as_str().to_owned())
+            .unwrap_or_default();
+        let make =
+            |home: &Home, k: &HomeKeys, sender: &str, policy_key: String, sender_key: String| {
+                let w = self.defaults_for(home);
+                let d = self.defaults.sender;
+                Call::new(
+                    s,
+                    vec![
+                        k.window(),
+                        policy_key,
+                        k.residency(),
+                        k.uniques(),
+                        sender_key,
+                    ],
+                )
                 .clock(at)
                 .arg(home.kind())
                 .arg(sender)
@@ -752,18 +836,32 @@ impl Ledger for RedisLedger {
                 .arg(d.window_mode.name())
                 .arg(d.rule_set.name())
                 .arg(k.service_windows_prefix())
-        };
+            };
         let (home, v) = match &target {
             Target::Sender(sender) => {
                 self.at_home(sender, |home, k| {
-                    make(home, k, sender.as_str(), k.window_policy(sender), k.sender_policy(sender))
+                    make(
+                        home,
+                        k,
+                        sender.as_str(),
+                        k.window_policy(sender),
+                        k.sender_policy(sender),
+                    )
                 })
                 .await?
             }
             Target::Portfolio(p) => {
                 let home = Home::Portfolio(p.clone());
                 let k = self.keys.home(&home);
-                let v = self.run(&make(&home, &k, "", k.portfolio_policy(), k.portfolio_policy())).await?;
+                let v = self
+                    .run(&make(
+                        &home,
+                        &k,
+                        "",
+                        k.portfolio_policy(),
+                        k.portfolio_policy(),
+                    ))
+                    .await?;
                 (home, v)
             }
         };
@@ -779,13 +877,22 @@ impl Ledger for RedisLedger {
         let (sender_policy, rest) = match &target {
             Target::Sender(_) => {
                 let end = HEAD + 2 * POLICY_FIELDS;
-                (Some(parse_policy(f.get(HEAD + POLICY_FIELDS..end).ok_or_else(bad)?).ok_or_else(bad)?), end)
+                (
+                    Some(
+                        parse_policy(f.get(HEAD + POLICY_FIELDS..end).ok_or_else(bad)?)
+                            .ok_or_else(bad)?,
+                    ),
+                    end,
+                )
             }
             Target::Portfolio(_) => (None, HEAD + POLICY_FIELDS),
         };
         // SMEMBERS order is arbitrary: sort here, as the memory ledger does.
-        let mut senders: Vec<SenderId> =
-            f[rest..].iter().filter_map(text).filter_map(|s| SenderId::parse("sender", &s).ok()).collect();
+        let mut senders: Vec<SenderId> = f[rest..]
+            .iter()
+            .filter_map(text)
+            .filter_map(|s| SenderId::parse("sender", &s).ok())
+            .collect();
         senders.sort();
         let limit = num(9)? as u64;
         let effective = num(10)? as u64;
@@ -800,7 +907,11 @@ impl Ledger for RedisLedger {
             unique_7d: num(7)? as u64,
             unique_30d: num(8)? as u64,
             projection: Projection {
-                next_tier: if next_tier.is_empty() { None } else { Some(tier_named(&next_tier)?) },
+                next_tier: if next_tier.is_empty() {
+                    None
+                } else {
+                    Some(tier_named(&next_tier)?)
+                },
                 upgrade_at: opt_ms(&f[12]),
                 downgrade_at: opt_ms(&f[13]),
             },
@@ -882,10 +993,13 @@ impl Ledger for RedisLedger {
             Target::Portfolio(p) => (Home::Portfolio(p.clone()), String::new()),
         };
         let k = self.keys.home(&home);
-        let call = Call::new(&self.scripts.reset, vec![k.window(), k.window_meta(), k.residency()])
-            .arg(home.kind())
-            .arg(&sender)
-            .arg(k.sender_slots_prefix());
+        let call = Call::new(
+            &self.scripts.reset,
+            vec![k.window(), k.window_meta(), k.residency()],
+        )
+        .arg(home.kind())
+        .arg(&sender)
+        .arg(k.sender_slots_prefix());
         let v = self.run(&call).await?;
         if let Some(Some(p)) = moved(&v) {
             return Err(LedgerError::FailedPrecondition(format!(

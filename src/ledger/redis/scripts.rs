@@ -43,7 +43,8 @@ impl Script {
 
 /// Lua constants generated from `model`, so the scripts and the memory ledger share one ladder.
 fn prelude() -> String {
-    let mut p = String::from("-- Generated from waquota's model at start-up.\nlocal TIER_LIMIT = {");
+    let mut p =
+        String::from("-- Generated from waquota's model at start-up.\nlocal TIER_LIMIT = {");
     for t in Tier::ALL {
         let _ = write!(p, " ['{}'] = {},", t.name(), t.limit());
     }
