@@ -10,10 +10,11 @@ use tonic::{Code, Status};
 use waquota::proto::admin_service_client::AdminServiceClient;
 use waquota::proto::quota_service_client::QuotaServiceClient;
 use waquota::proto::{
-    AcquireBatchRequest, AcquireRequest, AcquireResponse, AssignSenderRequest, Decision,
-    InspectRequest, InspectResponse, ListWindowRequest, ListWindowResponse, MessageKind, Policy,
-    PutPolicyRequest, RecordInboundRequest, ReleaseRequest, ResetRequest, Target, Tier,
-    WindowEntry, WindowMode, target,
+    AcquireBatchRequest, AcquireRequest, AcquireResponse, AssignSenderRequest, Category,
+    ConfirmRequest, Decision, InspectRequest, InspectResponse, ListWindowRequest,
+    ListWindowResponse, MessageKind, Policy, PutPolicyRequest, RecordInboundRequest,
+    ReleaseRequest, ReportFailureRequest, ResetRequest, Target, Tier, WindowEntry, WindowMode,
+    target,
 };
 
 use super::{duration_ms, ms_of, ts};
@@ -393,4 +394,144 @@ pub fn assert_invalid<T: std::fmt::Debug>(res: Result<T, Status>, field: &str) {
         "message {:?} does not name {field:?}",
         status.message()
     );
+}
+
+// ------------------------------------------------------------------ policy engine (PRODUCT.md §2.3)
+
+/// Stores a policy on the trusted clock (`at` matters: setting FLAGGED starts the downgrade clock).
+pub async fn put_policy_at(a: &mut Admin, target: Option<Target>, p: Policy, at_ms: i64) -> Policy {
+    try_put_policy_at(a, target, p, at_ms)
+        .await
+        .unwrap_or_else(|e| panic!("put_policy: {e}"))
+}
+
+pub async fn try_put_policy_at(
+    a: &mut Admin,
+    target: Option<Target>,
+    p: Policy,
+    at_ms: i64,
+) -> Result<Policy, Status> {
+    a.put_policy(PutPolicyRequest {
+        target,
+        policy: Some(p),
+        at: Some(ts(at_ms)),
+    })
+    .await
+    .map(|r| r.into_inner().policy.expect("stored policy"))
+}
+
+/// Assigns `sender` to `portfolio` ("" detaches) on the trusted clock.
+pub async fn assign_at(a: &mut Admin, sender: &str, portfolio: &str, at_ms: i64) {
+    a.assign_sender(AssignSenderRequest {
+        sender: sender.into(),
+        portfolio: portfolio.into(),
+        at: Some(ts(at_ms)),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("assign_sender {sender} -> {portfolio:?}: {e}"));
+}
+
+/// A template message of a category.
+pub async fn acquire_category(
+    q: &mut Quota,
+    sender: &str,
+    recipient: &str,
+    category: Category,
+    at_ms: i64,
+) -> AcquireResponse {
+    q.acquire(AcquireRequest {
+        sender: sender.into(),
+        recipient: recipient.into(),
+        kind: MessageKind::Template as i32,
+        category: category as i32,
+        at: Some(ts(at_ms)),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("acquire {sender} -> {recipient}: {e}"))
+    .into_inner()
+}
+
+/// A batch of template messages of a category.
+pub async fn batch_category<S: AsRef<str>>(
+    q: &mut Quota,
+    sender: &str,
+    recipients: &[S],
+    category: Category,
+    at_ms: i64,
+) -> Vec<AcquireResponse> {
+    let results = q
+        .acquire_batch(AcquireBatchRequest {
+            sender: sender.into(),
+            recipients: recipients.iter().map(|r| r.as_ref().to_owned()).collect(),
+            kind: MessageKind::Template as i32,
+            category: category as i32,
+            at: Some(ts(at_ms)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("acquire_batch {sender}: {e}"))
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), recipients.len(), "one result per recipient");
+    results
+}
+
+/// Confirms the delivery of a reservation's message; the slot's new expiry (ms), or the status.
+pub async fn confirm(
+    q: &mut Quota,
+    sender: &str,
+    recipient: &str,
+    reservation: &str,
+    delivered_at_ms: Option<i64>,
+    at_ms: i64,
+) -> Result<i64, Status> {
+    q.confirm(ConfirmRequest {
+        sender: sender.into(),
+        recipient: recipient.into(),
+        reservation: reservation.into(),
+        delivered_at: delivered_at_ms.map(ts),
+        at: Some(ts(at_ms)),
+    })
+    .await
+    .map(|r| ms_of(r.into_inner().expires_at.as_ref().expect("expires_at")))
+}
+
+/// Reports WhatsApp's refusal of a message: `(released, hold_until ms)`.
+pub async fn report_failure(
+    q: &mut Quota,
+    sender: &str,
+    recipient: &str,
+    reservation: &str,
+    error_code: u32,
+    at_ms: i64,
+) -> (bool, Option<i64>) {
+    let r = q
+        .report_failure(ReportFailureRequest {
+            sender: sender.into(),
+            recipient: recipient.into(),
+            reservation: reservation.into(),
+            error_code,
+            at: Some(ts(at_ms)),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("report_failure {sender} -> {recipient}: {e}"))
+        .into_inner();
+    (r.released, r.hold_until.as_ref().map(ms_of))
+}
+
+/// A denial with exactly this decision and `retry_after`, reserving nothing.
+#[track_caller]
+pub fn assert_denied(r: &AcquireResponse, d: Decision, retry_ms: i64) {
+    assert_decision(r, d);
+    assert_eq!(retry_after(r), retry_ms, "retry_after of {r:?}");
+    assert!(r.reservation.is_empty(), "a denial reserves nothing: {r:?}");
+}
+
+/// A denial with this decision and no `retry_after` (waiting does not help).
+#[track_caller]
+pub fn assert_denied_for_good(r: &AcquireResponse, d: Decision) {
+    assert_decision(r, d);
+    assert_eq!(r.retry_after, None, "no retry_after in {r:?}");
+    assert!(r.reservation.is_empty(), "a denial reserves nothing: {r:?}");
 }
