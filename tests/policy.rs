@@ -323,6 +323,16 @@ async fn throughput_admits_one_seconds_worth_at_once_then_one_message_per_interv
     assert_decision(&acquire(&mut q, s, "b", t0 + 1).await, NEW);
     assert_denied(&acquire(&mut q, s, "c", t0 + 1).await, THROUGHPUT, 1);
 
+    // An interval that is not a whole number of microseconds is rounded down (3 per second:
+    // 333,333 us), and the wait up to the next millisecond.
+    let s = "three";
+    put_policy_at(&mut a, sender(s), mps(3), t0).await;
+    let rs = batch(&mut q, s, &users("a", 4), t0).await;
+    assert_all(&rs[..3], NEW);
+    assert_denied(&rs[3], THROUGHPUT, 334);
+    assert_denied(&acquire(&mut q, s, "b", t0 + 333).await, THROUGHPUT, 1);
+    assert_decision(&acquire(&mut q, s, "b", t0 + 334).await, NEW);
+
     // Throughput is the sender's: another sender is unaffected.
     assert_decision(&acquire(&mut q, "other", "a-0000", t0).await, NEW);
 
