@@ -3,7 +3,7 @@
 //! The struct is plain data with serde defaults, so that a configuration file may set any subset
 //! of it; the binary layers built-in defaults, the file, the environment and flags onto it.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
@@ -95,8 +95,16 @@ pub struct Settings {
     /// How long in-flight requests may take to finish on shutdown.
     #[serde(with = "millis")]
     pub shutdown_grace: Duration,
+    /// On shutdown, how long health reports NOT_SERVING before the listener closes, so load
+    /// balancers stop routing here while calls still succeed.
+    #[serde(with = "millis")]
+    pub shutdown_delay: Duration,
     /// Decisions when the store cannot be reached (a policy may override it).
     pub on_store_error: OnStoreError,
+    /// Per-sender overrides of `on_store_error`, by sender id. Why in the configuration and not
+    /// in the stored policy: when the store is down, the stored policy cannot be read either,
+    /// and neither can a sender's portfolio; so an override for a portfolio lists its senders.
+    pub on_store_error_senders: BTreeMap<String, OnStoreError>,
     /// Prometheus `/metrics` listener; `None` = no metrics endpoint.
     pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
@@ -120,7 +128,9 @@ impl Default for Settings {
             redis_pool_size: 4,
             redis_timeout: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(10),
+            shutdown_delay: Duration::ZERO,
             on_store_error: OnStoreError::Deny,
+            on_store_error_senders: BTreeMap::new(),
             metrics_listen: None,
             log_format: LogFormat::Text,
             log_level: "info".into(),

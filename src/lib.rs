@@ -7,14 +7,19 @@
 //! - [`ledger`]: the [`ledger::Ledger`] trait and its two implementations: in memory (one
 //!   process) and Redis (one atomic Lua script per decision, shared by every instance).
 //! - [`config`]: settings for the server.
-//! - [`server`]: wiring: services, health, reflection, graceful shutdown.
+//! - [`outage`]: what decisions answer while the store cannot be reached.
+//! - [`metrics`]: Prometheus metrics and their `/metrics` listener.
+//! - [`server`]: wiring: services, auth, load shedding, TLS, health, reflection, graceful
+//!   shutdown.
 //!
 //! Lua scripts live in `lua/`, one per decision, each documenting its KEYS and ARGV.
 
 pub mod config;
 pub mod grpc;
 pub mod ledger;
+pub mod metrics;
 pub mod model;
+pub mod outage;
 pub mod server;
 
 /// The generated code of the public contract (`proto/waquota/v1/waquota.proto`).

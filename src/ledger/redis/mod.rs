@@ -11,14 +11,15 @@ pub mod keys;
 pub mod scripts;
 
 use std::collections::HashMap;
-use std::sync::{Mutex, RwLock, atomic::AtomicUsize, atomic::Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock, atomic::AtomicUsize, atomic::Ordering};
+use std::time::{Duration, Instant};
 
 use deadpool_redis::{Runtime, Timeouts};
 use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 
 use super::{Ledger, LedgerError, Result};
 use crate::config::{Settings, Store};
+use crate::metrics::{Metrics, PoolStatus, RedisErrorKind};
 use crate::model::{
     AcquireRequest, Cursor, Decision, Defaults, FREE_ENTRY_POINT_MS, Inspection, MessageKind,
     Millis, Outcome, Policy, PortfolioId, RecipientId, Reservation, SERVICE_WINDOW_MS, SLOT_MS,
@@ -127,6 +128,7 @@ pub struct RedisLedger {
     defaults: Defaults,
     timeout: Duration,
     routes: RwLock<HashMap<SenderId, Option<PortfolioId>>>,
+    metrics: Arc<Metrics>,
 }
 
 /// One script call: its keys and arguments.
@@ -181,6 +183,7 @@ fn store_error(e: RedisError) -> LedgerError {
         || e.is_connection_refusal()
         || e.is_timeout()
         || e.is_cluster_error()
+        || is_auth_error(&e)
         || matches!(
             e.kind(),
             ErrorKind::ClusterConnectionNotFound
@@ -198,6 +201,37 @@ fn store_error(e: RedisError) -> LedgerError {
         LedgerError::Unavailable(e.to_string())
     } else {
         LedgerError::Internal(e.to_string())
+    }
+}
+
+/// Credentials refused or missing: a deployment problem, not a bug, and the store is unusable
+/// until it is fixed, so `UNAVAILABLE` like any other store outage.
+fn is_auth_error(e: &RedisError) -> bool {
+    e.kind() == ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
+}
+
+/// The metrics' coarse kind of a Redis error.
+fn error_kind(e: &RedisError) -> RedisErrorKind {
+    if e.is_timeout() {
+        RedisErrorKind::Timeout
+    } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+        RedisErrorKind::Unavailable
+    } else if is_auth_error(e) {
+        RedisErrorKind::Auth
+    } else {
+        match e.kind() {
+            ErrorKind::ClusterConnectionNotFound => RedisErrorKind::Unavailable,
+            ErrorKind::Server(
+                ServerErrorKind::BusyLoading
+                | ServerErrorKind::TryAgain
+                | ServerErrorKind::ClusterDown
+                | ServerErrorKind::MasterDown
+                | ServerErrorKind::ReadOnly,
+            ) => RedisErrorKind::Busy,
+            _ if e.is_cluster_error() => RedisErrorKind::Busy,
+            _ => RedisErrorKind::Internal,
+        }
     }
 }
 
@@ -309,6 +343,7 @@ impl RedisLedger {
             defaults: settings.defaults,
             timeout: settings.redis_timeout,
             routes: RwLock::new(HashMap::new()),
+            metrics: Arc::new(Metrics::new()),
         };
         if let Err(e) = ledger.ping().await {
             tracing::warn!(error = %e, "Redis does not answer yet; serving UNAVAILABLE until it does");
@@ -316,27 +351,65 @@ impl RedisLedger {
         Ok(ledger)
     }
 
+    /// Reports script latency, Redis errors, reloads and the pool to `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        let status = match &self.conns.pool {
+            Pool::Single(p) => {
+                let p = p.clone();
+                Box::new(move || p.status())
+                    as Box<dyn Fn() -> deadpool_redis::Status + Send + Sync>
+            }
+            Pool::Cluster(p) => {
+                let p = p.clone();
+                Box::new(move || p.status())
+            }
+        };
+        metrics.set_pool_probe(move || {
+            let s = status();
+            PoolStatus {
+                max_size: s.max_size,
+                size: s.size,
+                available: s.available,
+                waiting: s.waiting,
+            }
+        });
+        self.metrics = metrics;
+        self
+    }
+
     /// Script reloads so far (NOSCRIPT answers).
     pub fn script_reloads(&self) -> u64 {
         self.scripts.reloads.load(Ordering::Relaxed)
     }
 
+    /// One command, within `redis_timeout` all told: waiting for a pool connection (or opening
+    /// one) counts against the same budget as the call itself.
     async fn query_raw(&self, cmd: &redis::Cmd) -> redis::RedisResult<Value> {
-        let (i, mut conn) = self.conns.get().await?;
-        let result = match tokio::time::timeout(self.timeout, conn.query(cmd)).await {
+        let mut used = None;
+        let attempt = async {
+            let (i, mut conn) = self.conns.get().await?;
+            used = Some(i);
+            conn.query(cmd).await
+        };
+        let result = match tokio::time::timeout(self.timeout, attempt).await {
             Ok(r) => r,
             Err(_) => Err(RedisError::from(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 format!("Redis did not answer within {:?}", self.timeout),
             ))),
         };
-        if let Err(e) = &result
-            && (e.is_io_error()
-                || e.is_connection_dropped()
-                || e.is_connection_refusal()
-                || e.is_timeout())
-        {
-            self.conns.discard(i);
+        if let Err(e) = &result {
+            if e.kind() != ErrorKind::Server(ServerErrorKind::NoScript) {
+                self.metrics.redis_error(error_kind(e));
+            }
+            if let Some(i) = used
+                && (e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_timeout())
+            {
+                self.conns.discard(i);
+            }
         }
         result
     }
@@ -346,9 +419,11 @@ impl RedisLedger {
     }
 
     async fn run(&self, call: &Call<'_>) -> Result<Value> {
-        match self.query_raw(&call.cmd(false)).await {
+        let start = Instant::now();
+        let result = match self.query_raw(&call.cmd(false)).await {
             Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
                 self.scripts.count_reload();
+                self.metrics.script_reload();
                 tracing::info!(
                     script = call.script.name,
                     "script not cached on Redis: sending it again"
@@ -356,7 +431,10 @@ impl RedisLedger {
                 self.query(&call.cmd(true)).await
             }
             r => r.map_err(store_error),
-        }
+        };
+        self.metrics
+            .script_latency(call.script.name, start.elapsed());
+        result
     }
 
     fn cached_home(&self, sender: &SenderId) -> Home {
