@@ -66,7 +66,8 @@ fn assert_outage_admission(r: &tonic::Response<AcquireResponse>) {
     );
 }
 
-async fn server_with_killed_redis(tweak: impl FnOnce(&mut Settings)) -> TestServer {
+/// A server whose Redis is gone, after `s1` took a slot for `r1`; returns its reservation too.
+async fn killed_redis_with_reservation(tweak: impl FnOnce(&mut Settings)) -> (TestServer, String) {
     let mut server = TestServer::start_with(Backend::Redis, tweak).await;
     let mut q = server.quota().await;
     let r = acquire(&mut q, "s1", "r1")
@@ -75,7 +76,11 @@ async fn server_with_killed_redis(tweak: impl FnOnce(&mut Settings)) -> TestServ
         .into_inner();
     assert!(r.allowed && !r.store_outage);
     server.redis().unwrap().kill();
-    server
+    (server, r.reservation)
+}
+
+async fn server_with_killed_redis(tweak: impl FnOnce(&mut Settings)) -> TestServer {
+    killed_redis_with_reservation(tweak).await.0
 }
 
 #[tokio::test]
@@ -156,14 +161,15 @@ async fn allow_admits_acquires_and_counts_them_while_redis_is_down() {
 
 #[tokio::test]
 async fn only_acquires_fall_back_the_rest_answers_unavailable() {
-    let server = server_with_killed_redis(|s| s.on_store_error = OnStoreError::Allow).await;
+    let (server, reservation) =
+        killed_redis_with_reservation(|s| s.on_store_error = OnStoreError::Allow).await;
     let mut q = server.quota().await;
     let mut a = server.admin().await;
     let release = q
         .release(ReleaseRequest {
             sender: "s1".into(),
             recipient: "r1".into(),
-            reservation: "1.1".into(),
+            reservation,
             at: Some(ts(T0)),
         })
         .await;

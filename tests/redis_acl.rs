@@ -62,9 +62,9 @@ async fn wrong_or_missing_credentials_answer_unavailable() {
         for _ in 0..2 {
             let got = q.acquire(acquire_req()).await;
             assert_eq!(
-                got.map_err(|s| s.code()).err(),
+                got.as_ref().map_err(|s| s.code()).err(),
                 Some(Code::Unavailable),
-                "{url}"
+                "{url}: {got:?}"
             );
         }
         server.stop().await;

@@ -206,9 +206,13 @@ fn store_error(e: RedisError) -> LedgerError {
 
 /// Credentials refused or missing: a deployment problem, not a bug, and the store is unusable
 /// until it is fixed, so `UNAVAILABLE` like any other store outage.
+/// Redis refuses long commands from a connection that has not authenticated with a protocol
+/// error ("unauthenticated multibulk length") rather than NOAUTH, so that counts too.
 fn is_auth_error(e: &RedisError) -> bool {
     e.kind() == ErrorKind::AuthenticationFailed
         || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
+        || e.detail()
+            .is_some_and(|d| d.starts_with("Protocol error: unauthenticated"))
 }
 
 /// The metrics' coarse kind of a Redis error.
@@ -309,10 +313,18 @@ impl RedisLedger {
         };
         let pool = match &settings.store {
             Store::Redis { url } => {
-                let mut cfg = deadpool_redis::Config::from_url(url.clone());
-                cfg.pool = Some(pool_cfg);
+                // The redis crate answers "timed out" after 500 ms by default; a paused or busy
+                // Redis must get the whole of `redis_timeout`, the one budget operators set.
+                let conn_cfg = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(settings.redis_timeout))
+                    .set_response_timeout(Some(settings.redis_timeout));
+                let manager = deadpool_redis::Manager::new_with_config(url.as_str(), conn_cfg)
+                    .map_err(|e| config_error(&e))?;
                 Pool::Single(
-                    cfg.create_pool(Some(Runtime::Tokio1))
+                    deadpool_redis::Pool::builder(manager)
+                        .config(pool_cfg)
+                        .runtime(Runtime::Tokio1)
+                        .build()
                         .map_err(|e| config_error(&e))?,
                 )
             }
