@@ -228,7 +228,9 @@ where
             return refuse(Refused::Overloaded);
         };
         let rpc = rpc_index(path);
-        let deadline = grpc_timeout(req.headers());
+        // Taken now, before tonic's own grpc-timeout timer starts, so this one fires first and
+        // the answer is DEADLINE_EXCEEDED (tonic's would be CANCELLED).
+        let deadline = grpc_timeout(req.headers()).map(|d| tokio::time::Instant::now() + d);
         let span = tracing::info_span!(
             "rpc",
             rpc = RPCS[rpc],
@@ -247,7 +249,7 @@ where
                 // Dropping `call` when the deadline passes stops the work the client no longer
                 // waits for (a Redis call already sent still completes there).
                 let result = match deadline {
-                    Some(d) => match tokio::time::timeout(d, call).await {
+                    Some(at) => match tokio::time::timeout_at(at, call).await {
                         Ok(r) => r,
                         Err(_) => {
                             metrics.deadline_exceeded();
