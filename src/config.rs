@@ -89,6 +89,9 @@ pub struct Settings {
     pub max_in_flight: usize,
     /// Connections kept to Redis (each one multiplexed).
     pub redis_pool_size: usize,
+    /// PEM CA certificate(s) that a `rediss://` server's certificate must chain to, instead of
+    /// the system trust store (a self-hosted Redis with a private CA).
+    pub redis_ca: Option<PathBuf>,
     /// Longest wait for one Redis call before answering `UNAVAILABLE`.
     #[serde(with = "millis")]
     pub redis_timeout: Duration,
@@ -126,6 +129,7 @@ impl Default for Settings {
             max_message_bytes: 4 * 1024 * 1024,
             max_in_flight: 4096,
             redis_pool_size: 4,
+            redis_ca: None,
             redis_timeout: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(10),
             shutdown_delay: Duration::ZERO,

@@ -318,7 +318,22 @@ impl RedisLedger {
                 let conn_cfg = redis::AsyncConnectionConfig::new()
                     .set_connection_timeout(Some(settings.redis_timeout))
                     .set_response_timeout(Some(settings.redis_timeout));
-                let manager = deadpool_redis::Manager::new_with_config(url.as_str(), conn_cfg)
+                let info = match &settings.redis_ca {
+                    None => redis::IntoConnectionInfo::into_connection_info(url.as_str()),
+                    Some(ca) => {
+                        let root_cert = std::fs::read(ca).map_err(|e| {
+                            config_error(&format!("cannot read redis_ca {}: {e}", ca.display()))
+                        })?;
+                        let certs = redis::TlsCertificates {
+                            client_tls: None,
+                            root_cert: Some(root_cert),
+                        };
+                        redis::Client::build_with_tls(url.as_str(), certs)
+                            .map(|c| c.get_connection_info().clone())
+                    }
+                }
+                .map_err(|e| config_error(&e))?;
+                let manager = deadpool_redis::Manager::new_with_config(info, conn_cfg)
                     .map_err(|e| config_error(&e))?;
                 Pool::Single(
                     deadpool_redis::Pool::builder(manager)
@@ -327,6 +342,11 @@ impl RedisLedger {
                         .build()
                         .map_err(|e| config_error(&e))?,
                 )
+            }
+            Store::Cluster { .. } if settings.redis_ca.is_some() => {
+                return Err(config_error(
+                    &"redis_ca is supported with a standalone Redis only; a cluster verifies rediss:// against the system trust store",
+                ));
             }
             Store::Cluster { nodes } => {
                 let mut cfg = deadpool_redis::cluster::Config::from_urls(nodes.clone());
