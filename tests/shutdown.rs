@@ -123,3 +123,52 @@ async fn past_the_grace_period_the_process_exits_zero_anyway() {
     assert_eq!(code, Some(0));
     assert!(answered.is_err(), "{answered:?}");
 }
+
+#[tokio::test]
+async fn during_shutdown_delay_health_is_not_serving_and_calls_still_succeed() {
+    let server = common::TestServer::start_with(common::Backend::Memory, |s| {
+        s.shutdown_delay = Duration::from_secs(10);
+    })
+    .await;
+    let channel = connect(&server.endpoint()).await;
+    let mut q = QuotaServiceClient::new(channel.clone());
+    let mut health = HealthClient::new(channel);
+    let check = HealthCheckRequest {
+        service: String::new(),
+    };
+    let status = health
+        .check(check.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::Serving as i32);
+
+    drop(server); // signals shutdown; the server goes on in the background
+    let start = Instant::now();
+    loop {
+        let status = health
+            .check(check.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        if status == ServingStatus::NotServing as i32 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "health stayed SERVING"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let r = q
+        .acquire(AcquireRequest {
+            sender: "s1".into(),
+            recipient: "r1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("calls are still served while balancers drain");
+    assert!(r.into_inner().allowed);
+}

@@ -16,7 +16,7 @@ use crate::proto;
 pub fn status(e: LedgerError) -> Status {
     match e {
         LedgerError::Invalid(e) => invalid(e),
-        LedgerError::Unavailable(m) => Status::unavailable(m),
+        LedgerError::Unavailable(m) | LedgerError::Contended(m) => Status::unavailable(m),
         LedgerError::FailedPrecondition(m) => Status::failed_precondition(m),
         LedgerError::Internal(m) => Status::internal(m),
     }

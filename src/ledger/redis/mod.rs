@@ -503,7 +503,7 @@ impl RedisLedger {
                 }
             }
         }
-        Err(LedgerError::Unavailable(format!(
+        Err(LedgerError::Contended(format!(
             "sender {sender} is being reassigned; try again"
         )))
     }
