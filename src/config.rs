@@ -90,7 +90,7 @@ pub struct Settings {
     /// Connections kept to Redis (each one multiplexed).
     pub redis_pool_size: usize,
     /// PEM CA certificate(s) that a `rediss://` server's certificate must chain to, instead of
-    /// the system trust store (a self-hosted Redis with a private CA).
+    /// the built-in Mozilla roots (a self-hosted Redis with a private CA).
     pub redis_ca: Option<PathBuf>,
     /// Longest wait for one Redis call before answering `UNAVAILABLE`.
     #[serde(with = "millis")]

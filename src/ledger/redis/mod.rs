@@ -345,7 +345,7 @@ impl RedisLedger {
             }
             Store::Cluster { .. } if settings.redis_ca.is_some() => {
                 return Err(config_error(
-                    &"redis_ca is supported with a standalone Redis only; a cluster verifies rediss:// against the system trust store",
+                    &"redis_ca is supported with a standalone Redis only; a cluster verifies rediss:// against the built-in roots",
                 ));
             }
             Store::Cluster { nodes } => {
