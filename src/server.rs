@@ -15,7 +15,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
-use crate::config::{Settings, Store, TlsSettings};
+use crate::config::{OnStoreError, Settings, Store, TlsSettings};
 use crate::grpc::{AdminApi, ApiOptions, QuotaApi, guard::GuardLayer};
 use crate::ledger::{Ledger, memory::MemoryLedger, redis::RedisLedger};
 use crate::metrics::Metrics;
@@ -140,25 +140,36 @@ pub async fn serve_instrumented<L: Ledger>(
         .build_v1()?;
 
     let (stop_health, mut health_stopped) = tokio::sync::watch::channel(false);
+    // Why QuotaService may stay SERVING without its store: with `on_store_error = allow` the
+    // instance still answers every Acquire (admitting), and a balancer that drained it would
+    // turn that policy into refusals. The overall status ("") and AdminService always follow
+    // the store.
+    let quota_survives_outage = settings.on_store_error == OnStoreError::Allow;
     let probe = {
         let (ledger, reporter) = (ledger.clone(), reporter.clone());
         tokio::spawn(async move {
             let mut last = None;
             loop {
-                let now = if ledger.ping().await.is_ok() {
-                    ServingStatus::Serving
-                } else {
-                    ServingStatus::NotServing
-                };
+                let store_ok = ledger.ping().await.is_ok();
                 outage.flush();
-                if last != Some(now) {
-                    if now == ServingStatus::NotServing {
-                        tracing::warn!("store does not answer: health is NOT_SERVING");
+                if last != Some(store_ok) {
+                    if !store_ok {
+                        tracing::warn!(
+                            quota_service_serving = quota_survives_outage,
+                            "store does not answer: health is NOT_SERVING"
+                        );
                     }
                     for s in HEALTH_SERVICES {
-                        reporter.set_service_status(s, now).await;
+                        let serving =
+                            store_ok || (quota_survives_outage && s == "waquota.v1.QuotaService");
+                        let status = if serving {
+                            ServingStatus::Serving
+                        } else {
+                            ServingStatus::NotServing
+                        };
+                        reporter.set_service_status(s, status).await;
                     }
-                    last = Some(now);
+                    last = Some(store_ok);
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}

@@ -12,6 +12,9 @@ use common::ops::{PersistentRedis, connect, http_get_ready, metric};
 use common::{Backend, D, HOUR, TestServer, free_port, ts};
 use tonic::Code;
 use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 use waquota::config::{OnStoreError, Settings, Store};
 use waquota::proto::admin_service_client::AdminServiceClient;
 use waquota::proto::quota_service_client::QuotaServiceClient;
@@ -285,4 +288,60 @@ async fn deny_recovers_without_restart_and_the_ledger_is_intact() {
 #[tokio::test]
 async fn allow_recovers_without_restart_and_the_ledger_is_intact() {
     recovers_with_the_ledger_intact(OnStoreError::Allow).await;
+}
+
+/// Polls the health of `service` until it is `want`.
+async fn wait_health(channel: Channel, service: &str, want: ServingStatus) {
+    let mut health = HealthClient::new(channel);
+    let start = Instant::now();
+    loop {
+        let got = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .map(|r| r.into_inner().status);
+        if got.as_ref().ok() == Some(&(want as i32)) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{service:?} stayed {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn with_allow_quota_health_stays_serving_while_the_store_is_down() {
+    let server = server_with_killed_redis(|s| s.on_store_error = OnStoreError::Allow).await;
+    let channel = connect(&server.endpoint()).await;
+    wait_health(channel.clone(), "", ServingStatus::NotServing).await;
+    wait_health(
+        channel.clone(),
+        "waquota.v1.AdminService",
+        ServingStatus::NotServing,
+    )
+    .await;
+    let mut health = HealthClient::new(channel);
+    let quota = health
+        .check(HealthCheckRequest {
+            service: "waquota.v1.QuotaService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(quota.status, ServingStatus::Serving as i32);
+}
+
+#[tokio::test]
+async fn with_deny_quota_health_follows_the_store() {
+    let server = server_with_killed_redis(|_| {}).await;
+    let channel = connect(&server.endpoint()).await;
+    wait_health(
+        channel,
+        "waquota.v1.QuotaService",
+        ServingStatus::NotServing,
+    )
+    .await;
 }
