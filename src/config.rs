@@ -44,13 +44,23 @@ pub enum LogFormat {
 }
 
 /// Bearer tokens for the two roles. Empty lists = authentication off.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct AuthSettings {
     /// May call QuotaService.
     pub sender_tokens: Vec<String>,
     /// May call QuotaService and AdminService.
     pub operator_tokens: Vec<String>,
+}
+
+/// Counts only: settings may be logged, tokens never.
+impl std::fmt::Debug for AuthSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthSettings")
+            .field("sender_tokens", &self.sender_tokens.len())
+            .field("operator_tokens", &self.operator_tokens.len())
+            .finish()
+    }
 }
 
 impl AuthSettings {

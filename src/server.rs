@@ -3,7 +3,8 @@
 //! graceful shutdown.
 //!
 //! Health reports SERVING while the ledger answers a ping (checked every second), so a load
-//! balancer stops sending to an instance that lost its store. On shutdown, health turns
+//! balancer stops sending to an instance that lost its store (except QuotaService under
+//! `on_store_error = allow`, which still answers). On shutdown, health turns
 //! NOT_SERVING first and stays so for `shutdown_delay` while calls are still served, then the
 //! listener closes and in-flight calls get `shutdown_grace` to finish; past it the server
 //! returns anyway, so the process exits in bounded time.
