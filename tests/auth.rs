@@ -357,3 +357,12 @@ async fn without_configured_tokens_no_token_is_needed() {
         assert!(got.is_ok(), "{rpc:?} without auth configured: {got:?}");
     }
 }
+
+#[test]
+fn settings_debug_output_never_shows_tokens() {
+    let mut s = waquota::config::Settings::default();
+    s.auth.sender_tokens = vec![SENDER_TOKEN.into()];
+    s.auth.operator_tokens = vec![OPERATOR_TOKEN.into()];
+    let shown = format!("{s:?}");
+    assert!(!shown.contains(SENDER_TOKEN) && !shown.contains(OPERATOR_TOKEN));
+}
