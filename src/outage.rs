@@ -101,3 +101,29 @@ impl OutagePolicy {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_win_and_every_decision_is_counted() {
+        let settings = Settings {
+            on_store_error: OnStoreError::Deny,
+            on_store_error_senders: BTreeMap::from([("otp".to_owned(), OnStoreError::Allow)]),
+            ..Settings::default()
+        };
+        let metrics = Arc::new(Metrics::new());
+        let policy = OutagePolicy::new(&settings, metrics.clone());
+        assert!(policy.decide("otp", 1, "down"));
+        assert!(!policy.decide("marketing", 3, "down"));
+        assert!(!policy.decide("marketing", 1, "down"));
+        policy.flush();
+        let text = metrics.render();
+        assert!(text.contains("waquota_store_outage_decisions_total{outcome=\"allowed\"} 1"));
+        assert!(text.contains("waquota_store_outage_decisions_total{outcome=\"denied\"} 2"));
+        // The first decision was reported at once; the two after it wait for the interval.
+        let log = policy.log.lock().unwrap();
+        assert_eq!((log.allowed, log.denied), (0, 2));
+    }
+}
