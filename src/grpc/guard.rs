@@ -213,10 +213,18 @@ where
         if let Some(tokens) = &state.tokens {
             match tokens.role(req.headers().get(http::header::AUTHORIZATION)) {
                 None => {
+                    tracing::debug!(
+                        rpc = RPCS[rpc_index(path)],
+                        "refused: no valid bearer token"
+                    );
                     state.metrics.refused(Refusal::Unauthenticated);
                     return refuse(Refused::Unauthenticated);
                 }
                 Some(Role::Sender) if admin => {
+                    tracing::debug!(
+                        rpc = RPCS[rpc_index(path)],
+                        "refused: sender token on AdminService"
+                    );
                     state.metrics.refused(Refusal::PermissionDenied);
                     return refuse(Refused::PermissionDenied);
                 }
@@ -224,6 +232,7 @@ where
             }
         }
         let Ok(permit) = state.permits.clone().try_acquire_owned() else {
+            tracing::debug!(rpc = RPCS[rpc_index(path)], "shed: max_in_flight reached");
             state.metrics.shed();
             return refuse(Refused::Overloaded);
         };
