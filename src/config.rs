@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::Defaults;
 
 /// Where the ledger lives.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Store {
     /// In this process only: for trying waquota out and for tests.
@@ -21,6 +21,41 @@ pub enum Store {
     Redis { url: String },
     /// A Redis Cluster, through the cluster client: one or more seed node URLs.
     Cluster { nodes: Vec<String> },
+}
+
+/// A Redis URL with its password replaced by `***`, for logs and `Debug`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{path}"),
+            None => format!("{scheme}://***@{host}{path}"),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// Passwords in URLs are redacted: settings may be logged.
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Store::Memory => f.write_str("Memory"),
+            Store::Redis { url } => f
+                .debug_struct("Redis")
+                .field("url", &redact_url(url))
+                .finish(),
+            Store::Cluster { nodes } => f
+                .debug_struct("Cluster")
+                .field(
+                    "nodes",
+                    &nodes.iter().map(|n| redact_url(n)).collect::<Vec<_>>(),
+                )
+                .finish(),
+        }
+    }
 }
 
 /// What a decision answers when the store cannot be reached.
@@ -165,5 +200,30 @@ mod millis {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_hides_redis_passwords() {
+        assert_eq!(
+            redact_url("rediss://waq:s3cret@redis.internal:6380/0"),
+            "rediss://waq:***@redis.internal:6380/0"
+        );
+        assert_eq!(
+            redact_url("redis://:s3cret@127.0.0.1:6379"),
+            "redis://:***@127.0.0.1:6379"
+        );
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+        let s = Store::Cluster {
+            nodes: vec!["redis://u:pw@a:1".into()],
+        };
+        assert!(!format!("{s:?}").contains("pw"));
     }
 }
