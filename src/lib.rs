@@ -8,9 +8,11 @@
 //!   process) and Redis (one atomic Lua script per decision, shared by every instance).
 //! - [`config`]: settings for the server.
 //! - [`server`]: wiring: services, health, reflection, graceful shutdown.
+//! - [`bench`]: `waquota bench`, the load generator and measurements behind BENCHMARKS.md.
 //!
 //! Lua scripts live in `lua/`, one per decision, each documenting its KEYS and ARGV.
 
+pub mod bench;
 pub mod config;
 pub mod grpc;
 pub mod ledger;

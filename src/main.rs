@@ -21,6 +21,8 @@ struct Cli {
 enum Command {
     /// Run the gRPC service (in-memory ledger unless a Redis store is given).
     Serve(ServeArgs),
+    /// Load a running server (and/or Redis directly) and print throughput, latency and memory.
+    Bench(waquota::bench::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -113,6 +115,7 @@ impl ServeArgs {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Bench(args) => waquota::bench::run(args).await,
         Command::Serve(args) => {
             tracing_subscriber::fmt()
                 .with_env_filter(
