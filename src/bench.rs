@@ -1213,6 +1213,8 @@ pub struct MemoryReport {
     pub redis_version: String,
     /// Length of every recipient id stored (13-digit `wa_id`s).
     pub recipient_len: usize,
+    /// The server's compact-encoding thresholds (`CONFIG GET zset-max-*`, `hash-max-*`).
+    pub encoding_config: BTreeMap<String, String>,
     pub windows: Vec<WindowMemory>,
     pub service_windows: Vec<ServiceWindowMemory>,
 }
@@ -1264,6 +1266,25 @@ async fn measure_memory(args: &BenchArgs, url: &str) -> Result<MemoryReport, Str
         .await
         .map_err(|e| format!("INFO server: {e}"))?;
     let tag = run_tag();
+    // One throw-away pass first, so one-time costs (scripts cached, Lua state, client buffers)
+    // do not land in the first measured delta.
+    let warm = format!("m{tag}-warm");
+    let mut jobs = vec![
+        Job::Policy {
+            sender: warm.clone(),
+            limit: 1_000,
+        },
+        Job::Barrier,
+        Job::Fill {
+            sender: warm.clone(),
+            recipients: (0..SETUP_BATCH).map(counted_recipient).collect(),
+        },
+    ];
+    jobs.extend((0..100).map(|i| Job::Inbound {
+        sender: warm.clone(),
+        recipient: service_recipient(i),
+    }));
+    run_jobs(&driver, jobs, args.concurrency.max(16)).await?;
     let mut windows = Vec::new();
     for slots in MEMORY_SLOTS {
         let sender = format!("m{tag}-w{slots}");
@@ -1326,8 +1347,21 @@ async fn measure_memory(args: &BenchArgs, url: &str) -> Result<MemoryReport, Str
             encoding: enc,
         });
     }
+    let mut encoding_config = BTreeMap::new();
+    for pattern in ["zset-max-*", "hash-max-*"] {
+        let pairs: Vec<String> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg(pattern)
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        for kv in pairs.chunks_exact(2) {
+            encoding_config.insert(kv[0].clone(), kv[1].clone());
+        }
+    }
     Ok(MemoryReport {
         redis: url.to_owned(),
+        encoding_config,
         redis_version: info_field(&info, "redis_version").unwrap_or_default(),
         recipient_len: counted_recipient(0).len(),
         windows,
@@ -1428,6 +1462,14 @@ fn print_memory(m: &MemoryReport) {
     println!(
         "memory {} (Redis {}), recipients of {} characters",
         m.redis, m.redis_version, m.recipient_len
+    );
+    println!(
+        "  {}",
+        m.encoding_config
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     println!(
         "  {:>7} {:>11} {:>11} {:>8} {:>10} {:>12} {:>10}  encodings (window, meta)",

@@ -376,4 +376,5 @@ pub fn assert_invalid<T: std::fmt::Debug>(res: Result<T, Status>, field: &str) {
 }
 
 /// The proto enums of the contract, re-exported for the tests.
+#[allow(unused_imports)]
 pub use proto::Scope;

@@ -412,6 +412,7 @@ impl WaquotaProcess {
                 std::thread::sleep(Duration::from_millis(20));
             }
             let _ = child.kill();
+            let _ = child.wait();
         }
         panic!("could not start waquota serve {args:?}");
     }
