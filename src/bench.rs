@@ -562,7 +562,7 @@ impl Driver {
     }
 
     /// Connections and calls in flight per worker.
-    fn shape(&self, args: &BenchArgs) -> (usize, usize) {
+    fn fan_out(&self, args: &BenchArgs) -> (usize, usize) {
         match self {
             Driver::Grpc(g) => (g.quota.len(), 1),
             Driver::Redis(r) => (r.conns.len(), args.pipeline.max(1)),
@@ -1075,7 +1075,7 @@ async fn measure(
         );
     }
 
-    let (connections, depth) = driver.shape(args);
+    let (connections, depth) = driver.fan_out(args);
     let workers = args.concurrency.max(1) * depth;
     let progress = Arc::new(Progress {
         measuring: AtomicBool::new(false),
@@ -1639,7 +1639,7 @@ pub async fn run_report(args: &BenchArgs) -> Result<Report, String> {
     if args.concurrency == 0 {
         return Err("--concurrency must be at least 1".into());
     }
-    let quiet = args.json || !std::io::stderr().is_terminal();
+    let quiet = !std::io::stderr().is_terminal();
     let mut report = Report {
         machine: machine(),
         service: None,

@@ -301,11 +301,22 @@ pub fn acquire_cmd(
     req: &AcquireRequest,
     defaults: &Defaults,
 ) -> redis::Cmd {
-    let d = match home {
+    acquire_call(
+        script,
+        home,
+        &keys.home(home),
+        req,
+        defaults_at(defaults, home),
+    )
+    .cmd(false)
+}
+
+/// The policy of a home without a stored one: the sender default or the portfolio default.
+fn defaults_at(defaults: &Defaults, home: &Home) -> Policy {
+    match home {
         Home::Sender(_) => defaults.sender,
         Home::Portfolio(_) => defaults.portfolio,
-    };
-    acquire_call(script, home, &keys.home(home), req, d).cmd(false)
+    }
 }
 
 fn policy_fields(p: &Policy) -> [String; 4] {
@@ -457,10 +468,7 @@ impl RedisLedger {
     }
 
     fn defaults_for(&self, home: &Home) -> Policy {
-        match home {
-            Home::Sender(_) => self.defaults.sender,
-            Home::Portfolio(_) => self.defaults.portfolio,
-        }
+        defaults_at(&self.defaults, home)
     }
 
     async fn current_portfolio(&self, sender: &SenderId) -> Result<Option<PortfolioId>> {
