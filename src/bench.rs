@@ -133,6 +133,11 @@ pub struct BenchArgs {
     /// e.g. --watch-pid redis=1234 --watch-pid server=5678. Linux only.
     #[arg(long = "watch-pid", value_parser = parse_watch)]
     pub watch_pids: Vec<(String, u32)>,
+    /// Read `INFO stats` and `INFO commandstats` of this Redis (the server's) around each
+    /// measured run and report Redis commands and EVALSHA calls per decision. Defaults to
+    /// --ceiling-redis, which should then be the server's Redis.
+    #[arg(long)]
+    pub stats_redis: Option<String>,
 }
 
 fn parse_watch(s: &str) -> Result<(String, u32), String> {
@@ -965,6 +970,49 @@ pub struct RunReport {
     pub load_avg: Option<[f64; 3]>,
     /// CPU time over the measured run: this load generator, watched processes, the machine.
     pub cpu: Vec<CpuUse>,
+    /// From the stats Redis, when one is given (see `--stats-redis`).
+    pub redis: Option<RedisCounts>,
+}
+
+/// What Redis executed over a measured run, per decision.
+#[derive(Debug, Clone, Serialize)]
+pub struct RedisCounts {
+    /// `total_commands_processed` delta: client commands and the commands scripts ran.
+    pub commands: u64,
+    pub commands_per_decision: f64,
+    /// `cmdstat_evalsha` calls delta: round trips that ran the decision script.
+    pub evalsha: u64,
+    pub evalsha_per_decision: f64,
+}
+
+/// (total_commands_processed, evalsha calls) of a Redis.
+async fn redis_counts(conn: &mut redis::aio::MultiplexedConnection) -> Option<(u64, u64)> {
+    let stats: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(conn)
+        .await
+        .ok()?;
+    let cmds: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .ok()?;
+    let total = info_field(&stats, "total_commands_processed")?
+        .parse()
+        .ok()?;
+    let evalsha = info_field(&cmds, "cmdstat_evalsha")
+        .and_then(|v| {
+            v.split(',')
+                .find_map(|kv| kv.strip_prefix("calls=")?.parse().ok())
+        })
+        .unwrap_or(0);
+    Some((total, evalsha))
+}
+
+/// What every run of one invocation shares.
+struct Ctx {
+    quiet: bool,
+    stats: Option<redis::aio::MultiplexedConnection>,
 }
 
 /// Utime + stime of a process, in seconds (Linux).
@@ -1063,8 +1111,10 @@ async fn measure(
     args: &BenchArgs,
     shape: Shape,
     label: String,
-    quiet: bool,
+    ctx: &Ctx,
 ) -> Result<RunReport, String> {
+    let quiet = ctx.quiet;
+    let mut stats = ctx.stats.clone();
     let workload = Arc::new(Workload::new(shape.clone()));
     let setup_start = Instant::now();
     run_jobs(driver, workload.setup_jobs(), args.concurrency.max(16)).await?;
@@ -1139,6 +1189,10 @@ async fn measure(
     if args.warmup > 0.0 {
         tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
     }
+    let counts_before = match &mut stats {
+        Some(c) => redis_counts(c).await,
+        None => None,
+    };
     let cpu_before = CpuSnapshot::take(&args.watch_pids);
     let t0 = Instant::now();
     progress.measuring.store(true, Ordering::Relaxed);
@@ -1168,6 +1222,21 @@ async fn measure(
     }
     let elapsed = t0.elapsed().as_secs_f64();
     let cpu = CpuSnapshot::take(&args.watch_pids).since(&cpu_before, elapsed);
+    let counts_after = match &mut stats {
+        Some(c) => redis_counts(c).await,
+        None => None,
+    };
+    // The two INFO calls of the first reading are counted in the second.
+    let redis = counts_before.zip(counts_after).map(|((c0, e0), (c1, e1))| {
+        let per = |n: u64| round2(n as f64 / total.ok.max(1) as f64);
+        let commands = c1.saturating_sub(c0 + 2);
+        RedisCounts {
+            commands,
+            commands_per_decision: per(commands),
+            evalsha: e1 - e0,
+            evalsha_per_decision: per(e1 - e0),
+        }
+    });
     if let Some(t) = ticker {
         t.abort();
         eprint!("\r\x1b[K");
@@ -1200,6 +1269,7 @@ async fn measure(
             .collect(),
         load_avg: load_avg(),
         cpu,
+        redis,
     })
 }
 
@@ -1481,6 +1551,12 @@ fn print_run(r: &RunReport) {
                 .join(", ")
         );
     }
+    if let Some(x) = &r.redis {
+        println!(
+            "  redis       {:.2} commands/decision (scripts' included), {:.2} EVALSHA/decision",
+            x.commands_per_decision, x.evalsha_per_decision
+        );
+    }
     if let Some([a, b, c]) = r.load_avg {
         println!("  load avg    {a:.2} {b:.2} {c:.2}");
     }
@@ -1581,7 +1657,7 @@ fn base_shape(args: &BenchArgs) -> Shape {
     }
 }
 
-async fn growth(driver: &Driver, args: &BenchArgs, quiet: bool) -> Result<Vec<RunReport>, String> {
+async fn growth(driver: &Driver, args: &BenchArgs, ctx: &Ctx) -> Result<Vec<RunReport>, String> {
     let mut out = Vec::new();
     for slots in GROWTH_SLOTS {
         let shape = Shape {
@@ -1591,7 +1667,7 @@ async fn growth(driver: &Driver, args: &BenchArgs, quiet: bool) -> Result<Vec<Ru
             ..base_shape(args)
         };
         let label = format!("{} slots={slots}", driver.label());
-        out.push(measure(driver, args, shape, label, quiet).await?);
+        out.push(measure(driver, args, shape, label, ctx).await?);
     }
     for senders in GROWTH_SENDERS {
         let shape = Shape {
@@ -1605,7 +1681,7 @@ async fn growth(driver: &Driver, args: &BenchArgs, quiet: bool) -> Result<Vec<Ru
             ..base_shape(args)
         };
         let label = format!("{} senders={senders}", driver.label());
-        out.push(measure(driver, args, shape, label, quiet).await?);
+        out.push(measure(driver, args, shape, label, ctx).await?);
     }
     Ok(out)
 }
@@ -1640,6 +1716,17 @@ pub async fn run_report(args: &BenchArgs) -> Result<Report, String> {
         return Err("--concurrency must be at least 1".into());
     }
     let quiet = !std::io::stderr().is_terminal();
+    let stats = match args.stats_redis.as_ref().or(args.ceiling_redis.as_ref()) {
+        Some(url) => Some(
+            redis::Client::open(url.as_str())
+                .map_err(|e| format!("{url}: {e}"))?
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(|e| format!("cannot connect to {url}: {e}"))?,
+        ),
+        None => None,
+    };
+    let ctx = Ctx { quiet, stats };
     let mut report = Report {
         machine: machine(),
         service: None,
@@ -1662,9 +1749,9 @@ pub async fn run_report(args: &BenchArgs) -> Result<Report, String> {
     }
     for d in &drivers {
         if args.growth {
-            report.growth.extend(growth(d, args, quiet).await?);
+            report.growth.extend(growth(d, args, &ctx).await?);
         } else {
-            let r = measure(d, args, base_shape(args), d.label().to_owned(), quiet).await?;
+            let r = measure(d, args, base_shape(args), d.label().to_owned(), &ctx).await?;
             match d {
                 Driver::Grpc(_) => report.service = Some(r),
                 Driver::Redis(_) => report.ceiling = Some(r),
