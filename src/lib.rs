@@ -10,11 +10,13 @@
 //! - [`cli`]: the operator commands of the binary, a gRPC client of `AdminService`.
 //! - [`outage`]: what decisions answer while the store cannot be reached.
 //! - [`metrics`]: Prometheus metrics and their `/metrics` listener.
+//! - [`bench`]: `waquota bench`, the load generator and measurements behind BENCHMARKS.md.
 //! - [`server`]: wiring: services, auth, load shedding, TLS, health, reflection, graceful
 //!   shutdown.
 //!
 //! Lua scripts live in `lua/`, one per decision, each documenting its KEYS and ARGV.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod grpc;

@@ -25,6 +25,8 @@ struct Cli {
 enum Command {
     /// Run the gRPC service (in-memory ledger unless a Redis store is given).
     Serve(SettingsArgs),
+    /// Load a running server (and/or Redis directly) and print throughput, latency and memory.
+    Bench(waquota::bench::BenchArgs),
     /// Work with the server's settings.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -242,6 +244,13 @@ fn config_check(args: SettingsArgs, json: bool) -> ExitCode {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Bench(mut args) => {
+            // The bench shares the operator options: where the server is, its token, JSON output.
+            args.addr = cli.client.addr.clone();
+            args.token = cli.client.token.clone();
+            args.json = cli.client.json;
+            waquota::bench::run(args).await
+        }
         Command::Serve(args) => serve(args).await,
         Command::Config(ConfigCommand::Check(args)) => config_check(args, cli.client.json),
         Command::Operator(command) => match cli::run(command, &cli.client).await {

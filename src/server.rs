@@ -240,10 +240,7 @@ pub async fn serve_instrumented<L: Ledger>(
         .add_service(admin)
         // TCP_NODELAY: a multi-segment answer (a batch) must not wait for the client's delayed
         // ACK under Nagle's algorithm; measured in BENCHMARKS.md (batch p50 44 ms -> 5 ms).
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            drain,
-        );
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), drain);
     let grace = settings.shutdown_grace;
     let result = tokio::select! {
         r = server => r.map_err(ServeError::from),

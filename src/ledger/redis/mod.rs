@@ -279,6 +279,75 @@ fn moved(v: &Value) -> Option<Option<PortfolioId>> {
     }
 }
 
+/// The acquire script's call (KEYS and ARGV as documented in `lua/acquire.lua`) for `req` at
+/// `home`; `defaults` is the policy of that home's kind when none is stored.
+fn acquire_call<'a>(
+    s: &'a Script,
+    home: &Home,
+    k: &HomeKeys,
+    req: &AcquireRequest,
+    defaults: Policy,
+) -> Call<'a> {
+    let mut call = Call::new(
+        s,
+        vec![
+            k.window(),
+            k.window_meta(),
+            k.sequence(),
+            k.window_policy(&req.sender),
+            k.service_windows(&req.sender),
+            k.residency(),
+        ],
+    )
+    .clock(req.at)
+    .arg(home.kind())
+    .arg(req.sender.as_str())
+    .arg(if req.kind == MessageKind::FreeForm {
+        "f"
+    } else {
+        "t"
+    })
+    .arg(if req.dry_run { "1" } else { "0" })
+    .num(defaults.limit())
+    .arg(defaults.tier.name())
+    .arg(defaults.window_mode.name())
+    .num(SLOT_MS)
+    .num(TTL_SLACK_MS)
+    .num(TRIM_PER_CALL);
+    for r in &req.recipients {
+        call = call.arg(r.as_str());
+    }
+    call
+}
+
+/// The very EVALSHA that [`RedisLedger`] sends for `req` at `home` (the sender's own window or
+/// its portfolio's), for tools that drive the decision script without the service (`bench`).
+/// The script must already be cached on the server (`SCRIPT LOAD` of `script.source`).
+pub fn acquire_cmd(
+    script: &Script,
+    keys: &Keys,
+    home: &Home,
+    req: &AcquireRequest,
+    defaults: &Defaults,
+) -> redis::Cmd {
+    acquire_call(
+        script,
+        home,
+        &keys.home(home),
+        req,
+        defaults_at(defaults, home),
+    )
+    .cmd(false)
+}
+
+/// The policy of a home without a stored one: the sender default or the portfolio default.
+fn defaults_at(defaults: &Defaults, home: &Home) -> Policy {
+    match home {
+        Home::Sender(_) => defaults.sender,
+        Home::Portfolio(_) => defaults.portfolio,
+    }
+}
+
 fn policy_fields(p: &Policy) -> [String; 4] {
     [
         p.limit().to_string(),
@@ -501,10 +570,7 @@ impl RedisLedger {
     }
 
     fn defaults_for(&self, home: &Home) -> Policy {
-        match home {
-            Home::Sender(_) => self.defaults.sender,
-            Home::Portfolio(_) => self.defaults.portfolio,
-        }
+        defaults_at(&self.defaults, home)
     }
 
     async fn current_portfolio(&self, sender: &SenderId) -> Result<Option<PortfolioId>> {
@@ -536,37 +602,7 @@ impl Ledger for RedisLedger {
         let s = &self.scripts.acquire;
         let (home, v) = self
             .at_home(&req.sender, |home, k| {
-                let d = self.defaults_for(home);
-                let mut call = Call::new(
-                    s,
-                    vec![
-                        k.window(),
-                        k.window_meta(),
-                        k.sequence(),
-                        k.window_policy(&req.sender),
-                        k.service_windows(&req.sender),
-                        k.residency(),
-                    ],
-                )
-                .clock(req.at)
-                .arg(home.kind())
-                .arg(req.sender.as_str())
-                .arg(if req.kind == MessageKind::FreeForm {
-                    "f"
-                } else {
-                    "t"
-                })
-                .arg(if req.dry_run { "1" } else { "0" })
-                .num(d.limit())
-                .arg(d.tier.name())
-                .arg(d.window_mode.name())
-                .num(SLOT_MS)
-                .num(TTL_SLACK_MS)
-                .num(TRIM_PER_CALL);
-                for r in &req.recipients {
-                    call = call.arg(r.as_str());
-                }
-                call
+                acquire_call(s, home, k, &req, self.defaults_for(home))
             })
             .await?;
         let items = items(v).map_err(|v| bad_reply("acquire", &v))?;
