@@ -22,18 +22,20 @@ use crate::proto::{self, admin_service_client::AdminServiceClient, target};
 
 // ------------------------------------------------------------------------------ arguments
 
+/// Where operator commands look for the server when --addr is not given.
+pub const DEFAULT_ADDR: &str = "http://127.0.0.1:50051";
+
 /// How to reach the server, and how to print: options of every operator command.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ClientArgs {
-    /// Address of the waquota server (https:// for TLS).
+    /// Address of the waquota server (https:// for TLS) [default: http://127.0.0.1:50051].
     #[arg(
         long,
         global = true,
         env = "WAQUOTA_ADDR",
-        default_value = "http://127.0.0.1:50051",
         help_heading = "Operator options"
     )]
-    pub addr: String,
+    pub addr: Option<String>,
     /// Bearer token sent as `authorization: Bearer <token>`.
     #[arg(
         long,
@@ -285,12 +287,13 @@ fn read_pem(flag: &str, path: &PathBuf) -> Result<Vec<u8>, CliError> {
 /// The endpoint the arguments describe (TLS when --ca-cert is given); checks everything that
 /// can be checked before connecting.
 fn endpoint(args: &ClientArgs) -> Result<(String, Endpoint), CliError> {
-    let addr = if args.addr.contains("://") {
-        args.addr.clone()
+    let given = args.addr.as_deref().unwrap_or(DEFAULT_ADDR);
+    let addr = if given.contains("://") {
+        given.to_owned()
     } else if args.ca_cert.is_some() {
-        format!("https://{}", args.addr)
+        format!("https://{given}")
     } else {
-        format!("http://{}", args.addr)
+        format!("http://{given}")
     };
     let https = addr.starts_with("https://");
     if !https && !addr.starts_with("http://") {

@@ -6,6 +6,7 @@
 //! [`Overrides`]: only what they set replaces what the layers below said. The merged result is
 //! validated once, so every way of setting a value meets the same checks.
 
+use std::collections::BTreeMap;
 use std::{
     fmt,
     net::SocketAddr,
@@ -148,14 +149,25 @@ pub struct Settings {
     pub max_in_flight: usize,
     /// Connections kept to Redis (each one multiplexed).
     pub redis_pool_size: usize,
+    /// PEM CA certificate(s) that a `rediss://` server's certificate must chain to, instead of
+    /// the built-in Mozilla roots (a self-hosted Redis with a private CA).
+    pub redis_ca: Option<PathBuf>,
     /// Longest wait for one Redis call before answering `UNAVAILABLE`.
     #[serde(with = "millis")]
     pub redis_timeout: Duration,
     /// How long in-flight requests may take to finish on shutdown.
     #[serde(with = "millis")]
     pub shutdown_grace: Duration,
+    /// On shutdown, how long health reports NOT_SERVING before the listener closes, so load
+    /// balancers stop routing here while calls still succeed.
+    #[serde(with = "millis")]
+    pub shutdown_delay: Duration,
     /// Decisions when the store cannot be reached (a policy may override it).
     pub on_store_error: OnStoreError,
+    /// Per-sender overrides of `on_store_error`, by sender id. Why in the configuration and not
+    /// in the stored policy: when the store is down, the stored policy cannot be read either,
+    /// and neither can a sender's portfolio; so an override for a portfolio lists its senders.
+    pub on_store_error_senders: BTreeMap<String, OnStoreError>,
     /// Prometheus `/metrics` listener; `None` = no metrics endpoint.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,
@@ -187,9 +199,12 @@ impl Default for Settings {
             max_message_bytes: 4 * 1024 * 1024,
             max_in_flight: 4096,
             redis_pool_size: 4,
+            redis_ca: None,
             redis_timeout: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(10),
+            shutdown_delay: Duration::ZERO,
             on_store_error: OnStoreError::Deny,
+            on_store_error_senders: BTreeMap::new(),
             metrics_listen: None,
             log_format: LogFormat::Text,
             log_level: "info".into(),
@@ -451,7 +466,10 @@ pub struct Overrides {
     pub redis_pool_size: Option<usize>,
     pub redis_timeout: Option<Duration>,
     pub shutdown_grace: Option<Duration>,
+    pub shutdown_delay: Option<Duration>,
     pub on_store_error: Option<OnStoreError>,
+    pub on_store_error_senders: Option<BTreeMap<String, OnStoreError>>,
+    pub redis_ca: Option<PathBuf>,
     pub metrics_listen: Option<SocketAddr>,
     pub log_format: Option<LogFormat>,
     pub log_level: Option<String>,
@@ -463,7 +481,7 @@ pub struct Overrides {
 }
 
 /// Every environment variable [`Overrides::from_env`] reads, and the setting it sets.
-pub const ENV_VARS: [(&str, &str); 28] = [
+pub const ENV_VARS: [(&str, &str); 31] = [
     ("WAQUOTA_LISTEN", "listen"),
     ("WAQUOTA_REDIS_URL", "store (standalone Redis URL)"),
     (
@@ -491,7 +509,13 @@ pub const ENV_VARS: [(&str, &str); 28] = [
     ("WAQUOTA_REDIS_POOL_SIZE", "redis_pool_size"),
     ("WAQUOTA_REDIS_TIMEOUT_MS", "redis_timeout"),
     ("WAQUOTA_SHUTDOWN_GRACE_MS", "shutdown_grace"),
+    ("WAQUOTA_SHUTDOWN_DELAY_MS", "shutdown_delay"),
     ("WAQUOTA_ON_STORE_ERROR", "on_store_error"),
+    (
+        "WAQUOTA_ON_STORE_ERROR_SENDERS",
+        "on_store_error_senders (sender=deny|allow, comma-separated)",
+    ),
+    ("WAQUOTA_REDIS_CA", "redis_ca"),
     ("WAQUOTA_METRICS_LISTEN", "metrics_listen"),
     ("WAQUOTA_LOG_FORMAT", "log_format"),
     ("WAQUOTA_LOG_LEVEL", "log_level"),
@@ -535,6 +559,19 @@ pub fn parse_bool(value: &str) -> Result<bool, String> {
 }
 
 /// A comma-separated list; blanks around items are dropped.
+/// `sender=deny|allow` pairs: per-sender store-outage answers.
+pub fn parse_sender_policies(pairs: &[String]) -> Result<BTreeMap<String, OnStoreError>, String> {
+    pairs
+        .iter()
+        .map(|pair| {
+            let (sender, policy) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("{pair:?}: use sender=deny or sender=allow"))?;
+            Ok((sender.trim().to_owned(), parse_name(policy.trim())?))
+        })
+        .collect()
+}
+
 pub fn parse_list(value: &str) -> Vec<String> {
     value
         .split(',')
@@ -593,7 +630,14 @@ impl Overrides {
                     "WAQUOTA_SHUTDOWN_GRACE_MS" => {
                         o.shutdown_grace = Some(Duration::from_millis(parse(value, count)?))
                     }
+                    "WAQUOTA_SHUTDOWN_DELAY_MS" => {
+                        o.shutdown_delay = Some(Duration::from_millis(parse(value, count)?))
+                    }
                     "WAQUOTA_ON_STORE_ERROR" => o.on_store_error = Some(parse_name(value)?),
+                    "WAQUOTA_ON_STORE_ERROR_SENDERS" => {
+                        o.on_store_error_senders = Some(parse_sender_policies(&parse_list(value))?)
+                    }
+                    "WAQUOTA_REDIS_CA" => o.redis_ca = Some(value.into()),
                     "WAQUOTA_METRICS_LISTEN" => o.metrics_listen = Some(parse(value, addr)?),
                     "WAQUOTA_LOG_FORMAT" => o.log_format = Some(parse_name(value)?),
                     "WAQUOTA_LOG_LEVEL" => o.log_level = Some(value.to_owned()),
@@ -663,7 +707,12 @@ impl Overrides {
         put(&mut s.redis_pool_size, self.redis_pool_size);
         put(&mut s.redis_timeout, self.redis_timeout);
         put(&mut s.shutdown_grace, self.shutdown_grace);
+        put(&mut s.shutdown_delay, self.shutdown_delay);
         put(&mut s.on_store_error, self.on_store_error);
+        put(&mut s.on_store_error_senders, self.on_store_error_senders);
+        if self.redis_ca.is_some() {
+            s.redis_ca = self.redis_ca;
+        }
         if self.metrics_listen.is_some() {
             s.metrics_listen = self.metrics_listen;
         }
@@ -931,6 +980,9 @@ mod tests {
             ("WAQUOTA_REDIS_TIMEOUT_MS", "6"),
             ("WAQUOTA_SHUTDOWN_GRACE_MS", "7"),
             ("WAQUOTA_ON_STORE_ERROR", "allow"),
+            ("WAQUOTA_SHUTDOWN_DELAY_MS", "8"),
+            ("WAQUOTA_ON_STORE_ERROR_SENDERS", "otp=allow, bulk=deny"),
+            ("WAQUOTA_REDIS_CA", "/redis-ca"),
             ("WAQUOTA_METRICS_LISTEN", "127.0.0.1:2"),
             ("WAQUOTA_LOG_FORMAT", "json"),
             ("WAQUOTA_LOG", "warn"),

@@ -8,15 +8,22 @@
 //!   process) and Redis (one atomic Lua script per decision, shared by every instance).
 //! - [`config`]: the server's settings, layered: defaults, TOML file, environment, flags.
 //! - [`cli`]: the operator commands of the binary, a gRPC client of `AdminService`.
-//! - [`server`]: wiring: services, health, reflection, graceful shutdown.
+//! - [`outage`]: what decisions answer while the store cannot be reached.
+//! - [`metrics`]: Prometheus metrics and their `/metrics` listener.
+//! - [`bench`]: `waquota bench`, the load generator and measurements behind BENCHMARKS.md.
+//! - [`server`]: wiring: services, auth, load shedding, TLS, health, reflection, graceful
+//!   shutdown.
 //!
 //! Lua scripts live in `lua/`, one per decision, each documenting its KEYS and ARGV.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod grpc;
 pub mod ledger;
+pub mod metrics;
 pub mod model;
+pub mod outage;
 pub mod server;
 
 /// The generated code of the public contract (`proto/waquota/v1/waquota.proto`).

@@ -25,6 +25,8 @@ struct Cli {
 enum Command {
     /// Run the gRPC service (in-memory ledger unless a Redis store is given).
     Serve(SettingsArgs),
+    /// Load a running server (and/or Redis directly) and print throughput, latency and memory.
+    Bench(waquota::bench::BenchArgs),
     /// Work with the server's settings.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -107,6 +109,18 @@ struct SettingsArgs {
     /// Answer when the store cannot be reached: deny or allow [default: deny] [env: WAQUOTA_ON_STORE_ERROR].
     #[arg(long, value_name = "deny|allow")]
     on_store_error: Option<OnStoreError>,
+    /// Per-sender store-outage answers, e.g. otp=allow (repeat or comma-separate)
+    /// [default: none] [env: WAQUOTA_ON_STORE_ERROR_SENDERS].
+    #[arg(long, value_name = "SENDER=deny|allow", value_delimiter = ',')]
+    on_store_error_sender: Vec<String>,
+    /// Between health turning NOT_SERVING and the listener closing on shutdown, so load
+    /// balancers drain [default: 0] [env: WAQUOTA_SHUTDOWN_DELAY_MS].
+    #[arg(long, value_name = "MS")]
+    shutdown_delay_ms: Option<u64>,
+    /// CA certificate (PEM) that a rediss:// standalone Redis is verified against, instead of the
+    /// built-in roots [default: none] [env: WAQUOTA_REDIS_CA].
+    #[arg(long, value_name = "PATH")]
+    redis_ca: Option<PathBuf>,
     /// Prometheus /metrics listener address [default: none] [env: WAQUOTA_METRICS_LISTEN].
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
@@ -162,6 +176,9 @@ impl SettingsArgs {
             redis_timeout: self.redis_timeout_ms.map(Duration::from_millis),
             shutdown_grace: self.shutdown_grace_ms.map(Duration::from_millis),
             on_store_error: self.on_store_error,
+            on_store_error_senders: None,
+            shutdown_delay: self.shutdown_delay_ms.map(Duration::from_millis),
+            redis_ca: self.redis_ca.clone(),
             metrics_listen: self.metrics_listen,
             log_format: self.log_format,
             log_level: self.log_level.clone(),
@@ -174,7 +191,13 @@ impl SettingsArgs {
     }
 
     fn load(&self) -> Result<Settings, String> {
-        Settings::load(self.config.as_deref(), std::env::vars(), self.overrides())
+        let mut overrides = self.overrides();
+        if !self.on_store_error_sender.is_empty() {
+            let senders = waquota::config::parse_sender_policies(&self.on_store_error_sender)
+                .map_err(|e| format!("invalid configuration: --on-store-error-sender: {e}"))?;
+            overrides.on_store_error_senders = Some(senders);
+        }
+        Settings::load(self.config.as_deref(), std::env::vars(), overrides)
             .map_err(|e| format!("invalid configuration: {e}"))
     }
 }
@@ -235,6 +258,13 @@ fn config_check(args: SettingsArgs, json: bool) -> ExitCode {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Bench(mut args) => {
+            // The bench shares the operator options: where the server is, its token, JSON output.
+            args.addr = cli.client.addr.clone();
+            args.token = cli.client.token.clone();
+            args.json = cli.client.json;
+            waquota::bench::run(args).await
+        }
         Command::Serve(args) => serve(args).await,
         Command::Config(ConfigCommand::Check(args)) => config_check(args, cli.client.json),
         Command::Operator(command) => match cli::run(command, &cli.client).await {

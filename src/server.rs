@@ -1,19 +1,26 @@
-//! Wiring: the ledger chosen by the settings, both services, gRPC health and reflection, and
+//! Wiring: the ledger chosen by the settings, both services behind the guard layer (auth, load
+//! shedding, deadlines, metrics), TLS, gRPC health and reflection, the metrics listener, and
 //! graceful shutdown.
 //!
 //! Health reports SERVING while the ledger answers a ping (checked every second), so a load
-//! balancer stops sending to an instance that lost its store. On shutdown, health turns
-//! NOT_SERVING first, then the server stops accepting and lets in-flight calls finish.
+//! balancer stops sending to an instance that lost its store (except QuotaService under
+//! `on_store_error = allow`, which still answers). On shutdown, health turns
+//! NOT_SERVING first and stays so for `shutdown_delay` while calls are still served, then the
+//! listener closes and in-flight calls get `shutdown_grace` to finish; past it the server
+//! returns anyway, so the process exits in bounded time.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
-use crate::config::{Settings, Store};
-use crate::grpc::{AdminApi, ApiOptions, QuotaApi};
+use crate::config::{OnStoreError, Settings, Store, TlsSettings};
+use crate::grpc::{AdminApi, ApiOptions, QuotaApi, guard::GuardLayer};
 use crate::ledger::{Ledger, memory::MemoryLedger, redis::RedisLedger};
+use crate::metrics::Metrics;
+use crate::outage::OutagePolicy;
 use crate::proto::{
     admin_service_server::AdminServiceServer, quota_service_server::QuotaServiceServer,
 };
@@ -26,6 +33,16 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("TLS: cannot read {path}: {error}")]
+    TlsFile {
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
+    #[error("metrics listener on {addr}: {error}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        error: std::io::Error,
+    },
 }
 
 const HEALTH_SERVICES: [&str; 3] = ["", "waquota.v1.QuotaService", "waquota.v1.AdminService"];
@@ -36,10 +53,12 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let metrics = Arc::new(Metrics::new());
     match &settings.store {
         Store::Memory => {
-            serve_with(
+            serve_instrumented(
                 Arc::new(MemoryLedger::new(settings.defaults)),
+                metrics,
                 settings,
                 listener,
                 shutdown,
@@ -49,8 +68,9 @@ pub async fn serve(
         Store::Redis { .. } | Store::Cluster { .. } => {
             let ledger = RedisLedger::connect(&settings)
                 .await
-                .map_err(|e| ServeError::Store(e.to_string()))?;
-            serve_with(Arc::new(ledger), settings, listener, shutdown).await
+                .map_err(|e| ServeError::Store(e.to_string()))?
+                .with_metrics(metrics.clone());
+            serve_instrumented(Arc::new(ledger), metrics, settings, listener, shutdown).await
         }
     }
 }
@@ -61,11 +81,59 @@ pub async fn serve_with<L: Ledger>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    serve_instrumented(
+        ledger,
+        Arc::new(Metrics::new()),
+        settings,
+        listener,
+        shutdown,
+    )
+    .await
+}
+
+fn read(path: &std::path::Path) -> Result<Vec<u8>, ServeError> {
+    std::fs::read(path).map_err(|error| ServeError::TlsFile {
+        path: path.to_owned(),
+        error,
+    })
+}
+
+fn tls_config(tls: &TlsSettings) -> Result<ServerTlsConfig, ServeError> {
+    let identity = Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
+    let mut config = ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &tls.client_ca {
+        // With a client CA, a client without a certificate signed by it is refused.
+        config = config.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(config)
+}
+
+/// Serves with `metrics` (which a Redis ledger may already report to).
+pub async fn serve_instrumented<L: Ledger>(
+    ledger: Arc<L>,
+    metrics: Arc<Metrics>,
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let outage = Arc::new(OutagePolicy::new(&settings, metrics.clone()));
     let opts = ApiOptions {
         trust_client_clock: settings.trust_client_clock,
         defaults: settings.defaults,
         max_batch: settings.max_batch,
+        metrics: metrics.clone(),
+        outage: outage.clone(),
     };
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(addr) = settings.metrics_listen {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|error| ServeError::Metrics { addr, error })?;
+        tracing::info!(addr = ?l.local_addr().ok(), "metrics at /metrics");
+        tokio::spawn(crate::metrics::serve(l, metrics.clone(), async {
+            let _ = metrics_stopped.await;
+        }));
+    }
     let (reporter, health) = tonic_health::server::health_reporter();
     // Both reflection versions: v1 for current tools, v1alpha for older grpcurl, grpcui, Postman.
     let reflection = || {
@@ -77,24 +145,36 @@ pub async fn serve_with<L: Ledger>(
     let reflection = reflection().build_v1()?;
 
     let (stop_health, mut health_stopped) = tokio::sync::watch::channel(false);
+    // Why QuotaService may stay SERVING without its store: with `on_store_error = allow` the
+    // instance still answers every Acquire (admitting), and a balancer that drained it would
+    // turn that policy into refusals. The overall status ("") and AdminService always follow
+    // the store.
+    let quota_survives_outage = settings.on_store_error == OnStoreError::Allow;
     let probe = {
         let (ledger, reporter) = (ledger.clone(), reporter.clone());
         tokio::spawn(async move {
             let mut last = None;
             loop {
-                let now = if ledger.ping().await.is_ok() {
-                    ServingStatus::Serving
-                } else {
-                    ServingStatus::NotServing
-                };
-                if last != Some(now) {
-                    if now == ServingStatus::NotServing {
-                        tracing::warn!("store does not answer: health is NOT_SERVING");
+                let store_ok = ledger.ping().await.is_ok();
+                outage.flush();
+                if last != Some(store_ok) {
+                    if !store_ok {
+                        tracing::warn!(
+                            quota_service_serving = quota_survives_outage,
+                            "store does not answer: health is NOT_SERVING"
+                        );
                     }
                     for s in HEALTH_SERVICES {
-                        reporter.set_service_status(s, now).await;
+                        let serving =
+                            store_ok || (quota_survives_outage && s == "waquota.v1.QuotaService");
+                        let status = if serving {
+                            ServingStatus::Serving
+                        } else {
+                            ServingStatus::NotServing
+                        };
+                        reporter.set_service_status(s, status).await;
                     }
-                    last = Some(now);
+                    last = Some(store_ok);
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -104,8 +184,10 @@ pub async fn serve_with<L: Ledger>(
         })
     };
 
+    let (closing, closed) = tokio::sync::oneshot::channel::<()>();
     let drain = {
         let reporter = reporter.clone();
+        let delay = settings.shutdown_delay;
         async move {
             shutdown.await;
             let _ = stop_health.send(true);
@@ -115,24 +197,75 @@ pub async fn serve_with<L: Ledger>(
                     .set_service_status(s, ServingStatus::NotServing)
                     .await;
             }
-            tracing::info!("shutting down: health is NOT_SERVING, draining in-flight requests");
+            tracing::info!(?delay, "shutting down: health is NOT_SERVING");
+            tokio::time::sleep(delay).await;
+            tracing::info!("closing the listener, draining in-flight requests");
+            let _ = closing.send(());
         }
     };
 
     let addr = listener.local_addr().ok();
-    tracing::info!(?addr, store = ?settings.store, trust_client_clock = settings.trust_client_clock, "waquota serving");
-    let server = tonic::transport::Server::builder()
+    tracing::info!(
+        ?addr,
+        store = %store_name(&settings.store),
+        tls = settings.tls.is_some(),
+        mutual_tls = settings.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+        auth = settings.auth.enabled(),
+        max_in_flight = settings.max_in_flight,
+        on_store_error = ?settings.on_store_error,
+        trust_client_clock = settings.trust_client_clock,
+        "waquota serving"
+    );
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &settings.tls {
+        builder = builder.tls_config(tls_config(tls)?)?;
+    }
+    let max = settings.max_message_bytes;
+    let quota = QuotaServiceServer::new(QuotaApi::new(ledger.clone(), opts.clone()))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let admin = AdminServiceServer::new(AdminApi::new(ledger, opts))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let server = builder
+        .layer(GuardLayer::new(
+            &settings.auth,
+            settings.max_in_flight,
+            metrics,
+        ))
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
-        .add_service(QuotaServiceServer::new(QuotaApi::new(
-            ledger.clone(),
-            opts.clone(),
-        )))
-        .add_service(AdminServiceServer::new(AdminApi::new(ledger, opts)))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), drain);
-    server.await?;
-    Ok(())
+        .add_service(quota)
+        .add_service(admin)
+        // TCP_NODELAY: a multi-segment answer (a batch) must not wait for the client's delayed
+        // ACK under Nagle's algorithm; measured in BENCHMARKS.md (batch p50 44 ms -> 5 ms).
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), drain);
+    let grace = settings.shutdown_grace;
+    let result = tokio::select! {
+        r = server => r.map_err(ServeError::from),
+        _ = async {
+            if closed.await.is_err() {
+                // The server ended on its own before any shutdown began.
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!(?grace, "shutdown grace elapsed with requests still in flight: stopping anyway");
+            Ok(())
+        }
+    };
+    let _ = metrics_stop.send(());
+    result
+}
+
+/// The store's kind for logs: never its URL, which may hold a password.
+fn store_name(store: &Store) -> &'static str {
+    match store {
+        Store::Memory => "memory",
+        Store::Redis { .. } => "redis",
+        Store::Cluster { .. } => "cluster",
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -632,49 +632,33 @@ async fn with_env(args: &[&str], env: &[(&str, &str)]) -> Run {
     }
 }
 
-/// The real AdminService over an in-memory ledger, behind mutual TLS and a bearer-token check
-/// (the server's own TLS and auth wiring lives elsewhere; this pins what the CLI sends).
-async fn start_tls_admin(certs: &TestCerts) -> String {
-    use std::sync::Arc;
-    use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
-    use waquota::grpc::{AdminApi, ApiOptions};
-    use waquota::ledger::memory::MemoryLedger;
-    use waquota::model::Defaults;
-    use waquota::proto::admin_service_server::AdminServiceServer;
+/// The real server (in-memory ledger) behind mutual TLS and bearer-token auth.
+async fn start_tls_admin(certs: &TestCerts) -> (TestServer, String) {
+    use std::path::PathBuf;
+    use waquota::config::TlsSettings;
 
-    let opts = ApiOptions {
-        trust_client_clock: true,
-        defaults: Defaults::default(),
-        max_batch: 1000,
-    };
-    let api = AdminApi::new(Arc::new(MemoryLedger::new(opts.defaults)), opts);
-    let check = |req: tonic::Request<()>| match req.metadata().get("authorization") {
-        Some(v) if v == "Bearer ops-token" => Ok(req),
-        _ => Err(tonic::Status::unauthenticated(
-            "missing or wrong bearer token",
-        )),
-    };
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(
-            certs.read("server.pem"),
-            certs.read("server.key"),
-        ))
-        .client_ca_root(Certificate::from_pem(certs.read("ca.pem")));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = Server::builder()
-        .tls_config(tls)
-        .unwrap()
-        .add_service(AdminServiceServer::with_interceptor(api, check))
-        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
-    tokio::spawn(server);
-    format!("https://{addr}")
+    let (cert, key, ca) = (
+        certs.path("server.pem"),
+        certs.path("server.key"),
+        certs.path("ca.pem"),
+    );
+    let srv = TestServer::start_with(Backend::Memory, |s| {
+        s.tls = Some(TlsSettings {
+            cert: PathBuf::from(cert),
+            key: PathBuf::from(key),
+            client_ca: Some(PathBuf::from(ca)),
+        });
+        s.auth.operator_tokens = vec!["ops-token".into()];
+    })
+    .await;
+    let addr = format!("https://127.0.0.1:{}", srv.addr.port());
+    (srv, addr)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_and_the_bearer_token_reach_the_server() {
     let certs = TestCerts::generate();
-    let addr = start_tls_admin(&certs).await;
+    let (_srv, addr) = start_tls_admin(&certs).await;
     let (ca, cert, key) = (
         certs.path("ca.pem"),
         certs.path("client.pem"),
@@ -716,7 +700,7 @@ async fn mutual_tls_and_the_bearer_token_reach_the_server() {
     let out = with_env(&with(&["inspect", "s1"]), &[]).await;
     assert_eq!(
         out.failed(1),
-        "waquota: UNAUTHENTICATED: missing or wrong bearer token"
+        "waquota: UNAUTHENTICATED: missing or invalid bearer token (authorization: Bearer <token>)"
     );
     let out = with_env(&with(&["--token", "guess", "inspect", "s1"]), &[]).await;
     assert!(out.failed(1).contains("UNAUTHENTICATED"));

@@ -411,7 +411,10 @@ async fn portfolio_of_three_two_instances_64_clients_exactly_250_new() {
         admin
             .put_policy(PutPolicyRequest {
                 target: sender_target(s),
-                policy: Some(Policy { messages_per_second: 100_000, ..Default::default() }),
+                policy: Some(Policy {
+                    messages_per_second: 100_000,
+                    ..Default::default()
+                }),
                 at: None,
             })
             .await

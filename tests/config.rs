@@ -418,10 +418,10 @@ impl Drop for TlsRedis {
 async fn serve_reaches_redis_over_tls_as_an_acl_user() {
     let redis = TlsRedis::start();
     let url = format!("rediss://app:s3cret@127.0.0.1:{}", redis.port);
-    // rediss:// checks the server against the system's roots; SSL_CERT_FILE names a private CA.
-    let env = [("SSL_CERT_FILE", redis.ca())];
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let process = WaquotaProcess::start_with_env(&["--redis", &url, "--trust-client-clock"], &env);
+    // rediss:// checks the server against the built-in roots; --redis-ca names a private CA.
+    let ca = redis.ca();
+    let process =
+        WaquotaProcess::start(&["--redis", &url, "--redis-ca", &ca, "--trust-client-clock"]);
 
     let mut quota =
         waquota::proto::quota_service_client::QuotaServiceClient::connect(process.endpoint())
@@ -471,7 +471,7 @@ async fn serve_reaches_redis_over_tls_as_an_acl_user() {
 
     // A wrong password: the server runs, and the CLI reports its UNAVAILABLE in one line.
     let bad = format!("rediss://app:wrong@127.0.0.1:{}", redis.port);
-    let process = WaquotaProcess::start_with_env(&["--redis", &bad], &env);
+    let process = WaquotaProcess::start(&["--redis", &bad, "--redis-ca", &ca]);
     let endpoint = process.endpoint();
     let out =
         tokio::task::spawn_blocking(move || run(&["--addr", &endpoint, "inspect", "s1"], &[]))
@@ -516,6 +516,9 @@ fn every_setting_has_a_flag() {
         "--redis-timeout-ms", "6",
         "--shutdown-grace-ms", "7",
         "--on-store-error", "allow",
+        "--on-store-error-sender", "otp=allow,bulk=deny",
+        "--shutdown-delay-ms", "8",
+        "--redis-ca", "/redis-ca.pem",
         "--metrics-listen", "127.0.0.1:2",
         "--log-format", "json",
         "--log-level", "debug",
@@ -539,6 +542,9 @@ fn every_setting_has_a_flag() {
         "redis_timeout": 6,
         "shutdown_grace": 7,
         "on_store_error": "allow",
+        "on_store_error_senders": {"bulk": "deny", "otp": "allow"},
+        "shutdown_delay": 8,
+        "redis_ca": "/redis-ca.pem",
         "metrics_listen": "127.0.0.1:2",
         "log_format": "json",
         "log_level": "debug",

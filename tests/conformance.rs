@@ -361,14 +361,20 @@ async fn portfolio_window_is_shared_by_its_senders(b: Backend) {
     assert_eq!(i.scope(), Scope::Portfolio);
     assert_eq!((i.limit, i.used, i.remaining), (250, 250, 0));
     assert_eq!(i.senders, ["A", "B"]);
-    assert_eq!(i.policy.as_ref().map(window_part), Some(rolling(Tier::Tier250, 0)));
+    assert_eq!(
+        i.policy.as_ref().map(window_part),
+        Some(rolling(Tier::Tier250, 0))
+    );
     assert_eq!(opt_ms(&i.next_slot_free_at), Some(at(9, 0, 0, 0) + DAY));
 
     let i = inspect(&mut a, sender("A"), at(11, 0, 0, 0)).await;
     assert_eq!(i.scope(), Scope::Portfolio);
     assert_eq!(i.portfolio, "P");
     assert_eq!((i.limit, i.used, i.remaining), (250, 250, 0));
-    assert_eq!(i.policy.as_ref().map(window_part), Some(rolling(Tier::Tier250, 0)));
+    assert_eq!(
+        i.policy.as_ref().map(window_part),
+        Some(rolling(Tier::Tier250, 0))
+    );
     let i = inspect_recipient(&mut a, sender("B"), "a-0001", at(11, 0, 0, 0)).await;
     assert_eq!(
         (i.scope(), i.portfolio.as_str(), i.used),
@@ -1021,7 +1027,10 @@ async fn tier_and_custom_limit_set_the_limit(b: Backend) {
     assert!(r.iter().all(|x| x.tier() == Tier::Tier250 && x.limit == 3));
     let i = inspect(&mut a, sender("c3"), now).await;
     assert_eq!((i.limit, i.used, i.remaining), (3, 3, 0));
-    assert_eq!(i.policy.as_ref().map(window_part), Some(conversation(Tier::Tier250, 3)));
+    assert_eq!(
+        i.policy.as_ref().map(window_part),
+        Some(conversation(Tier::Tier250, 3))
+    );
 
     // Unlimited: limit 0, nothing is ever refused.
     put_policy(&mut a, sender("inf"), conversation(Tier::Unlimited, 0)).await;
@@ -1041,11 +1050,17 @@ async fn tier_and_custom_limit_set_the_limit(b: Backend) {
         (250, Tier::Tier250, Scope::Sender)
     );
     let i = inspect(&mut a, sender("nobody"), now).await;
-    assert_eq!(i.policy.as_ref().map(window_part), Some(conversation(Tier::Tier250, 0)));
+    assert_eq!(
+        i.policy.as_ref().map(window_part),
+        Some(conversation(Tier::Tier250, 0))
+    );
     assert_eq!((i.scope(), i.limit), (Scope::Sender, 250));
     // An unknown portfolio's default: TIER_250, rolling.
     let i = inspect(&mut a, portfolio("nowhere"), now).await;
-    assert_eq!(i.policy.as_ref().map(window_part), Some(rolling(Tier::Tier250, 0)));
+    assert_eq!(
+        i.policy.as_ref().map(window_part),
+        Some(rolling(Tier::Tier250, 0))
+    );
     assert_eq!((i.scope(), i.limit, i.used), (Scope::Portfolio, 250, 0));
 }
 
@@ -1057,7 +1072,10 @@ async fn unknown_sender_gets_the_configured_default_policy(b: Backend) {
     assert_answer(&r, NEW, 1, 999);
     assert_eq!((r.limit, r.tier()), (1000, Tier::Tier1k));
     let i = inspect(&mut a, sender("nobody"), at(9, 0, 0, 0)).await;
-    assert_eq!(i.policy.as_ref().map(window_part), Some(conversation(Tier::Tier1k, 0)));
+    assert_eq!(
+        i.policy.as_ref().map(window_part),
+        Some(conversation(Tier::Tier1k, 0))
+    );
 
     // TIER_UNSPECIFIED in PutPolicy is the configured default tier.
     let stored = put_policy(
@@ -1331,7 +1349,10 @@ async fn inspect_reports_usage_next_free_slot_and_recipient_state(b: Backend) {
     assert_eq!((i.limit, i.used, i.remaining), (250, 4, 246));
     assert_eq!(opt_ms(&i.next_slot_free_at), Some(at(9, 0, 0, 0) + DAY));
     assert_eq!((i.slots_freeing_next_hour, i.open_service_windows), (0, 2));
-    assert_eq!(i.policy.as_ref().map(window_part), Some(conversation(Tier::Tier250, 0)));
+    assert_eq!(
+        i.policy.as_ref().map(window_part),
+        Some(conversation(Tier::Tier250, 0))
+    );
     assert_eq!(ms_of(i.now.as_ref().unwrap()), at(23, 0, 0, 0));
 
     // At D+1 09:00 a's slot has ended; b (09:30) and c (10:00) end within (now, now + 1 h],

@@ -4,6 +4,7 @@
 use prost_types::{Duration, Timestamp};
 use tonic::Status;
 
+use super::guard::Refused;
 use crate::ledger::LedgerError;
 use crate::model::{
     Category, DAY_MS, Decision, Defaults, Inspection, InvalidArgument, MessageKind, Millis,
@@ -16,9 +17,20 @@ use crate::proto;
 pub fn status(e: LedgerError) -> Status {
     match e {
         LedgerError::Invalid(e) => invalid(e),
-        LedgerError::Unavailable(m) => Status::unavailable(m),
+        LedgerError::Unavailable(m) | LedgerError::Contended(m) => Status::unavailable(m),
         LedgerError::FailedPrecondition(m) => Status::failed_precondition(m),
         LedgerError::Internal(m) => Status::internal(m),
+    }
+}
+
+/// Calls the guard answers itself, before any service runs.
+pub fn refused(r: Refused) -> Status {
+    let m = r.to_string();
+    match r {
+        Refused::Unauthenticated => Status::unauthenticated(m),
+        Refused::PermissionDenied => Status::permission_denied(m),
+        Refused::Overloaded => Status::resource_exhausted(m),
+        Refused::DeadlineExceeded => Status::deadline_exceeded(m),
     }
 }
 
@@ -363,6 +375,18 @@ pub fn outcome(o: Outcome) -> proto::AcquireResponse {
         scope: scope_to_proto(o.scope) as i32,
         reservation: o.reservation.map(|r| r.encode()).unwrap_or_default(),
         recipient: o.recipient.to_string(),
+        store_outage: false,
+    }
+}
+
+/// The answer of `on_store_error = allow`: admitted, but nothing is known and nothing recorded.
+pub fn outage_admission(recipient: &RecipientId) -> proto::AcquireResponse {
+    proto::AcquireResponse {
+        decision: proto::Decision::AllowedNew as i32,
+        allowed: true,
+        recipient: recipient.to_string(),
+        store_outage: true,
+        ..Default::default()
     }
 }
 

@@ -2,15 +2,18 @@
 //! live here; conversion between the wire and the domain is in [`convert`].
 
 pub mod convert;
+pub mod guard;
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, LedgerError};
+use crate::metrics::Metrics;
 use crate::model::{
     AcquireRequest, Cursor, Defaults, PortfolioId, RecipientId, Reservation, SenderId,
 };
+use crate::outage::{OUTAGE_HEADER, OutagePolicy};
 use crate::proto::{self, admin_service_server::AdminService, quota_service_server::QuotaService};
 use convert::{invalid, status};
 
@@ -20,6 +23,8 @@ pub struct ApiOptions {
     pub trust_client_clock: bool,
     pub defaults: Defaults,
     pub max_batch: usize,
+    pub metrics: Arc<Metrics>,
+    pub outage: Arc<OutagePolicy>,
 }
 
 pub struct QuotaApi<L> {
@@ -47,6 +52,25 @@ impl<L> AdminApi<L> {
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
 
+/// Decisions for one request, and whether they were made without the store.
+struct Decided {
+    results: Vec<proto::AcquireResponse>,
+    store_outage: bool,
+}
+
+impl Decided {
+    fn into_response<T>(self, msg: T) -> Response<T> {
+        let mut resp = Response::new(msg);
+        if self.store_outage {
+            resp.metadata_mut().insert(
+                OUTAGE_HEADER,
+                tonic::metadata::MetadataValue::from_static("allowed"),
+            );
+        }
+        resp
+    }
+}
+
 impl<L: Ledger> QuotaApi<L> {
     async fn decide(
         &self,
@@ -56,7 +80,9 @@ impl<L: Ledger> QuotaApi<L> {
         category: i32,
         dry_run: bool,
         at: Option<&prost_types::Timestamp>,
-    ) -> Result<Vec<proto::AcquireResponse>, Status> {
+    ) -> Result<Decided, Status> {
+        let span = tracing::Span::current();
+        span.record("sender", sender);
         let req = AcquireRequest {
             sender: SenderId::parse("sender", sender).map_err(invalid)?,
             recipients: recipients
@@ -69,11 +95,31 @@ impl<L: Ledger> QuotaApi<L> {
             dry_run,
             at: convert::clock(at, self.opts.trust_client_clock).map_err(invalid)?,
         };
-        let outcomes = self.ledger.acquire(req).await.map_err(status)?;
+        let recipients = req.recipients.clone();
+        let outcomes = match self.ledger.acquire(req).await {
+            Ok(o) => o,
+            Err(LedgerError::Unavailable(m))
+                if self.opts.outage.decide(sender, recipients.len(), &m) =>
+            {
+                span.record("decision", "store_outage_allowed");
+                return Ok(Decided {
+                    results: recipients.iter().map(convert::outage_admission).collect(),
+                    store_outage: true,
+                });
+            }
+            Err(e) => return Err(status(e)),
+        };
         for o in &outcomes {
-            tracing::debug!(sender, recipient = %o.recipient, decision = o.decision.name(), "decided");
+            self.opts.metrics.decision(o.decision, o.scope);
         }
-        Ok(outcomes.into_iter().map(convert::outcome).collect())
+        if let [o] = outcomes.as_slice() {
+            span.record("decision", o.decision.name());
+        }
+        tracing::debug!(recipients = outcomes.len(), "decided");
+        Ok(Decided {
+            results: outcomes.into_iter().map(convert::outcome).collect(),
+            store_outage: false,
+        })
     }
 }
 
@@ -84,7 +130,7 @@ impl<L: Ledger> QuotaService for QuotaApi<L> {
         req: Request<proto::AcquireRequest>,
     ) -> Result<Response<proto::AcquireResponse>, Status> {
         let r = req.into_inner();
-        let mut out = self
+        let mut decided = self
             .decide(
                 &r.sender,
                 vec![(&r.recipient, "recipient".into())],
@@ -94,9 +140,11 @@ impl<L: Ledger> QuotaService for QuotaApi<L> {
                 r.at.as_ref(),
             )
             .await?;
-        Ok(Response::new(
-            out.pop().ok_or_else(|| Status::internal("no outcome"))?,
-        ))
+        let one = decided
+            .results
+            .pop()
+            .ok_or_else(|| Status::internal("no outcome"))?;
+        Ok(decided.into_response(one))
     }
 
     async fn acquire_batch(
@@ -120,7 +168,7 @@ impl<L: Ledger> QuotaService for QuotaApi<L> {
             .enumerate()
             .map(|(i, s)| (s.as_str(), format!("recipients[{i}]")))
             .collect();
-        let results = self
+        let mut decided = self
             .decide(
                 &r.sender,
                 recipients,
@@ -130,7 +178,8 @@ impl<L: Ledger> QuotaService for QuotaApi<L> {
                 r.at.as_ref(),
             )
             .await?;
-        Ok(Response::new(proto::AcquireBatchResponse { results }))
+        let results = std::mem::take(&mut decided.results);
+        Ok(decided.into_response(proto::AcquireBatchResponse { results }))
     }
 
     async fn release(
@@ -138,6 +187,7 @@ impl<L: Ledger> QuotaService for QuotaApi<L> {
         req: Request<proto::ReleaseRequest>,
     ) -> Result<Response<proto::ReleaseResponse>, Status> {
         let r = req.into_inner();
+        tracing::Span::current().record("sender", r.sender.as_str());
         let sender = SenderId::parse("sender", &r.sender).map_err(invalid)?;
         let recipient = RecipientId::parse("recipient", &r.recipient).map_err(invalid)?;
         let reservation = Reservation::parse("reservation", &r.reservation).map_err(invalid)?;
@@ -155,6 +205,7 @@ impl<L: Ledger> QuotaService for QuotaApi<L> {
         req: Request<proto::RecordInboundRequest>,
     ) -> Result<Response<proto::RecordInboundResponse>, Status> {
         let r = req.into_inner();
+        tracing::Span::current().record("sender", r.sender.as_str());
         let sender = SenderId::parse("sender", &r.sender).map_err(invalid)?;
         let recipient = RecipientId::parse("recipient", &r.recipient).map_err(invalid)?;
         let at = convert::clock(r.at.as_ref(), self.opts.trust_client_clock).map_err(invalid)?;

@@ -20,6 +20,10 @@ pub enum LedgerError {
     /// The store cannot be reached or did not answer in time: `UNAVAILABLE`.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The store answers, but the request raced an operation that moves state (a sender being
+    /// reassigned): `UNAVAILABLE` too, so clients retry, but not a store outage.
+    #[error("{0}")]
+    Contended(String),
     #[error(transparent)]
     Invalid(#[from] InvalidArgument),
     /// The request is well-formed but the ledger's state does not allow it: `FAILED_PRECONDITION`.

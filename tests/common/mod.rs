@@ -8,6 +8,7 @@
 
 pub mod certs;
 pub mod dsl;
+pub mod ops;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -11,14 +11,15 @@ pub mod keys;
 pub mod scripts;
 
 use std::collections::HashMap;
-use std::sync::{RwLock, atomic::AtomicUsize, atomic::Ordering};
-use std::time::Duration;
+use std::sync::{Arc, RwLock, atomic::AtomicUsize, atomic::Ordering};
+use std::time::{Duration, Instant};
 
 use deadpool_redis::{Runtime, Timeouts};
 use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 
 use super::{Ledger, LedgerError, Result};
 use crate::config::{Settings, Store};
+use crate::metrics::{Metrics, PoolStatus, RedisErrorKind};
 use crate::model::{
     AcquireRequest, Category, Cursor, Decision, Defaults, ERROR_MARKETING_CAP, FREE_ENTRY_POINT_MS,
     FailureOutcome, Inspection, MARKETING_HOLD_MS, MessageKind, Millis, Outcome, Policy,
@@ -120,6 +121,7 @@ pub struct RedisLedger {
     defaults: Defaults,
     timeout: Duration,
     routes: RwLock<HashMap<SenderId, Option<PortfolioId>>>,
+    metrics: Arc<Metrics>,
 }
 
 /// One script call: its keys and arguments.
@@ -174,6 +176,7 @@ fn store_error(e: RedisError) -> LedgerError {
         || e.is_connection_refusal()
         || e.is_timeout()
         || e.is_cluster_error()
+        || is_auth_error(&e)
         || matches!(
             e.kind(),
             ErrorKind::ClusterConnectionNotFound
@@ -191,6 +194,41 @@ fn store_error(e: RedisError) -> LedgerError {
         LedgerError::Unavailable(e.to_string())
     } else {
         LedgerError::Internal(e.to_string())
+    }
+}
+
+/// Credentials refused or missing: a deployment problem, not a bug, and the store is unusable
+/// until it is fixed, so `UNAVAILABLE` like any other store outage.
+/// Redis refuses long commands from a connection that has not authenticated with a protocol
+/// error ("unauthenticated multibulk length") rather than NOAUTH, so that counts too.
+fn is_auth_error(e: &RedisError) -> bool {
+    e.kind() == ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
+        || e.detail()
+            .is_some_and(|d| d.starts_with("Protocol error: unauthenticated"))
+}
+
+/// The metrics' coarse kind of a Redis error.
+fn error_kind(e: &RedisError) -> RedisErrorKind {
+    if e.is_timeout() {
+        RedisErrorKind::Timeout
+    } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+        RedisErrorKind::Unavailable
+    } else if is_auth_error(e) {
+        RedisErrorKind::Auth
+    } else {
+        match e.kind() {
+            ErrorKind::ClusterConnectionNotFound => RedisErrorKind::Unavailable,
+            ErrorKind::Server(
+                ServerErrorKind::BusyLoading
+                | ServerErrorKind::TryAgain
+                | ServerErrorKind::ClusterDown
+                | ServerErrorKind::MasterDown
+                | ServerErrorKind::ReadOnly,
+            ) => RedisErrorKind::Busy,
+            _ if e.is_cluster_error() => RedisErrorKind::Busy,
+            _ => RedisErrorKind::Internal,
+        }
     }
 }
 
@@ -240,6 +278,89 @@ fn moved(v: &Value) -> Option<Option<PortfolioId>> {
             })
         }
         _ => None,
+    }
+}
+
+/// The acquire script's call (KEYS and ARGV as documented in `lua/acquire.lua`) for `req` at
+/// `home`.
+fn acquire_call<'a>(
+    s: &'a Script,
+    home: &Home,
+    k: &HomeKeys,
+    req: &AcquireRequest,
+    defaults: &Defaults,
+) -> Call<'a> {
+    let w = defaults_at(defaults, home);
+    let mut call = Call::new(
+        s,
+        vec![
+            k.window(),
+            k.window_meta(),
+            k.sequence(),
+            k.window_policy(&req.sender),
+            k.service_windows(&req.sender),
+            k.residency(),
+            k.sender_policy(&req.sender),
+            k.sender_slots(&req.sender),
+            k.throughput(&req.sender),
+            k.pair_rates(&req.sender),
+            k.marketing_log(&req.sender),
+            k.marketing_holds(),
+            k.uniques(),
+        ],
+    )
+    .clock(req.at)
+    .arg(home.kind())
+    .arg(req.sender.as_str())
+    .arg(if req.kind == MessageKind::FreeForm {
+        "f"
+    } else {
+        "t"
+    })
+    .arg(if req.dry_run { "1" } else { "0" })
+    .arg(if req.category == Some(Category::Marketing) {
+        "1"
+    } else {
+        "0"
+    })
+    .arg(w.tier.name())
+    .arg(w.window_mode.name())
+    .arg(w.rule_set.name())
+    .num(defaults.messages_per_second)
+    .num(defaults.pair_interval_ms)
+    .num(defaults.pair_burst)
+    .num(SLOT_MS)
+    .num(TTL_SLACK_MS)
+    .num(TRIM_PER_CALL);
+    for r in &req.recipients {
+        call = call.arg(r.as_str());
+    }
+    call
+}
+
+/// The acquire script's reply: this many header values (now, limit, tier, effective limit), then
+/// [`ACQUIRE_REPLY_FIELDS`] per recipient, the decision code first.
+pub const ACQUIRE_REPLY_HEAD: usize = 4;
+pub const ACQUIRE_REPLY_FIELDS: usize = 5;
+
+/// The very EVALSHA that [`RedisLedger`] sends for `req` at `home` (the sender's own window or
+/// its portfolio's), for tools that drive the decision script without the service (`bench`).
+/// The script must already be cached on the server (`SCRIPT LOAD` of `script.source`).
+pub fn acquire_cmd(
+    script: &Script,
+    keys: &Keys,
+    home: &Home,
+    req: &AcquireRequest,
+    defaults: &Defaults,
+) -> redis::Cmd {
+    acquire_call(script, home, &keys.home(home), req, defaults).cmd(false)
+}
+
+/// The policy of a home without a stored one: the sender default or the portfolio default.
+fn defaults_at(defaults: &Defaults, home: &Home) -> Policy {
+    match home {
+        Home::Sender(_) => defaults.sender,
+        Home::Portfolio(_) => defaults.portfolio,
     }
 }
 
@@ -313,12 +434,40 @@ impl RedisLedger {
         };
         let pool = match &settings.store {
             Store::Redis { url } => {
-                let mut cfg = deadpool_redis::Config::from_url(url.clone());
-                cfg.pool = Some(pool_cfg);
+                // The redis crate answers "timed out" after 500 ms by default; a paused or busy
+                // Redis must get the whole of `redis_timeout`, the one budget operators set.
+                let conn_cfg = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(settings.redis_timeout))
+                    .set_response_timeout(Some(settings.redis_timeout));
+                let info = match &settings.redis_ca {
+                    None => redis::IntoConnectionInfo::into_connection_info(url.as_str()),
+                    Some(ca) => {
+                        let root_cert = std::fs::read(ca).map_err(|e| {
+                            config_error(&format!("cannot read redis_ca {}: {e}", ca.display()))
+                        })?;
+                        let certs = redis::TlsCertificates {
+                            client_tls: None,
+                            root_cert: Some(root_cert),
+                        };
+                        redis::Client::build_with_tls(url.as_str(), certs)
+                            .map(|c| c.get_connection_info().clone())
+                    }
+                }
+                .map_err(|e| config_error(&e))?;
+                let manager = deadpool_redis::Manager::new_with_config(info, conn_cfg)
+                    .map_err(|e| config_error(&e))?;
                 Pool::Single(
-                    cfg.create_pool(Some(Runtime::Tokio1))
+                    deadpool_redis::Pool::builder(manager)
+                        .config(pool_cfg)
+                        .runtime(Runtime::Tokio1)
+                        .build()
                         .map_err(|e| config_error(&e))?,
                 )
+            }
+            Store::Cluster { .. } if settings.redis_ca.is_some() => {
+                return Err(config_error(
+                    &"redis_ca is supported with a standalone Redis only; a cluster verifies rediss:// against the built-in roots",
+                ));
             }
             Store::Cluster { nodes } => {
                 let mut cfg = deadpool_redis::cluster::Config::from_urls(nodes.clone());
@@ -347,6 +496,7 @@ impl RedisLedger {
             defaults: settings.defaults,
             timeout: settings.redis_timeout,
             routes: RwLock::new(HashMap::new()),
+            metrics: Arc::new(Metrics::new()),
         };
         if let Err(e) = ledger.ping().await {
             tracing::warn!(error = %e, "Redis does not answer yet; serving UNAVAILABLE until it does");
@@ -354,27 +504,65 @@ impl RedisLedger {
         Ok(ledger)
     }
 
+    /// Reports script latency, Redis errors, reloads and the pool to `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        let status = match &self.conns.pool {
+            Pool::Single(p) => {
+                let p = p.clone();
+                Box::new(move || p.status())
+                    as Box<dyn Fn() -> deadpool_redis::Status + Send + Sync>
+            }
+            Pool::Cluster(p) => {
+                let p = p.clone();
+                Box::new(move || p.status())
+            }
+        };
+        metrics.set_pool_probe(move || {
+            let s = status();
+            PoolStatus {
+                max_size: s.max_size,
+                size: s.size,
+                available: s.available,
+                waiting: s.waiting,
+            }
+        });
+        self.metrics = metrics;
+        self
+    }
+
     /// Script reloads so far (NOSCRIPT answers).
     pub fn script_reloads(&self) -> u64 {
         self.scripts.reloads.load(Ordering::Relaxed)
     }
 
+    /// One command, within `redis_timeout` all told: waiting for a pool connection (or opening
+    /// one) counts against the same budget as the call itself.
     async fn query_raw(&self, cmd: &redis::Cmd) -> redis::RedisResult<Value> {
-        let (i, mut conn) = self.conns.get().await?;
-        let result = match tokio::time::timeout(self.timeout, conn.query(cmd)).await {
+        let mut used = None;
+        let attempt = async {
+            let (i, mut conn) = self.conns.get().await?;
+            used = Some(i);
+            conn.query(cmd).await
+        };
+        let result = match tokio::time::timeout(self.timeout, attempt).await {
             Ok(r) => r,
             Err(_) => Err(RedisError::from(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 format!("Redis did not answer within {:?}", self.timeout),
             ))),
         };
-        if let Err(e) = &result
-            && (e.is_io_error()
-                || e.is_connection_dropped()
-                || e.is_connection_refusal()
-                || e.is_timeout())
-        {
-            self.conns.discard(i).await;
+        if let Err(e) = &result {
+            if e.kind() != ErrorKind::Server(ServerErrorKind::NoScript) {
+                self.metrics.redis_error(error_kind(e));
+            }
+            if let Some(i) = used
+                && (e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_timeout())
+            {
+                self.conns.discard(i).await;
+            }
         }
         result
     }
@@ -384,9 +572,11 @@ impl RedisLedger {
     }
 
     async fn run(&self, call: &Call<'_>) -> Result<Value> {
-        match self.query_raw(&call.cmd(false)).await {
+        let start = Instant::now();
+        let result = match self.query_raw(&call.cmd(false)).await {
             Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
                 self.scripts.count_reload();
+                self.metrics.script_reload();
                 tracing::info!(
                     script = call.script.name,
                     "script not cached on Redis: sending it again"
@@ -394,7 +584,10 @@ impl RedisLedger {
                 self.query(&call.cmd(true)).await
             }
             r => r.map_err(store_error),
-        }
+        };
+        self.metrics
+            .script_latency(call.script.name, start.elapsed());
+        result
     }
 
     fn cached_home(&self, sender: &SenderId) -> Home {
@@ -431,16 +624,13 @@ impl RedisLedger {
                 }
             }
         }
-        Err(LedgerError::Unavailable(format!(
+        Err(LedgerError::Contended(format!(
             "sender {sender} is being reassigned; try again"
         )))
     }
 
     fn defaults_for(&self, home: &Home) -> Policy {
-        match home {
-            Home::Sender(_) => self.defaults.sender,
-            Home::Portfolio(_) => self.defaults.portfolio,
-        }
+        defaults_at(&self.defaults, home)
     }
 
     async fn current_portfolio(&self, sender: &SenderId) -> Result<Option<PortfolioId>> {
@@ -465,60 +655,14 @@ fn tier_named(s: &str) -> Result<Tier> {
 impl Ledger for RedisLedger {
     async fn acquire(&self, req: AcquireRequest) -> Result<Vec<Outcome>> {
         let s = &self.scripts.acquire;
-        let d = &self.defaults;
         let (home, v) = self
             .at_home(&req.sender, |home, k| {
-                let w = self.defaults_for(home);
-                let mut call = Call::new(
-                    s,
-                    vec![
-                        k.window(),
-                        k.window_meta(),
-                        k.sequence(),
-                        k.window_policy(&req.sender),
-                        k.service_windows(&req.sender),
-                        k.residency(),
-                        k.sender_policy(&req.sender),
-                        k.sender_slots(&req.sender),
-                        k.throughput(&req.sender),
-                        k.pair_rates(&req.sender),
-                        k.marketing_log(&req.sender),
-                        k.marketing_holds(),
-                        k.uniques(),
-                    ],
-                )
-                .clock(req.at)
-                .arg(home.kind())
-                .arg(req.sender.as_str())
-                .arg(if req.kind == MessageKind::FreeForm {
-                    "f"
-                } else {
-                    "t"
-                })
-                .arg(if req.dry_run { "1" } else { "0" })
-                .arg(if req.category == Some(Category::Marketing) {
-                    "1"
-                } else {
-                    "0"
-                })
-                .arg(w.tier.name())
-                .arg(w.window_mode.name())
-                .arg(w.rule_set.name())
-                .num(d.messages_per_second)
-                .num(d.pair_interval_ms)
-                .num(d.pair_burst)
-                .num(SLOT_MS)
-                .num(TTL_SLACK_MS)
-                .num(TRIM_PER_CALL);
-                for r in &req.recipients {
-                    call = call.arg(r.as_str());
-                }
-                call
+                acquire_call(s, home, k, &req, &self.defaults)
             })
             .await?;
         let items = items(v).map_err(|v| bad_reply("acquire", &v))?;
         let bad = || bad_reply("acquire", &Value::Array(items.clone()));
-        if items.len() != 4 + 5 * req.recipients.len() {
+        if items.len() != ACQUIRE_REPLY_HEAD + ACQUIRE_REPLY_FIELDS * req.recipients.len() {
             return Err(bad());
         }
         let limit = int(&items[1]).ok_or_else(bad)? as u64;
@@ -527,7 +671,7 @@ impl Ledger for RedisLedger {
         let scope = scope_of(&home);
         req.recipients
             .iter()
-            .zip(items[4..].chunks_exact(5))
+            .zip(items[ACQUIRE_REPLY_HEAD..].chunks_exact(ACQUIRE_REPLY_FIELDS))
             .map(|(r, f)| {
                 let decision = int(&f[0]).and_then(Decision::from_code).ok_or_else(bad)?;
                 let used = int(&f[3]).ok_or_else(bad)? as u64;

@@ -1,0 +1,564 @@
+//! Prometheus metrics: a fixed registry of atomics, rendered in the text exposition format, and
+//! the HTTP listener that serves it at `/metrics`.
+//!
+//! Why hand-written: every label set here is known at compile time (RPC names, script names,
+//! decisions, scopes, error kinds), so each series is one atomic in an array and the hot path
+//! never takes a lock or hashes a label. That also bounds cardinality by construction: no
+//! sender, recipient or portfolio id can ever become a label.
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming};
+use tokio::net::TcpListener;
+
+use crate::model::{Decision, Scope};
+
+/// Upper bounds (seconds) of the latency histograms' buckets.
+const BUCKETS: [f64; 14] = [
+    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// RPCs that get their own latency series; anything else is `other`.
+pub const RPCS: [&str; 12] = [
+    "Acquire",
+    "AcquireBatch",
+    "Release",
+    "RecordInbound",
+    "Confirm",
+    "ReportFailure",
+    "PutPolicy",
+    "AssignSender",
+    "Inspect",
+    "ListWindow",
+    "Reset",
+    "other",
+];
+
+/// The Lua scripts (`lua/*.lua`), by the name the Redis ledger gives them.
+pub const SCRIPTS: [&str; 11] = [
+    "acquire", "release", "inbound", "inspect", "list", "policy", "reset", "move_out", "move_in",
+    "confirm", "failure",
+];
+
+const DECISIONS: [Decision; 9] = [
+    Decision::AllowedNew,
+    Decision::AllowedCounted,
+    Decision::AllowedServiceWindow,
+    Decision::DeniedLimit,
+    Decision::DeniedOutsideServiceWindow,
+    Decision::DeniedThroughput,
+    Decision::DeniedPairRate,
+    Decision::DeniedSenderBlocked,
+    Decision::DeniedMarketingCap,
+];
+
+const SCOPES: [Scope; 2] = [Scope::Sender, Scope::Portfolio];
+
+/// What went wrong talking to Redis, as far as an operator needs to tell apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisErrorKind {
+    /// Connection refused, dropped or reset; no connection could be had from the pool.
+    Unavailable,
+    /// No answer within `redis_timeout` (pool wait included).
+    Timeout,
+    /// Wrong password, or the ACL user may not run the command.
+    Auth,
+    /// Redis is loading, failing over, read-only, or the cluster is down.
+    Busy,
+    /// An unexpected error from a script: a bug.
+    Internal,
+}
+
+const REDIS_ERROR_KINDS: [(RedisErrorKind, &str); 5] = [
+    (RedisErrorKind::Unavailable, "unavailable"),
+    (RedisErrorKind::Timeout, "timeout"),
+    (RedisErrorKind::Auth, "auth"),
+    (RedisErrorKind::Busy, "busy"),
+    (RedisErrorKind::Internal, "internal"),
+];
+
+/// Why a call was refused before reaching a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Unauthenticated,
+    PermissionDenied,
+}
+
+/// A snapshot of the Redis connection pool.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PoolStatus {
+    pub max_size: usize,
+    pub size: usize,
+    pub available: usize,
+    pub waiting: usize,
+}
+
+type PoolProbe = Box<dyn Fn() -> PoolStatus + Send + Sync>;
+
+struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn new() -> Self {
+        Histogram {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (b, n) in BUCKETS.iter().zip(&self.buckets) {
+            cumulative += n.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+    }
+}
+
+/// Every metric the server exports. One per server; shared through an `Arc`.
+pub struct Metrics {
+    decisions: [[AtomicU64; SCOPES.len()]; DECISIONS.len()],
+    rpc_latency: [Histogram; RPCS.len()],
+    script_latency: [Histogram; SCRIPTS.len()],
+    redis_errors: [AtomicU64; REDIS_ERROR_KINDS.len()],
+    script_reloads: AtomicU64,
+    in_flight: AtomicI64,
+    shed: AtomicU64,
+    refused: [AtomicU64; 2],
+    deadline_exceeded: AtomicU64,
+    /// [allowed, denied]
+    outage_decisions: [AtomicU64; 2],
+    pool: Mutex<Option<PoolProbe>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn counters<const N: usize>() -> [AtomicU64; N] {
+    std::array::from_fn(|_| AtomicU64::new(0))
+}
+
+fn decision_index(d: Decision) -> usize {
+    match d {
+        Decision::AllowedNew => 0,
+        Decision::AllowedCounted => 1,
+        Decision::AllowedServiceWindow => 2,
+        Decision::DeniedLimit => 3,
+        Decision::DeniedOutsideServiceWindow => 4,
+        Decision::DeniedThroughput => 5,
+        Decision::DeniedPairRate => 6,
+        Decision::DeniedSenderBlocked => 7,
+        Decision::DeniedMarketingCap => 8,
+    }
+}
+
+fn scope_index(s: Scope) -> usize {
+    match s {
+        Scope::Sender => 0,
+        Scope::Portfolio => 1,
+    }
+}
+
+/// Index of an RPC in [`RPCS`] from a gRPC path (`/package.Service/Method`).
+pub fn rpc_index(path: &str) -> usize {
+    let method = path.rsplit('/').next().unwrap_or("");
+    RPCS[..RPCS.len() - 1]
+        .iter()
+        .position(|r| *r == method)
+        .unwrap_or(RPCS.len() - 1)
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Metrics {
+            decisions: std::array::from_fn(|_| counters()),
+            rpc_latency: std::array::from_fn(|_| Histogram::new()),
+            script_latency: std::array::from_fn(|_| Histogram::new()),
+            redis_errors: counters(),
+            script_reloads: AtomicU64::new(0),
+            in_flight: AtomicI64::new(0),
+            shed: AtomicU64::new(0),
+            refused: counters(),
+            deadline_exceeded: AtomicU64::new(0),
+            outage_decisions: counters(),
+            pool: Mutex::new(None),
+        }
+    }
+
+    pub fn decision(&self, d: Decision, s: Scope) {
+        self.decisions[decision_index(d)][scope_index(s)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn rpc_latency(&self, rpc: usize, d: Duration) {
+        self.rpc_latency[rpc.min(RPCS.len() - 1)].observe(d);
+    }
+
+    pub fn script_latency(&self, script: &str, d: Duration) {
+        if let Some(i) = SCRIPTS.iter().position(|s| *s == script) {
+            self.script_latency[i].observe(d);
+        }
+    }
+
+    pub fn redis_error(&self, kind: RedisErrorKind) {
+        if let Some(i) = REDIS_ERROR_KINDS.iter().position(|(k, _)| *k == kind) {
+            self.redis_errors[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn script_reload(&self) {
+        self.script_reloads.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a request in flight until the guard drops.
+    pub fn in_flight(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    pub fn shed(&self) {
+        self.shed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn refused(&self, r: Refusal) {
+        let i = match r {
+            Refusal::Unauthenticated => 0,
+            Refusal::PermissionDenied => 1,
+        };
+        self.refused[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn deadline_exceeded(&self) {
+        self.deadline_exceeded.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn outage_decision(&self, allowed: bool) {
+        self.outage_decisions[usize::from(!allowed)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reports the Redis pool at each scrape.
+    pub fn set_pool_probe(&self, probe: impl Fn() -> PoolStatus + Send + Sync + 'static) {
+        *self.pool.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(probe));
+    }
+
+    /// The text exposition format (version 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        let head = |out: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+
+        head(
+            &mut out,
+            "waquota_decisions_total",
+            "counter",
+            "Acquire/AcquireBatch decisions made by the ledger (one per recipient, dry runs included).",
+        );
+        for (d, row) in DECISIONS.iter().zip(&self.decisions) {
+            for (s, n) in SCOPES.iter().zip(row) {
+                let _ = writeln!(
+                    out,
+                    "waquota_decisions_total{{decision=\"{}\",scope=\"{}\"}} {}",
+                    d.name(),
+                    s.name(),
+                    load(n)
+                );
+            }
+        }
+
+        head(
+            &mut out,
+            "waquota_request_duration_seconds",
+            "histogram",
+            "Time to answer a QuotaService or AdminService call, by RPC.",
+        );
+        for (rpc, h) in RPCS.iter().zip(&self.rpc_latency) {
+            h.render(
+                &mut out,
+                "waquota_request_duration_seconds",
+                &format!("rpc=\"{rpc}\""),
+            );
+        }
+
+        head(
+            &mut out,
+            "waquota_requests_in_flight",
+            "gauge",
+            "QuotaService and AdminService calls being served now.",
+        );
+        let _ = writeln!(
+            out,
+            "waquota_requests_in_flight {}",
+            self.in_flight.load(Ordering::Relaxed)
+        );
+
+        head(
+            &mut out,
+            "waquota_requests_shed_total",
+            "counter",
+            "Calls answered RESOURCE_EXHAUSTED because max_in_flight calls were already running.",
+        );
+        let _ = writeln!(out, "waquota_requests_shed_total {}", load(&self.shed));
+
+        head(
+            &mut out,
+            "waquota_requests_refused_total",
+            "counter",
+            "Calls refused by authentication (UNAUTHENTICATED) or authorisation (PERMISSION_DENIED).",
+        );
+        for (reason, n) in ["unauthenticated", "permission_denied"]
+            .iter()
+            .zip(&self.refused)
+        {
+            let _ = writeln!(
+                out,
+                "waquota_requests_refused_total{{reason=\"{reason}\"}} {}",
+                load(n)
+            );
+        }
+
+        head(
+            &mut out,
+            "waquota_requests_deadline_exceeded_total",
+            "counter",
+            "Calls whose client deadline (grpc-timeout) passed before they were answered.",
+        );
+        let _ = writeln!(
+            out,
+            "waquota_requests_deadline_exceeded_total {}",
+            load(&self.deadline_exceeded)
+        );
+
+        head(
+            &mut out,
+            "waquota_store_outage_decisions_total",
+            "counter",
+            "Acquire/AcquireBatch calls decided by on_store_error while the store could not be reached.",
+        );
+        for (outcome, n) in ["allowed", "denied"].iter().zip(&self.outage_decisions) {
+            let _ = writeln!(
+                out,
+                "waquota_store_outage_decisions_total{{outcome=\"{outcome}\"}} {}",
+                load(n)
+            );
+        }
+
+        head(
+            &mut out,
+            "waquota_redis_script_duration_seconds",
+            "histogram",
+            "Round trip of one Lua script call to Redis, by script.",
+        );
+        for (script, h) in SCRIPTS.iter().zip(&self.script_latency) {
+            h.render(
+                &mut out,
+                "waquota_redis_script_duration_seconds",
+                &format!("script=\"{script}\""),
+            );
+        }
+
+        head(
+            &mut out,
+            "waquota_redis_errors_total",
+            "counter",
+            "Failed Redis calls, by kind.",
+        );
+        for ((_, kind), n) in REDIS_ERROR_KINDS.iter().zip(&self.redis_errors) {
+            let _ = writeln!(
+                out,
+                "waquota_redis_errors_total{{kind=\"{kind}\"}} {}",
+                load(n)
+            );
+        }
+
+        head(
+            &mut out,
+            "waquota_redis_script_reloads_total",
+            "counter",
+            "Scripts sent again after a NOSCRIPT answer (restarted or failed-over Redis).",
+        );
+        let _ = writeln!(
+            out,
+            "waquota_redis_script_reloads_total {}",
+            load(&self.script_reloads)
+        );
+
+        let pool = self
+            .pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|p| p());
+        if let Some(p) = pool {
+            head(
+                &mut out,
+                "waquota_redis_pool_connections",
+                "gauge",
+                "Redis pool connections: in_use (held by the ledger) and idle.",
+            );
+            let in_use = p.size.saturating_sub(p.available);
+            let _ = writeln!(
+                out,
+                "waquota_redis_pool_connections{{state=\"in_use\"}} {in_use}"
+            );
+            let _ = writeln!(
+                out,
+                "waquota_redis_pool_connections{{state=\"idle\"}} {}",
+                p.available
+            );
+            head(
+                &mut out,
+                "waquota_redis_pool_max_connections",
+                "gauge",
+                "Most connections the Redis pool may open (redis_pool_size).",
+            );
+            let _ = writeln!(out, "waquota_redis_pool_max_connections {}", p.max_size);
+            head(
+                &mut out,
+                "waquota_redis_pool_waiting",
+                "gauge",
+                "Callers waiting for a Redis pool connection.",
+            );
+            let _ = writeln!(out, "waquota_redis_pool_waiting {}", p.waiting);
+        }
+        out
+    }
+}
+
+/// Decrements the in-flight gauge on drop, however the request ends (answered or cancelled).
+pub struct InFlight(Arc<Metrics>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves `GET /metrics` over HTTP/1.1 on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics listener: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => return,
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let metrics = metrics.clone();
+                async move { Ok::<_, std::convert::Infallible>(answer(&req, &metrics)) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            // A scraper that stalls or disconnects only ends its own connection.
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await;
+        });
+    }
+}
+
+fn answer(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            Bytes::from(metrics.render()),
+        ),
+        (_, "/metrics") => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            Bytes::from_static(b"use GET\n"),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            Bytes::from_static(b"metrics are at /metrics\n"),
+        ),
+    };
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rpc_paths_map_to_bounded_labels() {
+        assert_eq!(
+            RPCS[rpc_index("/waquota.v1.QuotaService/Acquire")],
+            "Acquire"
+        );
+        assert_eq!(RPCS[rpc_index("/waquota.v1.AdminService/Reset")], "Reset");
+        assert_eq!(RPCS[rpc_index("/x.Y/SomethingElse")], "other");
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let m = Metrics::new();
+        m.rpc_latency(0, Duration::from_micros(300));
+        m.rpc_latency(0, Duration::from_millis(3));
+        let text = m.render();
+        assert!(
+            text.contains(
+                "waquota_request_duration_seconds_bucket{rpc=\"Acquire\",le=\"0.0005\"} 1"
+            )
+        );
+        assert!(
+            text.contains(
+                "waquota_request_duration_seconds_bucket{rpc=\"Acquire\",le=\"0.005\"} 2"
+            )
+        );
+        assert!(text.contains("waquota_request_duration_seconds_count{rpc=\"Acquire\"} 2"));
+    }
+}

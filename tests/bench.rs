@@ -1,0 +1,213 @@
+//! `waquota bench` end to end: the real binary loads a server started here (and Redis directly
+//! for the ceiling and memory figures) and prints one JSON report whose counts add up. Nothing
+//! here asserts on timing.
+
+mod common;
+
+use std::process::Command;
+
+use common::{Backend, RedisServer, TestServer};
+use serde_json::Value;
+
+/// Runs `waquota bench ARGS --json` and parses its report.
+async fn bench(args: Vec<String>) -> Value {
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_waquota"))
+            .arg("bench")
+            .args(&args)
+            .arg("--json")
+            .output()
+            .expect("run waquota bench")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "waquota bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not one JSON object ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+fn sum(v: &Value) -> u64 {
+    v.as_object()
+        .unwrap_or_else(|| panic!("not an object: {v}"))
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum()
+}
+
+fn count(v: &Value, key: &str) -> u64 {
+    v.get(key).and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// Every figure is there, every call and recipient is accounted for, and since every share of
+/// the mix has exactly one possible answer, what was asked is what was decided.
+fn check_run(run: &Value, calls: u64, batch: u64) {
+    assert_eq!(run["calls"], calls, "{run}");
+    assert_eq!(run["batch"], batch, "{run}");
+    let errors = sum(&run["errors"]);
+    assert_eq!(errors, 0, "no call fails against a healthy server: {run}");
+    assert_eq!(run["ok_calls"].as_u64().unwrap() + errors, calls);
+    let decided = run["recipients_decided"].as_u64().unwrap();
+    assert_eq!(decided, calls * batch);
+    assert_eq!(sum(&run["decisions"]), decided);
+    assert_eq!(sum(&run["asked"]), calls * batch);
+    let (asked, decisions) = (&run["asked"], &run["decisions"]);
+    assert_eq!(
+        count(asked, "new"),
+        count(decisions, "allowed_new"),
+        "{run}"
+    );
+    assert_eq!(count(asked, "counted"), count(decisions, "allowed_counted"));
+    assert_eq!(
+        count(asked, "service"),
+        count(decisions, "allowed_service_window")
+    );
+    assert_eq!(count(asked, "denied"), count(decisions, "denied_limit"));
+    for key in ["decisions_per_s", "recipients_per_s", "elapsed_s"] {
+        assert!(run[key].as_f64().is_some_and(|x| x >= 0.0), "{key}: {run}");
+    }
+    let l = &run["latency_ms"];
+    for key in ["p50", "p90", "p99", "p99_9", "max", "mean"] {
+        assert!(l[key].as_f64().is_some(), "latency_ms.{key}: {run}");
+    }
+    assert!(l["p50"].as_f64() <= l["p99"].as_f64());
+    assert!(l["p99"].as_f64() <= l["max"].as_f64());
+    assert!(
+        run["cpu"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "bench")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_reports_every_decision_of_a_short_run() {
+    let server = TestServer::start(Backend::Memory).await;
+    let report = bench(args(&[
+        "--addr",
+        &server.endpoint(),
+        "--requests",
+        "200",
+        "--concurrency",
+        "4",
+        "--warmup",
+        "0",
+        "--senders",
+        "3",
+        "--recipients",
+        "20",
+        "--service-recipients",
+        "5",
+        "--mix",
+        "new=40,counted=30,service=15,denied=15",
+    ]))
+    .await;
+    check_run(&report["service"], 200, 1);
+    assert!(report["ceiling"].is_null());
+    assert!(report["machine"]["cpus"].as_u64().unwrap() >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn batch_runs_count_recipients() {
+    let server = TestServer::start(Backend::Memory).await;
+    let report = bench(args(&[
+        "--addr",
+        &server.endpoint(),
+        "--requests",
+        "40",
+        "--batch",
+        "5",
+        "--concurrency",
+        "2",
+        "--warmup",
+        "0",
+        "--senders",
+        "2",
+        "--recipients",
+        "10",
+    ]))
+    .await;
+    check_run(&report["service"], 40, 5);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ceiling_drives_the_same_script_on_redis() {
+    let mut server = TestServer::start(Backend::Redis).await;
+    let redis = server.redis().unwrap().url();
+    let report = bench(args(&[
+        "--addr",
+        &server.endpoint(),
+        "--ceiling-redis",
+        &redis,
+        "--requests",
+        "200",
+        "--concurrency",
+        "4",
+        "--pipeline",
+        "4",
+        "--warmup",
+        "0",
+        "--senders",
+        "3",
+        "--recipients",
+        "20",
+        "--service-recipients",
+        "5",
+    ]))
+    .await;
+    check_run(&report["service"], 200, 1);
+    check_run(&report["ceiling"], 200, 1);
+    assert!(report["service_to_ceiling"].as_f64().is_some());
+    // One EVALSHA per decision, through the service as on the ceiling (calls still in flight
+    // from before the measured part began may add a few).
+    for run in ["service", "ceiling"] {
+        let r = &report[run]["redis"];
+        let evalsha = r["evalsha"].as_u64().unwrap();
+        assert!(evalsha >= 200, "{run}: {r}");
+        assert!(evalsha < 300, "{run}: {r}");
+        assert!(
+            r["commands_per_decision"].as_f64().unwrap() > 1.0,
+            "{run}: {r}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn memory_reports_bytes_per_slot_and_encodings() {
+    let redis = RedisServer::start();
+    let report = bench(args(&["--memory-redis", &redis.url()])).await;
+    assert!(report["service"].is_null(), "no service run without --addr");
+    let m = &report["memory"];
+    let windows = m["windows"].as_array().unwrap();
+    let slots: Vec<u64> = windows
+        .iter()
+        .map(|w| w["slots"].as_u64().unwrap())
+        .collect();
+    assert_eq!(slots, [250, 1_000, 10_000, 100_000]);
+    for w in windows {
+        assert!(w["window_bytes"].as_u64().unwrap() > 0, "{w}");
+        assert!(w["meta_bytes"].as_u64().unwrap() > 0, "{w}");
+        assert!(w["bytes_per_slot"].as_f64().unwrap() > 0.0, "{w}");
+        assert!(
+            w["window_encoding"].as_str().is_some_and(|e| e != "-"),
+            "{w}"
+        );
+    }
+    let csw = m["service_windows"].as_array().unwrap();
+    assert!(!csw.is_empty());
+    for s in csw {
+        assert!(s["key_bytes"].as_u64().unwrap() > 0, "{s}");
+    }
+}

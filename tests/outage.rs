@@ -1,0 +1,347 @@
+//! The store-outage policy: Redis killed mid-test, `deny` and `allow` (global and per sender),
+//! only Acquire/AcquireBatch falling back, recovery without a restart, and the ledger intact
+//! after a persistent Redis comes back.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::dsl::sender;
+use common::ops::{PersistentRedis, connect, http_get_ready, metric};
+use common::{Backend, D, HOUR, TestServer, free_port, ts};
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use waquota::config::{OnStoreError, Settings, Store};
+use waquota::proto::admin_service_client::AdminServiceClient;
+use waquota::proto::quota_service_client::QuotaServiceClient;
+use waquota::proto::{
+    AcquireBatchRequest, AcquireRequest, AcquireResponse, Decision, InspectRequest,
+    InspectResponse, RecordInboundRequest, ReleaseRequest,
+};
+
+const T0: i64 = D + 10 * HOUR;
+
+fn acquire_req(sender: &str, recipient: &str, at: i64) -> AcquireRequest {
+    AcquireRequest {
+        sender: sender.into(),
+        recipient: recipient.into(),
+        at: Some(ts(at)),
+        ..Default::default()
+    }
+}
+
+async fn acquire(
+    q: &mut QuotaServiceClient<Channel>,
+    sender: &str,
+    recipient: &str,
+) -> Result<tonic::Response<AcquireResponse>, tonic::Status> {
+    q.acquire(acquire_req(sender, recipient, T0)).await
+}
+
+async fn inspect(
+    a: &mut AdminServiceClient<Channel>,
+    who: &str,
+) -> Result<InspectResponse, tonic::Status> {
+    a.inspect(InspectRequest {
+        target: sender(who),
+        recipient: String::new(),
+        at: Some(ts(T0 + 1000)),
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+fn assert_outage_admission(r: &tonic::Response<AcquireResponse>) {
+    let m = r.get_ref();
+    assert!(m.allowed && m.store_outage, "{m:?}");
+    assert_eq!(m.decision, Decision::AllowedNew as i32);
+    assert!(m.reservation.is_empty(), "nothing to release: {m:?}");
+    assert_eq!((m.limit, m.used, m.remaining), (0, 0, 0));
+    assert_eq!(
+        r.metadata()
+            .get("waquota-store-outage")
+            .and_then(|v| v.to_str().ok()),
+        Some("allowed")
+    );
+}
+
+/// A server whose Redis is gone, after `s1` took a slot for `r1`; returns its reservation too.
+async fn killed_redis_with_reservation(tweak: impl FnOnce(&mut Settings)) -> (TestServer, String) {
+    let mut server = TestServer::start_with(Backend::Redis, tweak).await;
+    let mut q = server.quota().await;
+    let r = acquire(&mut q, "s1", "r1")
+        .await
+        .expect("acquire")
+        .into_inner();
+    assert!(r.allowed && !r.store_outage);
+    server.redis().unwrap().kill();
+    (server, r.reservation)
+}
+
+async fn server_with_killed_redis(tweak: impl FnOnce(&mut Settings)) -> TestServer {
+    killed_redis_with_reservation(tweak).await.0
+}
+
+#[tokio::test]
+async fn deny_answers_unavailable_while_redis_is_down() {
+    let server = server_with_killed_redis(|_| {}).await;
+    let mut q = server.quota().await;
+    let got = acquire(&mut q, "s1", "r2").await;
+    assert_eq!(got.map_err(|s| s.code()).err(), Some(Code::Unavailable));
+    let got = q
+        .acquire_batch(AcquireBatchRequest {
+            sender: "s1".into(),
+            recipients: vec!["r2".into(), "r3".into()],
+            at: Some(ts(T0)),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(got.map_err(|s| s.code()).err(), Some(Code::Unavailable));
+}
+
+#[tokio::test]
+async fn allow_admits_acquires_and_counts_them_while_redis_is_down() {
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], free_port(false)));
+    let server = server_with_killed_redis(|s| {
+        s.on_store_error = OnStoreError::Allow;
+        s.metrics_listen = Some(metrics);
+    })
+    .await;
+    let mut q = server.quota().await;
+    let r = acquire(&mut q, "s1", "+49 151 0000-0002")
+        .await
+        .expect("admitted");
+    assert_outage_admission(&r);
+    assert_eq!(r.get_ref().recipient, "4915100000002");
+
+    let batch = q
+        .acquire_batch(AcquireBatchRequest {
+            sender: "s1".into(),
+            recipients: vec!["r3".into(), "r4".into()],
+            at: Some(ts(T0)),
+            ..Default::default()
+        })
+        .await
+        .expect("batch admitted");
+    assert_eq!(
+        batch
+            .metadata()
+            .get("waquota-store-outage")
+            .map(|v| v.to_str().unwrap()),
+        Some("allowed")
+    );
+    let results = &batch.get_ref().results;
+    assert_eq!(results.len(), 2);
+    assert!(results.iter().all(|r| r.allowed && r.store_outage));
+    assert_eq!(results[1].recipient, "r4");
+
+    // Bad input is still refused as such, store or no store.
+    let bad = acquire(&mut q, "", "r5").await;
+    assert_eq!(bad.map_err(|s| s.code()).err(), Some(Code::InvalidArgument));
+
+    let (_, text) = tokio::task::spawn_blocking(move || http_get_ready(metrics, "/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(
+            &text,
+            "waquota_store_outage_decisions_total{outcome=\"allowed\"}"
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "waquota_store_outage_decisions_total{outcome=\"denied\"}"
+        ),
+        Some(0.0)
+    );
+}
+
+#[tokio::test]
+async fn only_acquires_fall_back_the_rest_answers_unavailable() {
+    let (server, reservation) =
+        killed_redis_with_reservation(|s| s.on_store_error = OnStoreError::Allow).await;
+    let mut q = server.quota().await;
+    let mut a = server.admin().await;
+    let release = q
+        .release(ReleaseRequest {
+            sender: "s1".into(),
+            recipient: "r1".into(),
+            reservation,
+            at: Some(ts(T0)),
+        })
+        .await;
+    let inbound = q
+        .record_inbound(RecordInboundRequest {
+            sender: "s1".into(),
+            recipient: "r1".into(),
+            free_entry_point: false,
+            at: Some(ts(T0)),
+        })
+        .await;
+    let inspected = inspect(&mut a, "s1").await;
+    assert_eq!(release.map_err(|s| s.code()).err(), Some(Code::Unavailable));
+    assert_eq!(inbound.map_err(|s| s.code()).err(), Some(Code::Unavailable));
+    assert_eq!(
+        inspected.map_err(|s| s.code()).err(),
+        Some(Code::Unavailable)
+    );
+}
+
+#[tokio::test]
+async fn per_sender_overrides_win_over_the_default() {
+    let server = server_with_killed_redis(|s| {
+        s.on_store_error = OnStoreError::Deny;
+        s.on_store_error_senders = BTreeMap::from([("otp-sender".into(), OnStoreError::Allow)]);
+    })
+    .await;
+    let mut q = server.quota().await;
+    assert_outage_admission(&acquire(&mut q, "otp-sender", "r1").await.expect("allowed"));
+    let denied = acquire(&mut q, "s1", "r1").await;
+    assert_eq!(denied.map_err(|s| s.code()).err(), Some(Code::Unavailable));
+
+    let server = server_with_killed_redis(|s| {
+        s.on_store_error = OnStoreError::Allow;
+        s.on_store_error_senders = BTreeMap::from([("marketing".into(), OnStoreError::Deny)]);
+    })
+    .await;
+    let mut q = server.quota().await;
+    let denied = acquire(&mut q, "marketing", "r1").await;
+    assert_eq!(denied.map_err(|s| s.code()).err(), Some(Code::Unavailable));
+    assert_outage_admission(&acquire(&mut q, "s1", "r1").await.expect("allowed"));
+}
+
+/// Polls `inspect` until the store answers again.
+async fn inspect_when_back(a: &mut AdminServiceClient<Channel>, who: &str) -> InspectResponse {
+    let start = Instant::now();
+    loop {
+        match inspect(a, who).await {
+            Ok(i) => return i,
+            Err(s) => {
+                assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+                assert!(
+                    start.elapsed() < Duration::from_secs(15),
+                    "the service did not recover: {s:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn recovers_with_the_ledger_intact(policy: OnStoreError) {
+    let mut redis = PersistentRedis::start();
+    let url = redis.url();
+    let server = TestServer::start_with(Backend::Memory, move |s| {
+        s.store = Store::Redis { url };
+        s.on_store_error = policy;
+    })
+    .await;
+    let channel = connect(&server.endpoint()).await;
+    let mut q = QuotaServiceClient::new(channel.clone());
+    let mut a = AdminServiceClient::new(channel);
+    for r in ["r1", "r2", "r3"] {
+        let got = acquire(&mut q, "s1", r)
+            .await
+            .expect("acquire")
+            .into_inner();
+        assert_eq!(got.decision, Decision::AllowedNew as i32);
+    }
+    assert_eq!(inspect(&mut a, "s1").await.unwrap().used, 3);
+
+    redis.kill();
+    let during = acquire(&mut q, "s1", "r4").await;
+    match policy {
+        OnStoreError::Deny => {
+            assert_eq!(during.map_err(|s| s.code()).err(), Some(Code::Unavailable))
+        }
+        OnStoreError::Allow => assert_outage_admission(&during.expect("admitted")),
+    }
+
+    redis.restart();
+    let after = inspect_when_back(&mut a, "s1").await;
+    assert_eq!(after.used, 3, "the ledger survived the restart: {after:?}");
+    let again = acquire(&mut q, "s1", "r1")
+        .await
+        .expect("acquire")
+        .into_inner();
+    assert_eq!(again.decision, Decision::AllowedCounted as i32);
+    assert!(!again.store_outage);
+    let new = acquire(&mut q, "s1", "r4")
+        .await
+        .expect("acquire")
+        .into_inner();
+    assert_eq!(new.decision, Decision::AllowedNew as i32);
+    assert_eq!(new.used, 4);
+}
+
+#[tokio::test]
+async fn deny_recovers_without_restart_and_the_ledger_is_intact() {
+    recovers_with_the_ledger_intact(OnStoreError::Deny).await;
+}
+
+#[tokio::test]
+async fn allow_recovers_without_restart_and_the_ledger_is_intact() {
+    recovers_with_the_ledger_intact(OnStoreError::Allow).await;
+}
+
+/// Polls the health of `service` until it is `want`.
+async fn wait_health(channel: Channel, service: &str, want: ServingStatus) {
+    let mut health = HealthClient::new(channel);
+    let start = Instant::now();
+    loop {
+        let got = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .map(|r| r.into_inner().status);
+        if got.as_ref().ok() == Some(&(want as i32)) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{service:?} stayed {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn with_allow_quota_health_stays_serving_while_the_store_is_down() {
+    let server = server_with_killed_redis(|s| s.on_store_error = OnStoreError::Allow).await;
+    let channel = connect(&server.endpoint()).await;
+    wait_health(channel.clone(), "", ServingStatus::NotServing).await;
+    wait_health(
+        channel.clone(),
+        "waquota.v1.AdminService",
+        ServingStatus::NotServing,
+    )
+    .await;
+    let mut health = HealthClient::new(channel);
+    let quota = health
+        .check(HealthCheckRequest {
+            service: "waquota.v1.QuotaService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(quota.status, ServingStatus::Serving as i32);
+}
+
+#[tokio::test]
+async fn with_deny_quota_health_follows_the_store() {
+    let server = server_with_killed_redis(|_| {}).await;
+    let channel = connect(&server.endpoint()).await;
+    wait_health(
+        channel,
+        "waquota.v1.QuotaService",
+        ServingStatus::NotServing,
+    )
+    .await;
+}
