@@ -785,6 +785,23 @@ pub struct WindowPage {
     pub next: Option<Cursor>,
 }
 
+impl WindowPage {
+    /// A page from up to `page_size + 1` entries fetched in order: the extra one only tells that
+    /// a next page exists, which then starts after the page's last entry.
+    pub fn from_overfetch(mut entries: Vec<WindowEntry>, page_size: usize) -> WindowPage {
+        let next = if entries.len() > page_size {
+            entries.truncate(page_size);
+            entries.last().map(|e| Cursor {
+                expires_at: e.expires_at,
+                recipient: e.recipient.clone(),
+            })
+        } else {
+            None
+        };
+        WindowPage { entries, next }
+    }
+}
+
 /// `remaining` against the effective limit (limit 0 = unlimited: remaining is reported as 0).
 pub fn remaining(limit: u64, effective: u64, used: u64) -> u64 {
     if limit == 0 {

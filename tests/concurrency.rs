@@ -6,10 +6,10 @@
 //! The real clock is used (Redis `TIME`): the whole run lies well inside one 24 h window.
 
 mod common;
+use common::connect as channel;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use common::{RedisServer, WaquotaProcess};
 use tonic::transport::Channel;
@@ -31,23 +31,6 @@ const BATCH: usize = 20;
 /// indices name 1000 distinct recipients.
 fn recipient(i: usize) -> String {
     format!("{}", 4_915_100_000_000u64 + ((i * 7919) % DISTINCT) as u64)
-}
-
-async fn channel(endpoint: &str) -> Channel {
-    let start = Instant::now();
-    loop {
-        match Channel::from_shared(endpoint.to_owned())
-            .unwrap()
-            .connect()
-            .await
-        {
-            Ok(c) => return c,
-            Err(e) if start.elapsed() > Duration::from_secs(10) => {
-                panic!("cannot connect to {endpoint}: {e}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
 }
 
 fn sender_target(s: &str) -> Option<Target> {

@@ -6,6 +6,7 @@
 //! window.
 
 mod common;
+use common::connect as channel;
 
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
@@ -29,23 +30,6 @@ use waquota::proto::{AcquireRequest, AcquireResponse, Decision};
 const SERVICES: [&str; 3] = ["", "waquota.v1.QuotaService", "waquota.v1.AdminService"];
 const POLL: Duration = Duration::from_millis(100);
 const PATIENCE: Duration = Duration::from_secs(5);
-
-async fn channel(endpoint: &str) -> Channel {
-    let start = Instant::now();
-    loop {
-        match Channel::from_shared(endpoint.to_owned())
-            .unwrap()
-            .connect()
-            .await
-        {
-            Ok(c) => return c,
-            Err(e) if start.elapsed() > Duration::from_secs(10) => {
-                panic!("cannot connect to {endpoint}: {e}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
-}
 
 /// The status the health service reports for `service`, or the gRPC code it refused with.
 async fn health_of(

@@ -794,7 +794,7 @@ impl Ledger for MemoryLedger {
                 next: None,
             });
         };
-        let mut entries: Vec<WindowEntry> = window
+        let entries: Vec<WindowEntry> = window
             .live(now)
             .filter(|(e, r)| {
                 after
@@ -808,16 +808,7 @@ impl Ledger for MemoryLedger {
                 sender: window.slots[r].sender.clone(),
             })
             .collect();
-        let next = if entries.len() > page_size {
-            entries.truncate(page_size);
-            entries.last().map(|e| Cursor {
-                expires_at: e.expires_at,
-                recipient: e.recipient.clone(),
-            })
-        } else {
-            None
-        };
-        Ok(WindowPage { entries, next })
+        Ok(WindowPage::from_overfetch(entries, page_size))
     }
 
     async fn reset(&self, target: Target) -> Result<()> {

@@ -257,6 +257,24 @@ impl RedisCluster {
     }
 }
 
+/// A channel to `endpoint`, retried while the server comes up.
+pub async fn connect(endpoint: &str) -> Channel {
+    let start = Instant::now();
+    loop {
+        match Channel::from_shared(endpoint.to_owned())
+            .unwrap()
+            .connect()
+            .await
+        {
+            Ok(c) => return c,
+            Err(e) if start.elapsed() > Duration::from_secs(10) => {
+                panic!("cannot connect to {endpoint}: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
 /// Which ledger a test runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -333,20 +351,7 @@ impl TestServer {
     }
 
     async fn channel(&self) -> Channel {
-        let start = Instant::now();
-        loop {
-            match Channel::from_shared(self.endpoint())
-                .unwrap()
-                .connect()
-                .await
-            {
-                Ok(c) => return c,
-                Err(e) if start.elapsed() > Duration::from_secs(10) => {
-                    panic!("cannot connect: {e}")
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            }
-        }
+        connect(&self.endpoint()).await
     }
 
     pub async fn quota(&self) -> QuotaServiceClient<Channel> {

@@ -6,8 +6,10 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+#[allow(unused_imports)]
+pub use super::connect;
 use tonic::Request;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 /// `msg` with `authorization: Bearer <token>` when a token is given.
 pub fn with_token<T>(msg: T, token: Option<&str>) -> Request<T> {
@@ -17,24 +19,6 @@ pub fn with_token<T>(msg: T, token: Option<&str>) -> Request<T> {
             .insert("authorization", format!("Bearer {t}").parse().unwrap());
     }
     req
-}
-
-/// A channel to `endpoint`, retried while the server comes up.
-pub async fn connect(endpoint: &str) -> Channel {
-    let start = Instant::now();
-    loop {
-        match Channel::from_shared(endpoint.to_owned())
-            .unwrap()
-            .connect()
-            .await
-        {
-            Ok(c) => return c,
-            Err(e) if start.elapsed() > Duration::from_secs(10) => {
-                panic!("cannot connect to {endpoint}: {e}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
 }
 
 /// `GET path` over HTTP/1.1; returns (status code, body).

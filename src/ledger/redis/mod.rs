@@ -1107,7 +1107,7 @@ impl Ledger for RedisLedger {
         };
         let f = items(v).map_err(|v| bad_reply("list", &v))?;
         let bad = || bad_reply("list", &Value::Array(f.clone()));
-        let mut entries = f
+        let entries = f
             .chunks_exact(3)
             .map(|e| {
                 Ok(WindowEntry {
@@ -1119,16 +1119,7 @@ impl Ledger for RedisLedger {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let next = if entries.len() > page_size {
-            entries.truncate(page_size);
-            entries.last().map(|e| Cursor {
-                expires_at: e.expires_at,
-                recipient: e.recipient.clone(),
-            })
-        } else {
-            None
-        };
-        Ok(WindowPage { entries, next })
+        Ok(WindowPage::from_overfetch(entries, page_size))
     }
 
     async fn reset(&self, target: Target) -> Result<()> {
