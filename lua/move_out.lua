@@ -2,7 +2,8 @@
 -- as no longer living here and hands over its sender-scoped keys (DUMP payload and PTTL).
 --
 -- KEYS[1]  residency at the old home: the sender's "away" string, or the portfolio's members set
--- KEYS[2..] the sender-scoped keys at the old home (own policy, service windows)
+-- KEYS[2..] the sender-scoped keys at the old home (own policy, service windows, throughput,
+--           pair rates, marketing log: keys::HomeKeys::sender_scoped)
 -- ARGV[1] old home kind "s" | "p"
 -- ARGV[2] sender
 -- ARGV[3] the portfolio it moves to ("" = its own home)

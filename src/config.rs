@@ -371,6 +371,13 @@ impl Settings {
                 "must be at least 1 ms",
             ));
         }
+        // As serve checks it: a cluster verifies rediss:// against the built-in roots only.
+        if self.redis_ca.is_some() && matches!(self.store, Store::Cluster { .. }) {
+            return Err(ConfigError::invalid(
+                "redis_ca",
+                "is supported with a standalone Redis only (a cluster verifies rediss:// against the built-in roots)",
+            ));
+        }
         if self.metrics_listen == Some(self.listen) {
             return Err(ConfigError::invalid(
                 "metrics_listen",
@@ -1180,6 +1187,22 @@ mod tests {
             },
         );
         assert!(e.starts_with("tls.cert: /nonexistent/cert.pem:"), "{e}");
+        let e = load(
+            &[
+                ("WAQUOTA_REDIS_CLUSTER", "rediss://b:1"),
+                ("WAQUOTA_REDIS_CA", "/ca.pem"),
+            ],
+            Overrides::default(),
+        );
+        assert!(
+            e.starts_with("redis_ca: is supported with a standalone Redis only"),
+            "{e}"
+        );
+        let e = load(
+            &[("WAQUOTA_DEFAULT_MESSAGES_PER_SECOND", "0")],
+            Overrides::default(),
+        );
+        assert_eq!(e, "defaults.messages_per_second: must be 1 to 100,000");
     }
 
     #[test]

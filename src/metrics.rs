@@ -444,7 +444,7 @@ impl Metrics {
                 &mut out,
                 "waquota_redis_pool_max_connections",
                 "gauge",
-                "Most connections the Redis pool may open (redis_pool_size).",
+                "Most connections the Redis pool may open (redis_pool_size, plus 2 to replace broken ones).",
             );
             let _ = writeln!(out, "waquota_redis_pool_max_connections {}", p.max_size);
             head(

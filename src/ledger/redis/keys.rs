@@ -79,7 +79,8 @@ impl HomeKeys {
         self.key("w")
     }
 
-    /// hash recipient -> "<reservation>|<opening sender>". TTL: as the window.
+    /// hash recipient -> "<reservation>|<touched 0/1>|<opening sender>|<previous unique time>"
+    /// (`split_meta` in lua/lib.lua). TTL: as the window.
     pub fn window_meta(&self) -> String {
         self.key("wm")
     }
@@ -89,12 +90,14 @@ impl HomeKeys {
         self.key("seq")
     }
 
-    /// hash limit/tier/mode/custom: a portfolio's policy. Persistent (configuration).
+    /// hash of the policy fields (`policy_fields` in mod.rs) and projection state (flagged,
+    /// up_at, up_from): a portfolio's policy. Persistent (configuration).
     pub fn portfolio_policy(&self) -> String {
         self.key("pol")
     }
 
-    /// hash limit/tier/mode/custom: a sender's own policy, kept at its current home. Persistent.
+    /// hash of the policy fields and projection state: a sender's own policy, kept at its
+    /// current home. Persistent (configuration).
     pub fn sender_policy(&self, sender: &SenderId) -> String {
         self.key(&format!("sp:{sender}"))
     }
