@@ -16,7 +16,16 @@ if ARGV[1] == 's' then
     return { 'moved', where }
   end
 else
+  -- Every opener's index: current members, and senders that opened slots and left since.
+  local openers = {}
   for _, s in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+    openers[s] = true
+  end
+  for _, m in ipairs(redis.call('HVALS', KEYS[2])) do
+    local _, _, opener = split_meta(m)
+    openers[opener] = true
+  end
+  for s in pairs(openers) do
     redis.call('DEL', ARGV[3] .. s)
   end
 end

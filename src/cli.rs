@@ -4,6 +4,8 @@
 //! Every failure becomes one line on stderr and an exit code: 2 for a usage error (bad
 //! arguments, a confirmation that cannot be asked for), 1 for an error from the connection or
 //! the server. Times print as RFC 3339 in UTC; `--at` takes the same form or unix milliseconds.
+//! Nothing is printed with `println!`: output to a reader that stopped early (`| head -c1`) ends
+//! quietly instead of panicking ([`write_stdout`]).
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -17,7 +19,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tonic::{Code, Request, Status};
 
 use crate::grpc::convert;
-use crate::model::{Millis, Tier, WindowMode};
+use crate::model::{Defaults, Millis, Policy, Quality, RuleSet, SenderStatus, Tier, WindowMode};
 use crate::proto::{self, admin_service_client::AdminServiceClient, target};
 
 // ------------------------------------------------------------------------------ arguments
@@ -104,7 +106,7 @@ pub enum Command {
     /// List the recipients that hold a slot.
     #[command(subcommand)]
     Window(WindowCommand),
-    /// Read or change a policy (tier, custom limit, window mode).
+    /// Read or change a policy (tier, limits, mode, status, quality, rates, caps, rules).
     #[command(subcommand)]
     Policy(PolicyCommand),
     /// Assign a sender to a portfolio, or detach it.
@@ -140,26 +142,188 @@ pub enum WindowCommand {
 
 #[derive(clap::Subcommand, Debug, Clone)]
 pub enum PolicyCommand {
-    /// The policy of the window that decides for the target.
+    /// Every field of the target's policy; for a sender in a portfolio, the portfolio's too.
     Get {
         #[command(flatten)]
         target: TargetArgs,
     },
     /// Store a policy; what is not given keeps its current value.
-    #[command(group = clap::ArgGroup::new("change").required(true).multiple(true))]
+    #[command(
+        override_usage = "waquota policy set <SENDER|--portfolio <ID>> <FIELD FLAG>... [OPTIONS]"
+    )]
     Set {
         #[command(flatten)]
         target: TargetArgs,
-        /// 50, 250, 1k, 2k, 10k, 100k or unlimited.
-        #[arg(long, group = "change")]
-        tier: Option<Tier>,
-        /// A limit that overrides the tier's (0 = use the tier).
-        #[arg(long, value_name = "N", group = "change")]
-        custom_limit: Option<u64>,
-        /// conversation (slot fixed at first delivery) or rolling (extended by each delivery).
-        #[arg(long, group = "change")]
-        mode: Option<WindowMode>,
+        #[command(flatten)]
+        changes: PolicyChanges,
     },
+}
+
+/// The fields `policy set` can change; at least one is needed. The named values (status,
+/// quality, rule set, auto tier) are read after parsing, so that a bad one is a one-line usage
+/// error.
+#[derive(clap::Args, Debug, Clone, Default)]
+#[group(id = "change", required = true, multiple = true)]
+pub struct PolicyChanges {
+    /// 50, 250, 1k, 2k, 10k, 100k or unlimited.
+    #[arg(long)]
+    pub tier: Option<Tier>,
+    /// A limit that overrides the tier's (0 = use the tier).
+    #[arg(long, value_name = "N")]
+    pub custom_limit: Option<u64>,
+    /// conversation (slot fixed at first delivery) or rolling (extended by each delivery).
+    #[arg(long)]
+    pub mode: Option<WindowMode>,
+    /// connected, flagged, restricted, paused, banned or disconnected.
+    #[arg(long, value_name = "STATUS")]
+    pub status: Option<String>,
+    /// green, yellow, red, or none (unknown: eligible for upgrades).
+    #[arg(long, value_name = "QUALITY")]
+    pub quality: Option<String>,
+    /// Throughput, inbound included: 1 to 100,000 (0 = the server's default, 80 unless configured).
+    #[arg(long, value_name = "N")]
+    pub messages_per_second: Option<u32>,
+    /// Pair rate: one message per this many milliseconds to one user (0 = the server's default).
+    #[arg(long, value_name = "MS")]
+    pub pair_interval_ms: Option<u64>,
+    /// Pair rate: messages to one user that may go out at once (0 = the server's default).
+    #[arg(long, value_name = "N")]
+    pub pair_burst: Option<u32>,
+    /// 0 to 99: the effective limit keeps this margin below the limit.
+    #[arg(long, value_name = "N")]
+    pub headroom_percent: Option<u32>,
+    /// On a sender in a portfolio: the most of the portfolio's slots it may hold (0 = no cap).
+    #[arg(long, value_name = "N")]
+    pub sender_cap: Option<u64>,
+    /// The most marketing templates from this sender to one user per period (0 = no cap).
+    #[arg(long, value_name = "N")]
+    pub marketing_cap: Option<u32>,
+    /// The marketing cap's period in milliseconds (0 = 24 h).
+    #[arg(long, value_name = "MS")]
+    pub marketing_cap_period_ms: Option<u64>,
+    /// legacy (per phone number) or portfolio: which tier rules the projections follow.
+    #[arg(long, value_name = "RULES")]
+    pub rule_set: Option<String>,
+    /// true or false: apply projected tier changes at their moment (replays, simulations).
+    #[arg(long, value_name = "BOOL")]
+    pub auto_tier: Option<String>,
+}
+
+/// [`PolicyChanges`] with every value read.
+#[derive(Debug, Clone, Default)]
+struct Changes {
+    tier: Option<Tier>,
+    custom_limit: Option<u64>,
+    mode: Option<WindowMode>,
+    status: Option<SenderStatus>,
+    /// `Some(None)`: back to unknown.
+    quality: Option<Option<Quality>>,
+    messages_per_second: Option<u32>,
+    pair_interval_ms: Option<Millis>,
+    pair_burst: Option<u32>,
+    headroom_percent: Option<u32>,
+    sender_cap: Option<u64>,
+    marketing_cap: Option<u32>,
+    marketing_cap_period_ms: Option<Millis>,
+    rule_set: Option<RuleSet>,
+    auto_tier: Option<bool>,
+}
+
+/// A named value of a flag, or a usage error that lists the names.
+fn named<T>(
+    flag: &str,
+    value: Option<&str>,
+    from_name: impl Fn(&str) -> Option<T>,
+    names: &str,
+) -> Result<Option<T>, CliError> {
+    value
+        .map(|v| {
+            from_name(v).ok_or_else(|| {
+                CliError::Usage(format!("--{flag} {v:?}: unknown value; use {names}"))
+            })
+        })
+        .transpose()
+}
+
+/// Milliseconds from a flag; beyond the range of a time they stay out of range, for the server
+/// to refuse naming the field.
+fn millis(v: Option<u64>) -> Option<Millis> {
+    v.map(|ms| Millis::try_from(ms).unwrap_or(Millis::MAX))
+}
+
+impl PolicyChanges {
+    fn read(&self) -> Result<Changes, CliError> {
+        Ok(Changes {
+            tier: self.tier,
+            custom_limit: self.custom_limit,
+            mode: self.mode,
+            status: named(
+                "status",
+                self.status.as_deref(),
+                SenderStatus::from_name,
+                "connected, flagged, restricted, paused, banned or disconnected",
+            )?,
+            quality: named(
+                "quality",
+                self.quality.as_deref(),
+                |v| {
+                    if v.eq_ignore_ascii_case("none") {
+                        Some(None)
+                    } else {
+                        Quality::from_name(v).map(Some)
+                    }
+                },
+                "green, yellow, red or none",
+            )?,
+            messages_per_second: self.messages_per_second,
+            pair_interval_ms: millis(self.pair_interval_ms),
+            pair_burst: self.pair_burst,
+            headroom_percent: self.headroom_percent,
+            sender_cap: self.sender_cap,
+            marketing_cap: self.marketing_cap,
+            marketing_cap_period_ms: millis(self.marketing_cap_period_ms),
+            rule_set: named(
+                "rule-set",
+                self.rule_set.as_deref(),
+                RuleSet::from_name,
+                "legacy or portfolio",
+            )?,
+            auto_tier: named(
+                "auto-tier",
+                self.auto_tier.as_deref(),
+                |v| match v.to_ascii_lowercase().as_str() {
+                    "true" => Some(true),
+                    "false" => Some(false),
+                    _ => None,
+                },
+                "true or false",
+            )?,
+        })
+    }
+}
+
+impl Changes {
+    /// `p` with the given fields changed and every other one kept.
+    fn apply(&self, p: Policy) -> Policy {
+        Policy {
+            tier: self.tier.unwrap_or(p.tier),
+            custom_limit: self.custom_limit.unwrap_or(p.custom_limit),
+            window_mode: self.mode.unwrap_or(p.window_mode),
+            status: self.status.unwrap_or(p.status),
+            quality: self.quality.unwrap_or(p.quality),
+            messages_per_second: self.messages_per_second.unwrap_or(p.messages_per_second),
+            pair_interval_ms: self.pair_interval_ms.unwrap_or(p.pair_interval_ms),
+            pair_burst: self.pair_burst.unwrap_or(p.pair_burst),
+            headroom_percent: self.headroom_percent.unwrap_or(p.headroom_percent),
+            sender_cap: self.sender_cap.unwrap_or(p.sender_cap),
+            marketing_cap: self.marketing_cap.unwrap_or(p.marketing_cap),
+            marketing_cap_period_ms: self
+                .marketing_cap_period_ms
+                .unwrap_or(p.marketing_cap_period_ms),
+            rule_set: self.rule_set.unwrap_or(p.rule_set),
+            auto_tier: self.auto_tier.unwrap_or(p.auto_tier),
+        }
+    }
 }
 
 #[derive(clap::Subcommand, Debug, Clone)]
@@ -373,6 +537,11 @@ pub async fn run(command: Command, args: &ClientArgs) -> Result<(), CliError> {
             describe(&proto_target(target))
         )));
     }
+    // Bad flag values are usage errors, found before connecting too.
+    let changes = match &command {
+        Command::Policy(PolicyCommand::Set { changes, .. }) => changes.read()?,
+        _ => Changes::default(),
+    };
     let mut s = connect(args).await?;
     let out = match command {
         Command::Inspect { target, recipient } => {
@@ -396,22 +565,27 @@ pub async fn run(command: Command, args: &ClientArgs) -> Result<(), CliError> {
         Command::Policy(PolicyCommand::Get { target }) => {
             policy_get(&mut s, &proto_target(&target)).await?
         }
-        Command::Policy(PolicyCommand::Set {
-            target,
-            tier,
-            custom_limit,
-            mode,
-        }) => policy_set(&mut s, &proto_target(&target), tier, custom_limit, mode).await?,
+        Command::Policy(PolicyCommand::Set { target, .. }) => {
+            policy_set(&mut s, &proto_target(&target), &changes).await?
+        }
         Command::Sender(SenderCommand::Assign { sender, portfolio }) => {
             assign(&mut s, sender, Some(portfolio)).await?
         }
         Command::Sender(SenderCommand::Detach { sender }) => assign(&mut s, sender, None).await?,
         Command::Reset { target, yes } => reset(&mut s, &proto_target(&target), yes).await?,
     };
-    let mut stdout = std::io::stdout().lock();
-    let _ = stdout.write_all(out.as_bytes());
-    let _ = stdout.flush();
-    Ok(())
+    write_stdout(&out)
+}
+
+/// Writes `text` on stdout. A reader that went away (`waquota inspect s1 --json | head -c1`) is
+/// not a failure: it stopped reading, so the rest is dropped quietly. Any other write error is.
+pub fn write_stdout(text: &str) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(CliError::Failed(format!("cannot write the output: {e}"))),
+    }
 }
 
 // ------------------------------------------------------------------------------ commands
@@ -483,20 +657,12 @@ fn table(rows: &[(&str, String)]) -> String {
         .collect()
 }
 
-fn tier_name(t: i32) -> String {
+/// A tier from the wire, `None` when unspecified (or unknown to this client).
+fn tier_opt(t: i32) -> Option<&'static str> {
     proto::Tier::try_from(t)
         .ok()
         .and_then(convert::tier_from_proto)
-        .map(|t| t.name().to_owned())
-        .unwrap_or_else(|| "default".into())
-}
-
-fn mode_name(m: i32) -> String {
-    proto::WindowMode::try_from(m)
-        .ok()
-        .and_then(convert::mode_from_proto)
-        .map(|m| m.name().to_owned())
-        .unwrap_or_else(|| "default".into())
+        .map(Tier::name)
 }
 
 fn scope_name(s: i32) -> &'static str {
@@ -522,19 +688,170 @@ fn or_dash(s: &str) -> String {
     if s.is_empty() { "-".into() } else { s.into() }
 }
 
-#[derive(Serialize)]
-struct PolicyJson {
-    tier: String,
-    custom_limit: u64,
-    mode: String,
+/// A duration for people: `6s`, `24h`, `1500ms`.
+fn span(ms: Millis) -> String {
+    const UNITS: [(Millis, &str); 4] = [(3_600_000, "h"), (60_000, "m"), (1000, "s"), (1, "ms")];
+    UNITS
+        .iter()
+        .find(|(unit, _)| ms % unit == 0)
+        .map(|(unit, name)| format!("{}{name}", ms / unit))
+        .unwrap_or_else(|| format!("{ms}ms"))
 }
 
-fn policy_json(p: Option<&proto::Policy>) -> PolicyJson {
-    let p = p.cloned().unwrap_or_default();
+/// A rate field: 0 means the server's configured default.
+fn or_default(n: u64) -> String {
+    if n == 0 {
+        "default".into()
+    } else {
+        n.to_string()
+    }
+}
+
+fn or_none(n: u64) -> String {
+    if n == 0 { "none".into() } else { n.to_string() }
+}
+
+fn quality_name(q: Option<Quality>) -> &'static str {
+    q.map_or("-", Quality::name)
+}
+
+/// A policy the server sent, read through the one proto-domain conversion. Unspecified fields
+/// never come from a server (it stores and answers whole policies).
+fn read_policy(p: Option<&proto::Policy>, target: &proto::Target) -> Result<Policy, CliError> {
+    let unreadable = |e: crate::model::InvalidArgument| {
+        CliError::Failed(format!(
+            "the server sent a policy this client cannot read: {e}"
+        ))
+    };
+    let t = convert::target(Some(target)).map_err(unreadable)?;
+    convert::policy(p, &t, &Defaults::default()).map_err(unreadable)
+}
+
+/// Every field of a policy, as on the wire: 0 means the default (rates, caps) or none.
+#[derive(Serialize)]
+struct PolicyJson {
+    tier: &'static str,
+    custom_limit: u64,
+    mode: &'static str,
+    status: &'static str,
+    /// null: unknown (eligible for upgrades).
+    quality: Option<&'static str>,
+    messages_per_second: u32,
+    pair_interval_ms: Millis,
+    pair_burst: u32,
+    headroom_percent: u32,
+    sender_cap: u64,
+    marketing_cap: u32,
+    marketing_cap_period_ms: Millis,
+    rule_set: &'static str,
+    auto_tier: bool,
+}
+
+fn policy_json(p: &Policy) -> PolicyJson {
     PolicyJson {
-        tier: tier_name(p.tier),
+        tier: p.tier.name(),
         custom_limit: p.custom_limit,
-        mode: mode_name(p.window_mode),
+        mode: p.window_mode.name(),
+        status: p.status.name(),
+        quality: p.quality.map(Quality::name),
+        messages_per_second: p.messages_per_second,
+        pair_interval_ms: p.pair_interval_ms,
+        pair_burst: p.pair_burst,
+        headroom_percent: p.headroom_percent,
+        sender_cap: p.sender_cap,
+        marketing_cap: p.marketing_cap,
+        marketing_cap_period_ms: p.marketing_cap_period_ms,
+        rule_set: p.rule_set.name(),
+        auto_tier: p.auto_tier,
+    }
+}
+
+/// Every field of a policy, one row each.
+fn policy_rows(p: &Policy) -> Vec<(&'static str, String)> {
+    vec![
+        ("tier", p.tier.name().to_owned()),
+        (
+            "custom limit",
+            if p.custom_limit == 0 {
+                "- (the tier's)".to_owned()
+            } else {
+                p.custom_limit.to_string()
+            },
+        ),
+        ("mode", p.window_mode.name().to_owned()),
+        ("headroom", format!("{}%", p.headroom_percent)),
+        ("rule set", p.rule_set.name().to_owned()),
+        ("auto tier", p.auto_tier.to_string()),
+        ("status", p.status.name().to_owned()),
+        ("quality", quality_name(p.quality).to_owned()),
+        (
+            "messages per second",
+            or_default(p.messages_per_second.into()),
+        ),
+        (
+            "pair interval",
+            if p.pair_interval_ms == 0 {
+                "default".to_owned()
+            } else {
+                span(p.pair_interval_ms)
+            },
+        ),
+        ("pair burst", or_default(p.pair_burst.into())),
+        ("sender cap", or_none(p.sender_cap)),
+        ("marketing cap", or_none(p.marketing_cap.into())),
+        ("marketing cap period", marketing_period(p)),
+    ]
+}
+
+fn marketing_period(p: &Policy) -> String {
+    if p.marketing_cap_period_ms == 0 {
+        "24h (default)".into()
+    } else {
+        span(p.marketing_cap_period_ms)
+    }
+}
+
+/// A sender's own rates in one line: what 0 (the default) stands for is the server's to know.
+fn rates_line(p: &Policy) -> String {
+    let pair = if p.pair_interval_ms == 0 {
+        "default".to_owned()
+    } else {
+        span(p.pair_interval_ms)
+    };
+    format!(
+        "messages/s {}, pair interval {pair}, pair burst {}",
+        or_default(p.messages_per_second.into()),
+        or_default(p.pair_burst.into())
+    )
+}
+
+/// A sender's own caps in one line.
+fn caps_line(p: &Policy) -> String {
+    let marketing = if p.marketing_cap == 0 {
+        "none".to_owned()
+    } else {
+        format!(
+            "{} per {}",
+            p.marketing_cap,
+            if p.marketing_cap_period_ms == 0 {
+                "24h".to_owned()
+            } else {
+                span(p.marketing_cap_period_ms)
+            }
+        )
+    };
+    format!(
+        "sender cap {}, marketing cap {marketing}",
+        or_none(p.sender_cap)
+    )
+}
+
+/// A count against the limit, or `unlimited`.
+fn count_or_unlimited(limit: u64, n: u64) -> String {
+    if limit == 0 {
+        "unlimited".to_owned()
+    } else {
+        n.to_string()
     }
 }
 
@@ -554,21 +871,46 @@ async fn fetch_inspection(
 }
 
 #[derive(Serialize)]
+struct ProjectionJson {
+    next_tier: Option<&'static str>,
+    upgrade_at: Option<String>,
+    downgrade_at: Option<String>,
+}
+
+fn projection_json(p: Option<&proto::Projection>) -> ProjectionJson {
+    ProjectionJson {
+        next_tier: p.and_then(|p| tier_opt(p.next_tier)),
+        upgrade_at: p.and_then(|p| time(p.upgrade_at.as_ref())),
+        downgrade_at: p.and_then(|p| time(p.downgrade_at.as_ref())),
+    }
+}
+
+#[derive(Serialize)]
 struct InspectJson<'a> {
     target: TargetJson<'a>,
     now: Option<String>,
     scope: &'static str,
     portfolio: Option<String>,
     senders: Vec<String>,
+    /// The sender's own status for a sender, the portfolio's for a portfolio.
+    status: &'static str,
+    quality: Option<&'static str>,
+    /// The policy of the deciding window.
     policy: PolicyJson,
+    /// For a sender: its own policy (status, rates, caps), wherever its window is.
+    sender_policy: Option<PolicyJson>,
     /// 0 = unlimited, as on the wire.
     limit: u64,
+    effective_limit: u64,
     unlimited: bool,
     used: u64,
     remaining: u64,
     next_slot_free_at: Option<String>,
     slots_freeing_next_hour: u64,
     open_service_windows: u64,
+    unique_7d: u64,
+    unique_30d: u64,
+    projection: ProjectionJson,
     #[serde(skip_serializing_if = "Option::is_none")]
     recipient: Option<RecipientJson>,
 }
@@ -588,7 +930,13 @@ async fn inspect(
     let asked_recipient = recipient.is_some();
     let i = fetch_inspection(s, target, recipient).await?;
     let unlimited = i.limit == 0;
-    let policy = policy_json(i.policy.as_ref());
+    let policy = read_policy(i.policy.as_ref(), target)?;
+    let own = match &i.sender_policy {
+        Some(p) => Some(read_policy(Some(p), target)?),
+        None => None,
+    };
+    // Status and quality: the sender's own for a sender, the portfolio's for a portfolio.
+    let subject = own.unwrap_or(policy);
     if s.json {
         return Ok(json_out(&InspectJson {
             target: target_json(target),
@@ -596,14 +944,21 @@ async fn inspect(
             scope: scope_name(i.scope),
             portfolio: (!i.portfolio.is_empty()).then(|| i.portfolio.clone()),
             senders: i.senders.clone(),
-            policy,
+            status: subject.status.name(),
+            quality: subject.quality.map(Quality::name),
+            policy: policy_json(&policy),
+            sender_policy: own.as_ref().map(policy_json),
             limit: i.limit,
+            effective_limit: i.effective_limit,
             unlimited,
             used: i.used,
             remaining: i.remaining,
             next_slot_free_at: time(i.next_slot_free_at.as_ref()),
             slots_freeing_next_hour: i.slots_freeing_next_hour,
             open_service_windows: i.open_service_windows,
+            unique_7d: i.unique_7d,
+            unique_30d: i.unique_30d,
+            projection: projection_json(i.projection.as_ref()),
             recipient: asked_recipient.then(|| RecipientJson {
                 id: i.recipient.clone(),
                 counted_until: time(i.counted_until.as_ref()),
@@ -612,11 +967,13 @@ async fn inspect(
         }));
     }
     let is_portfolio = matches!(target.target, Some(target::Target::Portfolio(_)));
-    let unlimited_or = |n: u64| {
-        if unlimited {
-            "unlimited".to_owned()
+    // A sender in a portfolio: the portfolio's status and quality count too; shown when they
+    // differ from the sender's.
+    let also = |mine: &str, theirs: &str| {
+        if own.is_some() && !i.portfolio.is_empty() && mine != theirs {
+            format!("{mine} (portfolio {}: {theirs})", i.portfolio)
         } else {
-            n.to_string()
+            mine.to_owned()
         }
     };
     let mut rows = vec![("target", describe(target))];
@@ -626,15 +983,27 @@ async fn inspect(
         rows.push(("portfolio", or_dash(&i.portfolio)));
     }
     rows.push(("scope", scope_name(i.scope).to_owned()));
-    rows.push(("tier", policy.tier));
+    rows.push(("status", also(subject.status.name(), policy.status.name())));
+    rows.push((
+        "quality",
+        also(quality_name(subject.quality), quality_name(policy.quality)),
+    ));
+    rows.push(("tier", policy.tier.name().to_owned()));
     if policy.custom_limit > 0 {
         rows.push(("custom limit", policy.custom_limit.to_string()));
     }
+    let effective = match (unlimited, policy.headroom_percent) {
+        (true, _) => "unlimited".to_owned(),
+        (false, 0) => i.effective_limit.to_string(),
+        (false, h) => format!("{} (headroom {h}%)", i.effective_limit),
+    };
+    let projection = projection_json(i.projection.as_ref());
     rows.extend([
-        ("mode", policy.mode),
-        ("limit", unlimited_or(i.limit)),
+        ("mode", policy.window_mode.name().to_owned()),
+        ("limit", count_or_unlimited(i.limit, i.limit)),
+        ("effective limit", effective),
         ("used", i.used.to_string()),
-        ("remaining", unlimited_or(i.remaining)),
+        ("remaining", count_or_unlimited(i.limit, i.remaining)),
         (
             "next slot free at",
             time_or_dash(i.next_slot_free_at.as_ref()),
@@ -644,7 +1013,22 @@ async fn inspect(
             i.slots_freeing_next_hour.to_string(),
         ),
         ("open service windows", i.open_service_windows.to_string()),
+        ("unique users 7d", i.unique_7d.to_string()),
+        ("unique users 30d", i.unique_30d.to_string()),
+        ("next tier", projection.next_tier.unwrap_or("-").to_owned()),
+        (
+            "upgrade at",
+            projection.upgrade_at.unwrap_or_else(|| "-".into()),
+        ),
+        (
+            "downgrade at",
+            projection.downgrade_at.unwrap_or_else(|| "-".into()),
+        ),
     ]);
+    if let Some(own) = &own {
+        rows.push(("rates", rates_line(own)));
+        rows.push(("caps", caps_line(own)));
+    }
     if asked_recipient {
         rows.extend([
             ("recipient", i.recipient.clone()),
@@ -753,62 +1137,73 @@ struct PolicyOutJson<'a> {
     target: TargetJson<'a>,
     scope: &'static str,
     portfolio: Option<String>,
+    /// The policy of the deciding window (the portfolio's for a sender assigned to one).
     policy: PolicyJson,
+    /// For a sender: its own policy, which `policy set` changes.
+    sender_policy: Option<PolicyJson>,
     limit: u64,
+    effective_limit: u64,
     unlimited: bool,
-}
-
-fn policy_rows(target: &proto::Target, p: &PolicyJson) -> Vec<(&'static str, String)> {
-    let custom = if p.custom_limit == 0 {
-        "- (the tier's)".to_owned()
-    } else {
-        p.custom_limit.to_string()
-    };
-    vec![
-        ("target", describe(target)),
-        ("tier", p.tier.clone()),
-        ("custom limit", custom),
-        ("mode", p.mode.clone()),
-    ]
 }
 
 async fn policy_get(s: &mut Session, target: &proto::Target) -> Result<String, CliError> {
     let i = fetch_inspection(s, target, None).await?;
-    let policy = policy_json(i.policy.as_ref());
+    let policy = read_policy(i.policy.as_ref(), target)?;
+    let own = match &i.sender_policy {
+        Some(p) => Some(read_policy(Some(p), target)?),
+        None => None,
+    };
     let portfolio = (!i.portfolio.is_empty()).then(|| i.portfolio.clone());
     if s.json {
         return Ok(json_out(&PolicyOutJson {
             target: target_json(target),
             scope: scope_name(i.scope),
             portfolio,
-            policy,
+            policy: policy_json(&policy),
+            sender_policy: own.as_ref().map(policy_json),
             limit: i.limit,
+            effective_limit: i.effective_limit,
             unlimited: i.limit == 0,
         }));
     }
-    let mut rows = policy_rows(target, &policy);
+    let is_portfolio = matches!(target.target, Some(target::Target::Portfolio(_)));
+    let mut rows = vec![("target", describe(target))];
+    if !is_portfolio {
+        rows.push(("portfolio", or_dash(&i.portfolio)));
+    }
     let decided_by = match &portfolio {
         Some(p) => format!("portfolio {p} (the sender is assigned to it)"),
         None => describe(target),
     };
     rows.push(("decided by", decided_by));
+    rows.extend(policy_rows(&policy));
+    rows.push(("limit", count_or_unlimited(i.limit, i.limit)));
     rows.push((
-        "limit",
-        if i.limit == 0 {
-            "unlimited".into()
-        } else {
-            i.limit.to_string()
-        },
+        "effective limit",
+        count_or_unlimited(i.limit, i.effective_limit),
     ));
-    Ok(table(&rows))
+    let mut out = table(&rows);
+    // The sender's own policy, when it is not the one shown: it is in a portfolio, or a
+    // projected tier change (auto_tier) is shown applied above but not stored yet.
+    if let Some(own) = own.filter(|own| *own != policy) {
+        let header = if portfolio.is_some() {
+            "its status, rates and caps apply; the rest applies once it is detached"
+        } else {
+            "as stored; above, the projected tier change is applied"
+        };
+        out.push_str(&format!(
+            "\nown policy of {} ({header}):\n",
+            describe(target)
+        ));
+        out.push_str(&table(&policy_rows(&own)));
+    }
+    Ok(out)
 }
 
 async fn policy_set(
     s: &mut Session,
     target: &proto::Target,
-    tier: Option<Tier>,
-    custom_limit: Option<u64>,
-    mode: Option<WindowMode>,
+    changes: &Changes,
 ) -> Result<String, CliError> {
     // PutPolicy stores a whole policy: start from the current one, so that what is not given
     // keeps its value.
@@ -816,27 +1211,21 @@ async fn policy_set(
     let own = matches!(target.target, Some(target::Target::Portfolio(_)))
         || current.scope == proto::Scope::Sender as i32;
     let base = match target.target {
-        Some(target::Target::Portfolio(_)) => current.policy,
+        Some(target::Target::Portfolio(_)) => current.policy.as_ref(),
         // A sender's own policy, even while a portfolio's window decides for it.
-        _ => current.sender_policy,
-    }
-    .unwrap_or_default();
-    let policy = proto::Policy {
-        tier: tier.map_or(base.tier, |t| convert::tier_to_proto(t) as i32),
-        custom_limit: custom_limit.unwrap_or(base.custom_limit),
-        window_mode: mode.map_or(base.window_mode, |m| convert::mode_to_proto(m) as i32),
-        ..base
+        _ => current.sender_policy.as_ref(),
     };
+    let policy = changes.apply(read_policy(base, target)?);
     let stored = s
         .admin
         .put_policy(proto::PutPolicyRequest {
             target: Some(target.clone()),
-            policy: Some(policy),
+            policy: Some(convert::policy_to_proto(&policy)),
             at: s.at,
         })
         .await?
         .into_inner();
-    let policy = policy_json(stored.policy.as_ref());
+    let policy = read_policy(stored.policy.as_ref(), target)?;
     if s.json {
         #[derive(Serialize)]
         struct Stored<'a> {
@@ -845,13 +1234,15 @@ async fn policy_set(
         }
         return Ok(json_out(&Stored {
             target: target_json(target),
-            policy,
+            policy: policy_json(&policy),
         }));
     }
-    let mut out = table(&policy_rows(target, &policy));
+    let mut rows = vec![("target", describe(target))];
+    rows.extend(policy_rows(&policy));
+    let mut out = table(&rows);
     if !own {
         out.push_str(&format!(
-            "note: {} is assigned to portfolio {}, whose window policy (tier, limit, mode) decides while it stays assigned\n",
+            "note: {} is assigned to portfolio {}, whose policy decides its window (tier, limit, mode, headroom, rule set, auto tier) while it stays assigned\n",
             describe(target),
             current.portfolio
         ));
@@ -889,7 +1280,10 @@ async fn reset(s: &mut Session, target: &proto::Target, yes: bool) -> Result<Str
     if !yes {
         let i = fetch_inspection(s, target, None).await?;
         let id = target_id(target);
-        eprint!(
+        // Not eprint!: a closed stderr must not panic. The answer decides, not the prompt.
+        let mut err = std::io::stderr().lock();
+        let _ = write!(
+            err,
             "Reset {}? This clears its window: {} slot(s) held now.\nType the {} id ({id}) to confirm: ",
             describe(target),
             i.used,
@@ -899,7 +1293,8 @@ async fn reset(s: &mut Session, target: &proto::Target, yes: bool) -> Result<Str
                 "sender"
             },
         );
-        let _ = std::io::stderr().flush();
+        let _ = err.flush();
+        drop(err);
         let mut answer = String::new();
         std::io::stdin()
             .lock()

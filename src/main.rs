@@ -238,9 +238,9 @@ fn config_check(args: SettingsArgs, json: bool) -> ExitCode {
         Ok(s) => s.redacted(),
         Err(e) => return fail(1, &e),
     };
-    if json {
+    let out = if json {
         match serde_json::to_string_pretty(&settings) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => s + "\n",
             Err(e) => return fail(1, &format!("cannot print the settings: {e}")),
         }
     } else {
@@ -248,10 +248,16 @@ fn config_check(args: SettingsArgs, json: bool) -> ExitCode {
             Some(p) => format!("defaults < {} < environment < flags", p.display()),
             None => "defaults < environment < flags".into(),
         };
-        println!("# valid; effective settings ({source}); secrets shown as ***");
-        print!("{}", settings.to_toml());
+        format!(
+            "# valid; effective settings ({source}); secrets shown as ***\n{}",
+            settings.to_toml()
+        )
+    };
+    // Not println!: a reader that stopped (`waquota config check | head -1`) must not panic.
+    match cli::write_stdout(&out) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e.exit_code(), e.message()),
     }
-    ExitCode::SUCCESS
 }
 
 #[tokio::main]

@@ -19,6 +19,10 @@ pub const FREE_ENTRY_POINT_MS: Millis = 3 * DAY_MS;
 
 pub const MAX_ID_LEN: usize = 128;
 
+/// Largest |time| in ms a request may carry: microseconds of it (the rate limits' GCRA) stay
+/// below 2^53, exact in Lua's doubles as in Rust's integers (years 1685 to 2255).
+pub const MAX_ABS_MS: Millis = 9_007_199_254_740;
+
 /// Bad input: which field, and why. Maps to `INVALID_ARGUMENT`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {reason}")]
@@ -773,7 +777,11 @@ impl Cursor {
         let bad = || InvalidArgument::new(field, "not a page token issued by waquota");
         let (at, r) = s.split_once('/').ok_or_else(bad)?;
         Ok(Cursor {
-            expires_at: at.parse().map_err(|_| bad())?,
+            expires_at: at
+                .parse()
+                .ok()
+                .filter(|ms: &Millis| ms.abs() <= MAX_ABS_MS)
+                .ok_or_else(bad)?,
             recipient: RecipientId::parse(field, r).map_err(|_| bad())?,
         })
     }

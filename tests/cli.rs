@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use common::certs::TestCerts;
 use common::dsl::{self, Quota};
@@ -142,6 +142,11 @@ on_both_ledgers!(
     sender_assign_and_detach,
     reset_needs_confirmation_and_then_clears,
     server_errors_are_one_line_with_the_status_code,
+    inspect_shows_status_effective_limit_and_projection,
+    inspect_shows_an_upgrade_projection_and_the_portfolio_status,
+    policy_set_keeps_every_field_not_given,
+    policy_get_shows_the_portfolio_policy_and_the_sender_own,
+    a_closed_stdout_is_not_a_panic,
 );
 
 async fn inspect_prints_a_table_and_json(backend: Backend) {
@@ -542,6 +547,10 @@ async fn bad_arguments_exit_2_with_a_clear_message() {
             "--page-size",
         ),
         (&["sender", "assign", "s1"], "--portfolio"),
+        (
+            &["policy", "set", "s1", "--messages-per-second", "many"],
+            "--messages-per-second",
+        ),
         (&["frobnicate"], "unrecognized subcommand"),
     ] {
         let out = raw(args).await;
@@ -564,6 +573,35 @@ async fn bad_arguments_exit_2_with_a_clear_message() {
     );
     let args = ["--addr", "https://127.0.0.1:1", "inspect", "s1"];
     assert!(raw(&args).await.failed(2).contains("TLS needs --ca-cert"));
+
+    // Bad named values of `policy set`: one line, found before connecting (nothing listens on
+    // port 1).
+    for (flag, value, names) in [
+        (
+            "--status",
+            "nope",
+            "connected, flagged, restricted, paused, banned or disconnected",
+        ),
+        ("--quality", "purple", "green, yellow, red or none"),
+        ("--rule-set", "new", "legacy or portfolio"),
+        ("--auto-tier", "maybe", "true or false"),
+    ] {
+        let args = [
+            "--addr",
+            "http://127.0.0.1:1",
+            "policy",
+            "set",
+            "s1",
+            "--tier",
+            "1k",
+            flag,
+            value,
+        ];
+        assert_eq!(
+            raw(&args).await.failed(2),
+            format!("waquota: {flag} \"{value}\": unknown value; use {names}")
+        );
+    }
 }
 
 #[tokio::test]
@@ -744,4 +782,462 @@ async fn mutual_tls_and_the_bearer_token_reach_the_server() {
         "{line}"
     );
     println!("with the wrong CA: {line}");
+}
+
+// ------------------------------------------------------------------------------ policy engine
+
+async fn inspect_shows_status_effective_limit_and_projection(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    three_slots(&mut server.quota().await).await;
+    let now = NOON + HOUR;
+
+    // Nothing due yet: the projection is all null, and "-" in the table.
+    let j = cli(&server, now, &["inspect", "s1", "--json"]).await.json();
+    assert_eq!(j["status"], "connected");
+    assert_eq!(j["quality"], Value::Null);
+    assert_eq!(j["effective_limit"], 250);
+    assert_eq!(
+        (j["unique_7d"].as_u64(), j["unique_30d"].as_u64()),
+        (Some(3), Some(3))
+    );
+    assert_eq!(
+        j["projection"],
+        serde_json::json!({"next_tier": null, "upgrade_at": null, "downgrade_at": null})
+    );
+    assert_eq!(j["sender_policy"]["messages_per_second"], 0);
+
+    let args = [
+        "policy",
+        "set",
+        "s1",
+        "--status",
+        "flagged",
+        "--headroom-percent",
+        "10",
+    ];
+    cli(&server, now, &args).await.ok();
+    let j = cli(&server, now, &["inspect", "s1", "--json"]).await.json();
+    assert_eq!(j["status"], "flagged");
+    assert_eq!(j["policy"]["status"], "flagged");
+    assert_eq!(j["sender_policy"]["status"], "flagged");
+    assert_eq!(j["policy"]["headroom_percent"], 10);
+    assert_eq!(j["limit"], 250, "the nominal limit");
+    assert_eq!(j["effective_limit"], 225, "250 less 10 % headroom");
+    assert_eq!(j["remaining"], 222, "counted against the effective limit");
+    // Legacy FLAGGED: one tier down 7 days after the status was set.
+    assert_eq!(j["projection"]["next_tier"], "50");
+    assert_eq!(j["projection"]["downgrade_at"], rfc3339(now + 7 * DAY));
+    assert_eq!(j["projection"]["upgrade_at"], Value::Null);
+
+    let t = cli(&server, now, &["inspect", "s1"]).await;
+    let t = t.ok();
+    println!("{t}");
+    assert_eq!(row(t, "status"), "flagged");
+    assert_eq!(row(t, "quality"), "-");
+    assert_eq!(row(t, "tier"), "250");
+    assert_eq!(row(t, "mode"), "conversation");
+    assert_eq!(row(t, "limit"), "250");
+    assert_eq!(row(t, "effective limit"), "225 (headroom 10%)");
+    assert_eq!(row(t, "used"), "3");
+    assert_eq!(row(t, "remaining"), "222");
+    assert_eq!(row(t, "next slot free at"), "2026-03-03T12:00:00Z");
+    assert_eq!(row(t, "slots freeing next hour"), "0");
+    assert_eq!(row(t, "unique users 7d"), "3");
+    assert_eq!(row(t, "unique users 30d"), "3");
+    assert_eq!(row(t, "next tier"), "50");
+    assert_eq!(row(t, "upgrade at"), "-");
+    assert_eq!(row(t, "downgrade at"), "2026-03-09T13:00:00Z");
+    assert_eq!(
+        row(t, "rates"),
+        "messages/s default, pair interval default, pair burst default"
+    );
+    assert_eq!(row(t, "caps"), "sender cap none, marketing cap none");
+
+    let args = [
+        "policy",
+        "set",
+        "s1",
+        "--messages-per-second",
+        "20",
+        "--pair-interval-ms",
+        "3000",
+        "--marketing-cap",
+        "2",
+        "--marketing-cap-period-ms",
+        "7200000",
+        "--quality",
+        "red",
+    ];
+    cli(&server, now, &args).await.ok();
+    let t = cli(&server, now, &["inspect", "s1"]).await;
+    let t = t.ok();
+    assert_eq!(
+        row(t, "rates"),
+        "messages/s 20, pair interval 3s, pair burst default"
+    );
+    assert_eq!(row(t, "caps"), "sender cap none, marketing cap 2 per 2h");
+    assert_eq!(row(t, "quality"), "red");
+    assert_eq!(row(t, "status"), "flagged", "kept");
+
+    // Connected again: no downgrade is due.
+    cli(
+        &server,
+        now,
+        &["policy", "set", "s1", "--status", "connected"],
+    )
+    .await
+    .ok();
+    let j = cli(&server, now, &["inspect", "s1", "--json"]).await.json();
+    assert_eq!(j["status"], "connected");
+    assert_eq!(j["projection"]["downgrade_at"], Value::Null);
+    assert_eq!(j["effective_limit"], 225, "the headroom was kept");
+    let t = cli(&server, now, &["inspect", "s1"]).await;
+    assert_eq!(row(t.ok(), "downgrade at"), "-");
+    assert_eq!(row(t.ok(), "next tier"), "-");
+
+    // An unlimited tier: every limit figure says so.
+    cli(
+        &server,
+        now,
+        &["policy", "set", "s1", "--tier", "unlimited"],
+    )
+    .await
+    .ok();
+    let t = cli(&server, now, &["inspect", "s1"]).await;
+    assert_eq!(row(t.ok(), "effective limit"), "unlimited");
+}
+
+async fn inspect_shows_an_upgrade_projection_and_the_portfolio_status(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let mut q = server.quota().await;
+    // Legacy 250: half the limit in 7 days projects 1k 24 h after the crossing.
+    let users: Vec<String> = (0..125).map(|i| format!("49151{i:08}")).collect();
+    let r = dsl::batch(&mut q, "s1", &users, NOON).await;
+    assert!(r.iter().all(|r| r.allowed));
+    let j = cli(&server, NOON + HOUR, &["inspect", "s1", "--json"])
+        .await
+        .json();
+    assert_eq!(j["unique_7d"], 125);
+    assert_eq!(j["projection"]["next_tier"], "1k");
+    assert_eq!(j["projection"]["upgrade_at"], rfc3339(NOON + DAY));
+    assert_eq!(j["projection"]["downgrade_at"], Value::Null);
+    let t = cli(&server, NOON + HOUR, &["inspect", "s1"]).await;
+    assert_eq!(row(t.ok(), "next tier"), "1k");
+    assert_eq!(row(t.ok(), "upgrade at"), "2026-03-03T12:00:00Z");
+
+    // A portfolio's status is its own; a sender in it shows both when they differ.
+    cli(
+        &server,
+        NOON,
+        &["sender", "assign", "s2", "--portfolio", "p1"],
+    )
+    .await
+    .ok();
+    let args = ["policy", "set", "--portfolio", "p1", "--status", "paused"];
+    cli(&server, NOON, &args).await.ok();
+    let j = cli(&server, NOON, &["inspect", "--portfolio", "p1", "--json"])
+        .await
+        .json();
+    assert_eq!(j["status"], "paused");
+    assert_eq!(j["sender_policy"], Value::Null);
+    let t = cli(&server, NOON, &["inspect", "--portfolio", "p1"]).await;
+    assert_eq!(row(t.ok(), "status"), "paused");
+    assert!(!t.ok().contains("rates"), "no sender rates for a portfolio");
+
+    let j = cli(&server, NOON, &["inspect", "s2", "--json"])
+        .await
+        .json();
+    assert_eq!(j["status"], "connected", "the sender's own");
+    assert_eq!(j["policy"]["status"], "paused", "the deciding window's");
+    assert_eq!(j["sender_policy"]["status"], "connected");
+    let t = cli(&server, NOON, &["inspect", "s2"]).await;
+    assert_eq!(row(t.ok(), "status"), "connected (portfolio p1: paused)");
+}
+
+async fn policy_set_keeps_every_field_not_given(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let set = |args: &'static [&'static str]| {
+        let mut all = vec!["policy", "set", "s1"];
+        all.extend_from_slice(args);
+        all
+    };
+    cli(&server, NOON, &set(&["--messages-per-second", "20"]))
+        .await
+        .ok();
+    cli(&server, NOON, &set(&["--sender-cap", "5"])).await.ok();
+    let j = cli(&server, NOON, &["policy", "get", "s1", "--json"])
+        .await
+        .json();
+    assert_eq!(j["sender_policy"]["messages_per_second"], 20);
+    assert_eq!(j["sender_policy"]["sender_cap"], 5);
+    assert_eq!(
+        j["policy"]["messages_per_second"], 20,
+        "unassigned: the same"
+    );
+    assert_eq!(j["policy"]["sender_cap"], 5);
+    let t = cli(&server, NOON, &["policy", "get", "s1"]).await;
+    let t = t.ok();
+    println!("{t}");
+    assert_eq!(row(t, "messages per second"), "20");
+    assert_eq!(row(t, "sender cap"), "5");
+    assert_eq!(row(t, "decided by"), "sender s1");
+    assert!(
+        !t.contains("own policy"),
+        "one policy when it is the deciding one"
+    );
+
+    // Every other field at once, then one more: all of them stay.
+    let every = set(&[
+        "--status",
+        "restricted",
+        "--quality",
+        "yellow",
+        "--pair-interval-ms",
+        "3000",
+        "--pair-burst",
+        "10",
+        "--headroom-percent",
+        "5",
+        "--marketing-cap",
+        "2",
+        "--marketing-cap-period-ms",
+        "3600000",
+        "--rule-set",
+        "portfolio",
+        "--auto-tier",
+        "true",
+        "--custom-limit",
+        "300",
+        "--mode",
+        "rolling",
+    ]);
+    let t = cli(&server, NOON, &every).await;
+    assert_eq!(row(t.ok(), "status"), "restricted");
+    assert_eq!(row(t.ok(), "pair interval"), "3s");
+    cli(&server, NOON, &set(&["--tier", "1k"])).await.ok();
+    let j = cli(&server, NOON, &["policy", "get", "s1", "--json"])
+        .await
+        .json();
+    assert_eq!(
+        j["sender_policy"],
+        serde_json::json!({
+            "tier": "1k",
+            "custom_limit": 300,
+            "mode": "rolling",
+            "status": "restricted",
+            "quality": "yellow",
+            "messages_per_second": 20,
+            "pair_interval_ms": 3000,
+            "pair_burst": 10,
+            "headroom_percent": 5,
+            "sender_cap": 5,
+            "marketing_cap": 2,
+            "marketing_cap_period_ms": 3600000,
+            "rule_set": "portfolio",
+            "auto_tier": true,
+        })
+    );
+    assert_eq!(
+        (j["limit"].as_u64(), j["effective_limit"].as_u64()),
+        (Some(300), Some(285))
+    );
+    let t = cli(&server, NOON, &["policy", "get", "s1"]).await;
+    let t = t.ok();
+    for (key, want) in [
+        ("tier", "1k"),
+        ("custom limit", "300"),
+        ("mode", "rolling"),
+        ("headroom", "5%"),
+        ("rule set", "portfolio"),
+        ("auto tier", "true"),
+        ("status", "restricted"),
+        ("quality", "yellow"),
+        ("messages per second", "20"),
+        ("pair interval", "3s"),
+        ("pair burst", "10"),
+        ("sender cap", "5"),
+        ("marketing cap", "2"),
+        ("marketing cap period", "1h"),
+        ("limit", "300"),
+        ("effective limit", "285"),
+    ] {
+        assert_eq!(row(t, key), want, "{key}");
+    }
+
+    // Back to the defaults: quality none, 0 for a rate.
+    let args = set(&["--quality", "none", "--pair-interval-ms", "0", "--json"]);
+    let j = cli(&server, NOON, &args).await.json();
+    assert_eq!(j["policy"]["quality"], Value::Null);
+    assert_eq!(j["policy"]["pair_interval_ms"], 0);
+    assert_eq!(j["policy"]["pair_burst"], 10);
+    let t = cli(&server, NOON, &["policy", "get", "s1"]).await;
+    assert_eq!(row(t.ok(), "quality"), "-");
+    assert_eq!(row(t.ok(), "pair interval"), "default");
+
+    // A value the server refuses: one line naming the field, and nothing changes.
+    let out = cli(&server, NOON, &set(&["--headroom-percent", "100"])).await;
+    assert!(
+        out.failed(1)
+            .starts_with("waquota: INVALID_ARGUMENT: policy.headroom_percent"),
+        "{}",
+        out.stderr
+    );
+    let j = cli(&server, NOON, &["policy", "get", "s1", "--json"])
+        .await
+        .json();
+    assert_eq!(j["sender_policy"]["headroom_percent"], 5);
+
+    // A portfolio keeps its fields too.
+    let p = |extra: &'static [&'static str]| {
+        let mut all = vec!["policy", "set", "--portfolio", "p1"];
+        all.extend_from_slice(extra);
+        all
+    };
+    cli(&server, NOON, &p(&["--headroom-percent", "20"]))
+        .await
+        .ok();
+    cli(&server, NOON, &p(&["--tier", "2k"])).await.ok();
+    let j = cli(
+        &server,
+        NOON,
+        &["policy", "get", "--portfolio", "p1", "--json"],
+    )
+    .await
+    .json();
+    assert_eq!(j["policy"]["tier"], "2k");
+    assert_eq!(j["policy"]["headroom_percent"], 20);
+    assert_eq!(j["policy"]["rule_set"], "portfolio");
+    assert_eq!(j["policy"]["mode"], "rolling");
+    assert_eq!(j["sender_policy"], Value::Null);
+    assert_eq!(j["effective_limit"], 1600);
+}
+
+async fn policy_get_shows_the_portfolio_policy_and_the_sender_own(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    cli(
+        &server,
+        NOON,
+        &["sender", "assign", "s2", "--portfolio", "p1"],
+    )
+    .await
+    .ok();
+    cli(
+        &server,
+        NOON,
+        &["policy", "set", "--portfolio", "p1", "--tier", "2k"],
+    )
+    .await
+    .ok();
+    let out = cli(
+        &server,
+        NOON,
+        &["policy", "set", "s2", "--messages-per-second", "50"],
+    )
+    .await;
+    assert!(
+        out.ok()
+            .contains("note: sender s2 is assigned to portfolio p1")
+    );
+
+    let j = cli(&server, NOON, &["policy", "get", "s2", "--json"])
+        .await
+        .json();
+    assert_eq!(j["scope"], "portfolio");
+    assert_eq!(j["portfolio"], "p1");
+    assert_eq!(j["policy"]["tier"], "2k");
+    assert_eq!(j["policy"]["mode"], "rolling");
+    assert_eq!(j["sender_policy"]["tier"], "250");
+    assert_eq!(j["sender_policy"]["messages_per_second"], 50);
+    assert_eq!(j["limit"], 2000);
+
+    let t = cli(&server, NOON, &["policy", "get", "s2"]).await;
+    let t = t.ok();
+    println!("{t}");
+    assert_eq!(row(t, "portfolio"), "p1");
+    assert!(row(t, "decided by").starts_with("portfolio p1"), "{t}");
+    assert_eq!(row(t, "tier"), "2k", "the deciding window's first");
+    assert_eq!(row(t, "limit"), "2000");
+    let (_, own) = t
+        .split_once("own policy of sender s2")
+        .unwrap_or_else(|| panic!("no own policy in\n{t}"));
+    assert_eq!(row(own, "tier"), "250");
+    assert_eq!(row(own, "mode"), "conversation");
+    assert_eq!(row(own, "messages per second"), "50");
+}
+
+/// Runs the binary with stdout a pipe whose read end is closed before it starts: every write
+/// to stdout fails with EPIPE, as when `| head -c1` has exited.
+async fn with_closed_stdout(args: Vec<String>) -> Output {
+    tokio::task::spawn_blocking(move || {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        Command::new(env!("CARGO_BIN_EXE_waquota"))
+            .args(&args)
+            .env_remove("WAQUOTA_ADDR")
+            .env_remove("WAQUOTA_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .expect("run waquota")
+    })
+    .await
+    .unwrap()
+}
+
+fn assert_quiet_on_a_closed_pipe(args: &[String], out: &Output) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    assert_ne!(out.status.code(), Some(101), "{args:?}: {stderr}");
+    assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+    assert!(stderr.is_empty(), "{args:?}: {stderr}");
+}
+
+async fn a_closed_stdout_is_not_a_panic(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    three_slots(&mut server.quota().await).await;
+    for args in [
+        &["inspect", "s1", "--json"][..],
+        &["inspect", "s1"],
+        &["policy", "get", "s1"],
+        &["window", "list", "s1", "--json"],
+    ] {
+        let mut all = vec![
+            "--addr".to_owned(),
+            server.endpoint(),
+            "--at".to_owned(),
+            rfc3339(NOON + HOUR),
+        ];
+        all.extend(args.iter().map(|s| s.to_string()));
+        let out = with_closed_stdout(all.clone()).await;
+        assert_quiet_on_a_closed_pipe(&all, &out);
+    }
+}
+
+#[tokio::test]
+async fn config_check_on_a_closed_stdout_is_not_a_panic() {
+    for args in [&["config", "check"][..], &["config", "check", "--json"]] {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let out = with_closed_stdout(args.clone()).await;
+        assert_quiet_on_a_closed_pipe(&args, &out);
+    }
+}
+
+/// The same with the read end closed right after the start, as `| head -c1` does.
+#[tokio::test]
+async fn config_check_with_its_reader_gone_is_not_a_panic() {
+    let out = tokio::task::spawn_blocking(|| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_waquota"))
+            .args(["config", "check"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run waquota");
+        drop(child.stdout.take());
+        child.wait_with_output().expect("wait for waquota")
+    })
+    .await
+    .unwrap();
+    assert_quiet_on_a_closed_pipe(&["config check".to_owned()], &out);
 }

@@ -518,7 +518,6 @@ fn every_setting_has_a_flag() {
         "--on-store-error", "allow",
         "--on-store-error-sender", "otp=allow,bulk=deny",
         "--shutdown-delay-ms", "8",
-        "--redis-ca", "/redis-ca.pem",
         "--metrics-listen", "127.0.0.1:2",
         "--log-format", "json",
         "--log-level", "debug",
@@ -544,7 +543,7 @@ fn every_setting_has_a_flag() {
         "on_store_error": "allow",
         "on_store_error_senders": {"bulk": "deny", "otp": "allow"},
         "shutdown_delay": 8,
-        "redis_ca": "/redis-ca.pem",
+        "redis_ca": null,
         "metrics_listen": "127.0.0.1:2",
         "log_format": "json",
         "log_level": "debug",
@@ -571,6 +570,8 @@ fn every_setting_has_a_flag() {
             "--json",
             "--redis",
             "redis://127.0.0.1:6379",
+            "--redis-ca",
+            "/redis-ca.pem",
             "--log",
             "warn",
             "--trust-client-clock=false",
@@ -582,4 +583,8 @@ fn every_setting_has_a_flag() {
     assert_eq!(j["log_level"], "warn");
     assert_eq!(j["trust_client_clock"], false);
     assert_eq!(j["store"]["url"], "redis://127.0.0.1:6379");
+    assert_eq!(
+        j["redis_ca"], "/redis-ca.pem",
+        "--redis-ca goes with a standalone Redis"
+    );
 }

@@ -528,6 +528,11 @@ async fn bad_quota_requests_are_refused_naming_the_field_and_change_nothing(b: B
             seconds: i64::MAX / 1000,
             nanos: 0,
         },
+        // Year 9999: beyond 2255, microseconds would no longer be exact.
+        prost_types::Timestamp {
+            seconds: 253_402_041_600,
+            nanos: 0,
+        },
     ] {
         let req = AcquireRequest {
             at: Some(bad_at),
@@ -662,7 +667,15 @@ async fn bad_admin_requests_are_refused_naming_the_field_and_change_nothing(b: B
         at: Some(ts(t)),
     };
     assert_invalid(a.list_window(list(None, "")).await, "target");
-    for bad in ["garbage", "12", "x/held", "12/{x}", "/held", "12/"] {
+    for bad in [
+        "garbage",
+        "12",
+        "x/held",
+        "12/{x}",
+        "/held",
+        "12/",
+        "9223372036854775807/zz",
+    ] {
         assert_invalid(a.list_window(list(sender(s), bad)).await, "page_token");
     }
 
@@ -1519,12 +1532,13 @@ async fn reset_clears_a_window_but_refuses_an_assigned_sender(b: Backend) {
 async fn replayed_clocks_far_in_the_past_or_future_keep_state(b: Backend) {
     let srv = TestServer::start(b).await;
     let (mut q, mut a) = (srv.quota().await, srv.admin().await);
-    // 1969-12-30, 2001-01-01, 2101-01-01 and 9999-12-29 (UTC), against D in 2026.
+    // 1969-12-30, 2001-01-01, 2101-01-01 and 2250-01-01 (UTC; times up to 2255 are accepted, so
+    // that microseconds stay exact for the rate limits), against D in 2026.
     let days = [
         ("epoch", -2 * DAY),
         ("past", 978_307_200_000_i64),
         ("future", 4_133_980_800_000),
-        ("far", 253_402_041_600_000),
+        ("far", 8_835_955_200_000),
     ];
     for (s, day) in days {
         let t = day + 9 * HOUR;

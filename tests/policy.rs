@@ -50,6 +50,8 @@ conformance!(
     auto_tier_applies_the_projected_upgrade_at_its_moment_and_not_before,
     auto_tier_drops_a_flagged_legacy_sender_one_tier_every_7_days,
     bad_policy_fields_are_refused_naming_the_field_and_change_nothing,
+    resetting_a_portfolio_frees_the_caps_of_senders_that_left_it,
+    confirm_with_a_clock_behind_the_reservation_keeps_the_slot,
 );
 
 const NEW: Decision = Decision::AllowedNew;
@@ -1735,4 +1737,44 @@ async fn bad_policy_fields_are_refused_naming_the_field_and_change_nothing(b: Ba
         &acquire_category(&mut q, "x", "u", Category::Marketing, t).await,
         NEW,
     );
+}
+
+// ------------------------------------------------------------------ regressions
+
+async fn resetting_a_portfolio_frees_the_caps_of_senders_that_left_it(b: Backend) {
+    let srv = TestServer::start(b).await;
+    let (mut q, mut a) = (srv.quota().await, srv.admin().await);
+    // A opens a slot in P under a cap of 1, leaves, P is reset, A comes back: its share is empty.
+    let t = at(9, 0, 0, 0);
+    assign(&mut a, "A", "P").await;
+    put_policy_at(
+        &mut a,
+        sender("A"),
+        Policy {
+            sender_cap: 1,
+            ..tier(Tier::Tier250)
+        },
+        t,
+    )
+    .await;
+    assert_decision(&acquire(&mut q, "A", "u1", t).await, NEW);
+    assign(&mut a, "A", "").await;
+    reset(&mut a, portfolio("P"), t).await.expect("reset");
+    assign(&mut a, "A", "P").await;
+    let r = acquire(&mut q, "A", "u2", t).await;
+    assert_decision(&r, NEW);
+    assert_eq!(r.used, 1);
+}
+
+async fn confirm_with_a_clock_behind_the_reservation_keeps_the_slot(b: Backend) {
+    let srv = TestServer::start(b).await;
+    let mut q = srv.quota().await;
+    // A trusted clock may ask about a moment before the reservation: delivery clamps to the
+    // reservation's time and the slot keeps its expiry (no failure, no shorter slot).
+    let t = at(9, 0, 0, 0);
+    let r = acquire(&mut q, "s", "u", t).await;
+    let until = confirm(&mut q, "s", "u", &r.reservation, Some(t), t - 1000)
+        .await
+        .expect("confirm");
+    assert_eq!(until, t + DAY);
 }

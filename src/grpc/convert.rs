@@ -7,9 +7,9 @@ use tonic::Status;
 use super::guard::Refused;
 use crate::ledger::LedgerError;
 use crate::model::{
-    Category, DAY_MS, Decision, Defaults, Inspection, InvalidArgument, MessageKind, Millis,
-    Outcome, Policy, PortfolioId, Projection, Quality, RecipientId, RuleSet, Scope, SenderId,
-    SenderStatus, Target, Tier, WindowEntry, WindowMode,
+    Category, DAY_MS, Decision, Defaults, Inspection, InvalidArgument, MAX_ABS_MS, MessageKind,
+    Millis, Outcome, Policy, PortfolioId, Projection, Quality, RecipientId, RuleSet, Scope,
+    SenderId, SenderStatus, Target, Tier, WindowEntry, WindowMode,
 };
 use crate::proto;
 
@@ -38,9 +38,6 @@ pub fn invalid(e: InvalidArgument) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
-/// Largest |time| accepted: year ±10000 in ms, far inside i64 and f64-exact in Lua.
-const MAX_ABS_MS: i64 = 253_402_300_800_000;
-
 pub fn ms_from_timestamp(field: &str, t: &Timestamp) -> Result<Millis, InvalidArgument> {
     if !(0..1_000_000_000).contains(&t.nanos) {
         return Err(InvalidArgument::new(field, "nanos must be within 0..1e9"));
@@ -50,7 +47,7 @@ pub fn ms_from_timestamp(field: &str, t: &Timestamp) -> Result<Millis, InvalidAr
         .checked_mul(1000)
         .and_then(|s| s.checked_add(i64::from(t.nanos / 1_000_000)))
         .filter(|ms| ms.abs() <= MAX_ABS_MS)
-        .ok_or_else(|| InvalidArgument::new(field, "out of range (years 0 to 9999)"))?;
+        .ok_or_else(|| InvalidArgument::new(field, "out of range (years 1685 to 2255)"))?;
     Ok(ms)
 }
 

@@ -621,7 +621,9 @@ impl Ledger for MemoryLedger {
         else {
             return Ok(None);
         };
-        let delivered = delivered_at.clamp(reservation.opened_at, now);
+        // Within [reservation time, now]; max then min, since a trusted clock may put now before
+        // the reservation (clamp would panic), exactly as confirm.lua computes it.
+        let delivered = delivered_at.max(reservation.opened_at).min(now);
         let until = slot.expires_at.max(delivered + SLOT_MS);
         window.set(
             &recipient,
