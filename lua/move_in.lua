@@ -1,13 +1,23 @@
--- move_in.lua: second half of assigning a sender to another home. Restores its sender-scoped
--- keys here and marks it as living here.
+-- move_in.lua: the new home's side of assigning a sender to another home. Restores its
+-- sender-scoped keys here and marks it as living here. When it already lives here (a resumed
+-- move whose import had completed), nothing is restored: what is here is newer.
 --
 -- KEYS[1]  residency at the new home: the sender's "away" string, or the portfolio's members set
 -- KEYS[2..] the sender-scoped keys at the new home, in the order move_out returned them
 -- ARGV[1] new home kind "s" | "p"
 -- ARGV[2] sender
 -- ARGV[3..] per key: payload ("" = absent), pttl
--- Returns {1}.
+-- Returns {1} when imported, {0} when it already lived here.
 
+local here
+if ARGV[1] == 's' then
+  here = redis.call('EXISTS', KEYS[1]) == 0
+else
+  here = redis.call('SISMEMBER', KEYS[1], ARGV[2]) == 1
+end
+if here then
+  return { 0 }
+end
 for i = 2, #KEYS do
   local payload, ttl = ARGV[2 * i - 1], tonumber(ARGV[2 * i])
   if payload ~= '' and ttl ~= -2 then
@@ -15,6 +25,8 @@ for i = 2, #KEYS do
       ttl = 0
     end
     redis.call('RESTORE', KEYS[i], ttl, payload, 'REPLACE')
+  elseif payload == '' then
+    redis.call('DEL', KEYS[i])
   end
 end
 if ARGV[1] == 's' then

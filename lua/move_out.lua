@@ -1,5 +1,9 @@
--- move_out.lua: first half of assigning a sender to another home. Atomically marks the sender
--- as no longer living here and hands over its sender-scoped keys (DUMP payload and PTTL).
+-- move_out.lua: the old home's side of assigning a sender to another home.
+--   mode "out":  atomically marks the sender as no longer living here and hands over copies of
+--                its sender-scoped keys (DUMP payload and PTTL); the keys stay, inert, until
+--                the new home holds them, so no interruption can lose them.
+--   mode "drop": after the new home holds them, deletes them here (unless the sender lives
+--                here again).
 --
 -- KEYS[1]  residency at the old home: the sender's "away" string, or the portfolio's members set
 -- KEYS[2..] the sender-scoped keys at the old home (own policy, service windows, throughput,
@@ -7,23 +11,39 @@
 -- ARGV[1] old home kind "s" | "p"
 -- ARGV[2] sender
 -- ARGV[3] the portfolio it moves to ("" = its own home)
--- Returns {moved_here (1|0), then per key: payload|nil, pttl (-2 = absent, -1 = persistent)}.
+-- ARGV[4] mode "out" | "drop"
+-- Returns for "out" {1, then per key: payload|nil, pttl (-2 = absent, -1 = persistent)};
+-- for "drop" {1} when dropped, {0} when the sender lives here again.
 
-local here
+local function lives_here()
+  if ARGV[1] == 's' then
+    return redis.call('EXISTS', KEYS[1]) == 0
+  end
+  return redis.call('SISMEMBER', KEYS[1], ARGV[2]) == 1
+end
+
+if ARGV[4] == 'drop' then
+  if lives_here() then
+    return { 0 }
+  end
+  for i = 2, #KEYS do
+    redis.call('DEL', KEYS[i])
+  end
+  return { 1 }
+end
+
 if ARGV[1] == 's' then
-  here = redis.call('EXISTS', KEYS[1]) == 0
   redis.call('SET', KEYS[1], ARGV[3])
 else
-  here = redis.call('SREM', KEYS[1], ARGV[2]) == 1
+  redis.call('SREM', KEYS[1], ARGV[2])
 end
-local out = { here and 1 or 0 }
+local out = { 1 }
 for i = 2, #KEYS do
   local ttl = redis.call('PTTL', KEYS[i])
   if ttl == -2 then
     out[#out + 1] = false
   else
     out[#out + 1] = redis.call('DUMP', KEYS[i])
-    redis.call('DEL', KEYS[i])
   end
   out[#out + 1] = ttl
 end

@@ -41,9 +41,9 @@ pub const RPCS: [&str; 12] = [
 ];
 
 /// The Lua scripts (`lua/*.lua`), by the name the Redis ledger gives them.
-pub const SCRIPTS: [&str; 11] = [
-    "acquire", "release", "inbound", "inspect", "list", "policy", "reset", "move_out", "move_in",
-    "confirm", "failure",
+pub const SCRIPTS: [&str; 12] = [
+    "acquire", "release", "inbound", "inspect", "list", "policy", "reset", "move", "move_out",
+    "move_in", "confirm", "failure",
 ];
 
 const DECISIONS: [Decision; 9] = [

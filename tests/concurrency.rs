@@ -11,7 +11,7 @@ use common::connect as channel;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use common::{RedisServer, WaquotaProcess};
+use common::{RedisServer, WaquotaProcess, raw_command};
 use tonic::transport::Channel;
 use waquota::proto::admin_service_client::AdminServiceClient;
 use waquota::proto::quota_service_client::QuotaServiceClient;
@@ -539,4 +539,131 @@ async fn batches_two_instances_64_clients_exactly_250_new() {
         "the window holds exactly the recipients that got a slot"
     );
     no_errors(&errors, CLIENTS);
+}
+
+// ------------------------------------------------------------------ reassignment
+
+/// Every portfolio whose members set lists `sender`, read straight from Redis.
+fn portfolios_listing(port: u16, sender: &str, candidates: &[&str]) -> Vec<String> {
+    candidates
+        .iter()
+        .filter(|p| {
+            raw_command(port, &format!("SISMEMBER wq:{{p:{p}}}:m {sender}"))
+                .is_some_and(|r| r.starts_with(":1"))
+        })
+        .map(|p| p.to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reassignments_leave_a_sender_in_one_portfolio_with_its_policy() {
+    let fleet = Fleet::start();
+    let port = fleet._redis.port;
+    for round in 0..10 {
+        let sender = format!("mover-{round}");
+        let mut admin = fleet.admin(0).await;
+        admin
+            .put_policy(PutPolicyRequest {
+                target: sender_target(&sender),
+                policy: Some(Policy {
+                    status: waquota::proto::SenderStatus::Banned as i32,
+                    ..Default::default()
+                }),
+                at: None,
+            })
+            .await
+            .expect("put_policy");
+        // Two operators move the same sender at once, through both instances.
+        let moves = ["P1", "P2", "P1", "P2"]
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let endpoint = fleet.endpoints()[i % 2].clone();
+                let sender = sender.clone();
+                tokio::spawn(async move {
+                    let mut a = AdminServiceClient::new(channel(&endpoint).await);
+                    a.assign_sender(AssignSenderRequest {
+                        sender,
+                        portfolio: p.into(),
+                        at: None,
+                    })
+                    .await
+                })
+            });
+        for m in moves.collect::<Vec<_>>() {
+            // A move may be refused while another is under way (UNAVAILABLE, retryable).
+            if let Err(s) = m.await.unwrap() {
+                assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+            }
+        }
+        let listed = portfolios_listing(port, &sender, &["P1", "P2"]);
+        assert_eq!(
+            listed.len(),
+            1,
+            "{sender} is a member of exactly one portfolio: {listed:?}"
+        );
+        let home = fleet.inspect(1, sender_target(&sender)).await;
+        assert_eq!(
+            home.portfolio, listed[0],
+            "the route agrees with the membership"
+        );
+        // Its own policy moved with it: still banned, whichever instance decides.
+        for i in 0..2 {
+            let mut q = QuotaServiceClient::new(channel(&fleet.endpoints()[i]).await);
+            let r = q
+                .acquire(AcquireRequest {
+                    sender: sender.clone(),
+                    recipient: "4915100000001".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("acquire")
+                .into_inner();
+            assert_eq!(
+                r.decision,
+                Decision::DeniedSenderBlocked as i32,
+                "{sender}: {r:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_reassignment_is_completed_by_the_next_one() {
+    let fleet = Fleet::start();
+    let port = fleet._redis.port;
+    let sender = "half-moved";
+    let mut admin = fleet.admin(0).await;
+    admin
+        .put_policy(PutPolicyRequest {
+            target: sender_target(sender),
+            policy: Some(Policy {
+                status: waquota::proto::SenderStatus::Paused as i32,
+                ..Default::default()
+            }),
+            at: None,
+        })
+        .await
+        .expect("put_policy");
+    // A move to P1 that stopped right after its journal was written (a crashed instance).
+    let set = raw_command(port, &format!("SET wq:{{s:{sender}}}:mv >P1")).unwrap();
+    assert!(set.starts_with("+OK"), "{set}");
+    admin
+        .assign_sender(AssignSenderRequest {
+            sender: sender.into(),
+            portfolio: "P2".into(),
+            at: None,
+        })
+        .await
+        .expect("assign_sender");
+    assert_eq!(portfolios_listing(port, sender, &["P1", "P2"]), vec!["P2"]);
+    let journal = raw_command(port, &format!("EXISTS wq:{{s:{sender}}}:mv")).unwrap();
+    assert!(journal.starts_with(":0"), "the journal is gone: {journal}");
+    let i = fleet.inspect(1, sender_target(sender)).await;
+    assert_eq!(i.portfolio, "P2");
+    assert_eq!(
+        i.sender_policy.map(|p| p.status),
+        Some(waquota::proto::SenderStatus::Paused as i32),
+        "its own policy survived both moves"
+    );
 }

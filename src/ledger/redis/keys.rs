@@ -159,6 +159,12 @@ impl HomeKeys {
         self.key(if self.kind == "s" { "away" } else { "m" })
     }
 
+    /// Sender home: string "<from>><to>" while the sender is being reassigned (the journal
+    /// that serialises and completes moves). Present only during a move.
+    pub fn move_journal(&self) -> String {
+        self.key("mv")
+    }
+
     /// The policy of the window that decides at this home.
     pub fn window_policy(&self, sender: &SenderId) -> String {
         if self.kind == "s" {

@@ -36,6 +36,9 @@ const TTL_SLACK_MS: Millis = 3_600_000;
 const TRIM_PER_CALL: usize = 1000;
 /// A reassignment in flight can bounce a request between homes; give up after this many hops.
 const MAX_HOPS: usize = 5;
+/// A reassignment journaled longer ago than this was abandoned by its mover (a crashed instance:
+/// every step of a live one answers within the Redis timeout), and the next one completes it.
+const ABANDONED_MOVE_MS: i64 = 30_000;
 /// Senders whose home is cached; past this the cache starts over (it only saves a round trip).
 const ROUTE_CACHE_MAX: usize = 100_000;
 
@@ -633,10 +636,67 @@ impl RedisLedger {
         defaults_at(&self.defaults, home)
     }
 
-    async fn current_portfolio(&self, sender: &SenderId) -> Result<Option<PortfolioId>> {
-        let key = self.keys.home(&Home::Sender(sender.clone())).residency();
-        let v = self.query(redis::cmd("GET").arg(&key)).await?;
-        Ok(text(&v).and_then(|p| PortfolioId::parse("portfolio", &p).ok()))
+    /// The steps of a journaled move from home `from` to home `to` (portfolio ids, "" = the
+    /// sender's own home). Each step is idempotent, so a move can be resumed from any point.
+    async fn move_sender(
+        &self,
+        sender: &SenderId,
+        from: &str,
+        to: &str,
+        entry: &str,
+    ) -> Result<()> {
+        let home = |p: &str| -> Result<Home> {
+            Ok(if p.is_empty() {
+                Home::Sender(sender.clone())
+            } else {
+                Home::Portfolio(PortfolioId::parse("portfolio", p)?)
+            })
+        };
+        let (old_home, new_home) = (home(from)?, home(to)?);
+        let (old_keys, new_keys) = (self.keys.home(&old_home), self.keys.home(&new_home));
+        let own = self.keys.home(&Home::Sender(sender.clone()));
+        if !from.is_empty() && !to.is_empty() {
+            // Portfolio to portfolio: point the sender's route at the new home first, so requests
+            // that miss the old home are sent on to the new one.
+            self.query(redis::cmd("SET").arg(own.residency()).arg(to))
+                .await?;
+        }
+        let scoped = |k: &HomeKeys| {
+            let mut keys = vec![k.residency()];
+            keys.extend(k.sender_scoped(sender));
+            keys
+        };
+        let out = Call::new(&self.scripts.move_out, scoped(&old_keys))
+            .arg(old_home.kind())
+            .arg(sender.as_str())
+            .arg(to)
+            .arg("out");
+        let dumped = items(self.run(&out).await?).map_err(|v| bad_reply("move_out", &v))?;
+        let mut into = Call::new(&self.scripts.move_in, scoped(&new_keys))
+            .arg(new_home.kind())
+            .arg(sender.as_str());
+        for pair in dumped.get(1..).unwrap_or_default().chunks_exact(2) {
+            let payload = match &pair[0] {
+                Value::BulkString(b) => b.clone(),
+                _ => Vec::new(),
+            };
+            into = into.arg(payload).num(int(&pair[1]).unwrap_or(-2));
+        }
+        self.run(&into).await?;
+        let drop = Call::new(&self.scripts.move_out, scoped(&old_keys))
+            .arg(old_home.kind())
+            .arg(sender.as_str())
+            .arg(to)
+            .arg("drop");
+        self.run(&drop).await?;
+        let finish = Call::new(
+            &self.scripts.move_journal,
+            vec![own.move_journal(), own.residency()],
+        )
+        .arg("finish")
+        .arg(entry);
+        self.run(&finish).await?;
+        Ok(())
     }
 }
 
@@ -890,58 +950,63 @@ impl Ledger for RedisLedger {
     }
 
     async fn assign_sender(&self, sender: SenderId, portfolio: Option<PortfolioId>) -> Result<()> {
-        let old = self.current_portfolio(&sender).await?;
-        let new_home = Home::of(portfolio.clone(), &sender);
-        let new_keys = self.keys.home(&new_home);
-        if old == portfolio {
-            // Already there; make sure the portfolio lists it (repairs an interrupted move).
-            if portfolio.is_some() {
-                self.query(
-                    redis::cmd("SADD")
-                        .arg(new_keys.residency())
-                        .arg(sender.as_str()),
-                )
-                .await?;
-            }
-            self.learn(&sender, portfolio);
-            return Ok(());
-        }
-        let old_home = Home::of(old.clone(), &sender);
-        let old_keys = self.keys.home(&old_home);
-        let target_name = portfolio
+        // A journaled move (lua/move.lua): moves of one sender never interleave, no step loses
+        // the sender's state, and a move interrupted half-way is completed here first.
+        let own = self.keys.home(&Home::Sender(sender.clone()));
+        let journal_keys = || vec![own.move_journal(), own.residency()];
+        let target = portfolio
             .as_ref()
             .map(|p| p.to_string())
             .unwrap_or_default();
-        if let (Some(_), Some(p)) = (&old, &portfolio) {
-            // Portfolio to portfolio: point the sender's route at the new home first, so requests
-            // that miss the old home are sent on to the new one.
-            let away = self.keys.home(&Home::Sender(sender.clone())).residency();
-            self.query(redis::cmd("SET").arg(&away).arg(p.as_str()))
-                .await?;
+        for _ in 0..3 {
+            let begin = Call::new(&self.scripts.move_journal, journal_keys())
+                .arg("begin")
+                .arg(&target);
+            let v = items(self.run(&begin).await?).map_err(|v| bad_reply("move", &v))?;
+            let bad = || bad_reply("move", &Value::Array(v.clone()));
+            match text(v.first().ok_or_else(bad)?).as_deref() {
+                Some("same") => {
+                    if let Some(p) = &portfolio {
+                        let members = self.keys.home(&Home::Portfolio(p.clone())).residency();
+                        self.query(redis::cmd("SADD").arg(members).arg(sender.as_str()))
+                            .await?;
+                    }
+                    self.learn(&sender, portfolio);
+                    return Ok(());
+                }
+                Some("begun") => {
+                    let entry = text(v.get(1).ok_or_else(bad)?).ok_or_else(bad)?;
+                    let from = entry.split('>').next().unwrap_or_default().to_owned();
+                    self.move_sender(&sender, &from, &target, &entry).await?;
+                    self.learn(&sender, portfolio);
+                    tracing::info!(%sender, from, to = target, "sender reassigned");
+                    return Ok(());
+                }
+                Some("busy") => {
+                    let entry = text(v.get(1).ok_or_else(bad)?).ok_or_else(bad)?;
+                    let age = v.get(2).and_then(int).unwrap_or(i64::MAX);
+                    let mut parts = entry.split('>');
+                    let (from, to) = (
+                        parts.next().unwrap_or_default(),
+                        parts.next().ok_or_else(bad)?,
+                    );
+                    // Another request is moving this sender: wait for it (the caller retries). Only
+                    // a move left unfinished for longer than any live one can take is completed
+                    // here, since two movers of one sender must never run at once.
+                    if age < ABANDONED_MOVE_MS {
+                        return Err(LedgerError::Unavailable(format!(
+                            "sender {sender} is being reassigned (from {from:?} to {to:?}); try again"
+                        )));
+                    }
+                    tracing::warn!(%sender, from, to, "completing an abandoned reassignment first");
+                    self.move_sender(&sender, from, to, &entry).await?;
+                }
+                _ => return Err(bad()),
+            }
         }
-        let mut keys = vec![old_keys.residency()];
-        keys.extend(old_keys.sender_scoped(&sender));
-        let out = Call::new(&self.scripts.move_out, keys)
-            .arg(old_home.kind())
-            .arg(sender.as_str())
-            .arg(&target_name);
-        let dumped = items(self.run(&out).await?).map_err(|v| bad_reply("move_out", &v))?;
-        let mut keys = vec![new_keys.residency()];
-        keys.extend(new_keys.sender_scoped(&sender));
-        let mut into = Call::new(&self.scripts.move_in, keys)
-            .arg(new_home.kind())
-            .arg(sender.as_str());
-        for pair in dumped[1..].chunks_exact(2) {
-            let payload = match &pair[0] {
-                Value::BulkString(b) => b.clone(),
-                _ => Vec::new(),
-            };
-            into = into.arg(payload).num(int(&pair[1]).unwrap_or(-2));
-        }
-        self.run(&into).await?;
-        self.learn(&sender, portfolio);
-        tracing::info!(%sender, from = ?old, to = ?target_name, "sender reassigned");
-        Ok(())
+        Err(LedgerError::Unavailable(format!(
+            "sender {sender} is being reassigned by another request; try again"
+        )))
     }
 
     async fn inspect(
