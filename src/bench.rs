@@ -521,11 +521,14 @@ impl Driver {
             ledger.ping().await.map_err(|e| format!("{url}: {e}"))?;
         }
         let client = redis::Client::open(url).map_err(|e| format!("{url}: {e}"))?;
+        // No response timeout: with hundreds of pipelined batch calls queued on Redis, the
+        // client's 500 ms default would cut off calls that are only waiting their turn.
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
         let mut conns = Vec::new();
         for _ in 0..connections.max(1) {
             conns.push(
                 client
-                    .get_multiplexed_async_connection()
+                    .get_multiplexed_async_connection_with_config(&config)
                     .await
                     .map_err(|e| format!("cannot connect to {url}: {e}"))?,
             );
