@@ -178,12 +178,22 @@ local function decide(r)
   if not sw and (free_form or (restricted and not cur)) then
     return 5
   end
+  -- The time-bound checks, in the order of PRODUCT.md §2.4: the first that refuses is the one
+  -- reported, and retry_after is when every one of them passes (each passes from some moment
+  -- on), or none when one never does (an effective limit of 0). As State::acquire.
+  local refused, passes_at, never = nil, now, false
+  local function refuse(d, at)
+    refused = refused or d
+    if not at then
+      never = true
+    elseif at > passes_at then
+      passes_at = at
+    end
+  end
   if not sw and not cur then
     local over_limit = limit > 0 and used >= effective
     local over_cap = scap > 0 and held >= scap
     if over_limit or over_cap then
-      -- When both bars must clear, the later moment; none when one never clears (an effective
-      -- limit of 0 admits no one, whatever frees).
       local w, c = now, now
       if over_limit then
         w = kth_of(win, moved, used - effective)
@@ -191,22 +201,23 @@ local function decide(r)
       if over_cap then
         c = kth_of(wskey, wsmoved[sender] or {}, held - scap)
       end
-      if not w or not c then
-        return 4
+      if w and c then
+        refuse(4, math.max(w, c))
+      else
+        refuse(4, nil)
       end
-      return 4, -1, math.max(w, c) - now
     end
   end
   if marketing then
     local h = redis.call('ZSCORE', mhkey, r)
     h = h and tonumber(h)
     if h and h > now then
-      return 9, -1, h - now
+      refuse(9, h)
     end
     if mcap > 0 then
       local times = marketing_times(r)
       if #times >= mcap then
-        return 9, -1, times[#times - mcap + 1] + mper - now
+        refuse(9, times[#times - mcap + 1] + mper)
       end
     end
   end
@@ -217,11 +228,17 @@ local function decide(r)
   end
   local new_pt, pair_wait = gcra(pt, now_us, pair_interval, pair_burst)
   if not new_pt then
-    return 7, -1, pair_wait
+    refuse(7, now + pair_wait)
   end
   local new_tat, wait = gcra(tat, now_us, interval, burst)
   if not new_tat then
-    return 6, -1, wait
+    refuse(6, now + wait)
+  end
+  if refused then
+    if never then
+      return refused
+    end
+    return refused, -1, passes_at - now
   end
 
   -- Admitted: consume everywhere at once.

@@ -52,6 +52,7 @@ conformance!(
     bad_policy_fields_are_refused_naming_the_field_and_change_nothing,
     resetting_a_portfolio_frees_the_caps_of_senders_that_left_it,
     confirm_with_a_clock_behind_the_reservation_keeps_the_slot,
+    retry_after_waits_for_every_refusal_not_only_the_reported_one,
 );
 
 const NEW: Decision = Decision::AllowedNew;
@@ -1777,4 +1778,30 @@ async fn confirm_with_a_clock_behind_the_reservation_keeps_the_slot(b: Backend) 
         .await
         .expect("confirm");
     assert_eq!(until, t + DAY);
+}
+
+async fn retry_after_waits_for_every_refusal_not_only_the_reported_one(b: Backend) {
+    let srv = TestServer::start(b).await;
+    let (mut q, mut a) = (srv.quota().await, srv.admin().await);
+    // A user whose marketing is held until D+1 12:00, behind a window whose slot frees at D+1
+    // 09:00: the limit is reported (first in the order), but a retry at 09:00 would meet the
+    // hold, so retry_after runs to the end of the hold (PRODUCT.md §2.4: when the same request
+    // would be admitted).
+    let s = "both";
+    let mk = Category::Marketing;
+    let one = Policy {
+        custom_limit: 1,
+        ..tier(Tier::Tier250)
+    };
+    put_policy_at(&mut a, sender(s), one, at(8, 0, 0, 0)).await;
+    assert_decision(&acquire(&mut q, s, "w", at(9, 0, 0, 0)).await, NEW);
+    let (released, hold) = report_failure(&mut q, s, "u", "", 131049, at(12, 0, 0, 0)).await;
+    assert!(!released);
+    assert_eq!(hold, Some(at(12, 0, 0, 0) + DAY));
+    // 13:00: the window frees in 20 h, the hold ends in 23 h.
+    let r = acquire_category(&mut q, s, "u", mk, at(13, 0, 0, 0)).await;
+    assert_denied(&r, LIMIT, 23 * HOUR);
+    // A utility message to u is not held: only the window's 20 h.
+    let r = acquire_category(&mut q, s, "u", Category::Utility, at(13, 0, 0, 0)).await;
+    assert_denied(&r, LIMIT, 20 * HOUR);
 }

@@ -375,12 +375,19 @@ impl State {
                 {
                     break 'decide Decision::DeniedOutsideServiceWindow;
                 }
+                // The time-bound checks, in the order of PRODUCT.md §2.4: the first that refuses is
+                // the one reported, and retry_after is when every one of them passes (each passes
+                // from some moment on), or none when one never does (an effective limit of 0).
+                let mut refused = None;
+                let mut passes_at = Some(now);
+                let mut refuse = |d: Decision, at: Option<Millis>| {
+                    refused.get_or_insert(d);
+                    passes_at = passes_at.zip(at).map(|(p, a)| p.max(a));
+                };
                 if fresh {
                     let over_limit = limit > 0 && used >= effective;
                     let over_cap = sender_cap > 0 && held >= sender_cap;
                     if over_limit || over_cap {
-                        // When both bars must clear, the later moment; None when one never
-                        // clears (an effective limit of 0 admits no one, whatever frees).
                         let w = if over_limit {
                             window.frees_at(now, used - effective, None)
                         } else {
@@ -391,8 +398,7 @@ impl State {
                         } else {
                             Some(now)
                         };
-                        retry_after_ms = w.zip(c).map(|(w, c)| w.max(c) - now);
-                        break 'decide Decision::DeniedLimit;
+                        refuse(Decision::DeniedLimit, w.zip(c).map(|(w, c)| w.max(c)));
                     }
                 }
                 if marketing {
@@ -403,8 +409,7 @@ impl State {
                         .copied()
                         .filter(|h| *h > now);
                     if let Some(h) = hold {
-                        retry_after_ms = Some(h - now);
-                        break 'decide Decision::DeniedMarketingCap;
+                        refuse(Decision::DeniedMarketingCap, Some(h));
                     }
                     if rates.marketing_cap > 0 {
                         let since = now - rates.marketing_period_ms;
@@ -417,9 +422,8 @@ impl State {
                         times.sort_unstable();
                         let cap = rates.marketing_cap as usize;
                         if times.len() >= cap {
-                            retry_after_ms =
-                                Some(times[times.len() - cap] + rates.marketing_period_ms - now);
-                            break 'decide Decision::DeniedMarketingCap;
+                            let t = times[times.len() - cap] + rates.marketing_period_ms;
+                            refuse(Decision::DeniedMarketingCap, Some(t));
                         }
                     }
                 }
@@ -429,21 +433,14 @@ impl State {
                     .and_then(|p| p.get(r))
                     .copied()
                     .unwrap_or(now_us);
-                let new_pair =
-                    match gcra(pair_tat, now_us, rates.pair_interval_us, rates.pair_burst) {
-                        Ok(t) => t,
-                        Err(wait) => {
-                            retry_after_ms = Some(wait);
-                            break 'decide Decision::DeniedPairRate;
-                        }
-                    };
+                let new_pair = gcra(pair_tat, now_us, rates.pair_interval_us, rates.pair_burst)
+                    .inspect_err(|wait| refuse(Decision::DeniedPairRate, Some(now + wait)));
                 let tat = self.throughput.get(sender).copied().unwrap_or(now_us);
-                let new_tat = match gcra(tat, now_us, rates.interval_us, rates.burst) {
-                    Ok(t) => t,
-                    Err(wait) => {
-                        retry_after_ms = Some(wait);
-                        break 'decide Decision::DeniedThroughput;
-                    }
+                let new_tat = gcra(tat, now_us, rates.interval_us, rates.burst)
+                    .inspect_err(|wait| refuse(Decision::DeniedThroughput, Some(now + wait)));
+                let (Ok(new_pair), Ok(new_tat), None) = (new_pair, new_tat, refused) else {
+                    retry_after_ms = passes_at.map(|t| t - now);
+                    break 'decide refused.unwrap_or(Decision::DeniedThroughput);
                 };
 
                 // Admitted: consume, in every place at once.
