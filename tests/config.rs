@@ -387,18 +387,13 @@ impl TlsRedis {
             .spawn()
             .expect("spawn redis-server");
         let mut redis = TlsRedis { port, certs, child };
-        let start = std::time::Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        common::wait_until("the TLS redis-server to listen", || {
             assert!(
                 redis.child.try_wait().unwrap().is_none(),
                 "redis-server exited: is it built with TLS?"
             );
-            assert!(
-                start.elapsed().as_secs() < 10,
-                "redis-server did not listen"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
         redis
     }
 
@@ -423,29 +418,25 @@ async fn serve_reaches_redis_over_tls_as_an_acl_user() {
     let process =
         WaquotaProcess::start(&["--redis", &url, "--redis-ca", &ca, "--trust-client-clock"]);
 
-    let mut quota =
+    let quota =
         waquota::proto::quota_service_client::QuotaServiceClient::connect(process.endpoint())
             .await
             .unwrap();
     let at = common::ts(common::at(12, 0, 0, 0));
     // The pool connects lazily: the first calls may meet a Redis not yet connected.
-    let start = std::time::Instant::now();
-    let r = loop {
-        let req = waquota::proto::AcquireRequest {
-            sender: "tls-sender".into(),
-            recipient: "4915100000001".into(),
-            at: Some(at),
-            ..Default::default()
-        };
-        match quota.acquire(req).await {
-            Ok(r) => break r.into_inner(),
-            Err(e) if start.elapsed().as_secs() < 10 => {
-                println!("not yet: {e:?}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("no Acquire over rediss:// within 10 s: {e:?}"),
+    let r = common::eventually("an Acquire over rediss://", || {
+        let mut quota = quota.clone();
+        async move {
+            let req = waquota::proto::AcquireRequest {
+                sender: "tls-sender".into(),
+                recipient: "4915100000001".into(),
+                at: Some(at),
+                ..Default::default()
+            };
+            quota.acquire(req).await.ok().map(|r| r.into_inner())
         }
-    };
+    })
+    .await;
     assert!(r.allowed);
 
     let endpoint = process.endpoint();

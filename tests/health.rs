@@ -2,17 +2,13 @@
 //! reflection, the behaviour while Redis is down and after it comes back, and the real
 //! `waquota serve` binary with its default (in-memory) store and untrusted clock.
 //!
-//! Waiting for a health change polls in steps of at most 100 ms; nothing sleeps for a time
-//! window.
+//! Waiting for a health change polls (`common::eventually`); nothing sleeps for a time window
+//! and nothing is timed.
 
 mod common;
 use common::connect as channel;
 
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-use common::{Backend, RedisServer, TestServer, WaquotaProcess, raw_command, ts};
+use common::{Backend, RedisServer, TestServer, WaquotaProcess, eventually, ts};
 use tonic::Code;
 use tonic::codegen::tokio_stream;
 use tonic::transport::Channel;
@@ -28,8 +24,6 @@ use waquota::proto::quota_service_client::QuotaServiceClient;
 use waquota::proto::{AcquireRequest, AcquireResponse, Decision};
 
 const SERVICES: [&str; 3] = ["", "waquota.v1.QuotaService", "waquota.v1.AdminService"];
-const POLL: Duration = Duration::from_millis(100);
-const PATIENCE: Duration = Duration::from_secs(5);
 
 /// The status the health service reports for `service`, or the gRPC code it refused with.
 async fn health_of(
@@ -47,23 +41,42 @@ async fn health_of(
     }
 }
 
-/// Polls until every service in SERVICES reports `want`; returns how long it took.
-async fn wait_health(client: &mut HealthClient<Channel>, want: ServingStatus) -> Duration {
-    let start = Instant::now();
-    loop {
-        let mut seen = Vec::new();
-        for s in SERVICES {
-            seen.push((s, health_of(client, s).await));
+/// Waits until every service in SERVICES reports `want`.
+async fn wait_health(client: &mut HealthClient<Channel>, want: ServingStatus) {
+    eventually(&format!("health {want:?}"), || {
+        let mut client = client.clone();
+        async move {
+            for s in SERVICES {
+                if health_of(&mut client, s).await != Ok(want) {
+                    return None;
+                }
+            }
+            Some(())
         }
-        if seen.iter().all(|(_, st)| *st == Ok(want)) {
-            return start.elapsed();
+    })
+    .await
+}
+
+/// The first Acquire that succeeds once the store is back; every failure before must be
+/// UNAVAILABLE (a pooled connection that died with the old Redis).
+async fn acquire_when_back(
+    q: &QuotaServiceClient<Channel>,
+    sender: &str,
+    recipient: &str,
+) -> AcquireResponse {
+    eventually("an Acquire after Redis came back", || {
+        let mut q = q.clone();
+        async move {
+            match try_acquire(&mut q, sender, recipient).await {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+                    None
+                }
+            }
         }
-        assert!(
-            start.elapsed() < PATIENCE,
-            "health did not turn {want:?} within {PATIENCE:?}: {seen:?}"
-        );
-        tokio::time::sleep(POLL).await;
-    }
+    })
+    .await
 }
 
 fn acquire(sender: &str, recipient: &str) -> AcquireRequest {
@@ -93,8 +106,7 @@ fn decision(r: &AcquireResponse) -> Decision {
 async fn health_serving_on(backend: Backend) {
     let server = TestServer::start(backend).await;
     let mut health = HealthClient::new(channel(&server.endpoint()).await);
-    let took = wait_health(&mut health, ServingStatus::Serving).await;
-    println!("{backend:?}: every service SERVING after {took:?}");
+    wait_health(&mut health, ServingStatus::Serving).await;
     // A service waquota does not run is unknown to the health service.
     assert_eq!(
         health_of(&mut health, "no.such.Service").await,
@@ -170,60 +182,6 @@ async fn reflection_lists_both_services() {
 
 // ------------------------------------------------------------------------------ Redis down
 
-/// A redis-server started by hand on a given port (to bring a killed one back on the same
-/// port); killed when dropped, and when the test process dies.
-struct ManualRedis {
-    child: Child,
-}
-
-impl ManualRedis {
-    fn start_on(port: u16) -> ManualRedis {
-        let dir = std::env::temp_dir();
-        let start = Instant::now();
-        loop {
-            let mut cmd = Command::new("redis-server");
-            cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .args(["--dir", dir.to_str().unwrap()])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill the child when
-            // the test process goes away.
-            unsafe {
-                cmd.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    Ok(())
-                });
-            }
-            let mut child = cmd.spawn().expect("spawn redis-server");
-            while start.elapsed() < PATIENCE {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break; // could not bind yet (the old socket is still closing): try again
-                }
-                if raw_command(port, "PING").is_some_and(|r| r.starts_with("+PONG")) {
-                    return ManualRedis { child };
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            assert!(
-                start.elapsed() < PATIENCE,
-                "could not restart redis-server on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for ManualRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_is_unavailable_and_recovers_without_restart() {
     let mut server = TestServer::start(Backend::Redis).await;
@@ -239,12 +197,7 @@ async fn redis_down_is_unavailable_and_recovers_without_restart() {
         assert_eq!(decision(&r), Decision::AllowedNew);
     }
 
-    let port = {
-        let redis = server.redis().expect("a standalone Redis");
-        let port = redis.port;
-        redis.kill();
-        port
-    };
+    server.redis().expect("a standalone Redis").kill();
 
     // While Redis is down: every Acquire is UNAVAILABLE (never another code, never a hang).
     for i in 0..6 {
@@ -257,37 +210,19 @@ async fn redis_down_is_unavailable_and_recovers_without_restart() {
             "Redis down must be UNAVAILABLE, got {err:?}"
         );
     }
-    let took = wait_health(&mut health, ServingStatus::NotServing).await;
-    println!("health NOT_SERVING {took:?} after the outage was seen");
+    wait_health(&mut health, ServingStatus::NotServing).await;
     let err = try_acquire(&mut q, "down-sender", "4915100000200")
         .await
         .expect_err("still down");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
 
     // Bring Redis back on the same port (empty: no persistence), without touching waquota.
-    let _redis = ManualRedis::start_on(port);
-    let took = wait_health(&mut health, ServingStatus::Serving).await;
-    println!("health back to SERVING {took:?} after Redis restarted");
+    server.redis().expect("a standalone Redis").restart();
+    wait_health(&mut health, ServingStatus::Serving).await;
 
     // The first Acquires after SERVING may still meet a pooled connection that died with the
-    // old Redis; each such answer must be UNAVAILABLE, and the pool must heal within a few.
-    let start = Instant::now();
-    let mut stale = 0;
-    let first_ok = loop {
-        match try_acquire(&mut q, "down-sender", "4915100000300").await {
-            Ok(r) => break r,
-            Err(e) => {
-                assert_eq!(e.code(), Code::Unavailable, "{e:?}");
-                stale += 1;
-                assert!(
-                    start.elapsed() < PATIENCE,
-                    "Acquire still fails {PATIENCE:?} after Redis came back: {e:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
-    println!("UNAVAILABLE answers after health returned to SERVING: {stale}");
+    // old Redis; each such answer must be UNAVAILABLE, and the pool heals.
+    let first_ok = acquire_when_back(&q, "down-sender", "4915100000300").await;
     // The ledger started over empty: the recipient is new again.
     assert_eq!(decision(&first_ok), Decision::AllowedNew);
     assert_eq!(first_ok.used, 1, "the restarted Redis holds no old slots");
@@ -309,32 +244,21 @@ async fn redis_down_is_unavailable_and_recovers_without_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_at_start_up_is_not_serving_until_it_answers() {
     let mut dead = RedisServer::start();
-    let (port, url) = (dead.port, dead.url());
+    let url = dead.url();
     dead.kill();
     // Start-up does not fail on an unreachable store: it serves UNAVAILABLE until Redis answers.
     let server = TestServer::start_with(Backend::Memory, |s| s.store = Store::Redis { url }).await;
     let mut health = HealthClient::new(channel(&server.endpoint()).await);
-    let took = wait_health(&mut health, ServingStatus::NotServing).await;
-    println!("NOT_SERVING {took:?} after start-up with Redis down");
+    wait_health(&mut health, ServingStatus::NotServing).await;
     let mut q = server.quota().await;
     let err = try_acquire(&mut q, "late-sender", "4915100000001")
         .await
         .expect_err("no store yet");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
 
-    let _redis = ManualRedis::start_on(port);
+    dead.restart();
     wait_health(&mut health, ServingStatus::Serving).await;
-    let start = Instant::now();
-    let r = loop {
-        match try_acquire(&mut q, "late-sender", "4915100000001").await {
-            Ok(r) => break r,
-            Err(e) => {
-                assert_eq!(e.code(), Code::Unavailable, "{e:?}");
-                assert!(start.elapsed() < PATIENCE, "Acquire still fails: {e:?}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
+    let r = acquire_when_back(&q, "late-sender", "4915100000001").await;
     assert_eq!((decision(&r), r.used), (Decision::AllowedNew, 1));
     server.stop().await;
 }

@@ -3,12 +3,12 @@
 //! after a persistent Redis comes back.
 
 mod common;
+use common::eventually;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
 
 use common::dsl::sender;
-use common::ops::{PersistentRedis, connect, http_get_ready, metric};
+use common::ops::{connect, http_get_ready, metric, persistent_redis};
 use common::{Backend, D, HOUR, TestServer, free_port, ts};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -216,26 +216,25 @@ async fn per_sender_overrides_win_over_the_default() {
     assert_outage_admission(&acquire(&mut q, "s1", "r1").await.expect("allowed"));
 }
 
-/// Polls `inspect` until the store answers again.
+/// Polls `inspect` until the store answers again (UNAVAILABLE until then).
 async fn inspect_when_back(a: &mut AdminServiceClient<Channel>, who: &str) -> InspectResponse {
-    let start = Instant::now();
-    loop {
-        match inspect(a, who).await {
-            Ok(i) => return i,
-            Err(s) => {
-                assert_eq!(s.code(), Code::Unavailable, "{s:?}");
-                assert!(
-                    start.elapsed() < Duration::from_secs(15),
-                    "the service did not recover: {s:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
+    eventually("the service to recover", || {
+        let mut a = a.clone();
+        async move {
+            match inspect(&mut a, who).await {
+                Ok(i) => Some(i),
+                Err(s) => {
+                    assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+                    None
+                }
             }
         }
-    }
+    })
+    .await
 }
 
 async fn recovers_with_the_ledger_intact(policy: OnStoreError) {
-    let mut redis = PersistentRedis::start();
+    let mut redis = persistent_redis();
     let url = redis.url();
     let server = TestServer::start_with(Backend::Memory, move |s| {
         s.store = Store::Redis { url };
@@ -292,24 +291,18 @@ async fn allow_recovers_without_restart_and_the_ledger_is_intact() {
 
 /// Polls the health of `service` until it is `want`.
 async fn wait_health(channel: Channel, service: &str, want: ServingStatus) {
-    let mut health = HealthClient::new(channel);
-    let start = Instant::now();
-    loop {
-        let got = health
-            .check(HealthCheckRequest {
+    let health = HealthClient::new(channel);
+    eventually(&format!("{service:?} to be {want:?}"), || {
+        let mut health = health.clone();
+        async move {
+            let req = HealthCheckRequest {
                 service: service.into(),
-            })
-            .await
-            .map(|r| r.into_inner().status);
-        if got.as_ref().ok() == Some(&(want as i32)) {
-            return;
+            };
+            let got = health.check(req).await.map(|r| r.into_inner().status);
+            (got.ok() == Some(want as i32)).then_some(())
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{service:?} stayed {got:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test]

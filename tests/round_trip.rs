@@ -22,7 +22,7 @@ use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Backend, TestServer, raw_command};
 use tonic::transport::Channel;
@@ -107,20 +107,11 @@ impl Monitor {
 
     /// Lines seen before `marker` (waits until it arrives).
     fn until(&self, marker: &str) -> Vec<String> {
-        let start = Instant::now();
-        loop {
-            {
-                let lines = self.lines.lock().unwrap();
-                if let Some(end) = lines.iter().position(|l| l.contains(marker)) {
-                    return lines[..end].to_vec();
-                }
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(5),
-                "MONITOR never showed {marker}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        common::wait_until(&format!("MONITOR to show {marker}"), || {
+            let lines = self.lines.lock().unwrap();
+            let end = lines.iter().position(|l| l.contains(marker))?;
+            Some(lines[..end].to_vec())
+        })
     }
 }
 

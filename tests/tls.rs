@@ -1,8 +1,7 @@
 //! TLS and mutual TLS on the gRPC listener, with certificates made by the test itself.
 
 mod common;
-
-use std::time::{Duration, Instant};
+use common::eventually;
 
 use common::ops::Pki;
 use common::{Backend, D, TestServer, ts};
@@ -22,14 +21,10 @@ async fn tls_server(pki: &Pki, mutual: bool) -> TestServer {
 
 /// Waits until the listener accepts TCP connections (the TLS handshake is the test's business).
 async fn listening(server: &TestServer) {
-    let start = Instant::now();
-    while tokio::net::TcpStream::connect(server.addr).await.is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "server did not listen"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("the server to listen", || async {
+        tokio::net::TcpStream::connect(server.addr).await.ok()
+    })
+    .await;
 }
 
 /// Connects with `tls` (or in plain text) and makes one Acquire.

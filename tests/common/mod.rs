@@ -13,7 +13,7 @@ pub mod ops;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -113,11 +113,42 @@ pub fn raw_command(port: u16, cmd: &str) -> Option<String> {
     Some(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
-fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+/// The longest a test waits for something that must happen (a process listening, health
+/// turning, a store coming back). It only turns a hang into a failure: nothing is timed.
+pub const WAIT_LIMIT: Duration = Duration::from_secs(60);
+const POLL: Duration = Duration::from_millis(20);
+
+/// Polls `ready` until it yields a value (blocking: for processes and raw sockets).
+pub fn wait_until<T>(what: &str, mut ready: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
+    loop {
+        if let Some(v) = ready() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < WAIT_LIMIT,
+            "still waiting for {what} after {WAIT_LIMIT:?}"
+        );
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Polls `ready` until it yields a value (async: for gRPC calls).
+pub async fn eventually<T, F, Fut>(what: &str, mut ready: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = ready().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < WAIT_LIMIT,
+            "still waiting for {what} after {WAIT_LIMIT:?}"
+        );
+        tokio::time::sleep(POLL).await;
     }
 }
 
@@ -132,11 +163,12 @@ pub fn require_redis() {
     );
 }
 
-/// One `redis-server` on a free loopback port, with no persistence.
+/// One `redis-server` on a free loopback port, with no persistence unless `extra` asks for it.
 pub struct RedisServer {
     pub port: u16,
     child: Child,
     dir: PathBuf,
+    extra: Vec<String>,
 }
 
 impl RedisServer {
@@ -145,39 +177,44 @@ impl RedisServer {
     }
 
     pub fn start_with(extra: &[&str]) -> RedisServer {
+        Self::start_in("redis", extra, false)
+    }
+
+    /// Starts on a free port (with a free cluster-bus port too, for `bus`) and a scratch dir.
+    fn start_in(what: &str, extra: &[&str], bus: bool) -> RedisServer {
         require_redis();
         for _ in 0..5 {
-            let port = free_port(false);
-            if let Some(s) = Self::try_start(port, extra, "redis") {
-                return s;
+            let (port, dir) = (free_port(bus), scratch_dir(what));
+            if let Some(child) = Self::spawn(port, extra, &dir) {
+                let extra = extra.iter().map(|a| a.to_string()).collect();
+                return RedisServer {
+                    port,
+                    child,
+                    dir,
+                    extra,
+                };
             }
+            let _ = std::fs::remove_dir_all(&dir);
         }
         panic!("could not start redis-server");
     }
 
-    fn try_start(port: u16, extra: &[&str], what: &str) -> Option<RedisServer> {
-        let dir = scratch_dir(what);
+    /// A redis-server on `port` in `dir`, once it answers PING; None when the port is taken
+    /// meanwhile (or still closing after a kill).
+    fn spawn(port: u16, extra: &[&str], dir: &Path) -> Option<Child> {
         let mut cmd = Command::new("redis-server");
-        cmd.args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .args(["--dir", dir.to_str().unwrap()])
-        .args(extra);
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--dir", dir.to_str().unwrap()])
+            .args(extra);
         let mut child = spawn_killed_with_parent(&mut cmd).ok()?;
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(5) {
             if let Ok(Some(_)) = child.try_wait() {
-                return None; // port taken in the meantime
+                return None;
             }
             if raw_command(port, "PING").is_some_and(|r| r.starts_with("+PONG")) {
-                return Some(RedisServer { port, child, dir });
+                return Some(child);
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -194,6 +231,18 @@ impl RedisServer {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same port and directory (what it persisted, with
+    /// `--appendonly yes` among its extra arguments, comes back), and waits until it answers.
+    pub fn restart(&mut self) {
+        self.kill();
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let (port, dir) = (self.port, &self.dir);
+        let child = wait_until(&format!("redis-server back on port {port}"), || {
+            Self::spawn(port, &extra, dir)
+        });
+        self.child = child;
     }
 }
 
@@ -212,22 +261,18 @@ pub struct RedisCluster {
 impl RedisCluster {
     pub fn start() -> RedisCluster {
         require_redis();
-        let mut nodes = Vec::new();
-        while nodes.len() < 3 {
-            let port = free_port(true);
-            let conf = format!("nodes-{port}.conf");
-            let extra = [
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                &conf,
-                "--cluster-node-timeout",
-                "5000",
-            ];
-            if let Some(s) = RedisServer::try_start(port, &extra, "cluster") {
-                nodes.push(s);
-            }
-        }
+        // Each node has a directory of its own, so one config file name serves them all.
+        let extra = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "5000",
+        ];
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| RedisServer::start_in("cluster", &extra, true))
+            .collect();
         let addrs: Vec<String> = nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
@@ -245,8 +290,10 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stdout)
         );
         for n in &nodes {
-            wait_until("cluster_state:ok", Duration::from_secs(20), || {
-                raw_command(n.port, "CLUSTER INFO").is_some_and(|r| r.contains("cluster_state:ok"))
+            wait_until("cluster_state:ok", || {
+                raw_command(n.port, "CLUSTER INFO")
+                    .is_some_and(|r| r.contains("cluster_state:ok"))
+                    .then_some(())
             });
         }
         RedisCluster { nodes }
@@ -259,20 +306,15 @@ impl RedisCluster {
 
 /// A channel to `endpoint`, retried while the server comes up.
 pub async fn connect(endpoint: &str) -> Channel {
-    let start = Instant::now();
-    loop {
-        match Channel::from_shared(endpoint.to_owned())
+    let what = format!("a connection to {endpoint}");
+    eventually(&what, || async {
+        Channel::from_shared(endpoint.to_owned())
             .unwrap()
             .connect()
             .await
-        {
-            Ok(c) => return c,
-            Err(e) if start.elapsed() > Duration::from_secs(10) => {
-                panic!("cannot connect to {endpoint}: {e}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
+            .ok()
+    })
+    .await
 }
 
 /// Which ledger a test runs against.

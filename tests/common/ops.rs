@@ -43,14 +43,9 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 /// Polls `GET path` until it answers (the listener starts with the server).
 pub fn http_get_ready(addr: SocketAddr, path: &str) -> (u16, String) {
-    let start = Instant::now();
-    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "no listener on {addr}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    super::wait_until(&format!("a listener on {addr}"), || {
+        TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()
+    });
     http_get(addr, path)
 }
 
@@ -167,97 +162,8 @@ impl Drop for Pki {
     }
 }
 
-/// A `redis-server` with append-only persistence in a directory of its own, which can be
-/// killed and started again on the same port and directory (the ledger survives).
-pub struct PersistentRedis {
-    pub port: u16,
-    pub dir: PathBuf,
-    child: Option<std::process::Child>,
-}
-
-impl PersistentRedis {
-    pub fn start() -> PersistentRedis {
-        super::require_redis();
-        let dir = std::env::temp_dir().join(format!(
-            "waquota-test-aof-{}-{:?}",
-            std::process::id(),
-            Instant::now()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut r = PersistentRedis {
-            port: super::free_port(false),
-            dir,
-            child: None,
-        };
-        r.restart();
-        r
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Kills the server as a crash would.
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Starts the server again on the same port and directory; waits until it answers.
-    pub fn restart(&mut self) {
-        use std::os::unix::process::CommandExt;
-        self.kill();
-        let mut cmd = std::process::Command::new("redis-server");
-        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-            ])
-            .args(["--dir", self.dir.to_str().unwrap()])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        // SAFETY: prctl only asks the kernel to kill the child with the test process.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let start = Instant::now();
-        loop {
-            // The port may linger in TIME_WAIT for a moment after a kill: retry the start.
-            let mut child = cmd.spawn().expect("spawn redis-server");
-            while start.elapsed() < Duration::from_secs(10) {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                if super::raw_command(self.port, "PING").is_some_and(|r| r.starts_with("+PONG")) {
-                    self.child = Some(child);
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "redis-server did not come back on port {}",
-                self.port
-            );
-        }
-    }
-}
-
-impl Drop for PersistentRedis {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// A redis-server that persists every write (AOF, fsync always) in its directory, so a
+/// `restart()` after `kill()` comes back with the ledger intact.
+pub fn persistent_redis() -> super::RedisServer {
+    super::RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"])
 }
