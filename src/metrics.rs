@@ -46,18 +46,6 @@ pub const SCRIPTS: [&str; 12] = [
     "move_in", "confirm", "failure",
 ];
 
-const DECISIONS: [Decision; 9] = [
-    Decision::AllowedNew,
-    Decision::AllowedCounted,
-    Decision::AllowedServiceWindow,
-    Decision::DeniedLimit,
-    Decision::DeniedOutsideServiceWindow,
-    Decision::DeniedThroughput,
-    Decision::DeniedPairRate,
-    Decision::DeniedSenderBlocked,
-    Decision::DeniedMarketingCap,
-];
-
 const SCOPES: [Scope; 2] = [Scope::Sender, Scope::Portfolio];
 
 /// What went wrong talking to Redis, as far as an operator needs to tell apart.
@@ -142,7 +130,7 @@ impl Histogram {
 
 /// Every metric the server exports. One per server; shared through an `Arc`.
 pub struct Metrics {
-    decisions: [[AtomicU64; SCOPES.len()]; DECISIONS.len()],
+    decisions: [[AtomicU64; SCOPES.len()]; Decision::ALL.len()],
     rpc_latency: [Histogram; RPCS.len()],
     script_latency: [Histogram; SCRIPTS.len()],
     redis_errors: [AtomicU64; REDIS_ERROR_KINDS.len()],
@@ -173,17 +161,7 @@ fn counters<const N: usize>() -> [AtomicU64; N] {
 }
 
 fn decision_index(d: Decision) -> usize {
-    match d {
-        Decision::AllowedNew => 0,
-        Decision::AllowedCounted => 1,
-        Decision::AllowedServiceWindow => 2,
-        Decision::DeniedLimit => 3,
-        Decision::DeniedOutsideServiceWindow => 4,
-        Decision::DeniedThroughput => 5,
-        Decision::DeniedPairRate => 6,
-        Decision::DeniedSenderBlocked => 7,
-        Decision::DeniedMarketingCap => 8,
-    }
+    (d.code() - 1) as usize
 }
 
 fn scope_index(s: Scope) -> usize {
@@ -288,7 +266,7 @@ impl Metrics {
             "counter",
             "Acquire/AcquireBatch decisions made by the ledger (one per recipient, dry runs included).",
         );
-        for (d, row) in DECISIONS.iter().zip(&self.decisions) {
+        for (d, row) in Decision::ALL.iter().zip(&self.decisions) {
             for (s, n) in SCOPES.iter().zip(row) {
                 let _ = writeln!(
                     out,

@@ -606,6 +606,19 @@ pub enum Decision {
 }
 
 impl Decision {
+    /// Every decision, in the order of their codes (`ALL[i].code() == i + 1`).
+    pub const ALL: [Decision; 9] = [
+        Decision::AllowedNew,
+        Decision::AllowedCounted,
+        Decision::AllowedServiceWindow,
+        Decision::DeniedLimit,
+        Decision::DeniedOutsideServiceWindow,
+        Decision::DeniedThroughput,
+        Decision::DeniedPairRate,
+        Decision::DeniedSenderBlocked,
+        Decision::DeniedMarketingCap,
+    ];
+
     pub fn allowed(self) -> bool {
         matches!(
             self,
@@ -629,18 +642,8 @@ impl Decision {
     }
 
     pub fn from_code(code: i64) -> Option<Decision> {
-        Some(match code {
-            1 => Decision::AllowedNew,
-            2 => Decision::AllowedCounted,
-            3 => Decision::AllowedServiceWindow,
-            4 => Decision::DeniedLimit,
-            5 => Decision::DeniedOutsideServiceWindow,
-            6 => Decision::DeniedThroughput,
-            7 => Decision::DeniedPairRate,
-            8 => Decision::DeniedSenderBlocked,
-            9 => Decision::DeniedMarketingCap,
-            _ => return None,
-        })
+        let i = usize::try_from(code).ok()?.checked_sub(1)?;
+        Decision::ALL.get(i).copied()
     }
 
     pub fn name(self) -> &'static str {
@@ -890,6 +893,16 @@ mod tests {
         ));
         assert_eq!(effective_limit(250, 10), 225);
         assert_eq!(effective_limit(1000, 33), 670);
+    }
+
+    #[test]
+    fn decision_codes_round_trip() {
+        for (i, d) in Decision::ALL.iter().enumerate() {
+            assert_eq!(d.code(), i as i64 + 1);
+            assert_eq!(Decision::from_code(d.code()), Some(*d));
+        }
+        assert_eq!(Decision::from_code(0), None);
+        assert_eq!(Decision::from_code(10), None);
     }
 
     #[test]

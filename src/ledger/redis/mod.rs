@@ -127,29 +127,28 @@ pub struct RedisLedger {
     metrics: Arc<Metrics>,
 }
 
-/// One script call: its keys and arguments.
+/// One script call: the EVALSHA command itself, built once as keys and arguments are added
+/// (every recipient of a batch is copied into it once, not into a list first).
 struct Call<'a> {
     script: &'a Script,
-    keys: Vec<String>,
-    args: Vec<Vec<u8>>,
+    cmd: redis::Cmd,
 }
 
 impl<'a> Call<'a> {
     fn new(script: &'a Script, keys: Vec<String>) -> Self {
-        Call {
-            script,
-            keys,
-            args: Vec::new(),
-        }
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.sha.as_str()).arg(keys.len()).arg(keys);
+        Call { script, cmd }
     }
 
     fn arg(mut self, a: impl AsRef<[u8]>) -> Self {
-        self.args.push(a.as_ref().to_vec());
+        self.cmd.arg(a.as_ref());
         self
     }
 
-    fn num(self, n: impl std::fmt::Display) -> Self {
-        self.arg(n.to_string())
+    fn num(mut self, n: impl redis::ToRedisArgs) -> Self {
+        self.cmd.arg(n);
+        self
     }
 
     fn clock(self, at: Option<Millis>) -> Self {
@@ -159,14 +158,16 @@ impl<'a> Call<'a> {
         }
     }
 
-    fn cmd(&self, by_source: bool) -> redis::Cmd {
-        let mut c = redis::cmd(if by_source { "EVAL" } else { "EVALSHA" });
-        c.arg(if by_source {
-            self.script.source.as_str()
-        } else {
-            self.script.sha.as_str()
-        });
-        c.arg(self.keys.len()).arg(&self.keys).arg(&self.args);
+    /// The same call sending the script's source (EVAL), for when Redis answered NOSCRIPT: the
+    /// command name and the SHA give way to EVAL and the source, the rest is copied.
+    fn by_source(&self) -> redis::Cmd {
+        let mut c = redis::cmd("EVAL");
+        c.arg(self.script.source.as_str());
+        for a in self.cmd.args_iter().skip(2) {
+            if let redis::Arg::Simple(bytes) = a {
+                c.arg(bytes);
+            }
+        }
         c
     }
 }
@@ -356,7 +357,7 @@ pub fn acquire_cmd(
     req: &AcquireRequest,
     defaults: &Defaults,
 ) -> redis::Cmd {
-    acquire_call(script, home, &keys.home(home), req, defaults).cmd(false)
+    acquire_call(script, home, &keys.home(home), req, defaults).cmd
 }
 
 /// The policy of a home without a stored one: the sender default or the portfolio default.
@@ -533,11 +534,6 @@ impl RedisLedger {
         self
     }
 
-    /// Script reloads so far (NOSCRIPT answers).
-    pub fn script_reloads(&self) -> u64 {
-        self.scripts.reloads.load(Ordering::Relaxed)
-    }
-
     /// One command, within `redis_timeout` all told: waiting for a pool connection (or opening
     /// one) counts against the same budget as the call itself.
     async fn query_raw(&self, cmd: &redis::Cmd) -> redis::RedisResult<Value> {
@@ -576,15 +572,14 @@ impl RedisLedger {
 
     async fn run(&self, call: &Call<'_>) -> Result<Value> {
         let start = Instant::now();
-        let result = match self.query_raw(&call.cmd(false)).await {
+        let result = match self.query_raw(&call.cmd).await {
             Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                self.scripts.count_reload();
                 self.metrics.script_reload();
                 tracing::info!(
                     script = call.script.name,
                     "script not cached on Redis: sending it again"
                 );
-                self.query(&call.cmd(true)).await
+                self.query(&call.by_source()).await
             }
             r => r.map_err(store_error),
         };

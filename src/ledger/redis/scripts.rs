@@ -7,7 +7,6 @@
 //! call is always exactly one EVALSHA.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::model::{
     FLAGGED_DOWNGRADE_MS, MONTH_MS, PORTFOLIO_ENTRY_UNIQUES, RuleSet, Tier, WEEK_MS, upgrade_delay,
@@ -88,8 +87,6 @@ pub struct Scripts {
     pub move_in: Script,
     pub confirm: Script,
     pub failure: Script,
-    /// How many times a script had to be sent again (NOSCRIPT).
-    pub reloads: AtomicU64,
 }
 
 impl Scripts {
@@ -108,12 +105,7 @@ impl Scripts {
             move_in: script!(p, "move_in"),
             confirm: script!(p, "confirm"),
             failure: script!(p, "failure"),
-            reloads: AtomicU64::new(0),
         }
-    }
-
-    pub fn count_reload(&self) {
-        self.reloads.fetch_add(1, Ordering::Relaxed);
     }
 }
 
