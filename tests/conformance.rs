@@ -3,6 +3,7 @@
 //! contract, on the trusted clock. Times are on the test day D; every decision, count, expiry
 //! and retry_after is checked to the millisecond.
 
+#[macro_use]
 mod common;
 
 use common::dsl::*;
@@ -13,22 +14,7 @@ use waquota::proto::{
     ReleaseRequest, ResetRequest, Scope, Tier, WindowMode,
 };
 
-/// Each body once; one test per backend (`memory::name`, `redis::name`, `cluster::name`).
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $( #[tokio::test] async fn $name() { super::$name(super::Backend::Memory).await } )*
-        }
-        mod redis {
-            $( #[tokio::test] async fn $name() { super::$name(super::Backend::Redis).await } )*
-        }
-        mod cluster {
-            $( #[tokio::test] async fn $name() { super::$name(super::Backend::Cluster).await } )*
-        }
-    };
-}
-
-conformance!(
+on_every_ledger!(
     tier_250_refuses_the_251st_user_until_the_earliest_slot_frees,
     counted_delivery_keeps_a_conversation_slot_and_extends_a_rolling_one,
     service_window_admits_any_message_uncounted_even_when_the_window_is_full,

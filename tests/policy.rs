@@ -4,6 +4,7 @@
 //! Cluster) through the public gRPC contract, on the trusted clock; decisions, counts, expiry
 //! times and retry_after are checked to the millisecond.
 
+#[macro_use]
 mod common;
 
 use common::dsl::*;
@@ -15,22 +16,7 @@ use waquota::proto::{
     InspectResponse, Policy, Quality, RuleSet, Scope, SenderStatus, Tier,
 };
 
-/// Each body once; one test per backend (`memory::name`, `redis::name`, `cluster::name`).
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $( #[tokio::test] async fn $name() { super::$name(super::Backend::Memory).await } )*
-        }
-        mod redis {
-            $( #[tokio::test] async fn $name() { super::$name(super::Backend::Redis).await } )*
-        }
-        mod cluster {
-            $( #[tokio::test] async fn $name() { super::$name(super::Backend::Cluster).await } )*
-        }
-    };
-}
-
-conformance!(
+on_every_ledger!(
     blocked_status_refuses_everything_and_restricted_sender_keeps_service_windows_and_its_slots,
     throughput_admits_one_seconds_worth_at_once_then_one_message_per_interval,
     two_hundred_acquires_within_one_second_at_80_per_second_admit_at_most_80_plus_80,

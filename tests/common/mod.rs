@@ -317,6 +317,23 @@ pub async fn connect(endpoint: &str) -> Channel {
     .await
 }
 
+/// Each body once; one test per ledger (`memory::name`, `redis::name`, `cluster::name`): the
+/// same behaviour on every backend, so the ledgers cannot drift.
+#[allow(unused_macros)]
+macro_rules! on_every_ledger {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $( #[tokio::test] async fn $name() { super::$name(super::Backend::Memory).await } )*
+        }
+        mod redis {
+            $( #[tokio::test] async fn $name() { super::$name(super::Backend::Redis).await } )*
+        }
+        mod cluster {
+            $( #[tokio::test] async fn $name() { super::$name(super::Backend::Cluster).await } )*
+        }
+    };
+}
+
 /// Which ledger a test runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {

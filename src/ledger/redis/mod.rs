@@ -627,10 +627,6 @@ impl RedisLedger {
         )))
     }
 
-    fn defaults_for(&self, home: &Home) -> Policy {
-        defaults_at(&self.defaults, home)
-    }
-
     /// The steps of a journaled move from home `from` to home `to` (portfolio ids, "" = the
     /// sender's own home). Each step is idempotent, so a move can be resumed from any point.
     async fn move_sender(
@@ -781,8 +777,8 @@ impl Ledger for RedisLedger {
                 .arg(recipient.as_str())
                 .arg(reservation.stored())
                 .arg(k.sender_slots_prefix())
-                .arg(self.defaults_for(home).tier.name())
-                .arg(self.defaults_for(home).rule_set.name())
+                .arg(defaults_at(&self.defaults, home).tier.name())
+                .arg(defaults_at(&self.defaults, home).rule_set.name())
             })
             .await?;
         let items = items(v).map_err(|v| bad_reply("release", &v))?;
@@ -894,8 +890,8 @@ impl Ledger for RedisLedger {
                 .arg(k.sender_slots_prefix())
                 .num(hold)
                 .num(TTL_SLACK_MS)
-                .arg(self.defaults_for(home).tier.name())
-                .arg(self.defaults_for(home).rule_set.name())
+                .arg(defaults_at(&self.defaults, home).tier.name())
+                .arg(defaults_at(&self.defaults, home).rule_set.name())
             })
             .await?;
         let items = items(v).map_err(|v| bad_reply("failure", &v))?;
@@ -1017,7 +1013,7 @@ impl Ledger for RedisLedger {
             .unwrap_or_default();
         let make =
             |home: &Home, k: &HomeKeys, sender: &str, policy_key: String, sender_key: String| {
-                let w = self.defaults_for(home);
+                let w = defaults_at(&self.defaults, home);
                 let d = self.defaults.sender;
                 Call::new(
                     s,
