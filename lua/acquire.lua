@@ -4,19 +4,18 @@
 -- throughput. Everything is decided against an overlay of this batch's changes and written at
 -- the end, so a refused message consumes nothing and a dry run runs the same code, writing nothing.
 --
--- KEYS[1]  window          zset   recipient -> slot expiry (ms)
--- KEYS[2]  window meta     hash   recipient -> "<reservation>|<touched>|<opener>|<prev unique>"
--- KEYS[3]  sequence        string reservation counter of this window
--- KEYS[4]  window policy   hash   the home's policy (a sender's own, or the portfolio's)
--- KEYS[5]  service         zset   recipient -> service window expiry (ms), of this sender
--- KEYS[6]  residency       sender home: its "away" string; portfolio home: its members set
--- KEYS[7]  sender policy   hash   the sender's own policy (= KEYS[4] at a sender home)
--- KEYS[8]  sender slots    zset   portfolio home: recipient -> expiry of the slots this sender opened
--- KEYS[9]  throughput      string the sender's GCRA theoretical arrival time (us)
--- KEYS[10] pair rates      zset   recipient -> the pair's GCRA theoretical arrival time (us)
--- KEYS[11] marketing log   hash   recipient -> "t1,t2,..." recent marketing sends (ms)
--- KEYS[12] marketing holds zset   recipient -> hold until (ms) (WhatsApp error 131049)
--- KEYS[13] uniques         zset   recipient -> when it last got a new slot (ms): projections
+-- KEYS[1]  window header   hash   the sharded window (lib.lua, win_open); its shards share the tag
+-- KEYS[2]  window index    zset   shard -> its earliest slot expiry (ms)
+-- KEYS[3]  window policy   hash   the home's policy (a sender's own, or the portfolio's)
+-- KEYS[4]  service         zset   recipient -> service window expiry (ms), of this sender
+-- KEYS[5]  residency       sender home: its "away" string; portfolio home: its members set
+-- KEYS[6]  sender policy   hash   the sender's own policy (= KEYS[3] at a sender home)
+-- KEYS[7]  sender slots    zset   portfolio home: recipient -> expiry of the slots this sender opened
+-- KEYS[8]  throughput      string the sender's GCRA theoretical arrival time (us)
+-- KEYS[9]  pair rates      zset   recipient -> the pair's GCRA theoretical arrival time (us)
+-- KEYS[10] marketing log   hash   recipient -> "t1,t2,..." recent marketing sends (ms)
+-- KEYS[11] marketing holds zset   recipient -> hold until (ms) (WhatsApp error 131049)
+-- KEYS[12] uniques         zset   recipient -> when it last got a new slot (ms): projections
 -- ARGV[1] now (ms), or "" for Redis TIME
 -- ARGV[2] home kind: "s" (the sender's own window) or "p" (its portfolio's)
 -- ARGV[3] sender
@@ -25,16 +24,16 @@
 -- ARGV[6] marketing: "1" when the category is marketing
 -- ARGV[7..9] the home's default tier, mode, rule set
 -- ARGV[10..12] default messages per second, pair interval (ms), pair burst
--- ARGV[13] slot length (ms), ARGV[14] TTL slack (ms), ARGV[15] most expired slots trimmed per call
--- ARGV[16..] recipients, normalised
+-- ARGV[13] slot length (ms), ARGV[14] TTL slack (ms)
+-- ARGV[15..] recipients, normalised
 -- Returns {"moved", portfolio|""} when the sender's state lives at another home; otherwise
 -- {now, limit, tier, effective limit, then per recipient: decision, expires_at|-1,
 -- retry_after|-1, used, reservation|""}. Decisions as model::Decision::code.
 
-local win, meta, seqkey, wpolkey, service = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local spolkey, wskey, tpkey, prkey, mkkey, mhkey, uqkey = KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12], KEYS[13]
+local wpolkey, service = KEYS[3], KEYS[4]
+local spolkey, wskey, tpkey, prkey, mkkey, mhkey, uqkey = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 local now = clock(ARGV[1])
-local ok, where = resident(ARGV[2], KEYS[6], ARGV[3])
+local ok, where = resident(ARGV[2], KEYS[5], ARGV[3])
 if not ok then
   return { 'moved', where }
 end
@@ -72,11 +71,15 @@ local mper = S.mper > 0 and S.mper or 86400000
 local scap = at_portfolio and S.scap or 0
 local ws_prefix = string.sub(wskey, 1, #wskey - #sender)
 
-if not dry then
-  trim(win, meta, now, tonumber(ARGV[15]))
+local win = win_open(KEYS[1], KEYS[2])
+local used
+if dry then
+  used = win_used(win, now)
+else
+  win_trim(win, now)
+  used = win.n
 end
 local live = '(' .. fmt(now)
-local used = redis.call('ZCOUNT', win, live, '+inf')
 local held = 0
 if scap > 0 then
   held = redis.call('ZCOUNT', wskey, live, '+inf')
@@ -85,33 +88,14 @@ local tat = tonumber(redis.call('GET', tpkey) or '') or now_us
 
 -- The overlay of this batch's changes.
 local moved, nmoved = {}, 0 -- window: recipient -> new expiry
+local extended = {} -- recipients whose stored slot got a later expiry
 local wsmoved = {} -- per opener: recipient -> new expiry in its sender-slots index
-local metas = {} -- recipient -> metadata to write
+local metas = {} -- recipient -> slot value parts {seq, touched, prev, opener} to write
 local ptat = {} -- recipient -> new pair TAT
 local mtimes = {} -- recipient -> marketing send times to write
 local uniques = {} -- recipient -> true for users counted new in this batch
-local seq = nil
+local opened = false
 local tat_changed = false
-
--- The (k+1)-th earliest expiry among `rows` (a zset range) with an overlay applied.
-local function kth_of(key, overlay, k)
-  local n = 0
-  for _ in pairs(overlay) do
-    n = n + 1
-  end
-  local rows = redis.call('ZRANGEBYSCORE', key, live, '+inf', 'WITHSCORES', 'LIMIT', 0, k + n + 1)
-  local ex = {}
-  for j = 1, #rows, 2 do
-    if not overlay[rows[j]] then
-      ex[#ex + 1] = tonumber(rows[j + 1])
-    end
-  end
-  for _, e in pairs(overlay) do
-    ex[#ex + 1] = e
-  end
-  table.sort(ex)
-  return ex[k + 1]
-end
 
 local function set_slot(r, until_ms)
   if not moved[r] then
@@ -125,15 +109,15 @@ local function set_sender_slot(opener, r, until_ms)
   wsmoved[opener][r] = until_ms
 end
 
-local function meta_of(r)
+local function slot_of(r)
   if metas[r] then
     return metas[r]
   end
-  local m = redis.call('HGET', meta, r)
-  if not m then
-    return { '', '1', sender, '' }
+  local v = win_value(win, r)
+  if not v then
+    return { '', '1', '', at_portfolio and sender or '' }
   end
-  local a, b, c, d = split_meta(m)
+  local a, b, c, d = slot_split(v)
   return { a, b, c, d }
 end
 
@@ -167,11 +151,7 @@ local function decide(r)
   if sw and sw <= now then
     sw = nil
   end
-  local cur = moved[r]
-  if not cur then
-    local s = redis.call('ZSCORE', win, r)
-    cur = s and tonumber(s)
-  end
+  local cur = moved[r] or win_expiry(win, r)
   if cur and cur <= now then
     cur = nil
   end
@@ -196,10 +176,10 @@ local function decide(r)
     if over_limit or over_cap then
       local w, c = now, now
       if over_limit then
-        w = kth_of(win, moved, used - effective)
+        w = win_kth(win, moved, used - effective, now)
       end
       if over_cap then
-        c = kth_of(wskey, wsmoved[sender] or {}, held - scap)
+        c = kth_live({ wskey }, wsmoved[sender] or {}, held - scap, now)
       end
       if w and c then
         refuse(4, math.max(w, c))
@@ -253,19 +233,21 @@ local function decide(r)
     return 3, sw
   end
   if cur then
-    local m = meta_of(r)
+    local m = slot_of(r)
     if rolling and cur < now + slot_ms then
       cur = now + slot_ms
       set_slot(r, cur)
+      extended[r] = true
       if at_portfolio then
-        set_sender_slot(m[3], r, cur)
+        set_sender_slot(m[4], r, cur)
       end
     end
     m[2] = '1'
     metas[r] = m
     return 2, cur
   end
-  seq = (seq or tonumber(redis.call('GET', seqkey) or '0')) + 1
+  local seq = win_next_seq(win, now)
+  opened = true
   local resv = fmt(now) .. '.' .. fmt(seq)
   local until_ms = now + slot_ms
   set_slot(r, until_ms)
@@ -276,9 +258,9 @@ local function decide(r)
   if not uniques[r] then
     prev = redis.call('ZSCORE', uqkey, r) or ''
   else
-    prev = metas[r] and metas[r][4] or ''
+    prev = metas[r] and metas[r][3] or ''
   end
-  metas[r] = { resv, '0', sender, prev }
+  metas[r] = { fmt(seq - win.sb), '0', prev, at_portfolio and sender or '' }
   uniques[r] = true
   used = used + 1
   held = held + 1
@@ -286,7 +268,7 @@ local function decide(r)
 end
 
 local out = { now, limit, W.tier, effective }
-for i = 16, #ARGV do
+for i = 15, #ARGV do
   local decision, expires, retry, resv = decide(ARGV[i])
   out[#out + 1] = decision
   out[#out + 1] = expires or -1
@@ -300,31 +282,20 @@ if dry then
   return out
 end
 
-if nmoved > 0 then
-  local z = {}
-  for r, e in pairs(moved) do
-    z[#z + 1] = fmt(e)
-    z[#z + 1] = r
-  end
-  chunked('ZADD', win, z, 512)
-end
-if next(metas) ~= nil then
-  local h = {}
+if nmoved > 0 or next(metas) ~= nil then
+  local vals = {}
   for r, m in pairs(metas) do
-    h[#h + 1] = r
-    h[#h + 1] = join_meta(m[1], m[2], m[3], m[4])
+    vals[r] = slot_join(m[1], m[2], m[3], m[4])
   end
-  chunked('HSET', meta, h, 512)
+  if opened then
+    win.n, win.dirty = used, true
+  end
+  -- Shards split for the new count before the new slots land, so no shard overflows its
+  -- compact encoding (a batch can open hundreds of slots at once).
+  win_rebalance(win)
+  win_write(win, moved, extended, vals)
 end
-if seq then
-  redis.call('SET', seqkey, fmt(seq))
-end
-if nmoved > 0 or seq then
-  local until_ms = latest(win, now)
-  keep(win, until_ms, now, slack)
-  keep(meta, until_ms, now, slack)
-  keep(seqkey, until_ms, now, slack)
-end
+win_save(win, now, slack)
 for opener, entries in pairs(wsmoved) do
   local key = ws_prefix .. opener
   local z = {}

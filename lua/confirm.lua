@@ -2,8 +2,8 @@
 -- it then lasts until delivery + 24 h, never less than it already did. The delivery time is
 -- clamped to [the reservation's time, now].
 --
--- KEYS[1] window       zset   recipient -> slot expiry (ms)
--- KEYS[2] window meta  hash   recipient -> "<reservation>|<touched>|<opener>|<prev unique>"
+-- KEYS[1] window header hash   the sharded window (lib.lua, win_open)
+-- KEYS[2] window index  zset   shard -> its earliest slot expiry (ms)
 -- KEYS[3] residency    sender home: its "away" string; portfolio home: its members set
 -- ARGV[1] now (ms), or "" for Redis TIME
 -- ARGV[2] home kind "s" | "p"
@@ -20,23 +20,24 @@ local ok, where = resident(ARGV[2], KEYS[3], ARGV[3])
 if not ok then
   return { 'moved', where }
 end
-local win, r, resv = KEYS[1], ARGV[4], ARGV[5]
-local s = redis.call('ZSCORE', win, r)
-local m = redis.call('HGET', KEYS[2], r)
-if not s or tonumber(s) <= now or not m then
+local win, r, resv = win_open(KEYS[1], KEYS[2]), ARGV[4], ARGV[5]
+local s = win_expiry(win, r)
+local v = win_value(win, r)
+local dot = string.find(resv, '.', 1, true)
+if not s or s <= now or not v or not dot then
   return { 0 }
 end
-local mresv, _, opener = split_meta(m)
-if mresv ~= resv then
+-- The slot is identified by its sequence; the reservation time comes from the token.
+local seq, _, _, opener = slot_split(v)
+if seq ~= win_rel_seq(win, string.sub(resv, dot + 1)) then
   return { 0 }
 end
-local opened = tonumber(string.sub(resv, 1, string.find(resv, '.', 1, true) - 1))
+local opened = tonumber(string.sub(resv, 1, dot - 1))
 local delivered = math.min(math.max(tonumber(ARGV[6]), opened), now)
-local until_ms = math.max(tonumber(s), delivered + tonumber(ARGV[7]))
+local until_ms = math.max(s, delivered + tonumber(ARGV[7]))
 local slack = tonumber(ARGV[8])
-redis.call('ZADD', win, fmt(until_ms), r)
-keep(win, latest(win, now), now, slack)
-keep(KEYS[2], latest(win, now), now, slack)
+win_write(win, { [r] = until_ms }, { [r] = true }, {})
+win_save(win, now, slack)
 if ARGV[9] ~= '' then
   local ws = ARGV[9] .. opener
   redis.call('ZADD', ws, fmt(until_ms), r)

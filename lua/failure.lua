@@ -2,8 +2,8 @@
 -- release.lua: the message was not delivered), and for error 131049 (the user got too many
 -- marketing messages) holds marketing to that user at this home for 24 h.
 --
--- KEYS[1] window       zset   recipient -> slot expiry (ms)
--- KEYS[2] window meta  hash   recipient -> "<reservation>|<touched>|<opener>|<prev unique>"
+-- KEYS[1] window header hash   the sharded window (lib.lua, win_open)
+-- KEYS[2] window index  zset   shard -> its earliest slot expiry (ms)
 -- KEYS[3] residency    sender home: its "away" string; portfolio home: its members set
 -- KEYS[4] uniques      zset   recipient -> when it last got a new slot (ms)
 -- KEYS[5] holds        zset   recipient -> marketing held until (ms)
@@ -26,8 +26,10 @@ if not ok then
 end
 local r = ARGV[4]
 local released = 0
-if ARGV[5] ~= '' and release_slot(KEYS[1], KEYS[2], KEYS[4], ARGV[6], r, ARGV[5], now, KEYS[6], ARGV[9], ARGV[10]) then
+local win = win_open(KEYS[1], KEYS[2])
+if ARGV[5] ~= '' and release_slot(win, KEYS[4], ARGV[6], r, ARGV[5], now, KEYS[6], ARGV[9], ARGV[10]) then
   released = 1
+  win_save(win, now, 0)
 end
 local hold = -1
 if tonumber(ARGV[7]) > 0 then

@@ -1,12 +1,13 @@
 -- inspect.lua: a read-only view of a target's deciding window, for operators. Tier changes due
 -- under auto_tier are shown as applied, without being written.
 --
--- KEYS[1] window         zset   recipient -> slot expiry (ms)
+-- KEYS[1] window header  hash   the sharded window (lib.lua, win_open)
 -- KEYS[2] window policy  hash   the home's policy
 -- KEYS[3] residency      sender target: the "away" string or members set of its home;
 --                        portfolio target: its members set
 -- KEYS[4] uniques        zset   recipient -> when it last got a new slot (ms)
 -- KEYS[5] sender policy  hash   the sender's own policy (portfolio target: = KEYS[2])
+-- KEYS[6] window index   zset   shard -> its earliest slot expiry (ms)
 -- ARGV[1] now (ms), or "" for Redis TIME
 -- ARGV[2] home kind "s" | "p"
 -- ARGV[3] sender, or "" when the target is the portfolio itself
@@ -33,14 +34,16 @@ if sender ~= '' then
 else
   senders = redis.call('SMEMBERS', KEYS[3])
 end
-local win = KEYS[1]
+local win = win_open(KEYS[1], KEYS[6])
 local W = read_policy(KEYS[2], ARGV[5], ARGV[6], ARGV[7])
 settle(W, KEYS[2], now, false)
 local live = '(' .. fmt(now)
-local used = redis.call('ZCOUNT', win, live, '+inf')
-local first = redis.call('ZRANGEBYSCORE', win, live, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
-local next_free = first[2] and tonumber(first[2]) or -1
-local hour = redis.call('ZCOUNT', win, live, fmt(now + 3600000))
+local used = win_used(win, now)
+local next_free = win_kth(win, {}, 0, now) or -1
+local hour = 0
+for _, i in ipairs(redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', fmt(now + 3600000))) do
+  hour = hour + redis.call('ZCOUNT', win.zp .. i, live, fmt(now + 3600000))
+end
 local open, sw_until = 0, -1
 for _, s in ipairs(senders) do
   local key = ARGV[11] .. s
@@ -55,8 +58,7 @@ for _, s in ipairs(senders) do
 end
 local counted = -1
 if r ~= '' then
-  local e = redis.call('ZSCORE', win, r)
-  e = e and tonumber(e)
+  local e = win_expiry(win, r)
   if e and e > now then
     counted = e
   end

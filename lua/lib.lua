@@ -57,17 +57,6 @@ local function latest(zkey, now)
   return now
 end
 
--- Drops up to `max` expired slots (expiry <= now) and their metadata. Counting never relies on
--- trimming (live slots are counted with ZCOUNT over (now, +inf)), so the bound only spreads the
--- work of a large expiry over several requests.
-local function trim(win, meta, now, max)
-  local gone = redis.call('ZRANGEBYSCORE', win, '-inf', fmt(now), 'LIMIT', 0, max)
-  if #gone > 0 then
-    redis.call('ZREM', win, unpack(gone))
-    redis.call('HDEL', meta, unpack(gone))
-  end
-end
-
 -- Byte-wise a > b (Lua's own string comparison follows the locale; zsets order by bytes).
 local function bytes_gt(a, b)
   local n = math.min(#a, #b)
@@ -88,18 +77,339 @@ local function chunked(cmd, key, args, step)
   end
 end
 
--- Slot metadata: "<reservation>|<touched 0/1>|<opening sender>|<user's previous unique time or ''>".
--- The reservation is kept after a touch so Confirm can still find its slot; Release needs
--- touched = 0. The previous unique time lets a release undo the slot's count in projections.
-local function split_meta(m)
-  local a = string.find(m, '|', 1, true)
-  local b = string.find(m, '|', a + 1, true)
-  local c = string.find(m, '|', b + 1, true)
-  return string.sub(m, 1, a - 1), string.sub(m, a + 1, b - 1), string.sub(m, b + 1, c - 1), string.sub(m, c + 1)
+-- The window of a home is sharded so that every piece stays in Redis's compact listpack encoding
+-- (a plain zset leaves it at 128 members and then costs ~100 B per slot; README "Key schema"):
+--   header  hash  <base>:w      n (slots stored), lvl, sp (linear-hashing level and split
+--                                pointer), seq (last reservation sequence), sb (the first one),
+--                                last (latest expiry)
+--   index   zset  <base>:wx     shard -> its earliest expiry (trimming, counting, retry_after)
+--   shard i zset  <base>:w:<i>  recipient -> slot expiry (ms)
+--           hash  <base>:wm:<i> recipient -> slot value "<seq - sb><touched>[,<prev unique>[,<opener>]]"
+-- A recipient's shard is its hash modulo 2^lvl, or modulo 2^(lvl+1) below the split pointer
+-- (linear hashing): the window grows and shrinks one shard at a time, so no call ever rehashes
+-- more than one shard. Expired slots are trimmed before counting, so n is the live count.
+local SHARD_FILL = 48
+
+-- The first 32 bits of the recipient's SHA-1 (computed in C): uniform low bits, which pick the
+-- shard, even for recipients that differ only in their last digits.
+local function rhash(r)
+  return tonumber(string.sub(redis.sha1hex(r), 1, 8), 16)
 end
 
-local function join_meta(resv, touched, sender, prev)
-  return resv .. '|' .. touched .. '|' .. sender .. '|' .. prev
+local function win_open(header, index)
+  local f = redis.call('HMGET', header, 'n', 'lvl', 'sp', 'seq', 'last', 'sb')
+  return {
+    header = header, index = index, zp = header .. ':', mp = string.sub(header, 1, -2) .. 'wm:',
+    n = tonumber(f[1] or '0'), lvl = tonumber(f[2] or '0'), sp = tonumber(f[3] or '0'),
+    seq = tonumber(f[4] or '0'), last = tonumber(f[5] or '0'), sb = tonumber(f[6] or ''),
+    at = {}, written = {},
+  }
+end
+
+local function win_shard(W, r)
+  local i = W.at[r]
+  if i then
+    return i
+  end
+  local b = 2 ^ W.lvl
+  local h = rhash(r)
+  i = h % b
+  if i < W.sp then
+    i = h % (2 * b)
+  end
+  W.at[r] = i
+  return i
+end
+
+-- The stored expiry of r's slot (possibly past), or nil.
+local function win_expiry(W, r)
+  local s = redis.call('ZSCORE', W.zp .. win_shard(W, r), r)
+  return s and tonumber(s)
+end
+
+local function win_value(W, r)
+  return redis.call('HGET', W.mp .. win_shard(W, r), r)
+end
+
+-- A slot value: its reservation sequence relative to the window's first (string), touched
+-- ("0"/"1"), the user's previous unique time ("" or ms) and the opening sender ("" at a sender
+-- home: the sender itself). The sequence is kept after a touch so Confirm can still find the
+-- slot; Release needs touched = 0. The previous unique time lets a release undo the slot's count
+-- in projections. Without the optional parts the value is a small integer, which a listpack
+-- stores in 2 to 5 bytes.
+local function slot_split(v)
+  local c = string.find(v, ',', 1, true)
+  if not c then
+    return string.sub(v, 1, -2), string.sub(v, -1), '', ''
+  end
+  local head, rest = string.sub(v, 1, c - 1), string.sub(v, c + 1)
+  local d = string.find(rest, ',', 1, true)
+  local prev, opener = rest, ''
+  if d then
+    prev, opener = string.sub(rest, 1, d - 1), string.sub(rest, d + 1)
+  end
+  return string.sub(head, 1, -2), string.sub(head, -1), prev, opener
+end
+
+local function slot_join(seq, touched, prev, opener)
+  local v = seq .. touched
+  if opener ~= '' then
+    return v .. ',' .. prev .. ',' .. opener
+  end
+  if prev ~= '' then
+    return v .. ',' .. prev
+  end
+  return v
+end
+
+-- The next reservation sequence. A window's first is now x 1000, so that a window whose header
+-- idled out never hands out a sequence an older token carries (as State::acquire).
+local function win_next_seq(W, now)
+  if W.sb then
+    W.seq = W.seq + 1
+  else
+    W.sb = math.max(now * 1000, 1)
+    W.seq = W.sb
+  end
+  return W.seq
+end
+
+-- The stored form of a token's sequence (string), or nil when it cannot be this window's.
+local function win_rel_seq(W, seq)
+  local n = tonumber(seq)
+  if not W.sb or not n or n < W.sb then
+    return nil
+  end
+  return fmt(n - W.sb)
+end
+
+-- Re-reads shard i's earliest expiry into the index, or drops the shard from it when empty.
+local function win_reindex(W, i)
+  local first = redis.call('ZRANGE', W.zp .. i, 0, 0, 'WITHSCORES')
+  if first[2] then
+    redis.call('ZADD', W.index, first[2], i)
+  else
+    redis.call('ZREM', W.index, i)
+  end
+end
+
+-- Drops every expired slot (expiry <= now), shard by shard from the index's earliest.
+local function win_trim(W, now)
+  while true do
+    local first = redis.call('ZRANGE', W.index, 0, 0, 'WITHSCORES')
+    if not first[2] or tonumber(first[2]) > now then
+      return
+    end
+    local i = first[1]
+    local gone = redis.call('ZRANGEBYSCORE', W.zp .. i, '-inf', fmt(now))
+    if #gone > 0 then
+      chunked('ZREM', W.zp .. i, gone, 512)
+      chunked('HDEL', W.mp .. i, gone, 512)
+      W.n = math.max(W.n - #gone, 0)
+      W.dirty = true
+    end
+    win_reindex(W, i)
+  end
+end
+
+-- Live slots, without writing (a dry run or a read: expired slots may still be stored).
+local function win_used(W, now)
+  local c = W.n
+  for _, i in ipairs(redis.call('ZRANGEBYSCORE', W.index, '-inf', fmt(now))) do
+    c = c - redis.call('ZCOUNT', W.zp .. i, '-inf', fmt(now))
+  end
+  return math.max(c, 0)
+end
+
+-- The (k+1)-th earliest live expiry over the zsets `keys`, with `overlay` (recipient -> expiry
+-- set by this call) applied, or nil. Each zset gives its first k+|overlay|+1 live entries: the
+-- k+1 earliest not overridden are among them.
+local function kth_live(keys, overlay, k, now)
+  local n = 0
+  for _ in pairs(overlay) do
+    n = n + 1
+  end
+  local ex = {}
+  for _, key in ipairs(keys) do
+    local rows = redis.call('ZRANGEBYSCORE', key, '(' .. fmt(now), '+inf', 'WITHSCORES', 'LIMIT', 0, k + n + 1)
+    for j = 1, #rows, 2 do
+      if not overlay[rows[j]] then
+        ex[#ex + 1] = tonumber(rows[j + 1])
+      end
+    end
+  end
+  for _, e in pairs(overlay) do
+    ex[#ex + 1] = e
+  end
+  table.sort(ex)
+  return ex[k + 1]
+end
+
+-- As kth_live over the window's shards. Only shards whose earliest expiry is among the first
+-- k+|overlay|+1 (or is already past) can hold one of the k+|overlay|+1 earliest live slots.
+local function win_kth(W, overlay, k, now)
+  local want = k + 1
+  for _ in pairs(overlay) do
+    want = want + 1
+  end
+  local keys = {}
+  for _, i in ipairs(redis.call('ZRANGEBYSCORE', W.index, '-inf', fmt(now))) do
+    keys[#keys + 1] = W.zp .. i
+  end
+  for _, i in ipairs(redis.call('ZRANGEBYSCORE', W.index, '(' .. fmt(now), '+inf', 'LIMIT', 0, want)) do
+    keys[#keys + 1] = W.zp .. i
+  end
+  return kth_live(keys, overlay, k, now)
+end
+
+-- Writes slot expiries (`exps` recipient -> ms; `extended` marks those that already had a
+-- stored slot, whose shard's earliest expiry may then move later) and slot values (`vals`),
+-- one command per shard and structure.
+local function win_write(W, exps, extended, vals)
+  local z, lo, re, h = {}, {}, {}, {}
+  for r, e in pairs(exps) do
+    local i = win_shard(W, r)
+    local t = z[i] or {}
+    z[i] = t
+    t[#t + 1] = fmt(e)
+    t[#t + 1] = r
+    if extended[r] then
+      re[i] = true
+    elseif not lo[i] or e < lo[i] then
+      lo[i] = e
+    end
+    if e > W.last then
+      W.last = e
+    end
+    W.written[i] = true
+  end
+  for r, v in pairs(vals) do
+    local i = win_shard(W, r)
+    local t = h[i] or {}
+    h[i] = t
+    t[#t + 1] = r
+    t[#t + 1] = v
+    W.written[i] = true
+  end
+  for i, t in pairs(z) do
+    chunked('ZADD', W.zp .. i, t, 512)
+  end
+  for i, t in pairs(h) do
+    chunked('HSET', W.mp .. i, t, 512)
+  end
+  for i, e in pairs(lo) do
+    if re[i] then
+      win_reindex(W, i)
+    else
+      redis.call('ZADD', W.index, 'LT', fmt(e), i)
+    end
+  end
+  for i in pairs(re) do
+    if not lo[i] then
+      win_reindex(W, i)
+    end
+  end
+end
+
+-- Removes r's slot (a release). The caller has checked that it exists.
+local function win_remove(W, r)
+  local i = win_shard(W, r)
+  redis.call('ZREM', W.zp .. i, r)
+  redis.call('HDEL', W.mp .. i, r)
+  W.n = math.max(W.n - 1, 0)
+  W.dirty = true
+  win_reindex(W, i)
+end
+
+-- Moves the slots of shard `from` for which keep(r) is false into shard `to`.
+local function win_move_shard(W, from, to, stays)
+  local rows = redis.call('ZRANGE', W.zp .. from, 0, -1, 'WITHSCORES')
+  local names, z = {}, {}
+  for j = 1, #rows, 2 do
+    if not stays(rows[j]) then
+      names[#names + 1] = rows[j]
+      z[#z + 1] = rows[j + 1]
+      z[#z + 1] = rows[j]
+    end
+  end
+  if #names == 0 then
+    return
+  end
+  local h = {}
+  for a = 1, #names, 512 do
+    local part = { unpack(names, a, math.min(a + 511, #names)) }
+    local vals = redis.call('HMGET', W.mp .. from, unpack(part))
+    for j, r in ipairs(part) do
+      if vals[j] then
+        h[#h + 1] = r
+        h[#h + 1] = vals[j]
+      end
+    end
+  end
+  chunked('ZREM', W.zp .. from, names, 512)
+  chunked('HDEL', W.mp .. from, names, 512)
+  chunked('ZADD', W.zp .. to, z, 512)
+  if #h > 0 then
+    chunked('HSET', W.mp .. to, h, 512)
+  end
+  win_reindex(W, from)
+  win_reindex(W, to)
+  W.written[to] = true
+end
+
+-- Splits or merges shards (one at a time) until the average shard holds between SHARD_FILL/4
+-- and SHARD_FILL slots; listpack encoding holds up to 128 per shard.
+local function win_rebalance(W)
+  local b = 2 ^ W.lvl
+  while W.n > (b + W.sp) * SHARD_FILL do
+    local from, to, mod = W.sp, W.sp + b, 2 * b
+    win_move_shard(W, from, to, function(r)
+      return rhash(r) % mod == from
+    end)
+    W.sp = W.sp + 1
+    if W.sp == b then
+      W.lvl, W.sp, b = W.lvl + 1, 0, 2 * b
+    end
+    W.dirty, W.at = true, {}
+  end
+  while (W.lvl > 0 or W.sp > 0) and W.n * 4 < (b + W.sp) * SHARD_FILL do
+    if W.sp == 0 then
+      W.lvl, b = W.lvl - 1, b / 2
+      W.sp = b
+    end
+    W.sp = W.sp - 1
+    win_move_shard(W, W.sp + b, W.sp, function()
+      return false
+    end)
+    W.written[W.sp + b] = nil
+    W.dirty, W.at = true, {}
+  end
+end
+
+-- Writes the header and keeps the window alive until its latest expiry (+ slack) on the
+-- request's clock; the TTL of the header is only ever extended, and every key written now
+-- gets the header's.
+local function win_save(W, now, slack)
+  if not W.dirty and next(W.written) == nil then
+    return
+  end
+  redis.call('HSET', W.header, 'n', fmt(W.n), 'lvl', fmt(W.lvl), 'sp', fmt(W.sp), 'seq', fmt(W.seq),
+    'last', fmt(W.last))
+  if W.sb then
+    redis.call('HSET', W.header, 'sb', fmt(W.sb))
+  end
+  local want = math.max(W.last - now, 0) + slack
+  local cur = redis.call('PTTL', W.header)
+  if cur > want then
+    want = cur
+  end
+  local ttl = fmt(want)
+  redis.call('PEXPIRE', W.header, ttl)
+  redis.call('PEXPIRE', W.index, ttl)
+  for i in pairs(W.written) do
+    redis.call('PEXPIRE', W.zp .. i, ttl)
+    redis.call('PEXPIRE', W.mp .. i, ttl)
+  end
 end
 
 -- A policy hash, with defaults for what it does not say. Tier changes made by auto_tier and the
@@ -202,29 +512,30 @@ local function crossing_time(uq, rules, tier, now)
   return best
 end
 
--- Frees a slot opened by `resv` while no later counted delivery touched it: the window entry,
--- its metadata, the opener's entry in a portfolio's per-sender index, and its count in the
+-- Frees a slot opened by `resv` ("<opened>.<seq>") while no later counted delivery touched it:
+-- the window entry, the opener's entry in a portfolio's per-sender index, and its count in the
 -- projections (the user's previous unique time comes back; a pending upgrade is re-derived
--- without it). Returns true when released.
-local function release_slot(win, meta, uq, ws_prefix, r, resv, now, polkey, dtier, drules)
-  local s = redis.call('ZSCORE', win, r)
-  if not s or tonumber(s) <= now then
+-- without it). The slot is identified by its sequence, unique in the window's life; the opening
+-- time comes from the token. Returns true when released; the caller saves W.
+local function release_slot(W, uq, ws_prefix, r, resv, now, polkey, dtier, drules)
+  local e = win_expiry(W, r)
+  if not e or e <= now then
     return false
   end
-  local m = redis.call('HGET', meta, r)
-  if not m then
+  local v = win_value(W, r)
+  local dot = string.find(resv, '.', 1, true)
+  if not v or not dot then
     return false
   end
-  local mresv, touched, opener, prev = split_meta(m)
-  if mresv ~= resv or touched ~= '0' then
+  local opened, rseq = string.sub(resv, 1, dot - 1), string.sub(resv, dot + 1)
+  local seq, touched, prev, opener = slot_split(v)
+  if seq ~= win_rel_seq(W, rseq) or touched ~= '0' then
     return false
   end
-  redis.call('ZREM', win, r)
-  redis.call('HDEL', meta, r)
+  win_remove(W, r)
   if ws_prefix ~= '' then
     redis.call('ZREM', ws_prefix .. opener, r)
   end
-  local opened = string.sub(resv, 1, string.find(resv, '.', 1, true) - 1)
   local u = redis.call('ZSCORE', uq, r)
   if u and tonumber(u) == tonumber(opened) then
     if prev == '' then

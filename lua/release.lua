@@ -1,8 +1,8 @@
 -- release.lua: frees the slot a reservation opened (the send failed), only while that slot is
 -- live and no later counted delivery has touched it. Idempotent: a second call finds nothing.
 --
--- KEYS[1] window       zset   recipient -> slot expiry (ms)
--- KEYS[2] window meta  hash   recipient -> "<reservation>|<touched>|<opener>|<prev unique>"
+-- KEYS[1] window header hash   the sharded window (lib.lua, win_open)
+-- KEYS[2] window index  zset   shard -> its earliest slot expiry (ms)
 -- KEYS[3] residency    sender home: its "away" string; portfolio home: its members set
 -- KEYS[4] uniques      zset   recipient -> when it last got a new slot (ms)
 -- KEYS[5] window policy hash   the home's policy (a pending upgrade is re-derived on release)
@@ -20,7 +20,9 @@ local ok, where = resident(ARGV[2], KEYS[3], ARGV[3])
 if not ok then
   return { 'moved', where }
 end
-if release_slot(KEYS[1], KEYS[2], KEYS[4], ARGV[6], ARGV[4], ARGV[5], now, KEYS[5], ARGV[7], ARGV[8]) then
+local win = win_open(KEYS[1], KEYS[2])
+if release_slot(win, KEYS[4], ARGV[6], ARGV[4], ARGV[5], now, KEYS[5], ARGV[7], ARGV[8]) then
+  win_save(win, now, 0)
   return { 1 }
 end
 return { 0 }

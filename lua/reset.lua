@@ -2,8 +2,8 @@
 -- per-sender slot indexes). The reservation sequence is kept, so tokens issued before the reset
 -- can never match a slot opened after it. Service windows, rates and projections are kept.
 --
--- KEYS[1] window       zset
--- KEYS[2] window meta  hash
+-- KEYS[1] window header hash   the sharded window (lib.lua, win_open); its sequence is kept
+-- KEYS[2] window index  zset   shard -> its earliest slot expiry
 -- KEYS[3] residency    sender home: its "away" string; portfolio home: its members set
 -- ARGV[1] home kind "s" | "p"
 -- ARGV[2] sender, or "" for a portfolio
@@ -21,13 +21,24 @@ else
   for _, s in ipairs(redis.call('SMEMBERS', KEYS[3])) do
     openers[s] = true
   end
-  for _, m in ipairs(redis.call('HVALS', KEYS[2])) do
-    local _, _, opener = split_meta(m)
-    openers[opener] = true
+  local win = win_open(KEYS[1], KEYS[2])
+  for i = 0, 2 ^ (win.lvl + 1) - 1 do
+    for _, v in ipairs(redis.call('HVALS', win.mp .. i)) do
+      local _, _, _, opener = slot_split(v)
+      openers[opener] = true
+    end
   end
   for s in pairs(openers) do
     redis.call('DEL', ARGV[3] .. s)
   end
 end
-redis.call('DEL', KEYS[1], KEYS[2])
+-- Every shard that can exist at this level (and the one beyond a pending split).
+local win = win_open(KEYS[1], KEYS[2])
+for i = 0, 2 ^ (win.lvl + 1) - 1 do
+  redis.call('DEL', win.zp .. i, win.mp .. i)
+end
+redis.call('DEL', KEYS[2])
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'n', '0', 'lvl', '0', 'sp', '0')
+end
 return { 1 }

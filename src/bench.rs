@@ -1291,17 +1291,24 @@ fn round3(x: f64) -> f64 {
 #[derive(Debug, Clone, Serialize)]
 pub struct WindowMemory {
     pub slots: usize,
-    /// `MEMORY USAGE <key> SAMPLES 0` of the window zset, its metadata hash and its sequence.
+    /// Shards of the window (each a zset and a hash).
+    pub shards: usize,
+    /// `MEMORY USAGE <key> SAMPLES 0` summed over every key of the window: its shards, header
+    /// and index.
     pub window_bytes: u64,
-    pub meta_bytes: u64,
-    pub sequence_bytes: u64,
-    /// (window + meta + sequence) / slots.
+    /// Of which the shards (the slots themselves).
+    pub shard_bytes: u64,
+    /// window_bytes / slots.
     pub bytes_per_slot: f64,
-    /// `used_memory` after minus before filling this window (policy key included).
+    /// `used_memory` after minus before filling this window (everything the fill wrote).
     pub used_memory_delta: i64,
     pub used_memory_delta_per_slot: f64,
-    pub window_encoding: String,
-    pub meta_encoding: String,
+    /// Of the delta, outside the window: the projection index (one entry per user for 30
+    /// days) and the pair-rate state (one per recent recipient).
+    pub projection_bytes: u64,
+    pub pair_rate_bytes: u64,
+    /// Encodings of the shard keys, with how many keys have each ("zset listpack x4, ...").
+    pub encodings: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -1361,6 +1368,30 @@ async fn key_memory(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> 
     (bytes.unwrap_or(0), enc.unwrap_or_else(|| "-".into()))
 }
 
+async fn scan_keys(
+    conn: &mut redis::aio::MultiplexedConnection,
+    pattern: &str,
+) -> Result<Vec<String>, String> {
+    let mut cursor = 0u64;
+    let mut keys = Vec::new();
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await
+            .map_err(|e| format!("SCAN: {e}"))?;
+        keys.extend(batch);
+        if next == 0 {
+            return Ok(keys);
+        }
+        cursor = next;
+    }
+}
+
 async fn measure_memory(args: &BenchArgs, url: &str) -> Result<MemoryReport, String> {
     let driver = Driver::redis(url, args.connections, &args.key_prefix).await?;
     let Driver::Redis(d) = &driver else {
@@ -1415,19 +1446,46 @@ async fn measure_memory(args: &BenchArgs, url: &str) -> Result<MemoryReport, Str
         let k = d.keys.home(&Home::Sender(
             SenderId::parse("sender", &sender).map_err(|e| e.to_string())?,
         ));
-        let (w, w_enc) = key_memory(&mut conn, &k.window()).await;
-        let (m, m_enc) = key_memory(&mut conn, &k.window_meta()).await;
-        let (s, _) = key_memory(&mut conn, &k.sequence()).await;
+        let (header, _) = key_memory(&mut conn, &k.window()).await;
+        let (index, _) = key_memory(&mut conn, &k.window_index()).await;
+        let mut shard_bytes = 0;
+        let mut shards = 0;
+        let mut encodings: BTreeMap<String, usize> = BTreeMap::new();
+        // The shard keys, as lua/lib.lua names them: <window>:<i> and <base>:wm:<i>.
+        let window = k.window();
+        let meta = format!("{}wm:", &window[..window.len() - 1]);
+        for (pattern, kind) in [
+            (format!("{window}:*"), "zset"),
+            (format!("{meta}*"), "hash"),
+        ] {
+            for key in scan_keys(&mut conn, &pattern).await? {
+                let (bytes, enc) = key_memory(&mut conn, &key).await;
+                shard_bytes += bytes;
+                if kind == "zset" {
+                    shards += 1;
+                }
+                *encodings.entry(format!("{kind} {enc}")).or_default() += 1;
+            }
+        }
+        let (projection_bytes, _) = key_memory(&mut conn, &k.uniques()).await;
+        let id = SenderId::parse("sender", &sender).map_err(|e| e.to_string())?;
+        let (pair_rate_bytes, _) = key_memory(&mut conn, &k.pair_rates(&id)).await;
+        let window_bytes = header + index + shard_bytes;
         windows.push(WindowMemory {
             slots,
-            window_bytes: w,
-            meta_bytes: m,
-            sequence_bytes: s,
-            bytes_per_slot: round2((w + m + s) as f64 / slots as f64),
+            shards,
+            window_bytes,
+            shard_bytes,
+            bytes_per_slot: round2(window_bytes as f64 / slots as f64),
             used_memory_delta: after - before,
             used_memory_delta_per_slot: round2((after - before) as f64 / slots as f64),
-            window_encoding: w_enc,
-            meta_encoding: m_enc,
+            projection_bytes,
+            pair_rate_bytes,
+            encodings: encodings
+                .iter()
+                .map(|(e, n)| format!("{e} x{n}"))
+                .collect::<Vec<_>>()
+                .join(", "),
         });
     }
     let mut service_windows = Vec::new();
@@ -1585,21 +1643,30 @@ fn print_memory(m: &MemoryReport) {
             .join(", ")
     );
     println!(
-        "  {:>7} {:>11} {:>11} {:>8} {:>10} {:>12} {:>10}  encodings (window, meta)",
-        "slots", "window B", "meta B", "seq B", "B/slot", "used_memory", "Δ B/slot"
+        "  {:>7} {:>7} {:>11} {:>11} {:>8} {:>12} {:>9} {:>11} {:>10}  shard encodings",
+        "slots",
+        "shards",
+        "window B",
+        "shards B",
+        "B/slot",
+        "used_memory",
+        "Δ B/slot",
+        "projection",
+        "pair rate"
     );
     for w in &m.windows {
         println!(
-            "  {:>7} {:>11} {:>11} {:>8} {:>10.1} {:>12} {:>10.1}  {}, {}",
+            "  {:>7} {:>7} {:>11} {:>11} {:>8.1} {:>12} {:>9.1} {:>11} {:>10}  {}",
             w.slots,
+            w.shards,
             w.window_bytes,
-            w.meta_bytes,
-            w.sequence_bytes,
+            w.shard_bytes,
             w.bytes_per_slot,
             w.used_memory_delta,
             w.used_memory_delta_per_slot,
-            w.window_encoding,
-            w.meta_encoding
+            w.projection_bytes,
+            w.pair_rate_bytes,
+            w.encodings
         );
     }
     println!(

@@ -38,6 +38,7 @@ on_every_ledger!(
     list_window_pages_by_expiry_then_recipient_without_repeats,
     reset_clears_a_window_but_refuses_an_assigned_sender,
     replayed_clocks_far_in_the_past_or_future_keep_state,
+    a_large_window_counts_lists_and_frees_exactly_as_it_grows_and_shrinks,
 );
 
 const NEW: Decision = Decision::AllowedNew;
@@ -1539,4 +1540,110 @@ async fn replayed_clocks_far_in_the_past_or_future_keep_state(b: Backend) {
         assert_eq!((i.used, i.open_service_windows), (1, 1));
         assert_answer(&acquire(&mut q, s, "u", t + DAY).await, NEW, 1, 249);
     }
+}
+
+// ------------------------------------------------------------------ a window of thousands
+
+/// A window large enough to be stored in many pieces (the Redis ledger shards it), grown in
+/// batches, partly released, partly expired, emptied and grown again: every count, expiry,
+/// retry_after and listing stays exact throughout.
+async fn a_large_window_counts_lists_and_frees_exactly_as_it_grows_and_shrinks(b: Backend) {
+    let srv = TestServer::start(b).await;
+    let (mut q, mut a) = (srv.quota().await, srv.admin().await);
+    let s = "big";
+    let limit = 3_000;
+    put_policy(&mut a, sender(s), conversation(Tier::Tier250, limit)).await;
+    let all = users("b", 3_001);
+    // 30 batches of 100, one minute apart from D 08:00.
+    let minute = |k: usize| at(8, 0, 0, 0) + k as i64 * MINUTE;
+    let mut reservations = Vec::new();
+    for k in 0..30 {
+        let rs = batch(&mut q, s, &all[k * 100..(k + 1) * 100], minute(k)).await;
+        assert_all_new(&rs, k as u64 * 100, limit, minute(k));
+        reservations.extend(rs.into_iter().map(|r| r.reservation));
+    }
+    let now = at(9, 0, 0, 0);
+    // Full: the next user waits for the earliest slot (D+1 08:00), dry run or not.
+    for r in [
+        dry_acquire(&mut q, s, &all[3_000], now).await,
+        acquire(&mut q, s, &all[3_000], now).await,
+    ] {
+        assert_denied_limit(&r, minute(0) + DAY - now);
+    }
+    // Users already counted keep their slots.
+    for k in [0, 777, 2_999] {
+        let r = acquire(&mut q, s, &all[k], now).await;
+        assert_answer(&r, COUNTED, limit, 0);
+        assert_eq!(expires(&r), minute(k / 100) + DAY);
+    }
+    let i = inspect(&mut a, sender(s), now).await;
+    assert_eq!(
+        (i.used, opt_ms(&i.next_slot_free_at)),
+        (limit, Some(minute(0) + DAY))
+    );
+    // Every slot listed once, by expiry then recipient.
+    let pages = list_pages(&mut a, sender(s), 250, now).await;
+    let listed: Vec<_> = pages.iter().flat_map(|p| entries(p)).collect();
+    let expected: Vec<_> = (0..3_000)
+        .map(|k| (all[k].clone(), minute(k / 100) + DAY, s.to_string()))
+        .collect();
+    assert_eq!(listed.len(), 3_000);
+    assert!(
+        listed == expected,
+        "the listing is every slot once, in order"
+    );
+
+    // Releasing one slot (of the 11th batch, untouched) frees room for exactly one new user.
+    assert!(release(&mut q, s, &all[1_050], &reservations[1_050], now).await);
+    assert!(!release(&mut q, s, &all[1_050], &reservations[1_050], now).await);
+    assert_answer(&acquire(&mut q, s, &all[3_000], now).await, NEW, limit, 0);
+    assert_denied_limit(
+        &acquire(&mut q, s, "late", now).await,
+        minute(0) + DAY - now,
+    );
+
+    // D+1 08:15: the slots of the first 16 batches have ended (one of them was released).
+    let later = minute(15) + DAY;
+    let used = 3_000 - 1_599;
+    let i = inspect(&mut a, sender(s), later).await;
+    assert_eq!(
+        (i.used, opt_ms(&i.next_slot_free_at)),
+        (used, Some(minute(16) + DAY))
+    );
+    assert_answer(
+        &acquire(&mut q, s, "late", later).await,
+        NEW,
+        used + 1,
+        limit - used - 1,
+    );
+    assert_answer(
+        &acquire(&mut q, s, &all[0], later).await,
+        NEW,
+        used + 2,
+        limit - used - 2,
+    );
+    let pages = list_pages(&mut a, sender(s), 500, later).await;
+    assert_eq!(pages.iter().map(Vec::len).sum::<usize>(), used as usize + 2);
+
+    // D+1 10:00: only the two opened at D+1 08:15 remain.
+    let empty = at(10, 0, 0, 0) + DAY;
+    let r = acquire(&mut q, s, "again", empty).await;
+    assert_answer(&r, NEW, 3, limit - 3);
+    let listed: Vec<_> = list_pages(&mut a, sender(s), 100, empty)
+        .await
+        .iter()
+        .flat_map(|p| entries(p))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            (all[0].clone(), later + DAY, s.to_string()),
+            ("late".to_string(), later + DAY, s.to_string()),
+            ("again".to_string(), empty + DAY, s.to_string()),
+        ]
+    );
+    // And it grows again, exactly.
+    let rs = batch(&mut q, s, &all[1..1_001], empty).await;
+    assert_all_new(&rs, 3, limit, empty);
+    assert_eq!(inspect(&mut a, sender(s), empty).await.used, 1_003);
 }

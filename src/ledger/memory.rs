@@ -57,7 +57,8 @@ struct Progress {
 struct Window {
     slots: HashMap<RecipientId, Slot>,
     by_expiry: BTreeSet<(Millis, RecipientId)>,
-    /// Reservation sequence; kept when the window empties so tokens are never reused.
+    /// Reservation sequence; kept when the window empties so tokens are never reused. A slot is
+    /// identified by its sequence alone (the Redis ledger stores only that beside the slot).
     seq: u64,
 }
 
@@ -287,13 +288,13 @@ impl State {
         };
         let matches = window
             .slot(r, now)
-            .is_some_and(|s| s.reservation == res && !s.touched);
+            .is_some_and(|s| s.reservation.seq == res.seq && !s.touched);
         if !matches {
             return false;
         }
         let slot = window.remove(r).expect("slot checked above");
         if let Some(u) = self.uniques.get_mut(home)
-            && u.get(r) == Some(&slot.reservation.opened_at)
+            && u.get(r) == Some(&res.opened_at)
         {
             match slot.prev_unique {
                 Some(prev) => u.insert(r.clone(), prev),
@@ -482,7 +483,13 @@ impl State {
                 }
                 let prev_unique = self.note_unique(&home, &wpol, r, now);
                 let window = self.windows.get_mut(&home).expect("window exists");
-                window.seq += 1;
+                // A window's first sequence is now x 1000, as in lua/lib.lua (where a window
+                // whose header idled out starts again from the clock, never reusing one).
+                window.seq = if window.seq == 0 {
+                    (u64::try_from(now).unwrap_or(0) * 1000).max(1)
+                } else {
+                    window.seq + 1
+                };
                 let res = Reservation {
                     opened_at: now,
                     seq: window.seq,
@@ -613,7 +620,7 @@ impl Ledger for MemoryLedger {
         };
         let Some(slot) = window
             .slot(&recipient, now)
-            .filter(|s| s.reservation == reservation)
+            .filter(|s| s.reservation.seq == reservation.seq)
             .cloned()
         else {
             return Ok(None);

@@ -74,20 +74,19 @@ impl HomeKeys {
         k
     }
 
-    /// zset recipient -> slot expiry (ms). TTL: latest expiry + slack.
+    /// hash: the header of the sharded window (`n` live slots, `lvl`/`sp` linear-hashing level
+    /// and split pointer, `seq` reservation sequence, `last` latest expiry). Its shards,
+    /// `<window>:<i>` (zset recipient -> expiry) and `<base>:wm:<i>` (hash recipient -> slot
+    /// value), are named by the scripts (lua/lib.lua, `win_open`) and share the hash tag.
+    /// TTL: latest expiry + slack, on every key of the window.
     pub fn window(&self) -> String {
         self.key("w")
     }
 
-    /// hash recipient -> "<reservation>|<touched 0/1>|<opening sender>|<previous unique time>"
-    /// (`split_meta` in lua/lib.lua). TTL: as the window.
-    pub fn window_meta(&self) -> String {
-        self.key("wm")
-    }
-
-    /// string: the reservation sequence of this window. TTL: as the window.
-    pub fn sequence(&self) -> String {
-        self.key("seq")
+    /// zset shard -> the earliest slot expiry in it: trimming, counting and retry_after walk the
+    /// shards in this order. TTL: as the window.
+    pub fn window_index(&self) -> String {
+        self.key("wx")
     }
 
     /// hash of the policy fields (`policy_fields` in mod.rs) and projection state (flagged,

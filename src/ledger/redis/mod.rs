@@ -32,8 +32,6 @@ use scripts::{Script, Scripts};
 
 /// Keys outlive their latest expiry by this much, so a key never vanishes while logically live.
 const TTL_SLACK_MS: Millis = 3_600_000;
-/// Most expired slots one acquire trims; the rest go on later calls (counting never needs them gone).
-const TRIM_PER_CALL: usize = 1000;
 /// A reassignment in flight can bounce a request between homes; give up after this many hops.
 const MAX_HOPS: usize = 5;
 /// A reassignment journaled longer ago than this was abandoned by its mover (a crashed instance:
@@ -299,8 +297,7 @@ fn acquire_call<'a>(
         s,
         vec![
             k.window(),
-            k.window_meta(),
-            k.sequence(),
+            k.window_index(),
             k.window_policy(&req.sender),
             k.service_windows(&req.sender),
             k.residency(),
@@ -334,8 +331,7 @@ fn acquire_call<'a>(
     .num(defaults.pair_interval_ms)
     .num(defaults.pair_burst)
     .num(SLOT_MS)
-    .num(TTL_SLACK_MS)
-    .num(TRIM_PER_CALL);
+    .num(TTL_SLACK_MS);
     for r in &req.recipients {
         call = call.arg(r.as_str());
     }
@@ -765,7 +761,7 @@ impl Ledger for RedisLedger {
                     s,
                     vec![
                         k.window(),
-                        k.window_meta(),
+                        k.window_index(),
                         k.residency(),
                         k.uniques(),
                         k.window_policy(&sender),
@@ -836,7 +832,7 @@ impl Ledger for RedisLedger {
         let s = &self.scripts.confirm;
         let (_, v) = self
             .at_home(&sender, |home, k| {
-                Call::new(s, vec![k.window(), k.window_meta(), k.residency()])
+                Call::new(s, vec![k.window(), k.window_index(), k.residency()])
                     .clock(at)
                     .arg(home.kind())
                     .arg(sender.as_str())
@@ -875,7 +871,7 @@ impl Ledger for RedisLedger {
                     s,
                     vec![
                         k.window(),
-                        k.window_meta(),
+                        k.window_index(),
                         k.residency(),
                         k.uniques(),
                         k.marketing_holds(),
@@ -1023,6 +1019,7 @@ impl Ledger for RedisLedger {
                         k.residency(),
                         k.uniques(),
                         sender_key,
+                        k.window_index(),
                     ],
                 )
                 .clock(at)
@@ -1140,7 +1137,7 @@ impl Ledger for RedisLedger {
     ) -> Result<WindowPage> {
         let s = &self.scripts.list;
         let make = |home: &Home, k: &HomeKeys, sender: &str| {
-            let call = Call::new(s, vec![k.window(), k.window_meta(), k.residency()])
+            let call = Call::new(s, vec![k.window(), k.window_index(), k.residency()])
                 .clock(at)
                 .arg(home.kind())
                 .arg(sender)
@@ -1186,7 +1183,7 @@ impl Ledger for RedisLedger {
         let k = self.keys.home(&home);
         let call = Call::new(
             &self.scripts.reset,
-            vec![k.window(), k.window_meta(), k.residency()],
+            vec![k.window(), k.window_index(), k.residency()],
         )
         .arg(home.kind())
         .arg(&sender)
