@@ -242,8 +242,10 @@ local function decide(r)
         set_sender_slot(m[4], r, cur)
       end
     end
-    m[2] = '1'
-    metas[r] = m
+    if m[2] ~= '1' then
+      m[2] = '1'
+      metas[r] = m
+    end
     return 2, cur
   end
   local seq = win_next_seq(win, now)
@@ -308,8 +310,7 @@ for opener, entries in pairs(wsmoved) do
   keep(key, latest(key, now), now, slack)
 end
 if tat_changed then
-  redis.call('SET', tpkey, fmt(tat))
-  keep(tpkey, math.ceil(tat / 1000), now, slack)
+  redis.call('SET', tpkey, fmt(tat), 'PX', ttl_ms(math.ceil(tat / 1000), now, slack))
 end
 if next(ptat) ~= nil then
   local z, last = {}, 0

@@ -42,6 +42,5 @@ local interval = math.floor(1000000 / mps)
 local now_us = now * 1000
 local tat = tonumber(redis.call('GET', KEYS[4]) or '') or now_us
 tat = math.min(math.max(tat, now_us) + interval, now_us + mps * interval)
-redis.call('SET', KEYS[4], fmt(tat))
-keep(KEYS[4], math.ceil(tat / 1000), now, slack)
+redis.call('SET', KEYS[4], fmt(tat), 'PX', ttl_ms(math.ceil(tat / 1000), now, slack))
 return { 1, until_ms }

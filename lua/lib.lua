@@ -34,18 +34,17 @@ local function resident(kind, residency_key, sender)
   return false, ''
 end
 
--- Keep `key` alive at least until `until_ms` on the request's clock. The TTL is relative to that
--- clock, never absolute, so a trusted clock far from real time (a replay of last year) cannot
--- make Redis drop state early; a TTL is only ever extended.
+-- The TTL that keeps a key alive until `until_ms` on the request's clock, plus slack. It is
+-- relative to that clock, never absolute, so a trusted clock far from real time (a replay of
+-- last year) cannot make Redis drop state early.
+local function ttl_ms(until_ms, now, slack)
+  return fmt(math.max(until_ms - now, 0) + math.max(slack, 1))
+end
+
+-- Keeps `key` alive until `until_ms`, the latest moment anything in it matters (callers pass the
+-- latest entry), set on every write without reading the old TTL first.
 local function keep(key, until_ms, now, slack)
-  local want = until_ms - now + slack
-  if want < 1 then
-    want = 1
-  end
-  local cur = redis.call('PTTL', key)
-  if cur == -1 or (cur >= 0 and cur < want) then
-    redis.call('PEXPIRE', key, fmt(want))
-  end
+  redis.call('PEXPIRE', key, ttl_ms(until_ms, now, slack))
 end
 
 -- Latest slot expiry in a window zset (or `now` when empty).
@@ -81,7 +80,8 @@ end
 -- (a plain zset leaves it at 128 members and then costs ~100 B per slot; README "Key schema"):
 --   header  hash  <base>:w      n (slots stored), lvl, sp (linear-hashing level and split
 --                                pointer), seq (last reservation sequence), sb (the first one),
---                                last (latest expiry)
+--                                last (latest expiry), tr (real time until which every key of
+--                                the window is kept alive)
 --   index   zset  <base>:wx     shard -> its earliest expiry (trimming, counting, retry_after)
 --   shard i zset  <base>:w:<i>  recipient -> slot expiry (ms)
 --           hash  <base>:wm:<i> recipient -> slot value "<seq - sb><touched>[,<prev unique>[,<opener>]]"
@@ -89,6 +89,9 @@ end
 -- (linear hashing): the window grows and shrinks one shard at a time, so no call ever rehashes
 -- more than one shard. Expired slots are trimmed before counting, so n is the live count.
 local SHARD_FILL = 48
+-- How much longer than needed the window's keys are kept alive when their TTLs are renewed, so
+-- that most writes need no PEXPIRE (a renewal touches every shard: once an hour under traffic).
+local RENEW_MS = 3600000
 
 -- The first 32 bits of the recipient's SHA-1 (computed in C): uniform low bits, which pick the
 -- shard, even for recipients that differ only in their last digits.
@@ -97,12 +100,12 @@ local function rhash(r)
 end
 
 local function win_open(header, index)
-  local f = redis.call('HMGET', header, 'n', 'lvl', 'sp', 'seq', 'last', 'sb')
+  local f = redis.call('HMGET', header, 'n', 'lvl', 'sp', 'seq', 'last', 'sb', 'tr')
   return {
     header = header, index = index, zp = header .. ':', mp = string.sub(header, 1, -2) .. 'wm:',
     n = tonumber(f[1] or '0'), lvl = tonumber(f[2] or '0'), sp = tonumber(f[3] or '0'),
     seq = tonumber(f[4] or '0'), last = tonumber(f[5] or '0'), sb = tonumber(f[6] or ''),
-    at = {}, written = {},
+    tr = tonumber(f[7] or '0'), at = {}, fresh = {},
   }
 end
 
@@ -183,24 +186,22 @@ local function win_rel_seq(W, seq)
   return fmt(n - W.sb)
 end
 
--- Re-reads shard i's earliest expiry into the index, or drops the shard from it when empty.
+-- Re-reads shard i's earliest expiry into the index, or drops the shard from it when empty. A
+-- shard new to the index is a new pair of keys, which win_save gives a TTL.
 local function win_reindex(W, i)
   local first = redis.call('ZRANGE', W.zp .. i, 0, 0, 'WITHSCORES')
   if first[2] then
-    redis.call('ZADD', W.index, first[2], i)
+    if redis.call('ZADD', W.index, first[2], i) == 1 then
+      W.fresh[i] = true
+    end
   else
     redis.call('ZREM', W.index, i)
   end
 end
 
--- Drops every expired slot (expiry <= now), shard by shard from the index's earliest.
+-- Drops every expired slot (expiry <= now): the index names the shards that hold one.
 local function win_trim(W, now)
-  while true do
-    local first = redis.call('ZRANGE', W.index, 0, 0, 'WITHSCORES')
-    if not first[2] or tonumber(first[2]) > now then
-      return
-    end
-    local i = first[1]
+  for _, i in ipairs(redis.call('ZRANGEBYSCORE', W.index, '-inf', fmt(now))) do
     local gone = redis.call('ZRANGEBYSCORE', W.zp .. i, '-inf', fmt(now))
     if #gone > 0 then
       chunked('ZREM', W.zp .. i, gone, 512)
@@ -281,7 +282,6 @@ local function win_write(W, exps, extended, vals)
     if e > W.last then
       W.last = e
     end
-    W.written[i] = true
   end
   for r, v in pairs(vals) do
     local i = win_shard(W, r)
@@ -289,25 +289,30 @@ local function win_write(W, exps, extended, vals)
     h[i] = t
     t[#t + 1] = r
     t[#t + 1] = v
-    W.written[i] = true
   end
+  W.dirty = true
   for i, t in pairs(z) do
     chunked('ZADD', W.zp .. i, t, 512)
   end
   for i, t in pairs(h) do
     chunked('HSET', W.mp .. i, t, 512)
   end
+  -- New slots can only lower a shard's earliest expiry (LT), in one command for all shards; when
+  -- any shard is new to the index, all of them are treated as fresh (a new shard is rare).
+  local x = {}
   for i, e in pairs(lo) do
-    if re[i] then
-      win_reindex(W, i)
-    else
-      redis.call('ZADD', W.index, 'LT', fmt(e), i)
+    if not re[i] then
+      x[#x + 1] = fmt(e)
+      x[#x + 1] = i
+    end
+  end
+  if #x > 0 and redis.call('ZADD', W.index, 'LT', unpack(x)) > 0 then
+    for j = 2, #x, 2 do
+      W.fresh[x[j]] = true
     end
   end
   for i in pairs(re) do
-    if not lo[i] then
-      win_reindex(W, i)
-    end
+    win_reindex(W, i)
   end
 end
 
@@ -354,7 +359,6 @@ local function win_move_shard(W, from, to, stays)
   end
   win_reindex(W, from)
   win_reindex(W, to)
-  W.written[to] = true
 end
 
 -- Splits or merges shards (one at a time) until the average shard holds between SHARD_FILL/4
@@ -381,34 +385,42 @@ local function win_rebalance(W)
     win_move_shard(W, W.sp + b, W.sp, function()
       return false
     end)
-    W.written[W.sp + b] = nil
+    W.fresh[W.sp + b] = nil
     W.dirty, W.at = true, {}
   end
 end
 
 -- Writes the header and keeps the window alive until its latest expiry (+ slack) on the
--- request's clock; the TTL of the header is only ever extended, and every key written now
--- gets the header's.
+-- request's clock. The TTLs are renewed for every key of the window at once, RENEW_MS longer
+-- than needed, and the header remembers until when (`tr`, in Redis's real time, so a trusted
+-- clock cannot fool it); until then only shards created now need a PEXPIRE.
 local function win_save(W, now, slack)
-  if not W.dirty and next(W.written) == nil then
+  if not W.dirty then
     return
   end
+  local t = redis.call('TIME')
+  local real = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local need = math.max(W.last - now, 0) + math.max(slack, 1)
+  local renew = real + need > W.tr
+  if renew then
+    W.tr = real + need + RENEW_MS
+  end
   redis.call('HSET', W.header, 'n', fmt(W.n), 'lvl', fmt(W.lvl), 'sp', fmt(W.sp), 'seq', fmt(W.seq),
-    'last', fmt(W.last))
-  if W.sb then
-    redis.call('HSET', W.header, 'sb', fmt(W.sb))
-  end
-  local want = math.max(W.last - now, 0) + slack
-  local cur = redis.call('PTTL', W.header)
-  if cur > want then
-    want = cur
-  end
-  local ttl = fmt(want)
-  redis.call('PEXPIRE', W.header, ttl)
-  redis.call('PEXPIRE', W.index, ttl)
-  for i in pairs(W.written) do
-    redis.call('PEXPIRE', W.zp .. i, ttl)
-    redis.call('PEXPIRE', W.mp .. i, ttl)
+    'last', fmt(W.last), 'sb', W.sb and fmt(W.sb) or '', 'tr', fmt(W.tr))
+  local ttl = fmt(W.tr - real)
+  if renew then
+    redis.call('PEXPIRE', W.header, ttl)
+    redis.call('PEXPIRE', W.index, ttl)
+    for i = 0, 2 ^ W.lvl + W.sp - 1 do
+      redis.call('PEXPIRE', W.zp .. i, ttl)
+      redis.call('PEXPIRE', W.mp .. i, ttl)
+    end
+  elseif next(W.fresh) ~= nil then
+    redis.call('PEXPIRE', W.index, ttl)
+    for i in pairs(W.fresh) do
+      redis.call('PEXPIRE', W.zp .. i, ttl)
+      redis.call('PEXPIRE', W.mp .. i, ttl)
+    end
   end
 end
 
