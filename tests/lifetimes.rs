@@ -1,0 +1,94 @@
+//! Key lifetimes on Redis (README "Lifetimes"): every key of ledger state the scripts write
+//! carries a TTL covering what it holds, so an idle target leaves nothing behind; configuration
+//! keys (policies, assignments) persist. Checked over every key after a workload that grows a
+//! window to many shards, releases, confirms, expires and shrinks it, and exercises every other
+//! script.
+
+mod common;
+
+use common::dsl::*;
+use common::{Backend, DAY, HOUR, TestServer, at};
+use waquota::proto::{Category, Tier, WindowMode};
+
+/// The suffixes (after `<prefix>:{<home>}:`) of configuration keys, which never expire.
+fn is_configuration(suffix: &str) -> bool {
+    suffix == "pol" || suffix == "m" || suffix == "away" || suffix.starts_with("sp:")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_key_of_ledger_state_expires_and_configuration_persists() {
+    let mut srv = TestServer::start(Backend::Redis).await;
+    let (mut q, mut a) = (srv.quota().await, srv.admin().await);
+    let t = at(9, 0, 0, 0);
+    let mut p = policy(Tier::Tier250, 2_000, WindowMode::Conversation);
+    p.marketing_cap = 3;
+    put_policy(&mut a, sender("s1"), p).await;
+
+    // A window of 1,500 slots (dozens of shards), grown by batches.
+    let all = users("u", 1_500);
+    let mut reservations = Vec::new();
+    for (k, chunk) in all.chunks(500).enumerate() {
+        let rs = batch(&mut q, "s1", chunk, t + k as i64 * HOUR).await;
+        reservations.extend(rs.into_iter().map(|r| r.reservation));
+    }
+    assert!(release(&mut q, "s1", &all[3], &reservations[3], t + 3 * HOUR).await);
+    confirm(
+        &mut q,
+        "s1",
+        &all[4],
+        &reservations[4],
+        Some(t),
+        t + 3 * HOUR,
+    )
+    .await
+    .expect("confirmed");
+    inbound(&mut q, "s1", "w1", t).await;
+    acquire_category(&mut q, "s1", "mk1", Category::Marketing, t).await;
+    let r = acquire(&mut q, "s1", "f1", t).await;
+    report_failure(&mut q, "s1", "f1", &r.reservation, 131_049, t).await;
+    // A portfolio with a sender, whose state moves there.
+    assign(&mut a, "s2", "P").await;
+    batch(&mut q, "s2", &users("p", 200), t).await;
+    // A day later most of s1's window has ended: the next call trims it and the window shrinks.
+    let later = t + DAY + HOUR + 1;
+    let r = acquire(&mut q, "s1", "late", later).await;
+    assert_eq!(r.used, 501, "{r:?}");
+
+    let redis = srv.redis().expect("a Redis backend");
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut shards = 0;
+    let mut configuration = Vec::new();
+    for key in &keys {
+        let suffix = key.split_once("}:").map(|(_, s)| s).unwrap_or(key);
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if is_configuration(suffix) {
+            assert_eq!(ttl, -1, "{key} is configuration and persists");
+            configuration.push(suffix.to_owned());
+            continue;
+        }
+        // The longest-lived state is the projection index: 30 days, plus slack and renewal.
+        assert!(
+            ttl > 0 && ttl <= 31 * DAY,
+            "{key} is ledger state and must expire (PTTL {ttl})"
+        );
+        if suffix.starts_with("w:") {
+            shards += 1;
+        }
+    }
+    configuration.sort();
+    assert_eq!(configuration, ["away", "m", "pol", "sp:s1"]);
+    assert!(
+        shards > 10,
+        "the window was stored in many shards: {keys:?}"
+    );
+}
