@@ -109,11 +109,59 @@ local function set_sender_slot(opener, r, until_ms)
   wsmoved[opener][r] = until_ms
 end
 
+-- What decide() reads of stored state, fetched once for the whole batch (nothing is written
+-- before the end, so it cannot change meanwhile): one command per key, or per window shard,
+-- instead of one per recipient. Each table maps a recipient to its stored value, or nothing.
+local pre_sw, pre_exp, pre_val, pre_pair, pre_uq, pre_hold = {}, {}, {}, {}, {}, {}
+local function scores(key, names, into, raw)
+  if #names == 0 then
+    return
+  end
+  local got = redis.call('ZMSCORE', key, unpack(names))
+  for j, r in ipairs(names) do
+    if got[j] then
+      into[r] = raw and got[j] or tonumber(got[j])
+    end
+  end
+end
+if not blocked then
+  local rs = { unpack(ARGV, 15) }
+  scores(service, rs, pre_sw)
+  local by, unseen = {}, {}
+  for _, r in ipairs(rs) do
+    local i = win_shard(win, r)
+    by[i] = by[i] or {}
+    table.insert(by[i], r)
+  end
+  for i, names in pairs(by) do
+    scores(win.zp .. i, names, pre_exp)
+    local live = {}
+    for _, r in ipairs(names) do
+      if pre_exp[r] and pre_exp[r] > now then
+        live[#live + 1] = r
+      else
+        unseen[#unseen + 1] = r
+      end
+    end
+    if #live > 0 then
+      local v = redis.call('HMGET', win.mp .. i, unpack(live))
+      for j, r in ipairs(live) do
+        pre_val[r] = v[j]
+      end
+    end
+  end
+  scores(prkey, rs, pre_pair)
+  scores(uqkey, unseen, pre_uq, true)
+  if marketing then
+    scores(mhkey, rs, pre_hold)
+  end
+end
+
 local function slot_of(r)
   if metas[r] then
     return metas[r]
   end
-  local v = win_value(win, r)
+  local v = pre_val[r]
   if not v then
     return { '', '1', '', at_portfolio and sender or '' }
   end
@@ -146,12 +194,11 @@ local function decide(r)
   if blocked then
     return 8
   end
-  local sw = redis.call('ZSCORE', service, r)
-  sw = sw and tonumber(sw)
+  local sw = pre_sw[r]
   if sw and sw <= now then
     sw = nil
   end
-  local cur = moved[r] or win_expiry(win, r)
+  local cur = moved[r] or pre_exp[r]
   if cur and cur <= now then
     cur = nil
   end
@@ -189,8 +236,7 @@ local function decide(r)
     end
   end
   if marketing then
-    local h = redis.call('ZSCORE', mhkey, r)
-    h = h and tonumber(h)
+    local h = pre_hold[r]
     if h and h > now then
       refuse(9, h)
     end
@@ -201,11 +247,7 @@ local function decide(r)
       end
     end
   end
-  local pt = ptat[r]
-  if not pt then
-    local s = redis.call('ZSCORE', prkey, r)
-    pt = s and tonumber(s) or now_us
-  end
+  local pt = ptat[r] or pre_pair[r] or now_us
   local new_pt, pair_wait = gcra(pt, now_us, pair_interval, pair_burst)
   if not new_pt then
     refuse(7, now + pair_wait)
@@ -258,7 +300,7 @@ local function decide(r)
   end
   local prev = ''
   if not uniques[r] then
-    prev = redis.call('ZSCORE', uqkey, r) or ''
+    prev = pre_uq[r] or ''
   else
     prev = metas[r] and metas[r][3] or ''
   end
