@@ -585,7 +585,7 @@ pub fn upgrade_delay(rules: RuleSet) -> Millis {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum MessageKind {
     #[default]
     Template,

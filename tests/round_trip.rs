@@ -496,3 +496,50 @@ async fn cluster_acquire_and_batch_are_one_evalsha() {
     assert!(results.iter().all(|r| decision(r) == Decision::AllowedNew));
     assert_one_evalsha("Cluster: AcquireBatch of 100", &trace);
 }
+
+// ------------------------------------------------------------------------------ coalescing
+
+/// Concurrent Acquires of one sender are decided together (fewer EVALSHA calls than requests)
+/// and exactly as if one after the other: the limit admits exactly `limit` new users, each
+/// `used` value once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_acquires_of_one_sender_share_calls_and_stay_exact() {
+    let (_server, port, mut q) = standalone().await;
+    warm_up(&mut q, "rt-sender").await;
+    let n = 400;
+    command(port, &["CONFIG", "RESETSTAT"]);
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let mut q = q.clone();
+            tokio::spawn(
+                async move { acquire_ok(&mut q, "rt-busy", &format!("49180{i:08}")).await },
+            )
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.expect("task"));
+    }
+    let limit = answers[0].limit;
+    let mut used: Vec<u64> = answers
+        .iter()
+        .filter(|r| decision(r) == Decision::AllowedNew)
+        .map(|r| r.used)
+        .collect();
+    used.sort_unstable();
+    assert_eq!(
+        used,
+        (1..=limit).collect::<Vec<_>>(),
+        "each used value once"
+    );
+    let denied = answers
+        .iter()
+        .filter(|r| decision(r) == Decision::DeniedLimit)
+        .count();
+    assert_eq!(denied as u64, n - limit);
+    let calls = commandstats(port).get("evalsha").copied().unwrap_or(0);
+    assert!(
+        calls >= 1 && calls < n,
+        "{n} concurrent Acquires took {calls} EVALSHA calls"
+    );
+}

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use crate::ledger::coalesce::Coalescer;
 use crate::ledger::{Ledger, LedgerError};
 use crate::metrics::Metrics;
 use crate::model::{
@@ -29,6 +30,8 @@ pub struct ApiOptions {
 
 pub struct QuotaApi<L> {
     ledger: Arc<L>,
+    /// Acquires go through it: a sender's concurrent requests are decided together.
+    coalescer: Coalescer<L>,
     opts: ApiOptions,
 }
 
@@ -37,9 +40,13 @@ pub struct AdminApi<L> {
     opts: ApiOptions,
 }
 
-impl<L> QuotaApi<L> {
+impl<L: Ledger> QuotaApi<L> {
     pub fn new(ledger: Arc<L>, opts: ApiOptions) -> Self {
-        QuotaApi { ledger, opts }
+        QuotaApi {
+            coalescer: Coalescer::new(ledger.clone()),
+            ledger,
+            opts,
+        }
     }
 }
 
@@ -96,7 +103,7 @@ impl<L: Ledger> QuotaApi<L> {
             at: convert::clock(at, self.opts.trust_client_clock).map_err(invalid)?,
         };
         let recipients = req.recipients.clone();
-        let outcomes = match self.ledger.acquire(req).await {
+        let outcomes = match self.coalescer.acquire(req).await {
             Ok(o) => o,
             Err(LedgerError::Unavailable(m))
                 if self.opts.outage.decide(sender, recipients.len(), &m) =>

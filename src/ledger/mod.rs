@@ -4,6 +4,7 @@
 //! and [`redis::RedisLedger`] (shared by any number of instances). The behaviour test suite runs
 //! the same bodies against both so they cannot drift.
 
+pub mod coalesce;
 pub mod memory;
 pub mod redis;
 
@@ -32,6 +33,19 @@ pub enum LedgerError {
     /// A broken invariant (an unexpected reply from a script): `INTERNAL`.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl LedgerError {
+    /// The same error again: one failed call answers every request it decided together.
+    pub fn duplicate(&self) -> LedgerError {
+        match self {
+            LedgerError::Unavailable(m) => LedgerError::Unavailable(m.clone()),
+            LedgerError::Contended(m) => LedgerError::Contended(m.clone()),
+            LedgerError::Invalid(e) => LedgerError::Invalid(e.clone()),
+            LedgerError::FailedPrecondition(m) => LedgerError::FailedPrecondition(m.clone()),
+            LedgerError::Internal(m) => LedgerError::Internal(m.clone()),
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, LedgerError>;

@@ -75,10 +75,12 @@ impl HomeKeys {
     }
 
     /// hash: the header of the sharded window (`n` live slots, `lvl`/`sp` linear-hashing level
-    /// and split pointer, `seq` reservation sequence, `last` latest expiry). Its shards,
-    /// `<window>:<i>` (zset recipient -> expiry) and `<base>:wm:<i>` (hash recipient -> slot
-    /// value), are named by the scripts (lua/lib.lua, `win_open`) and share the hash tag.
-    /// TTL: latest expiry + slack, on every key of the window.
+    /// and split pointer, `seq`/`sb` last and first reservation sequence, `last` latest expiry,
+    /// `tr` when the window's TTLs run out). Its shards, `<window>:<i>` (zset recipient ->
+    /// expiry) and `<base>:wm:<i>` (hash recipient -> slot value), are named by the scripts
+    /// (lua/lib.lua, `win_open`) and share the hash tag; sharding keeps every piece in Redis's
+    /// compact listpack encoding (README "Key schema"). TTL: latest expiry + slack, renewed for
+    /// every key of the window at once.
     pub fn window(&self) -> String {
         self.key("w")
     }
