@@ -7,14 +7,23 @@ local function fmt(n)
   return string.format('%d', n)
 end
 
+-- This Redis server's TIME in ms, read at most once per script call.
+local redis_now
+local function redis_ms()
+  if not redis_now then
+    local t = redis.call('TIME')
+    redis_now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return redis_now
+end
+
 -- The request's clock: the trusted client time when given, else this Redis server's TIME, so
 -- that every instance and worker shares one clock.
 local function clock(at)
   if at ~= '' then
     return tonumber(at)
   end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  return redis_ms()
 end
 
 -- Does `sender` keep its state at this home? A sender's own home ("s") holds it unless the
@@ -107,6 +116,11 @@ local function win_open(header, index)
     seq = tonumber(f[4] or '0'), last = tonumber(f[5] or '0'), sb = tonumber(f[6] or ''),
     tr = tonumber(f[7] or '0'), at = {}, fresh = {},
   }
+end
+
+-- How many shards the window has: 2^lvl, plus those split at this level.
+local function win_shards(W)
+  return 2 ^ W.lvl + W.sp
 end
 
 local function win_shard(W, r)
@@ -365,7 +379,7 @@ end
 -- and SHARD_FILL slots; listpack encoding holds up to 128 per shard.
 local function win_rebalance(W)
   local b = 2 ^ W.lvl
-  while W.n > (b + W.sp) * SHARD_FILL do
+  while W.n > win_shards(W) * SHARD_FILL do
     local from, to, mod = W.sp, W.sp + b, 2 * b
     win_move_shard(W, from, to, function(r)
       return rhash(r) % mod == from
@@ -376,7 +390,7 @@ local function win_rebalance(W)
     end
     W.dirty, W.at = true, {}
   end
-  while (W.lvl > 0 or W.sp > 0) and W.n * 4 < (b + W.sp) * SHARD_FILL do
+  while win_shards(W) > 1 and W.n * 4 < win_shards(W) * SHARD_FILL do
     if W.sp == 0 then
       W.lvl, b = W.lvl - 1, b / 2
       W.sp = b
@@ -398,8 +412,7 @@ local function win_save(W, now, slack)
   if not W.dirty then
     return
   end
-  local t = redis.call('TIME')
-  local real = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local real = redis_ms()
   local need = math.max(W.last - now, 0) + math.max(slack, 1)
   local renew = real + need > W.tr
   if renew then
@@ -411,7 +424,7 @@ local function win_save(W, now, slack)
   if renew then
     redis.call('PEXPIRE', W.header, ttl)
     redis.call('PEXPIRE', W.index, ttl)
-    for i = 0, 2 ^ W.lvl + W.sp - 1 do
+    for i = 0, win_shards(W) - 1 do
       redis.call('PEXPIRE', W.zp .. i, ttl)
       redis.call('PEXPIRE', W.mp .. i, ttl)
     end

@@ -10,6 +10,7 @@
 -- ARGV[3] prefix of the per-sender slot indexes ("" at a sender home)
 -- Returns {"moved", portfolio} when the sender is assigned to a portfolio, or {1}.
 
+local win = win_open(KEYS[1], KEYS[2])
 if ARGV[1] == 's' then
   local ok, where = resident('s', KEYS[3], ARGV[2])
   if not ok then
@@ -21,8 +22,7 @@ else
   for _, s in ipairs(redis.call('SMEMBERS', KEYS[3])) do
     openers[s] = true
   end
-  local win = win_open(KEYS[1], KEYS[2])
-  for i = 0, 2 ^ (win.lvl + 1) - 1 do
+  for i = 0, win_shards(win) - 1 do
     for _, v in ipairs(redis.call('HVALS', win.mp .. i)) do
       local _, _, _, opener = slot_split(v)
       openers[opener] = true
@@ -32,9 +32,7 @@ else
     redis.call('DEL', ARGV[3] .. s)
   end
 end
--- Every shard that can exist at this level (and the one beyond a pending split).
-local win = win_open(KEYS[1], KEYS[2])
-for i = 0, 2 ^ (win.lvl + 1) - 1 do
+for i = 0, win_shards(win) - 1 do
   redis.call('DEL', win.zp .. i, win.mp .. i)
 end
 redis.call('DEL', KEYS[2])

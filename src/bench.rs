@@ -1451,13 +1451,8 @@ async fn measure_memory(args: &BenchArgs, url: &str) -> Result<MemoryReport, Str
         let mut shard_bytes = 0;
         let mut shards = 0;
         let mut encodings: BTreeMap<String, usize> = BTreeMap::new();
-        // The shard keys, as lua/lib.lua names them: <window>:<i> and <base>:wm:<i>.
-        let window = k.window();
-        let meta = format!("{}wm:", &window[..window.len() - 1]);
-        for (pattern, kind) in [
-            (format!("{window}:*"), "zset"),
-            (format!("{meta}*"), "hash"),
-        ] {
+        let [zsets, hashes] = k.window_shard_patterns();
+        for (pattern, kind) in [(zsets, "zset"), (hashes, "hash")] {
             for key in scan_keys(&mut conn, &pattern).await? {
                 let (bytes, enc) = key_memory(&mut conn, &key).await;
                 shard_bytes += bytes;

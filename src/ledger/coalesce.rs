@@ -119,10 +119,13 @@ async fn drive<L: Ledger>(ledger: Arc<L>, queues: Arc<Queues>, key: Key) {
             }
             batch
         };
-        let recipients = batch
-            .iter()
-            .flat_map(|w| w.recipients.iter().cloned())
-            .collect();
+        // The recipients move into the call; each waiter keeps how many are its own.
+        let mut recipients = Vec::with_capacity(batch.iter().map(|w| w.recipients.len()).sum());
+        let mut replies = Vec::with_capacity(batch.len());
+        for w in batch {
+            replies.push((w.recipients.len(), w.reply));
+            recipients.extend(w.recipients);
+        }
         let req = AcquireRequest {
             sender: key.sender.clone(),
             recipients,
@@ -134,9 +137,9 @@ async fn drive<L: Ledger>(ledger: Arc<L>, queues: Arc<Queues>, key: Key) {
         match ledger.acquire(req).await {
             Ok(outcomes) => {
                 let mut outcomes = outcomes.into_iter();
-                for w in batch {
-                    let mine: Vec<Outcome> = outcomes.by_ref().take(w.recipients.len()).collect();
-                    let answer = if mine.len() == w.recipients.len() {
+                for (n, reply) in replies {
+                    let mine: Vec<Outcome> = outcomes.by_ref().take(n).collect();
+                    let answer = if mine.len() == n {
                         Ok(mine)
                     } else {
                         Err(LedgerError::Internal(
@@ -144,12 +147,12 @@ async fn drive<L: Ledger>(ledger: Arc<L>, queues: Arc<Queues>, key: Key) {
                         ))
                     };
                     // A caller that went away no longer wants its answer.
-                    let _ = w.reply.send(answer);
+                    let _ = reply.send(answer);
                 }
             }
             Err(e) => {
-                for w in batch {
-                    let _ = w.reply.send(Err(e.duplicate()));
+                for (_, reply) in replies {
+                    let _ = reply.send(Err(e.clone()));
                 }
             }
         }

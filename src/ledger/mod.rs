@@ -15,8 +15,9 @@ use crate::model::{
     PortfolioId, RecipientId, Reservation, SenderId, Target, WindowPage,
 };
 
-/// What a ledger can fail with. Transient store trouble is kept apart from bad input.
-#[derive(Debug, thiserror::Error)]
+/// What a ledger can fail with. Transient store trouble is kept apart from bad input. Clone:
+/// one failed call answers every request it decided together (`coalesce`).
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum LedgerError {
     /// The store cannot be reached or did not answer in time: `UNAVAILABLE`.
     #[error("store unavailable: {0}")]
@@ -33,19 +34,6 @@ pub enum LedgerError {
     /// A broken invariant (an unexpected reply from a script): `INTERNAL`.
     #[error("internal error: {0}")]
     Internal(String),
-}
-
-impl LedgerError {
-    /// The same error again: one failed call answers every request it decided together.
-    pub fn duplicate(&self) -> LedgerError {
-        match self {
-            LedgerError::Unavailable(m) => LedgerError::Unavailable(m.clone()),
-            LedgerError::Contended(m) => LedgerError::Contended(m.clone()),
-            LedgerError::Invalid(e) => LedgerError::Invalid(e.clone()),
-            LedgerError::FailedPrecondition(m) => LedgerError::FailedPrecondition(m.clone()),
-            LedgerError::Internal(m) => LedgerError::Internal(m.clone()),
-        }
-    }
 }
 
 pub type Result<T> = std::result::Result<T, LedgerError>;

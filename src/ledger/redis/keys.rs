@@ -85,6 +85,12 @@ impl HomeKeys {
         self.key("w")
     }
 
+    /// `SCAN` patterns of the window's shard keys: `<window>:<i>` (zsets) and `<base>:wm:<i>`
+    /// (hashes), as lua/lib.lua (`win_open`) names them.
+    pub fn window_shard_patterns(&self) -> [String; 2] {
+        [self.key("w:*"), self.key("wm:*")]
+    }
+
     /// zset shard -> the earliest slot expiry in it: trimming, counting and retry_after walk the
     /// shards in this order. TTL: as the window.
     pub fn window_index(&self) -> String {
@@ -197,6 +203,10 @@ mod tests {
         let s = SenderId::parse("sender", "1555:0100").unwrap();
         let h = keys.home(&Home::Sender(s.clone()));
         assert_eq!(h.window(), "wq:{s:1555:0100}:w");
+        assert_eq!(
+            h.window_shard_patterns(),
+            ["wq:{s:1555:0100}:w:*", "wq:{s:1555:0100}:wm:*"]
+        );
         assert_eq!(h.residency(), "wq:{s:1555:0100}:away");
         assert_eq!(h.service_windows(&s), "wq:{s:1555:0100}:csw:1555:0100");
         let p = keys.home(&Home::Portfolio(
