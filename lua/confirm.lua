@@ -28,7 +28,7 @@ if not s or s <= now or not v or not dot then
   return { 0 }
 end
 -- The slot is identified by its sequence; the reservation time comes from the token.
-local seq, _, _, opener = slot_split(v)
+local seq, _, prev, opener = slot_split(v)
 if seq ~= win_rel_seq(win, string.sub(resv, dot + 1)) then
   return { 0 }
 end
@@ -36,7 +36,8 @@ local opened = tonumber(string.sub(resv, 1, dot - 1))
 local delivered = math.min(math.max(tonumber(ARGV[6]), opened), now)
 local until_ms = math.max(s, delivered + tonumber(ARGV[7]))
 local slack = tonumber(ARGV[8])
-win_write(win, { [r] = until_ms }, { [r] = true }, {})
+-- A confirmation is a delivery: the slot is touched, so no reservation can release it any more.
+win_write(win, { [r] = until_ms }, { [r] = true }, { [r] = slot_join(seq, '1', prev, opener) })
 win_save(win, now, slack)
 if ARGV[9] ~= '' then
   local ws = ARGV[9] .. opener

@@ -108,13 +108,30 @@ local function rhash(r)
   return tonumber(string.sub(redis.sha1hex(r), 1, 8), 16)
 end
 
+-- A recipient's place in a window listing: its hash with the 32 bits reversed (as
+-- model::listing_position). A shard holds the recipients whose hash ends in the shard's bits, so
+-- in this order shard i is one contiguous range, starting at win_pos of i itself.
+local function rev32(h)
+  local r = 0
+  for _ = 1, 32 do
+    local b = h % 2
+    r = r * 2 + b
+    h = (h - b) / 2
+  end
+  return r
+end
+
+local function win_pos(r)
+  return rev32(rhash(r))
+end
+
 local function win_open(header, index)
-  local f = redis.call('HMGET', header, 'n', 'lvl', 'sp', 'seq', 'last', 'sb', 'tr')
+  local f = redis.call('HMGET', header, 'n', 'lvl', 'sp', 'seq', 'last', 'sb', 'tr', 'rp')
   return {
     header = header, index = index, zp = header .. ':', mp = string.sub(header, 1, -2) .. 'wm:',
     n = tonumber(f[1] or '0'), lvl = tonumber(f[2] or '0'), sp = tonumber(f[3] or '0'),
     seq = tonumber(f[4] or '0'), last = tonumber(f[5] or '0'), sb = tonumber(f[6] or ''),
-    tr = tonumber(f[7] or '0'), at = {}, fresh = {},
+    tr = tonumber(f[7] or '0'), sweeping = f[8] ~= false and f[8] ~= nil, at = {}, fresh = {},
   }
 end
 
@@ -123,17 +140,22 @@ local function win_shards(W)
   return 2 ^ W.lvl + W.sp
 end
 
+-- The shard of a hash, and how many low bits of the hash name it.
+local function win_shard_of(W, h)
+  local b = 2 ^ W.lvl
+  local i = h % b
+  if i < W.sp then
+    return h % (2 * b), W.lvl + 1
+  end
+  return i, W.lvl
+end
+
 local function win_shard(W, r)
   local i = W.at[r]
   if i then
     return i
   end
-  local b = 2 ^ W.lvl
-  local h = rhash(r)
-  i = h % b
-  if i < W.sp then
-    i = h % (2 * b)
-  end
+  i = win_shard_of(W, rhash(r))
   W.at[r] = i
   return i
 end
@@ -376,7 +398,10 @@ local function win_move_shard(W, from, to, stays)
 end
 
 -- Splits or merges shards (one at a time) until the average shard holds between SHARD_FILL/4
--- and SHARD_FILL slots; listpack encoding holds up to 128 per shard.
+-- and SHARD_FILL slots; listpack encoding holds up to 128 per shard. Merges are bounded per
+-- call (a window emptied at once shrinks over the next calls), and none happens while a Reset
+-- sweeps the window (reset.lua), so no slot can move into a shard the sweep has passed.
+local MERGES_PER_CALL = 4
 local function win_rebalance(W)
   local b = 2 ^ W.lvl
   while W.n > win_shards(W) * SHARD_FILL do
@@ -390,7 +415,9 @@ local function win_rebalance(W)
     end
     W.dirty, W.at = true, {}
   end
-  while win_shards(W) > 1 and W.n * 4 < win_shards(W) * SHARD_FILL do
+  local merges = MERGES_PER_CALL
+  while not W.sweeping and merges > 0 and win_shards(W) > 1 and W.n * 4 < win_shards(W) * SHARD_FILL do
+    merges = merges - 1
     if W.sp == 0 then
       W.lvl, b = W.lvl - 1, b / 2
       W.sp = b

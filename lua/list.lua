@@ -1,5 +1,7 @@
--- list.lua: one page of a window's live slots, by expiry then recipient (bytes), strictly after
--- a cursor, so pages neither repeat nor skip even when many slots share one expiry.
+-- list.lua: one page of a window's live slots in listing order (win_pos, then recipient bytes),
+-- strictly after a cursor. In that order each shard is one contiguous range, so a page reads
+-- only the shards it lists, plus at most a scan budget of shards holding nothing live: its work
+-- is bounded by the page size, whatever the window holds (docs/contract.md, "Listing a window").
 --
 -- KEYS[1] window header hash   the sharded window (lib.lua, win_open)
 -- KEYS[2] window index  zset   shard -> its earliest slot expiry (ms)
@@ -7,10 +9,11 @@
 -- ARGV[1] now (ms), or "" for Redis TIME
 -- ARGV[2] home kind "s" | "p"
 -- ARGV[3] sender, or "" when the target is the portfolio itself
--- ARGV[4] page size + 1 (one more than returned, to know whether a next page exists)
--- ARGV[5] cursor expiry (ms) or "", ARGV[6] cursor recipient
--- Every shard contributes its first page after the cursor; the merge keeps the first `want`.
--- Returns {"moved", portfolio|""}, or {expires_at, recipient, sender, ...}.
+-- ARGV[4] page size
+-- ARGV[5] cursor position (0 .. 2^32-1) or "" from the start, ARGV[6] cursor recipient or ""
+-- Returns {"moved", portfolio|""}, or {next position|-1, next recipient, expires_at, recipient,
+-- sender, ...}: -1 when the listing is complete; the page may be short (even empty) when the
+-- scan budget ran out first.
 
 local now = clock(ARGV[1])
 if ARGV[3] ~= '' then
@@ -20,51 +23,66 @@ if ARGV[3] ~= '' then
   end
 end
 local win, want = win_open(KEYS[1], KEYS[2]), tonumber(ARGV[4])
-local rows = {}
-local c
-if ARGV[5] ~= '' and tonumber(ARGV[5]) > now then
-  c = tonumber(ARGV[5])
+local END = 2 ^ 32
+local pos, after = 0, ''
+if ARGV[5] ~= '' then
+  pos, after = tonumber(ARGV[5]), ARGV[6]
 end
-for _, i in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  local key, got = win.zp .. i, 0
-  local from = '(' .. fmt(now)
-  if c then
-    -- Slots sharing the cursor's expiry, after the cursor's recipient.
-    for _, m in ipairs(redis.call('ZRANGEBYSCORE', key, fmt(c), fmt(c))) do
-      if got < want and bytes_gt(m, ARGV[6]) then
-        rows[#rows + 1] = { c, m, i }
-        got = got + 1
+local budget = 8 + math.ceil(want / 8)
+local out = { -1, '' }
+local taken = 0
+while pos < END and budget > 0 do
+  budget = budget - 1
+  local i, bits = win_shard_of(win, rev32(pos))
+  local stop = rev32(i) + 2 ^ (32 - bits)
+  local rows = {}
+  local live = redis.call('ZRANGEBYSCORE', win.zp .. i, '(' .. fmt(now), '+inf', 'WITHSCORES')
+  for j = 1, #live, 2 do
+    local r = live[j]
+    local p = win_pos(r)
+    if p > pos or (p == pos and bytes_gt(r, after)) then
+      rows[#rows + 1] = { p, r, live[j + 1] }
+    end
+  end
+  table.sort(rows, function(x, y)
+    if x[1] ~= y[1] then
+      return x[1] < y[1]
+    end
+    return bytes_gt(y[2], x[2])
+  end)
+  local n = math.min(#rows, want - taken)
+  if n > 0 then
+    local names = {}
+    for j = 1, n do
+      names[j] = rows[j][2]
+    end
+    local vals = redis.call('HMGET', win.mp .. i, unpack(names))
+    for j = 1, n do
+      local opener = ''
+      if vals[j] then
+        local _, _, _, o = slot_split(vals[j])
+        opener = o
       end
+      if opener == '' then
+        opener = ARGV[3]
+      end
+      out[#out + 1] = rows[j][3]
+      out[#out + 1] = rows[j][2]
+      out[#out + 1] = opener
     end
-    from = '(' .. fmt(c)
+    taken = taken + n
   end
-  if got < want then
-    local more = redis.call('ZRANGEBYSCORE', key, from, '+inf', 'WITHSCORES', 'LIMIT', 0, want - got)
-    for j = 1, #more, 2 do
-      rows[#rows + 1] = { tonumber(more[j + 1]), more[j], i }
-    end
+  if n < #rows then
+    -- The page is full inside this shard: the next one starts after its last entry.
+    pos, after = rows[n][1], rows[n][2]
+    break
+  end
+  pos, after = stop, ''
+  if taken >= want then
+    break
   end
 end
-table.sort(rows, function(x, y)
-  if x[1] ~= y[1] then
-    return x[1] < y[1]
-  end
-  return bytes_gt(y[2], x[2])
-end)
-local out = {}
-for j = 1, math.min(#rows, want) do
-  local row = rows[j]
-  local v = redis.call('HGET', win.mp .. row[3], row[2])
-  local opener = ''
-  if v then
-    local _, _, _, o = slot_split(v)
-    opener = o
-  end
-  if opener == '' then
-    opener = ARGV[3]
-  end
-  out[#out + 1] = row[1]
-  out[#out + 1] = row[2]
-  out[#out + 1] = opener
+if pos < END then
+  out[1], out[2] = fmt(pos), after
 end
 return out

@@ -124,7 +124,7 @@ pub enum Command {
 
 #[derive(clap::Subcommand, Debug, Clone)]
 pub enum WindowCommand {
-    /// The recipients holding a slot, earliest expiry first.
+    /// The recipients holding a slot, in listing order (stable; each page costs the same).
     List {
         #[command(flatten)]
         target: TargetArgs,

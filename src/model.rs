@@ -676,8 +676,9 @@ impl Scope {
     }
 }
 
-/// A reservation token: which slot opening it was (`opened_at` and a per-window sequence), so a
-/// release can never free a slot that a later acquire opened for the same recipient.
+/// A slot opening: when (`opened_at`) and its per-window sequence, so a release can never free
+/// a slot that a later acquire opened for the same recipient. On the wire it travels as a token
+/// signed by [`ReservationSigner`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reservation {
     pub opened_at: Millis,
@@ -685,23 +686,102 @@ pub struct Reservation {
 }
 
 impl Reservation {
-    pub fn encode(&self) -> String {
-        format!("r{}.{}", self.opened_at, self.seq)
-    }
-
-    pub fn parse(field: &str, s: &str) -> Result<Self, InvalidArgument> {
-        let bad = || InvalidArgument::new(field, "not a reservation issued by waquota");
-        let body = s.strip_prefix('r').ok_or_else(bad)?;
-        let (at, seq) = body.split_once('.').ok_or_else(bad)?;
-        Ok(Reservation {
-            opened_at: at.parse().map_err(|_| bad())?,
-            seq: seq.parse().map_err(|_| bad())?,
-        })
-    }
-
-    /// The form stored beside a slot (the ledger compares it on release).
+    /// The form stored beside a slot and exchanged with the scripts: `<opened_at>.<seq>`.
     pub fn stored(&self) -> String {
         format!("{}.{}", self.opened_at, self.seq)
+    }
+
+    /// Reads the stored form back; None unless it is exactly what [`Reservation::stored`] writes.
+    pub fn from_stored(s: &str) -> Option<Reservation> {
+        let (at, seq) = s.split_once('.')?;
+        let r = Reservation {
+            opened_at: at.parse().ok()?,
+            seq: seq.parse().ok()?,
+        };
+        (r.stored() == s && r.opened_at.abs() <= MAX_ABS_MS && r.seq > 0).then_some(r)
+    }
+}
+
+/// Length of a reservation's MAC: 128 bits, in lowercase hex.
+const RESERVATION_MAC_HEX: usize = 32;
+
+/// Issues and checks reservation tokens (docs/contract.md, "Reservations"):
+/// `r<opened_at>.<seq>.<mac>`, where `mac` is the first 128 bits of HMAC-SHA256, under a secret
+/// that every instance shares, of the sender, the recipient and the slot opening. A token is
+/// therefore unguessable and bound to the sender and recipient of the Acquire that opened it:
+/// another sender (even of the same portfolio) or a token with any part changed is refused
+/// before the ledger is asked. The MAC costs no storage: the ledger keeps only the sequence.
+#[derive(Clone)]
+pub struct ReservationSigner {
+    key: ring::hmac::Key,
+}
+
+impl fmt::Debug for ReservationSigner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ReservationSigner(..)")
+    }
+}
+
+impl ReservationSigner {
+    pub fn new(secret: &[u8]) -> Self {
+        ReservationSigner {
+            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret),
+        }
+    }
+
+    fn mac(&self, sender: &SenderId, recipient: &RecipientId, r: &Reservation) -> String {
+        // Ids never contain a newline, so the message is unambiguous.
+        let msg = format!("{sender}\n{recipient}\n{}", r.stored());
+        let tag = ring::hmac::sign(&self.key, msg.as_bytes());
+        let mut hex = String::with_capacity(RESERVATION_MAC_HEX);
+        for b in &tag.as_ref()[..RESERVATION_MAC_HEX / 2] {
+            hex.push_str(&format!("{b:02x}"));
+        }
+        hex
+    }
+
+    pub fn encode(&self, sender: &SenderId, recipient: &RecipientId, r: &Reservation) -> String {
+        format!("r{}.{}", r.stored(), self.mac(sender, recipient, r))
+    }
+
+    /// The slot opening a token names, if the token is canonical and was issued to this sender
+    /// for this recipient.
+    pub fn verify(
+        &self,
+        field: &str,
+        token: &str,
+        sender: &SenderId,
+        recipient: &RecipientId,
+    ) -> Result<Reservation, InvalidArgument> {
+        let malformed = || {
+            InvalidArgument::new(
+                field,
+                "not a reservation issued by waquota (the form is r<time>.<sequence>.<32 hex digits>, exactly as Acquire returned it)",
+            )
+        };
+        let body = token.strip_prefix('r').ok_or_else(malformed)?;
+        let (stored, mac) = body.rsplit_once('.').ok_or_else(malformed)?;
+        let r = Reservation::from_stored(stored).ok_or_else(malformed)?;
+        if mac.len() != RESERVATION_MAC_HEX
+            || !mac.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            return Err(malformed());
+        }
+        let want = self.mac(sender, recipient, &r);
+        // Compared in constant time: how much of a forged MAC is right must not show.
+        let diff = want
+            .bytes()
+            .zip(mac.bytes())
+            .fold(0u8, |d, (a, b)| d | (a ^ b));
+        if std::hint::black_box(diff) != 0 {
+            return Err(InvalidArgument::new(
+                field,
+                format!(
+                    "was not issued to sender {sender} for recipient {recipient}: a reservation is bound to the sender and recipient of the Acquire that opened it"
+                ),
+            ));
+        }
+        Ok(r)
     }
 }
 
@@ -764,53 +844,77 @@ pub struct WindowEntry {
     pub sender: SenderId,
 }
 
-/// A position in a window listing: entries strictly after (expires_at, recipient).
+/// Where a recipient stands in a window listing: the first 32 bits of its SHA-1 with their
+/// bits reversed. A window's shards hold the recipients whose hash ends in the shard's bits, so
+/// in this order every shard is one contiguous range: a page reads only the shards it lists,
+/// whatever the window holds, and splits and merges never move a slot across a page boundary
+/// (docs/contract.md, "Listing a window"; lua/lib.lua `win_pos` computes the same).
+pub fn listing_position(r: &RecipientId) -> u32 {
+    let d = ring::digest::digest(
+        &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
+        r.as_str().as_bytes(),
+    );
+    let b = d.as_ref();
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]]).reverse_bits()
+}
+
+/// A position in a window listing: entries strictly after (`position`, `recipient`); an empty
+/// recipient stands before every recipient at that position.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cursor {
-    pub expires_at: Millis,
-    pub recipient: RecipientId,
+    pub position: u32,
+    pub recipient: Option<RecipientId>,
 }
 
 impl Cursor {
     pub fn encode(&self) -> String {
-        format!("{}/{}", self.expires_at, self.recipient)
+        format!(
+            "{:08x}/{}",
+            self.position,
+            self.recipient.as_ref().map_or("", |r| r.as_str())
+        )
     }
 
     pub fn parse(field: &str, s: &str) -> Result<Self, InvalidArgument> {
         let bad = || InvalidArgument::new(field, "not a page token issued by waquota");
-        let (at, r) = s.split_once('/').ok_or_else(bad)?;
+        let (pos, r) = s.split_once('/').ok_or_else(bad)?;
+        if pos.len() != 8 || !pos.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(bad());
+        }
         Ok(Cursor {
-            expires_at: at
-                .parse()
-                .ok()
-                .filter(|ms: &Millis| ms.abs() <= MAX_ABS_MS)
-                .ok_or_else(bad)?,
-            recipient: RecipientId::parse(field, r).map_err(|_| bad())?,
+            position: u32::from_str_radix(pos, 16).map_err(|_| bad())?,
+            recipient: if r.is_empty() {
+                None
+            } else {
+                let id = RecipientId::parse(field, r).map_err(|_| bad())?;
+                // Only the stored (normalised) form was ever issued.
+                if id.as_str() != r {
+                    return Err(bad());
+                }
+                Some(id)
+            },
         })
+    }
+
+    /// Is (position, recipient) strictly after this cursor?
+    pub fn before(&self, position: u32, r: &RecipientId) -> bool {
+        match position.cmp(&self.position) {
+            std::cmp::Ordering::Greater => true,
+            std::cmp::Ordering::Less => false,
+            std::cmp::Ordering::Equal => self
+                .recipient
+                .as_ref()
+                .is_none_or(|c| r.as_str().as_bytes() > c.as_str().as_bytes()),
+        }
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WindowPage {
     pub entries: Vec<WindowEntry>,
+    /// Where the next page starts; None when the listing is complete. A page may hold fewer
+    /// entries than asked (even none) and still have a next one.
     pub next: Option<Cursor>,
-}
-
-impl WindowPage {
-    /// A page from up to `page_size + 1` entries fetched in order: the extra one only tells that
-    /// a next page exists, which then starts after the page's last entry.
-    pub fn from_overfetch(mut entries: Vec<WindowEntry>, page_size: usize) -> WindowPage {
-        let next = if entries.len() > page_size {
-            entries.truncate(page_size);
-            entries.last().map(|e| Cursor {
-                expires_at: e.expires_at,
-                recipient: e.recipient.clone(),
-            })
-        } else {
-            None
-        };
-        WindowPage { entries, next }
-    }
 }
 
 /// `remaining` against the effective limit (limit 0 = unlimited: remaining is reported as 0).
@@ -906,17 +1010,61 @@ mod tests {
     }
 
     #[test]
-    fn reservation_and_cursor_round_trip() {
+    fn reservation_tokens_are_canonical_and_bound_to_sender_and_recipient() {
+        let k = ReservationSigner::new(b"secret");
+        let (s, x) = (
+            SenderId::parse("s", "s1").unwrap(),
+            SenderId::parse("s", "s2").unwrap(),
+        );
+        let u = RecipientId::parse("r", "4915112345678").unwrap();
         let r = Reservation {
             opened_at: 1_700_000_000_123,
             seq: 42,
         };
-        assert_eq!(Reservation::parse("reservation", &r.encode()).unwrap(), r);
-        assert!(Reservation::parse("reservation", "x").is_err());
+        let t = k.encode(&s, &u, &r);
+        assert_eq!(k.verify("reservation", &t, &s, &u).unwrap(), r);
+        assert!(k.verify("reservation", &t, &x, &u).is_err());
+        let other = RecipientId::parse("r", "4915112345679").unwrap();
+        assert!(k.verify("reservation", &t, &s, &other).is_err());
+        assert!(
+            ReservationSigner::new(b"other")
+                .verify("reservation", &t, &s, &u)
+                .is_err()
+        );
+        let mac = t.rsplit_once('.').unwrap().1;
+        for forged in [
+            format!("r1.42.{mac}"),
+            format!("r01700000000123.42.{mac}"),
+            format!("r+1700000000123.42.{mac}"),
+            format!("r1700000000123.042.{mac}"),
+            format!("r-0.0.{mac}"),
+            format!("r1700000000123.42.{}", mac.to_uppercase()),
+            format!("r1700000000123.42.{mac}0"),
+            "r1700000000123.42".to_owned(),
+            "x".to_owned(),
+        ] {
+            let e = k.verify("reservation", &forged, &s, &u).unwrap_err();
+            assert_eq!(e.field, "reservation", "{forged}");
+        }
+        assert_eq!(Reservation::from_stored(&r.stored()), Some(r));
+        assert_eq!(
+            Reservation::from_stored("-5.3").map(|r| r.opened_at),
+            Some(-5)
+        );
+        assert_eq!(Reservation::from_stored("-0.3"), None);
         let c = Cursor {
-            expires_at: 5,
-            recipient: RecipientId::parse("r", "49151").unwrap(),
+            position: 5,
+            recipient: Some(RecipientId::parse("r", "49151").unwrap()),
         };
         assert_eq!(Cursor::parse("page_token", &c.encode()).unwrap(), c);
+        let start = Cursor {
+            position: 0xffff_0000,
+            recipient: None,
+        };
+        assert_eq!(Cursor::parse("page_token", &start.encode()).unwrap(), start);
+        assert!(Cursor::parse("page_token", "5/49151").is_err());
+        // The same order as lua/lib.lua's win_pos (SHA-1 of "a" starts 86f7e437).
+        let a = RecipientId::parse("r", "a").unwrap();
+        assert_eq!(listing_position(&a), 0x86f7_e437u32.reverse_bits());
     }
 }

@@ -123,6 +123,8 @@ pub async fn serve_instrumented<L: Ledger>(
         max_batch: settings.max_batch,
         metrics: metrics.clone(),
         outage: outage.clone(),
+        auth_enabled: settings.auth.enabled(),
+        store_timeout: settings.redis_timeout,
     };
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(addr) = settings.metrics_listen {

@@ -67,12 +67,16 @@ struct Clients {
     admin: AdminServiceClient<Channel>,
     /// The reservation of the slot `s1` holds for `r1`.
     reservation: String,
+    /// The reservation of the slot `s1` holds for `r5` on the real clock (a sender's calls run
+    /// on it: only an operator's `at` is honoured).
+    live_reservation: String,
 }
 
 impl Clients {
     /// One call of `rpc` on sender `s1`, each one that would change state if it were let through.
     async fn call(&mut self, rpc: Rpc, token: Option<&str>) -> Result<(), Status> {
-        let at = Some(ts(T0 + 60_000));
+        // Only an operator's `at` is honoured: a sender's calls run on the real clock.
+        let at = (token != Some(SENDER_TOKEN)).then(|| ts(T0 + 60_000));
         let q = &mut self.quota;
         let a = &mut self.admin;
         match rpc {
@@ -126,12 +130,24 @@ impl Clients {
                 .map(drop),
             Rpc::Confirm => q
                 .confirm(with_token(
-                    ConfirmRequest {
-                        sender: "s1".into(),
-                        recipient: "r1".into(),
-                        reservation: self.reservation.clone(),
-                        delivered_at: at,
-                        at,
+                    if at.is_some() {
+                        ConfirmRequest {
+                            sender: "s1".into(),
+                            recipient: "r1".into(),
+                            reservation: self.reservation.clone(),
+                            delivered_at: at,
+                            at,
+                        }
+                    } else {
+                        ConfirmRequest {
+                            sender: "s1".into(),
+                            recipient: "r5".into(),
+                            reservation: self.live_reservation.clone(),
+                            delivered_at: Some(prost_types::Timestamp::from(
+                                std::time::SystemTime::now(),
+                            )),
+                            at: None,
+                        }
                     },
                     token,
                 ))
@@ -254,6 +270,7 @@ async fn setup(server: &TestServer) -> Clients {
         quota: QuotaServiceClient::new(channel.clone()),
         admin: AdminServiceClient::new(channel),
         reservation: String::new(),
+        live_reservation: String::new(),
     };
     let r = c
         .quota
@@ -264,13 +281,28 @@ async fn setup(server: &TestServer) -> Clients {
                 at: Some(ts(T0)),
                 ..Default::default()
             },
-            Some(SENDER_TOKEN),
+            Some(OPERATOR_TOKEN),
         ))
         .await
-        .expect("acquire with a sender token")
+        .expect("acquire on the trusted clock")
         .into_inner();
     assert!(r.allowed);
     c.reservation = r.reservation;
+    let live = c
+        .quota
+        .acquire(with_token(
+            AcquireRequest {
+                sender: "s1".into(),
+                recipient: "r5".into(),
+                ..Default::default()
+            },
+            Some(SENDER_TOKEN),
+        ))
+        .await
+        .expect("acquire with a sender token on the real clock")
+        .into_inner();
+    assert!(live.allowed);
+    c.live_reservation = live.reservation;
     // The portfolio p9 holds a slot too, so that a Reset let through would show.
     for who in ["s9"] {
         c.admin

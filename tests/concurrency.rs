@@ -323,13 +323,16 @@ async fn check_ledger(fleet: &Fleet, target: Option<Target>, opened: &HashMap<St
             "{r}: listed with the sender that opened its slot"
         );
     }
-    let expiries: Vec<i64> = entries
+    let order: Vec<(u32, &str)> = entries
         .iter()
-        .map(|e| common::ms_of(e.expires_at.as_ref().expect("expires_at")))
+        .map(|e| {
+            let r = waquota::model::RecipientId::parse("r", &e.recipient).unwrap();
+            (waquota::model::listing_position(&r), e.recipient.as_str())
+        })
         .collect();
     assert!(
-        expiries.windows(2).all(|w| w[0] <= w[1]),
-        "entries come earliest expiry first"
+        order.windows(2).all(|w| w[0] < w[1]),
+        "entries come in listing order (docs/contract.md)"
     );
 }
 

@@ -35,7 +35,7 @@ on_every_ledger!(
     sender_moves_from_one_portfolio_to_another,
     slot_expires_exactly_at_expires_at,
     inspect_reports_usage_next_free_slot_and_recipient_state,
-    list_window_pages_by_expiry_then_recipient_without_repeats,
+    list_window_pages_in_listing_order_without_repeats,
     reset_clears_a_window_but_refuses_an_assigned_sender,
     replayed_clocks_far_in_the_past_or_future_keep_state,
     a_large_window_counts_lists_and_frees_exactly_as_it_grows_and_shrinks,
@@ -388,8 +388,16 @@ async fn release_frees_only_the_slot_its_reservation_opened(b: Backend) {
     let other = acquire(&mut q, s, "v", at(9, 0, 0, 0)).await.reservation;
     assert_ne!(r1, other, "every slot opening has its own reservation");
 
-    // Not the reservation of this recipient's slot: nothing is freed.
-    assert!(!release(&mut q, s, "v", &r1, at(9, 0, 30, 0)).await);
+    // Not the reservation of this recipient's slot: refused, and nothing is freed.
+    let crossed = q
+        .release(ReleaseRequest {
+            sender: s.into(),
+            recipient: "v".into(),
+            reservation: r1.clone(),
+            at: Some(ts(at(9, 0, 30, 0))),
+        })
+        .await;
+    assert_invalid(crossed, "reservation");
     assert_eq!(
         used(&inspect_recipient(&mut a, sender(s), "v", at(9, 0, 30, 0)).await),
         (2, Some(at(9, 0, 0, 0) + DAY))
@@ -1396,7 +1404,7 @@ async fn inspect_reports_usage_next_free_slot_and_recipient_state(b: Backend) {
     assert_eq!(inspect(&mut a, sender(s), at(23, 0, 0, 0)).await.used, 4);
 }
 
-async fn list_window_pages_by_expiry_then_recipient_without_repeats(b: Backend) {
+async fn list_window_pages_in_listing_order_without_repeats(b: Backend) {
     let srv = TestServer::start(b).await;
     let (mut q, mut a) = (srv.quota().await, srv.admin().await);
     assign(&mut a, "A", "P").await;
@@ -1413,14 +1421,17 @@ async fn list_window_pages_by_expiry_then_recipient_without_repeats(b: Backend) 
     for r in ["aa", "zz"] {
         expected.push((r.into(), at(8, 0, 0, 0) + DAY, "A".into()));
     }
-    let mut sorted = shared.clone();
-    sorted.sort(); // bytes: u1, u10, u11, ..., u15, u2, ..., u9
-    for r in sorted {
+    for r in shared {
         expected.push((r, at(9, 0, 0, 0) + DAY, "B".into()));
     }
     for r in ["m1", "m10", "m2"] {
         expected.push((r.into(), at(10, 0, 0, 0) + DAY, "A".into()));
     }
+    // Listing order: the recipient's listing position, then its bytes (docs/contract.md).
+    let position = |r: &str| {
+        waquota::model::listing_position(&waquota::model::RecipientId::parse("r", r).unwrap())
+    };
+    expected.sort_by(|x, y| (position(&x.0), &x.0).cmp(&(position(&y.0), &y.0)));
 
     let now = at(11, 0, 0, 0);
     for target in [sender("A"), sender("B"), portfolio("P")] {
@@ -1446,7 +1457,12 @@ async fn list_window_pages_by_expiry_then_recipient_without_repeats(b: Backend) 
     // Ended slots are not listed: at D+1 08:00 the first two have ended.
     let pages = list_pages(&mut a, portfolio("P"), 7, at(8, 0, 0, 0) + DAY).await;
     let all: Vec<_> = pages.iter().flat_map(|p| entries(p)).collect();
-    assert_eq!(all, expected[2..]);
+    let later: Vec<_> = expected
+        .iter()
+        .filter(|e| e.1 > at(8, 0, 0, 0) + DAY)
+        .cloned()
+        .collect();
+    assert_eq!(all, later);
 
     // A sender on its own lists its own window; an empty one lists nothing.
     acquire(&mut q, "C", "k", at(9, 0, 0, 0)).await;
@@ -1581,12 +1597,16 @@ async fn a_large_window_counts_lists_and_frees_exactly_as_it_grows_and_shrinks(b
         (i.used, opt_ms(&i.next_slot_free_at)),
         (limit, Some(minute(0) + DAY))
     );
-    // Every slot listed once, by expiry then recipient.
+    // Every slot listed once, in listing order (position, then recipient), across the shards.
     let pages = list_pages(&mut a, sender(s), 250, now).await;
     let listed: Vec<_> = pages.iter().flat_map(|p| entries(p)).collect();
-    let expected: Vec<_> = (0..3_000)
+    let mut expected: Vec<_> = (0..3_000)
         .map(|k| (all[k].clone(), minute(k / 100) + DAY, s.to_string()))
         .collect();
+    let position = |r: &str| {
+        waquota::model::listing_position(&waquota::model::RecipientId::parse("r", r).unwrap())
+    };
+    expected.sort_by(|x, y| (position(&x.0), &x.0).cmp(&(position(&y.0), &y.0)));
     assert_eq!(listed.len(), 3_000);
     assert!(
         listed == expected,
@@ -1634,14 +1654,16 @@ async fn a_large_window_counts_lists_and_frees_exactly_as_it_grows_and_shrinks(b
         .iter()
         .flat_map(|p| entries(p))
         .collect();
-    assert_eq!(
-        listed,
-        [
-            (all[0].clone(), later + DAY, s.to_string()),
-            ("late".to_string(), later + DAY, s.to_string()),
-            ("again".to_string(), empty + DAY, s.to_string()),
-        ]
-    );
+    let position = |r: &str| {
+        waquota::model::listing_position(&waquota::model::RecipientId::parse("r", r).unwrap())
+    };
+    let mut expected = [
+        (all[0].clone(), later + DAY, s.to_string()),
+        ("late".to_string(), later + DAY, s.to_string()),
+        ("again".to_string(), empty + DAY, s.to_string()),
+    ];
+    expected.sort_by(|x, y| (position(&x.0), &x.0).cmp(&(position(&y.0), &y.0)));
+    assert_eq!(listed, expected, "in listing order");
     // And it grows again, exactly.
     let rs = batch(&mut q, s, &all[1..1_001], empty).await;
     assert_all_new(&rs, 3, limit, empty);

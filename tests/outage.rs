@@ -338,3 +338,57 @@ async fn with_deny_quota_health_follows_the_store() {
     )
     .await;
 }
+
+/// A reassignment cut short by the store (a step failed half-way while the instance lives) is
+/// resumed by that instance's next AssignSender at once: no instance crashed, so nothing should
+/// wait out the abandoned-move delay of 30 s. Redis refuses the portfolio's keys for a while
+/// (an ACL on the default user), so the move stops after its first steps.
+#[tokio::test]
+async fn a_move_interrupted_by_a_store_hiccup_is_resumed_at_once_by_its_instance() {
+    let mut server = TestServer::start(Backend::Redis).await;
+    let mut admin = server.admin().await;
+    let mut q = server.quota().await;
+    acquire(&mut q, "s1", "4915100000001")
+        .await
+        .expect("a slot to move");
+    let port = server.redis().unwrap().port;
+    let assign = || waquota::proto::AssignSenderRequest {
+        sender: "s1".into(),
+        portfolio: "p1".into(),
+        at: None,
+    };
+
+    let acl = |rule: &str| {
+        let reply = common::raw_command(port, &format!("ACL SETUSER default {rule}"));
+        assert!(
+            reply.as_deref().is_some_and(|r| r.starts_with("+OK")),
+            "{reply:?}"
+        );
+    };
+    acl("resetkeys ~wq:{s:*");
+    let cut = admin.assign_sender(assign()).await;
+    acl("allkeys");
+    assert_eq!(cut.map(drop).map_err(|s| s.code()), Err(Code::Unavailable));
+    let journal = common::raw_command(port, "GET wq:{s:s1}:mv").unwrap_or_default();
+    assert!(
+        journal.contains(">p1>"),
+        "the move is journaled, unfinished: {journal}"
+    );
+
+    admin
+        .assign_sender(assign())
+        .await
+        .expect("the interrupted move is resumed, not 'being reassigned'");
+    let i = admin
+        .inspect(InspectRequest {
+            target: sender("s1"),
+            at: Some(ts(T0 + 1)),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(i.portfolio, "p1", "{i:?}");
+    let journal = common::raw_command(port, "GET wq:{s:s1}:mv").unwrap_or_default();
+    assert!(journal.starts_with("$-1"), "the journal is gone: {journal}");
+}

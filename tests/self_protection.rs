@@ -136,3 +136,51 @@ async fn messages_over_the_size_limit_are_refused_both_ways() {
         .await
         .expect("small messages pass");
 }
+
+/// With Redis frozen, every Acquire answers within `redis_timeout` of its own arrival, those
+/// that queued behind a decision of the same sender included (they used to wait for that one
+/// and then for their own call: twice the timeout).
+#[tokio::test]
+async fn queued_acquires_answer_within_the_store_timeout_of_their_arrival() {
+    let timeout = Duration::from_millis(1000);
+    let mut server = TestServer::start_with(Backend::Redis, |s| {
+        s.redis_timeout = timeout;
+    })
+    .await;
+    let q = server.quota().await;
+    // On the store's clock (no `at`): only those requests are decided together.
+    let real = |r: &str| AcquireRequest {
+        sender: "s1".into(),
+        recipient: r.into(),
+        ..Default::default()
+    };
+    q.clone().acquire(real("warm-up")).await.expect("warm-up");
+    let port = server.redis().unwrap().port;
+
+    pause_writes(port, 5000);
+    let calls: Vec<_> = users("r", 30)
+        .into_iter()
+        .map(|r| {
+            let mut q = q.clone();
+            let req = real(&r);
+            tokio::spawn(async move {
+                let start = std::time::Instant::now();
+                let got = q.acquire(req).await.map_err(|s| s.code());
+                (got, start.elapsed())
+            })
+        })
+        .collect();
+    let mut slowest = Duration::ZERO;
+    for (i, c) in calls.into_iter().enumerate() {
+        let (got, took) = c.await.unwrap();
+        assert_eq!(got.map(drop), Err(Code::Unavailable), "call {i}");
+        slowest = slowest.max(took);
+    }
+    unpause(port);
+    // The bound is the promise (one timeout), with room for a loaded machine; the defect
+    // answered after two timeouts or more.
+    assert!(
+        slowest < timeout * 3 / 2,
+        "slowest answer after {slowest:?}, timeout {timeout:?}"
+    );
+}

@@ -8,8 +8,8 @@ use super::guard::Refused;
 use crate::ledger::LedgerError;
 use crate::model::{
     Category, DAY_MS, Decision, Defaults, Inspection, InvalidArgument, MAX_ABS_MS, MessageKind,
-    Millis, Outcome, Policy, PortfolioId, Projection, Quality, RecipientId, RuleSet, Scope,
-    SenderId, SenderStatus, Target, Tier, WindowEntry, WindowMode,
+    Millis, Outcome, Policy, PortfolioId, Projection, Quality, RecipientId, ReservationSigner,
+    RuleSet, Scope, SenderId, SenderStatus, Target, Tier, WindowEntry, WindowMode,
 };
 use crate::proto;
 
@@ -359,7 +359,12 @@ pub fn scope_from_proto(s: proto::Scope) -> Option<Scope> {
     }
 }
 
-pub fn outcome(o: Outcome) -> proto::AcquireResponse {
+/// An outcome on the wire; its reservation is signed for the sender and recipient.
+pub fn outcome(
+    o: Outcome,
+    sender: &SenderId,
+    signer: &ReservationSigner,
+) -> proto::AcquireResponse {
     proto::AcquireResponse {
         decision: decision_to_proto(o.decision) as i32,
         allowed: o.decision.allowed(),
@@ -370,7 +375,10 @@ pub fn outcome(o: Outcome) -> proto::AcquireResponse {
         remaining: o.remaining,
         tier: tier_to_proto(o.tier) as i32,
         scope: scope_to_proto(o.scope) as i32,
-        reservation: o.reservation.map(|r| r.encode()).unwrap_or_default(),
+        reservation: o
+            .reservation
+            .map(|r| signer.encode(sender, &o.recipient, &r))
+            .unwrap_or_default(),
         recipient: o.recipient.to_string(),
         store_outage: false,
     }

@@ -202,7 +202,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let path = req.uri().path();
         let admin = path.starts_with(ADMIN_PREFIX);
         if !admin && !path.starts_with(QUOTA_PREFIX) {
@@ -210,6 +210,7 @@ where
             return Box::pin(self.inner.call(req));
         }
         let state = &self.state;
+        let mut role = None;
         if let Some(tokens) = &state.tokens {
             match tokens.role(req.headers().get(http::header::AUTHORIZATION)) {
                 None => {
@@ -228,7 +229,7 @@ where
                     state.metrics.refused(Refusal::PermissionDenied);
                     return refuse(Refused::PermissionDenied);
                 }
-                Some(_) => {}
+                Some(r) => role = Some(r),
             }
         }
         let Ok(permit) = state.permits.clone().try_acquire_owned() else {
@@ -237,6 +238,10 @@ where
             return refuse(Refused::Overloaded);
         };
         let rpc = rpc_index(path);
+        if let Some(role) = role {
+            // The services read it: only an operator's `at` is honoured (ApiOptions::clock).
+            req.extensions_mut().insert(role);
+        }
         // Taken now, before tonic's own grpc-timeout timer starts, so this one fires first and
         // the answer is DEADLINE_EXCEEDED (tonic's would be CANCELLED).
         let deadline = grpc_timeout(req.headers()).map(|d| tokio::time::Instant::now() + d);

@@ -12,7 +12,8 @@ use crate::ledger::coalesce::Coalescer;
 use crate::ledger::{Ledger, LedgerError};
 use crate::metrics::Metrics;
 use crate::model::{
-    AcquireRequest, Cursor, Defaults, PortfolioId, RecipientId, Reservation, SenderId,
+    AcquireRequest, Cursor, Defaults, Millis, PortfolioId, RecipientId, Reservation,
+    ReservationSigner, SenderId,
 };
 use crate::outage::{OUTAGE_HEADER, OutagePolicy};
 use crate::proto::{self, admin_service_server::AdminService, quota_service_server::QuotaService};
@@ -26,10 +27,38 @@ pub struct ApiOptions {
     pub max_batch: usize,
     pub metrics: Arc<Metrics>,
     pub outage: Arc<OutagePolicy>,
+    /// Bearer tokens are configured: then only an operator token's `at` is honoured.
+    pub auth_enabled: bool,
+    /// Every decision answers within it of its arrival (`redis_timeout`).
+    pub store_timeout: std::time::Duration,
+}
+
+impl ApiOptions {
+    /// The request's clock (`at`): honoured with `--trust-client-clock`, and when tokens are
+    /// configured only from an operator, since a trusted `at` rewrites time for everyone
+    /// (docs/contract.md, "The clock").
+    fn clock<T>(
+        &self,
+        req: &Request<T>,
+        at: Option<&prost_types::Timestamp>,
+    ) -> Result<Option<Millis>, Status> {
+        if at.is_some()
+            && self.trust_client_clock
+            && self.auth_enabled
+            && req.extensions().get::<guard::Role>() != Some(&guard::Role::Operator)
+        {
+            return Err(Status::invalid_argument(
+                "at: only an operator token may set the clock on this server",
+            ));
+        }
+        convert::clock(at, self.trust_client_clock).map_err(invalid)
+    }
 }
 
 pub struct QuotaApi<L> {
     ledger: Arc<L>,
+    /// Read from the ledger on first use (the store may be down at start-up).
+    signer: tokio::sync::OnceCell<ReservationSigner>,
     /// Acquires go through it: a sender's concurrent requests are decided together.
     coalescer: Coalescer<L>,
     opts: ApiOptions,
@@ -43,7 +72,8 @@ pub struct AdminApi<L> {
 impl<L: Ledger> QuotaApi<L> {
     pub fn new(ledger: Arc<L>, opts: ApiOptions) -> Self {
         QuotaApi {
-            coalescer: Coalescer::new(ledger.clone()),
+            signer: tokio::sync::OnceCell::new(),
+            coalescer: Coalescer::new(ledger.clone(), opts.store_timeout),
             ledger,
             opts,
         }
@@ -79,6 +109,32 @@ impl Decided {
 }
 
 impl<L: Ledger> QuotaApi<L> {
+    async fn signer(&self) -> Result<&ReservationSigner, Status> {
+        self.signer
+            .get_or_try_init(|| async {
+                let secret = self.ledger.reservation_secret().await?;
+                Ok::<_, LedgerError>(ReservationSigner::new(&secret))
+            })
+            .await
+            .map_err(status)
+    }
+
+    /// A reservation from the wire: canonical, and issued to this sender for this recipient.
+    async fn reservation(
+        &self,
+        token: &str,
+        sender: &SenderId,
+        recipient: &RecipientId,
+    ) -> Result<Reservation, Status> {
+        if token.is_empty() {
+            return Err(Status::invalid_argument("reservation: required"));
+        }
+        self.signer()
+            .await?
+            .verify("reservation", token, sender, recipient)
+            .map_err(invalid)
+    }
+
     async fn decide(
         &self,
         sender: &str,
@@ -86,7 +142,7 @@ impl<L: Ledger> QuotaApi<L> {
         kind: i32,
         category: i32,
         dry_run: bool,
-        at: Option<&prost_types::Timestamp>,
+        at: Option<Millis>,
     ) -> Result<Decided, Status> {
         let span = tracing::Span::current();
         span.record("sender", sender);
@@ -100,9 +156,11 @@ impl<L: Ledger> QuotaApi<L> {
             kind: convert::kind(kind).map_err(invalid)?,
             category: convert::category(category).map_err(invalid)?,
             dry_run,
-            at: convert::clock(at, self.opts.trust_client_clock).map_err(invalid)?,
+            at,
         };
+        let signer = self.signer().await?;
         let recipients = req.recipients.clone();
+        let req_sender = req.sender.clone();
         let outcomes = match self.coalescer.acquire(req).await {
             Ok(o) => o,
             Err(LedgerError::Unavailable(m))
@@ -124,7 +182,10 @@ impl<L: Ledger> QuotaApi<L> {
         }
         tracing::debug!(recipients = outcomes.len(), "decided");
         Ok(Decided {
-            results: outcomes.into_iter().map(convert::outcome).collect(),
+            results: outcomes
+                .into_iter()
+                .map(|o| convert::outcome(o, &req_sender, signer))
+                .collect(),
             store_outage: false,
         })
     }
@@ -136,6 +197,7 @@ impl<L: Ledger> QuotaService for QuotaApi<L> {
         &self,
         req: Request<proto::AcquireRequest>,
     ) -> Result<Response<proto::AcquireResponse>, Status> {
+        let at = self.opts.clock(&req, req.get_ref().at.as_ref())?;
         let r = req.into_inner();
         let mut decided = self
             .decide(
@@ -144,7 +206,7 @@ impl<L: Ledger> QuotaService for QuotaApi<L> {
                 r.kind,
                 r.category,
                 r.dry_run,
-                r.at.as_ref(),
+                at,
             )
             .await?;
         let one = decided
@@ -158,6 +220,7 @@ impl<L: Ledger> QuotaService for QuotaApi<L> {
         &self,
         req: Request<proto::AcquireBatchRequest>,
     ) -> Result<Response<proto::AcquireBatchResponse>, Status> {
+        let at = self.opts.clock(&req, req.get_ref().at.as_ref())?;
         let r = req.into_inner();
         if r.recipients.is_empty() {
             return Err(Status::invalid_argument("recipients: must not be empty"));
@@ -176,14 +239,7 @@ impl<L: Ledger> QuotaService for QuotaApi<L> {
             .map(|(i, s)| (s.as_str(), format!("recipients[{i}]")))
             .collect();
         let mut decided = self
-            .decide(
-                &r.sender,
-                recipients,
-                r.kind,
-                r.category,
-                r.dry_run,
-                r.at.as_ref(),
-            )
+            .decide(&r.sender, recipients, r.kind, r.category, r.dry_run, at)
             .await?;
         let results = std::mem::take(&mut decided.results);
         Ok(decided.into_response(proto::AcquireBatchResponse { results }))
@@ -193,12 +249,14 @@ impl<L: Ledger> QuotaService for QuotaApi<L> {
         &self,
         req: Request<proto::ReleaseRequest>,
     ) -> Result<Response<proto::ReleaseResponse>, Status> {
+        let at = self.opts.clock(&req, req.get_ref().at.as_ref())?;
         let r = req.into_inner();
         tracing::Span::current().record("sender", r.sender.as_str());
         let sender = SenderId::parse("sender", &r.sender).map_err(invalid)?;
         let recipient = RecipientId::parse("recipient", &r.recipient).map_err(invalid)?;
-        let reservation = Reservation::parse("reservation", &r.reservation).map_err(invalid)?;
-        let at = convert::clock(r.at.as_ref(), self.opts.trust_client_clock).map_err(invalid)?;
+        let reservation = self
+            .reservation(&r.reservation, &sender, &recipient)
+            .await?;
         let released = self
             .ledger
             .release(sender, recipient, reservation, at)
@@ -211,11 +269,11 @@ impl<L: Ledger> QuotaService for QuotaApi<L> {
         &self,
         req: Request<proto::RecordInboundRequest>,
     ) -> Result<Response<proto::RecordInboundResponse>, Status> {
+        let at = self.opts.clock(&req, req.get_ref().at.as_ref())?;
         let r = req.into_inner();
         tracing::Span::current().record("sender", r.sender.as_str());
         let sender = SenderId::parse("sender", &r.sender).map_err(invalid)?;
         let recipient = RecipientId::parse("recipient", &r.recipient).map_err(invalid)?;
-        let at = convert::clock(r.at.as_ref(), self.opts.trust_client_clock).map_err(invalid)?;
         let until = self
             .ledger
             .record_inbound(sender, recipient, r.free_entry_point, at)
@@ -230,17 +288,19 @@ impl<L: Ledger> QuotaService for QuotaApi<L> {
         &self,
         req: Request<proto::ConfirmRequest>,
     ) -> Result<Response<proto::ConfirmResponse>, Status> {
+        let at = self.opts.clock(&req, req.get_ref().at.as_ref())?;
         let r = req.into_inner();
         let sender = SenderId::parse("sender", &r.sender).map_err(invalid)?;
         let recipient = RecipientId::parse("recipient", &r.recipient).map_err(invalid)?;
-        let reservation = Reservation::parse("reservation", &r.reservation).map_err(invalid)?;
+        let reservation = self
+            .reservation(&r.reservation, &sender, &recipient)
+            .await?;
         let delivered = r
             .delivered_at
             .as_ref()
             .ok_or_else(|| Status::invalid_argument("delivered_at: required"))?;
         let delivered_at =
             convert::ms_from_timestamp("delivered_at", delivered).map_err(invalid)?;
-        let at = convert::clock(r.at.as_ref(), self.opts.trust_client_clock).map_err(invalid)?;
         match self
             .ledger
             .confirm(sender, recipient, reservation, delivered_at, at)
@@ -260,15 +320,18 @@ impl<L: Ledger> QuotaService for QuotaApi<L> {
         &self,
         req: Request<proto::ReportFailureRequest>,
     ) -> Result<Response<proto::ReportFailureResponse>, Status> {
+        let at = self.opts.clock(&req, req.get_ref().at.as_ref())?;
         let r = req.into_inner();
         let sender = SenderId::parse("sender", &r.sender).map_err(invalid)?;
         let recipient = RecipientId::parse("recipient", &r.recipient).map_err(invalid)?;
         let reservation = if r.reservation.is_empty() {
             None
         } else {
-            Some(Reservation::parse("reservation", &r.reservation).map_err(invalid)?)
+            Some(
+                self.reservation(&r.reservation, &sender, &recipient)
+                    .await?,
+            )
         };
-        let at = convert::clock(r.at.as_ref(), self.opts.trust_client_clock).map_err(invalid)?;
         let out = self
             .ledger
             .report_failure(sender, recipient, reservation, r.error_code, at)
@@ -287,11 +350,11 @@ impl<L: Ledger> AdminService for AdminApi<L> {
         &self,
         req: Request<proto::PutPolicyRequest>,
     ) -> Result<Response<proto::PutPolicyResponse>, Status> {
+        let at = self.opts.clock(&req, req.get_ref().at.as_ref())?;
         let r = req.into_inner();
         let target = convert::target(r.target.as_ref()).map_err(invalid)?;
         let policy =
             convert::policy(r.policy.as_ref(), &target, &self.opts.defaults).map_err(invalid)?;
-        let at = convert::clock(r.at.as_ref(), self.opts.trust_client_clock).map_err(invalid)?;
         let stored = self
             .ledger
             .put_policy(target, policy, at)
@@ -306,6 +369,8 @@ impl<L: Ledger> AdminService for AdminApi<L> {
         &self,
         req: Request<proto::AssignSenderRequest>,
     ) -> Result<Response<proto::AssignSenderResponse>, Status> {
+        // Validated, though a move has no clock of its own.
+        self.opts.clock(&req, req.get_ref().at.as_ref())?;
         let r = req.into_inner();
         let sender = SenderId::parse("sender", &r.sender).map_err(invalid)?;
         let portfolio = if r.portfolio.is_empty() {
@@ -313,7 +378,6 @@ impl<L: Ledger> AdminService for AdminApi<L> {
         } else {
             Some(PortfolioId::parse("portfolio", &r.portfolio).map_err(invalid)?)
         };
-        convert::clock(r.at.as_ref(), self.opts.trust_client_clock).map_err(invalid)?;
         self.ledger
             .assign_sender(sender, portfolio)
             .await
@@ -325,10 +389,10 @@ impl<L: Ledger> AdminService for AdminApi<L> {
         &self,
         req: Request<proto::InspectRequest>,
     ) -> Result<Response<proto::InspectResponse>, Status> {
+        let at = self.opts.clock(&req, req.get_ref().at.as_ref())?;
         let r = req.into_inner();
         let target = convert::target(r.target.as_ref()).map_err(invalid)?;
         let recipient = convert::optional_recipient("recipient", &r.recipient).map_err(invalid)?;
-        let at = convert::clock(r.at.as_ref(), self.opts.trust_client_clock).map_err(invalid)?;
         let i = self
             .ledger
             .inspect(target, recipient, at)
@@ -341,6 +405,7 @@ impl<L: Ledger> AdminService for AdminApi<L> {
         &self,
         req: Request<proto::ListWindowRequest>,
     ) -> Result<Response<proto::ListWindowResponse>, Status> {
+        let at = self.opts.clock(&req, req.get_ref().at.as_ref())?;
         let r = req.into_inner();
         let target = convert::target(r.target.as_ref()).map_err(invalid)?;
         let page_size = match r.page_size as usize {
@@ -352,7 +417,6 @@ impl<L: Ledger> AdminService for AdminApi<L> {
         } else {
             Some(Cursor::parse("page_token", &r.page_token).map_err(invalid)?)
         };
-        let at = convert::clock(r.at.as_ref(), self.opts.trust_client_clock).map_err(invalid)?;
         let page = self
             .ledger
             .list_window(target, page_size, after, at)
@@ -372,9 +436,9 @@ impl<L: Ledger> AdminService for AdminApi<L> {
         &self,
         req: Request<proto::ResetRequest>,
     ) -> Result<Response<proto::ResetResponse>, Status> {
+        self.opts.clock(&req, req.get_ref().at.as_ref())?;
         let r = req.into_inner();
         let target = convert::target(r.target.as_ref()).map_err(invalid)?;
-        convert::clock(r.at.as_ref(), self.opts.trust_client_clock).map_err(invalid)?;
         self.ledger.reset(target).await.map_err(status)?;
         tracing::info!(target: "waquota::admin", "window reset");
         Ok(Response::new(proto::ResetResponse {}))

@@ -11,9 +11,14 @@
 //! Only requests that a batch decides identically are combined: the same sender, message kind
 //! and category, on the store's clock, not dry runs. Each call carries at most
 //! [`MAX_COALESCED`] recipients (a larger request goes alone).
+//!
+//! Every request answers within the store timeout of its own arrival, however long it queued:
+//! a request still waiting at its deadline answers `UNAVAILABLE` and leaves the queue, and a
+//! batch never carries a request whose caller has gone.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
@@ -41,13 +46,16 @@ type Queues = Mutex<HashMap<Key, VecDeque<Waiter>>>;
 pub struct Coalescer<L> {
     ledger: Arc<L>,
     queues: Arc<Queues>,
+    /// From a request's arrival to its answer, queueing included.
+    timeout: Duration,
 }
 
 impl<L: Ledger> Coalescer<L> {
-    pub fn new(ledger: Arc<L>) -> Self {
+    pub fn new(ledger: Arc<L>, timeout: Duration) -> Self {
         Coalescer {
             ledger,
             queues: Arc::default(),
+            timeout,
         }
     }
 
@@ -56,6 +64,7 @@ impl<L: Ledger> Coalescer<L> {
         if req.dry_run || req.at.is_some() {
             return self.ledger.acquire(req).await;
         }
+        let deadline = tokio::time::Instant::now() + self.timeout;
         let key = Key {
             sender: req.sender,
             kind: req.kind,
@@ -84,9 +93,18 @@ impl<L: Ledger> Coalescer<L> {
             // that hung up) never strands the requests queued behind it.
             tokio::spawn(drive(self.ledger.clone(), self.queues.clone(), key));
         }
-        answer
-            .await
-            .unwrap_or_else(|_| Err(LedgerError::Internal("decision abandoned".into())))
+        match tokio::time::timeout_at(deadline, answer).await {
+            Ok(answer) => {
+                answer.unwrap_or_else(|_| Err(LedgerError::Internal("decision abandoned".into())))
+            }
+            // Dropping `answer` closes the channel: a batch not yet sent leaves this request out.
+            // One already sent may still be decided by the store: consumed, unanswered, the safe
+            // side (docs/contract.md, "Timeouts").
+            Err(_) => Err(LedgerError::Unavailable(format!(
+                "the store did not answer within {} ms (this request queued behind another decision of its sender)",
+                self.timeout.as_millis()
+            ))),
+        }
     }
 }
 
@@ -106,6 +124,11 @@ async fn drive<L: Ledger>(ledger: Arc<L>, queues: Arc<Queues>, key: Key) {
             let mut batch: Vec<Waiter> = Vec::new();
             let mut n = 0;
             while let Some(w) = queue.front() {
+                if w.reply.is_closed() {
+                    // Its caller gave up (its deadline passed): decide nothing for it.
+                    queue.pop_front();
+                    continue;
+                }
                 if !batch.is_empty() && n + w.recipients.len() > MAX_COALESCED {
                     break;
                 }

@@ -14,11 +14,13 @@ use crate::model::{
     MARKETING_HOLD_MS, MONTH_MS, MessageKind, Millis, Outcome, Policy, PortfolioId, Projection,
     Rates, RecipientId, Reservation, RuleSet, SERVICE_WINDOW_MS, SLOT_MS, Scope, SenderId,
     SenderStatus, Target, Tier, WEEK_MS, WindowEntry, WindowMode, WindowPage, crossing_time, gcra,
-    remaining, upgrade_delay, upgrade_threshold_met,
+    listing_position, remaining, upgrade_delay, upgrade_threshold_met,
 };
 
 pub struct MemoryLedger {
     defaults: Defaults,
+    /// Reservations are signed with it; they do not outlive the process, nor does the ledger.
+    secret: Vec<u8>,
     state: Mutex<State>,
 }
 
@@ -534,6 +536,7 @@ impl MemoryLedger {
     pub fn new(defaults: Defaults) -> Self {
         MemoryLedger {
             defaults,
+            secret: super::random_bytes(32),
             state: Mutex::new(State::default()),
         }
     }
@@ -629,10 +632,13 @@ impl Ledger for MemoryLedger {
         // the reservation (clamp would panic), exactly as confirm.lua computes it.
         let delivered = delivered_at.max(reservation.opened_at).min(now);
         let until = slot.expires_at.max(delivered + SLOT_MS);
+        // A confirmation is a delivery: from now on no reservation can release the slot
+        // (docs/contract.md, "Release").
         window.set(
             &recipient,
             Slot {
                 expires_at: until,
+                touched: true,
                 ..slot
             },
         );
@@ -800,21 +806,29 @@ impl Ledger for MemoryLedger {
                 next: None,
             });
         };
-        let entries: Vec<WindowEntry> = window
+        // In listing order (model::listing_position), as the Redis ledger lists.
+        let mut rows: Vec<(u32, &RecipientId, Millis)> = window
             .live(now)
-            .filter(|(e, r)| {
-                after
-                    .as_ref()
-                    .is_none_or(|c| (*e, r) > (c.expires_at, &c.recipient))
-            })
-            .take(page_size + 1)
-            .map(|(e, r)| WindowEntry {
+            .map(|(e, r)| (listing_position(r), r, *e))
+            .filter(|(p, r, _)| after.as_ref().is_none_or(|c| c.before(*p, r)))
+            .collect();
+        rows.sort_unstable_by(|a, b| {
+            (a.0, a.1.as_str().as_bytes()).cmp(&(b.0, b.1.as_str().as_bytes()))
+        });
+        let next = (rows.len() > page_size).then(|| Cursor {
+            position: rows[page_size - 1].0,
+            recipient: Some(rows[page_size - 1].1.clone()),
+        });
+        let entries = rows
+            .into_iter()
+            .take(page_size)
+            .map(|(_, r, e)| WindowEntry {
                 recipient: r.clone(),
-                expires_at: *e,
+                expires_at: e,
                 sender: window.slots[r].sender.clone(),
             })
             .collect();
-        Ok(WindowPage::from_overfetch(entries, page_size))
+        Ok(WindowPage { entries, next })
     }
 
     async fn reset(&self, target: Target) -> Result<()> {
@@ -831,6 +845,10 @@ impl Ledger for MemoryLedger {
             w.by_expiry.clear();
         }
         Ok(())
+    }
+
+    async fn reservation_secret(&self) -> Result<Vec<u8>> {
+        Ok(self.secret.clone())
     }
 
     async fn ping(&self) -> Result<()> {

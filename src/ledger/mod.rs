@@ -38,6 +38,17 @@ pub enum LedgerError {
 
 pub type Result<T> = std::result::Result<T, LedgerError>;
 
+/// `n` bytes from the operating system's random generator.
+pub fn random_bytes(n: usize) -> Vec<u8> {
+    use ring::rand::SecureRandom;
+    let mut b = vec![0u8; n];
+    // The system generator only fails where there is none at all; then nothing can be secret.
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .expect("the operating system's random generator");
+    b
+}
+
 pub trait Ledger: Send + Sync + 'static {
     /// Decides every recipient in order, in one atomic step (`Acquire` is a batch of one).
     fn acquire(&self, req: AcquireRequest) -> impl Future<Output = Result<Vec<Outcome>>> + Send;
@@ -117,6 +128,9 @@ pub trait Ledger: Send + Sync + 'static {
     /// Clears the target's window (its slots; service windows and policy are kept). A sender
     /// assigned to a portfolio is refused: its slots live in the portfolio's window.
     fn reset(&self, target: Target) -> impl Future<Output = Result<()>> + Send;
+
+    /// The secret reservations are signed with, the same on every instance sharing the store.
+    fn reservation_secret(&self) -> impl Future<Output = Result<Vec<u8>>> + Send;
 
     /// Health: can the store answer?
     fn ping(&self) -> impl Future<Output = Result<()>> + Send;

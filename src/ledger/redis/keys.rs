@@ -53,6 +53,12 @@ impl Keys {
         }
     }
 
+    /// string: the secret under which every instance signs reservations (`model::
+    /// ReservationSigner`); written once, by the first instance that finds none. Persistent.
+    pub fn reservation_secret(&self) -> String {
+        format!("{}:secret", self.prefix)
+    }
+
     pub fn home(&self, home: &Home) -> HomeKeys {
         let base = match home {
             Home::Sender(s) => format!("{}:{{s:{s}}}", self.prefix),
@@ -166,8 +172,9 @@ impl HomeKeys {
         self.key(if self.kind == "s" { "away" } else { "m" })
     }
 
-    /// Sender home: string "<from>><to>" while the sender is being reassigned (the journal
-    /// that serialises and completes moves). Present only during a move.
+    /// Sender home: string "<from>><to>><started>><mover>" while the sender is being
+    /// reassigned (the journal that serialises and completes moves; `mover` is the instance
+    /// running it). Present only during a move.
     pub fn move_journal(&self) -> String {
         self.key("mv")
     }

@@ -37,6 +37,8 @@ const MAX_HOPS: usize = 5;
 /// A reassignment journaled longer ago than this was abandoned by its mover (a crashed instance:
 /// every step of a live one answers within the Redis timeout), and the next one completes it.
 const ABANDONED_MOVE_MS: i64 = 30_000;
+/// Shards a Reset clears per script call: about 1,500 slots, a millisecond or two of Redis.
+const RESET_SHARDS_PER_CALL: usize = 32;
 /// Senders whose home is cached; past this the cache starts over (it only saves a round trip).
 const ROUTE_CACHE_MAX: usize = 100_000;
 
@@ -123,6 +125,39 @@ pub struct RedisLedger {
     timeout: Duration,
     routes: RwLock<HashMap<SenderId, Option<PortfolioId>>>,
     metrics: Arc<Metrics>,
+    /// This instance's id in the move journal: a move it began and is no longer running (a
+    /// store hiccup cut it short) is resumed by its next AssignSender at once, not after
+    /// ABANDONED_MOVE_MS.
+    instance: String,
+    /// Senders this instance is moving right now.
+    moving: std::sync::Mutex<std::collections::HashSet<SenderId>>,
+}
+
+/// Marks a sender as being moved by this instance while it lives.
+struct Moving<'a> {
+    set: &'a std::sync::Mutex<std::collections::HashSet<SenderId>>,
+    sender: SenderId,
+}
+
+impl<'a> Moving<'a> {
+    /// None when this instance is already moving the sender.
+    fn claim(
+        set: &'a std::sync::Mutex<std::collections::HashSet<SenderId>>,
+        sender: &SenderId,
+    ) -> Option<Moving<'a>> {
+        let mut s = set.lock().unwrap_or_else(|e| e.into_inner());
+        s.insert(sender.clone()).then(|| Moving {
+            set,
+            sender: sender.clone(),
+        })
+    }
+}
+
+impl Drop for Moving<'_> {
+    fn drop(&mut self) {
+        let mut s = self.set.lock().unwrap_or_else(|e| e.into_inner());
+        s.remove(&self.sender);
+    }
 }
 
 /// One script call: the EVALSHA command itself, built once as keys and arguments are added
@@ -232,6 +267,14 @@ fn error_kind(e: &RedisError) -> RedisErrorKind {
             _ => RedisErrorKind::Internal,
         }
     }
+}
+
+/// `n` random bytes from the system's generator, in hex.
+fn random_hex(n: usize) -> String {
+    super::random_bytes(n)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn bad_reply(what: &str, v: &Value) -> LedgerError {
@@ -497,6 +540,8 @@ impl RedisLedger {
             timeout: settings.redis_timeout,
             routes: RwLock::new(HashMap::new()),
             metrics: Arc::new(Metrics::new()),
+            instance: random_hex(8),
+            moving: std::sync::Mutex::new(std::collections::HashSet::new()),
         };
         if let Err(e) = ledger.ping().await {
             tracing::warn!(error = %e, "Redis does not answer yet; serving UNAVAILABLE until it does");
@@ -726,10 +771,7 @@ impl Ledger for RedisLedger {
                 let reservation = if resv.is_empty() {
                     None
                 } else {
-                    Some(
-                        Reservation::parse("reservation", &format!("r{resv}"))
-                            .map_err(|_| bad())?,
-                    )
+                    Some(Reservation::from_stored(&resv).ok_or_else(bad)?)
                 };
                 Ok(Outcome {
                     recipient: r.clone(),
@@ -948,7 +990,8 @@ impl Ledger for RedisLedger {
         for _ in 0..3 {
             let begin = Call::new(&self.scripts.move_journal, journal_keys())
                 .arg("begin")
-                .arg(&target);
+                .arg(&target)
+                .arg(&self.instance);
             let v = items(self.run(&begin).await?).map_err(|v| bad_reply("move", &v))?;
             let bad = || bad_reply("move", &Value::Array(v.clone()));
             match text(v.first().ok_or_else(bad)?).as_deref() {
@@ -964,6 +1007,11 @@ impl Ledger for RedisLedger {
                 Some("begun") => {
                     let entry = text(v.get(1).ok_or_else(bad)?).ok_or_else(bad)?;
                     let from = entry.split('>').next().unwrap_or_default().to_owned();
+                    let Some(_moving) = Moving::claim(&self.moving, &sender) else {
+                        return Err(LedgerError::Unavailable(format!(
+                            "sender {sender} is being reassigned; try again"
+                        )));
+                    };
                     self.move_sender(&sender, &from, &target, &entry).await?;
                     self.learn(&sender, portfolio);
                     tracing::info!(%sender, from, to = target, "sender reassigned");
@@ -977,16 +1025,26 @@ impl Ledger for RedisLedger {
                         parts.next().unwrap_or_default(),
                         parts.next().ok_or_else(bad)?,
                     );
-                    // Another request is moving this sender: wait for it (the caller retries). Only
-                    // a move left unfinished for longer than any live one can take is completed
-                    // here, since two movers of one sender must never run at once.
-                    if age < ABANDONED_MOVE_MS {
+                    let mover = parts.nth(1).unwrap_or_default();
+                    // Another request is moving this sender: wait for it (the caller retries).
+                    // Two movers of one sender must never run at once, so a move is completed
+                    // here only when nobody can be running it: this instance began it and is
+                    // not running it now (a store hiccup cut it short), or it was left
+                    // unfinished for longer than any live move can take (its mover crashed).
+                    let claim = Moving::claim(&self.moving, &sender);
+                    let ours = mover == self.instance && claim.is_some();
+                    if !ours && (claim.is_none() || age < ABANDONED_MOVE_MS) {
                         return Err(LedgerError::Unavailable(format!(
                             "sender {sender} is being reassigned (from {from:?} to {to:?}); try again"
                         )));
                     }
-                    tracing::warn!(%sender, from, to, "completing an abandoned reassignment first");
+                    if ours {
+                        tracing::info!(%sender, from, to, "resuming this instance's interrupted reassignment");
+                    } else {
+                        tracing::warn!(%sender, from, to, "completing an abandoned reassignment first");
+                    }
                     self.move_sender(&sender, from, to, &entry).await?;
+                    drop(claim);
                 }
                 _ => return Err(bad()),
             }
@@ -1141,9 +1199,11 @@ impl Ledger for RedisLedger {
                 .clock(at)
                 .arg(home.kind())
                 .arg(sender)
-                .num(page_size + 1);
+                .num(page_size);
             match &after {
-                Some(c) => call.num(c.expires_at).arg(c.recipient.as_str()),
+                Some(c) => call
+                    .num(c.position)
+                    .arg(c.recipient.as_ref().map_or("", |r| r.as_str())),
                 None => call.arg("").arg(""),
             }
         };
@@ -1160,7 +1220,20 @@ impl Ledger for RedisLedger {
         };
         let f = items(v).map_err(|v| bad_reply("list", &v))?;
         let bad = || bad_reply("list", &Value::Array(f.clone()));
+        let next = match f.first().and_then(int) {
+            Some(-1) => None,
+            Some(p) => Some(Cursor {
+                position: u32::try_from(p).map_err(|_| bad())?,
+                recipient: match text(f.get(1).ok_or_else(bad)?).unwrap_or_default() {
+                    r if r.is_empty() => None,
+                    r => Some(RecipientId::parse("recipient", &r).map_err(|_| bad())?),
+                },
+            }),
+            None => return Err(bad()),
+        };
         let entries = f
+            .get(2..)
+            .ok_or_else(bad)?
             .chunks_exact(3)
             .map(|e| {
                 Ok(WindowEntry {
@@ -1172,7 +1245,7 @@ impl Ledger for RedisLedger {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(WindowPage::from_overfetch(entries, page_size))
+        Ok(WindowPage { entries, next })
     }
 
     async fn reset(&self, target: Target) -> Result<()> {
@@ -1181,20 +1254,55 @@ impl Ledger for RedisLedger {
             Target::Portfolio(p) => (Home::Portfolio(p.clone()), String::new()),
         };
         let k = self.keys.home(&home);
-        let call = Call::new(
-            &self.scripts.reset,
-            vec![k.window(), k.window_index(), k.residency()],
-        )
-        .arg(home.kind())
-        .arg(&sender)
-        .arg(k.sender_slots_prefix());
-        let v = self.run(&call).await?;
+        let call = |mode: &str| {
+            Call::new(
+                &self.scripts.reset,
+                vec![k.window(), k.window_index(), k.residency()],
+            )
+            .arg(home.kind())
+            .arg(&sender)
+            .arg(k.sender_slots_prefix())
+            .arg(mode)
+            .num(RESET_SHARDS_PER_CALL)
+        };
+        let v = self.run(&call("begin")).await?;
         if let Some(Some(p)) = moved(&v) {
             return Err(LedgerError::FailedPrecondition(format!(
                 "sender {sender} is assigned to portfolio {p}: its slots are the portfolio's; reset the portfolio or detach the sender first"
             )));
         }
-        Ok(())
+        // One chunk per call: other requests run between them. An interrupted reset is taken
+        // up by the next one (a new watermark covers the old).
+        loop {
+            let v = self.run(&call("sweep")).await?;
+            if moved(&v).is_some() {
+                return Err(LedgerError::Contended(format!(
+                    "sender {sender} was reassigned during the reset; try again"
+                )));
+            }
+            let left = items(v)
+                .ok()
+                .and_then(|f| f.first().and_then(int))
+                .ok_or_else(|| {
+                    LedgerError::Internal("unexpected reply from the reset script".into())
+                })?;
+            if left == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn reservation_secret(&self) -> Result<Vec<u8>> {
+        // The first instance to ask stores a random secret; every instance then reads the same
+        // one, so a reservation issued by one is accepted by all (README "Key schema").
+        let key = self.keys.reservation_secret();
+        let fresh = random_hex(32);
+        self.query(redis::cmd("SET").arg(&key).arg(&fresh).arg("NX"))
+            .await?;
+        match self.query(redis::cmd("GET").arg(&key)).await? {
+            Value::BulkString(b) if !b.is_empty() => Ok(b),
+            v => Err(bad_reply("reservation secret", &v)),
+        }
     }
 
     async fn ping(&self) -> Result<()> {
