@@ -10,7 +10,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("waquota_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
+    // Malformed requests are INVALID_ARGUMENT (src/grpc/codec.rs), not tonic-prost's INTERNAL.
     tonic_prost_build::configure()
+        .codec_path("crate::grpc::codec::Codec")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

@@ -20,7 +20,8 @@ pub const FREE_ENTRY_POINT_MS: Millis = 3 * DAY_MS;
 pub const MAX_ID_LEN: usize = 128;
 
 /// Largest |time| in ms a request may carry: microseconds of it (the rate limits' GCRA) stay
-/// below 2^53, exact in Lua's doubles as in Rust's integers (years 1685 to 2255).
+/// below 2^53, exact in Lua's doubles as in Rust's integers. Times from
+/// 1684-07-28T00:12:25.260Z to 2255-06-05T23:47:34.740Z are accepted.
 pub const MAX_ABS_MS: Millis = 9_007_199_254_740;
 
 /// Bad input: which field, and why. Maps to `INVALID_ARGUMENT`.
@@ -113,24 +114,149 @@ impl PortfolioId {
 }
 
 impl RecipientId {
-    /// Normalises a recipient (PRODUCT.md §1.5): a phone form (digits with an optional leading
-    /// '+', spaces, dashes, dots and parentheses) becomes its digits, so `+49 151 1234-5678` and
-    /// `4915112345678` are one user; anything else must be an opaque token.
+    /// Normalises a recipient. An input is either a phone form or an opaque token, never
+    /// silently one after failing as the other:
+    ///
+    /// - **Phone form**: any input with a `+`, a space or a parenthesis, or one made only of
+    ///   digits, dashes and dots, with at least one digit and at least one dash or dot. It
+    ///   becomes its digits, so `+49 151 1234-5678`, `+49 (151) 1234.5678`,
+    ///   `(0049) 151 12345678` and `4915112345678` are one user. It must be a number:
+    ///   - an optional `+`, first;
+    ///   - a separator (space, dash, dot) stands between digits or parenthesised groups (so
+    ///     `+49 (151) 1234.5678` has one separator on each side of `(151)`); none leading or
+    ///     trailing, never two in a row;
+    ///   - parentheses pair, do not nest, and hold digits only;
+    ///   - `00` before the digits (without `+`) is the international prefix and is dropped; the
+    ///     number left must not start with `0` (a national number such as `0151 1234567`, or
+    ///     `+0…`, is refused: its country is unknown);
+    ///   - 7 to 15 digits (E.164).
+    ///
+    ///   A refusal names the first offending character and its position (1-based, counting
+    ///   characters), or the digit count.
+    /// - **Opaque token**: everything else, 1 to 128 characters of `[A-Za-z0-9._:-]`, kept as
+    ///   given. A plain run of digits is one (a `wa_id`, which is already international and never
+    ///   starts with `0`): it is kept as is, whatever its length up to 128 and even with a
+    ///   leading `00`, so `004915112345678` is not `4915112345678`.
     pub fn parse(field: &str, s: &str) -> Result<Self, InvalidArgument> {
-        let phone_like = s.chars().any(|c| c.is_ascii_digit())
-            && s.chars().enumerate().all(|(i, c)| {
-                c.is_ascii_digit()
-                    || matches!(c, ' ' | '-' | '.' | '(' | ')')
-                    || (c == '+' && i == 0)
-            });
-        if phone_like {
-            let digits: String = s.chars().filter(|c| c.is_ascii_digit()).collect();
-            check_token(field, &digits)?;
-            return Ok(Self(digits));
+        if is_phone_form(s) {
+            return phone_digits(field, s).map(Self);
         }
         check_token(field, s)?;
         Ok(Self(s.to_owned()))
     }
+}
+
+/// Phone punctuation (`+`, space, parentheses), or digits grouped by dashes or dots only.
+fn is_phone_form(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.iter().any(|c| matches!(c, b'+' | b' ' | b'(' | b')'))
+        || (b.iter().any(u8::is_ascii_digit)
+            && b.iter().any(|c| matches!(c, b'-' | b'.'))
+            && b.iter()
+                .all(|c| c.is_ascii_digit() || matches!(c, b'-' | b'.')))
+}
+
+/// Shortest and longest phone numbers, in digits (E.164 allows 15).
+const PHONE_DIGITS: std::ops::RangeInclusive<usize> = 7..=15;
+
+/// The digits of a phone form, checked against the rules of [`RecipientId::parse`].
+fn phone_digits(field: &str, s: &str) -> Result<String, InvalidArgument> {
+    #[derive(PartialEq)]
+    enum Prev {
+        Start,
+        Plus,
+        Digit,
+        Separator,
+        Open,
+        Close,
+    }
+    let bad = |c: char, pos: usize, why: &str| {
+        InvalidArgument::new(field, format!("{c:?} at position {pos}: {why}"))
+    };
+    let mut prev = Prev::Start;
+    // Each digit with its position, for the leading-zero check.
+    let mut digits: Vec<(char, usize)> = Vec::new();
+    let mut open: Option<usize> = None;
+    let mut last = (' ', 0);
+    for (i, c) in s.chars().enumerate() {
+        let pos = i + 1;
+        last = (c, pos);
+        prev = match c {
+            '0'..='9' => {
+                digits.push((c, pos));
+                Prev::Digit
+            }
+            '+' if prev == Prev::Start => Prev::Plus,
+            '+' => return Err(bad(c, pos, "'+' may only start a phone number")),
+            ' ' | '-' | '.' => {
+                if open.is_some() {
+                    return Err(bad(c, pos, "parentheses hold digits only"));
+                }
+                match prev {
+                    Prev::Digit | Prev::Close => Prev::Separator,
+                    Prev::Separator => return Err(bad(c, pos, "two separators in a row")),
+                    _ => return Err(bad(c, pos, "a separator must stand between digits")),
+                }
+            }
+            '(' => {
+                if open.is_some() {
+                    return Err(bad(c, pos, "parentheses do not nest"));
+                }
+                open = Some(pos);
+                Prev::Open
+            }
+            ')' => match (open, &prev) {
+                (None, _) => return Err(bad(c, pos, "no '(' to close")),
+                (Some(_), Prev::Open) => {
+                    return Err(bad(c, pos, "parentheses must hold digits"));
+                }
+                _ => {
+                    open = None;
+                    Prev::Close
+                }
+            },
+            _ => {
+                return Err(bad(
+                    c,
+                    pos,
+                    "invalid character: ids are made of [A-Za-z0-9._:-], phone numbers of \
+                     digits, a leading '+', spaces, dashes, dots and parentheses",
+                ));
+            }
+        };
+    }
+    if let Some(pos) = open {
+        return Err(bad('(', pos, "never closed"));
+    }
+    if prev == Prev::Separator {
+        return Err(bad(last.0, last.1, "a separator must stand between digits"));
+    }
+    let plus = s.starts_with('+');
+    let mut number: &[(char, usize)] = &digits;
+    if !plus && number.len() >= 2 && number[0].0 == '0' && number[1].0 == '0' {
+        // 00: the international prefix, as `+`.
+        number = &number[2..];
+    }
+    if let Some(&('0', pos)) = number.first() {
+        let why = if plus {
+            "a country code does not start with 0"
+        } else {
+            "a national number (leading 0): write it with + or 00 and the country code"
+        };
+        return Err(bad('0', pos, why));
+    }
+    if !PHONE_DIGITS.contains(&number.len()) {
+        return Err(InvalidArgument::new(
+            field,
+            format!(
+                "a phone number has {} to {} digits (E.164), got {}",
+                PHONE_DIGITS.start(),
+                PHONE_DIGITS.end(),
+                number.len()
+            ),
+        ));
+    }
+    Ok(number.iter().map(|(c, _)| c).collect())
 }
 
 /// Whose window decides: a sender's own, or its portfolio's.
@@ -962,6 +1088,82 @@ mod tests {
         assert!(RecipientId::parse("recipient", &"a".repeat(129)).is_err());
         assert!(SenderId::parse("sender", "a}b").is_err());
         assert!(PortfolioId::parse("portfolio", "ü").is_err());
+    }
+
+    #[test]
+    fn phone_forms_that_are_not_numbers_are_refused_naming_the_offending_character() {
+        let err = |s: &str| {
+            RecipientId::parse("recipient", s)
+                .expect_err(&format!("{s:?} must be refused"))
+                .reason
+        };
+        // (input, the character blamed, its position: 1-based, in characters)
+        let dots = format!("{}5", ".".repeat(200));
+        for (bad, c, pos) in [
+            ("1-", '-', 2),
+            ("-1", '-', 1),
+            ("+-1", '-', 2),
+            ("((((1))))", '(', 2),
+            (dots.as_str(), '.', 1),
+            ("+49\u{a0}151 1234567", '\u{a0}', 4),
+            ("+49  151 1234567", ' ', 5),
+            ("+49 151 1234567 ", ' ', 16),
+            ("+49 -151 1234567", '-', 5),
+            ("+49 (15 1) 1234567", ' ', 8),
+            ("+49 151 (1234567", '(', 9),
+            ("+49 151) 1234567", ')', 8),
+            ("+49 () 151 1234567", ')', 6),
+            ("49+151 1234567", '+', 3),
+            ("+ 49 151 1234567", ' ', 2),
+            ("a b", 'a', 1),
+        ] {
+            let reason = err(bad);
+            assert!(
+                reason.contains(&format!("{c:?} at position {pos}")),
+                "{bad:?}: {reason:?} does not blame {c:?} at position {pos}"
+            );
+        }
+        // Too few or too many digits for E.164, and national numbers (a single leading 0).
+        assert!(
+            err("+49 151").contains("7 to 15 digits"),
+            "{}",
+            err("+49 151")
+        );
+        assert!(err("+49 151 1234 5678 9012").contains("7 to 15 digits"));
+        assert!(err("1.5").contains("7 to 15 digits"));
+        assert!(
+            err("0151 1234567").contains("'0' at position 1"),
+            "{}",
+            err("0151 1234567")
+        );
+        assert!(err("+0049 151 1234567").contains("'0' at position 2"));
+    }
+
+    #[test]
+    fn phone_forms_keep_their_digits_and_00_is_the_international_prefix() {
+        let norm = |s: &str| RecipientId::parse("recipient", s).unwrap().0;
+        for ok in [
+            "+49 151 1234-5678",
+            "+49 (151) 1234.5678",
+            "(0049) 151 12345678",
+            "0049 151 1234 5678",
+            "0049-151-1234-5678",
+            "4915112345678",
+        ] {
+            assert_eq!(norm(ok), "4915112345678", "{ok:?}");
+        }
+        assert_eq!(norm("+1 (555) 010-0123"), "15550100123");
+        assert_eq!(norm("+1(555)010-0123"), "15550100123");
+        assert_eq!(norm("555-0100"), "5550100");
+        // A plain run of digits is a wa_id (or any opaque id): kept as given, 1 to 128 digits,
+        // `00` included.
+        for digits in ["1", "49151", "004915112345678", "0151", &"4".repeat(128)] {
+            assert_eq!(norm(digits), digits);
+        }
+        // Dashes and dots with letters, or with no digit at all, are opaque tokens.
+        assert_eq!(norm("US.1349:ab_c-d"), "US.1349:ab_c-d");
+        assert_eq!(norm("u-1"), "u-1");
+        assert_eq!(norm("--"), "--");
     }
 
     #[test]

@@ -8,6 +8,8 @@ mod common;
 
 use common::dsl::*;
 use common::{Backend, DAY, HOUR, MINUTE, TestServer, at, ms_of, ts};
+use tonic::Code;
+use waquota::model::MAX_ABS_MS;
 use waquota::proto::{
     AcquireBatchRequest, AcquireRequest, AcquireResponse, AssignSenderRequest, Decision,
     InspectRequest, ListWindowRequest, MessageKind, Policy, PutPolicyRequest, RecordInboundRequest,
@@ -39,6 +41,10 @@ on_every_ledger!(
     reset_clears_a_window_but_refuses_an_assigned_sender,
     replayed_clocks_far_in_the_past_or_future_keep_state,
     a_large_window_counts_lists_and_frees_exactly_as_it_grows_and_shrinks,
+    numbers_beyond_their_bounds_are_refused_and_change_nothing,
+    durations_finer_than_a_millisecond_are_refused_and_change_nothing,
+    at_is_accepted_to_its_first_and_last_millisecond_and_refused_beyond,
+    phone_forms_that_are_not_numbers_are_refused_naming_the_offending_character,
 );
 
 const NEW: Decision = Decision::AllowedNew;
@@ -1668,4 +1674,240 @@ async fn a_large_window_counts_lists_and_frees_exactly_as_it_grows_and_shrinks(b
     let rs = batch(&mut q, s, &all[1..1_001], empty).await;
     assert_all_new(&rs, 3, limit, empty);
     assert_eq!(inspect(&mut a, sender(s), empty).await.used, 1_003);
+}
+
+// ------------------------------------------------------------------ bounds of numbers and ids
+
+/// Numbers a ledger could not keep exactly (Lua numbers are doubles: 2^53 + 1 comes back as 2^53)
+/// are refused before any ledger sees them, and a refused request stores nothing.
+async fn numbers_beyond_their_bounds_are_refused_and_change_nothing(b: Backend) {
+    let srv = TestServer::start(b).await;
+    let (mut q, mut a) = (srv.quota().await, srv.admin().await);
+    let s = "capped";
+    let t = at(9, 0, 0, 0);
+    let p = Policy {
+        sender_cap: 7,
+        ..conversation(Tier::Tier1k, 0)
+    };
+    let stored = put_policy_at(&mut a, sender(s), p, t).await;
+    assert_eq!(stored.sender_cap, 7);
+
+    for cap in [1_000_000_001, (1 << 53) + 1, 1 << 63, u64::MAX] {
+        let bad = Policy {
+            sender_cap: cap,
+            ..p
+        };
+        assert_invalid(
+            try_put_policy_at(&mut a, sender(s), bad, t).await,
+            "policy.sender_cap",
+        );
+        assert_eq!(
+            inspect(&mut a, sender(s), t).await.sender_policy.as_ref(),
+            Some(&stored),
+            "a refused PutPolicy (sender_cap {cap}) leaves the stored policy"
+        );
+    }
+    // The bound itself is kept exactly, as custom_limit's.
+    let top = Policy {
+        sender_cap: 1_000_000_000,
+        custom_limit: 1_000_000_000,
+        ..p
+    };
+    let kept = put_policy_at(&mut a, sender(s), top, t).await;
+    assert_eq!(
+        (kept.sender_cap, kept.custom_limit),
+        (1_000_000_000, 1_000_000_000)
+    );
+    let read = inspect(&mut a, sender(s), t)
+        .await
+        .sender_policy
+        .expect("sender policy");
+    assert_eq!(
+        (read.sender_cap, read.custom_limit),
+        (1_000_000_000, 1_000_000_000)
+    );
+
+    // A reservation token carries a time: one beyond the accepted range was never issued.
+    let r = acquire(&mut q, s, "held", t).await;
+    let seq = r.reservation.split_once('.').expect("r<opened_at>.<seq>").1;
+    for opened in [MAX_ABS_MS + 1, i64::MAX, -MAX_ABS_MS - 1] {
+        let forged = format!("r{opened}.{seq}");
+        assert_invalid(
+            q.release(ReleaseRequest {
+                sender: s.into(),
+                recipient: "held".into(),
+                reservation: forged,
+                at: Some(ts(t)),
+            })
+            .await,
+            "reservation",
+        );
+    }
+    assert_eq!(inspect(&mut a, sender(s), t).await.used, 1);
+    assert!(release(&mut q, s, "held", &r.reservation, t).await);
+}
+
+async fn durations_finer_than_a_millisecond_are_refused_and_change_nothing(b: Backend) {
+    let srv = TestServer::start(b).await;
+    let mut a = srv.admin().await;
+    let s = "paced";
+    let t = at(9, 0, 0, 0);
+    let d = |seconds, nanos| Some(prost_types::Duration { seconds, nanos });
+    let p = Policy {
+        pair_interval: d(1, 5_000_000),
+        marketing_cap: 2,
+        marketing_cap_period: d(86_400, 0),
+        ..conversation(Tier::Tier1k, 0)
+    };
+    let stored = put_policy_at(&mut a, sender(s), p, t).await;
+    assert_eq!(stored.pair_interval, d(1, 5_000_000), "1.005 s is kept");
+
+    for (field, bad) in [
+        (
+            "policy.pair_interval",
+            Policy {
+                pair_interval: d(0, 1_000_500),
+                ..p
+            },
+        ),
+        (
+            "policy.pair_interval",
+            Policy {
+                pair_interval: d(2, 1),
+                ..p
+            },
+        ),
+        (
+            "policy.marketing_cap_period",
+            Policy {
+                marketing_cap_period: d(86_400, 500_000),
+                ..p
+            },
+        ),
+    ] {
+        let e = try_put_policy_at(&mut a, sender(s), bad, t)
+            .await
+            .expect_err(field);
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(
+            e.message().contains(field) && e.message().contains("whole number of milliseconds"),
+            "{:?}",
+            e.message()
+        );
+        assert_eq!(
+            inspect(&mut a, sender(s), t).await.sender_policy.as_ref(),
+            Some(&stored)
+        );
+    }
+}
+
+/// `at` is exact to the millisecond from 1684-07-28T00:12:25.260Z to 2255-06-05T23:47:34.740Z
+/// (|ms| <= 9,007,199,254,740: microseconds stay below 2^53), and the refusal says so.
+async fn at_is_accepted_to_its_first_and_last_millisecond_and_refused_beyond(b: Backend) {
+    let srv = TestServer::start(b).await;
+    let mut q = srv.quota().await;
+    for (s, edge, beyond) in [
+        ("last", MAX_ABS_MS, MAX_ABS_MS + 1),
+        ("first", -MAX_ABS_MS, -MAX_ABS_MS - 1),
+    ] {
+        let r = acquire(&mut q, s, "u", edge).await;
+        assert_answer(&r, NEW, 1, 249);
+        assert_eq!(expires(&r), edge + DAY);
+        let e = q
+            .acquire(AcquireRequest {
+                sender: s.into(),
+                recipient: "v".into(),
+                at: Some(ts(beyond)),
+                ..Default::default()
+            })
+            .await
+            .expect_err("one millisecond beyond");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(
+            e.message()
+                .contains("1684-07-28T00:12:25.260Z to 2255-06-05T23:47:34.740Z"),
+            "{:?}",
+            e.message()
+        );
+        let r = acquire(&mut q, s, "u", edge).await;
+        assert_answer(&r, COUNTED, 1, 249);
+    }
+}
+
+async fn phone_forms_that_are_not_numbers_are_refused_naming_the_offending_character(b: Backend) {
+    let srv = TestServer::start(b).await;
+    let (mut q, mut a) = (srv.quota().await, srv.admin().await);
+    let s = "phones";
+    let t = at(9, 0, 0, 0);
+    let acq = |recipient: &str| AcquireRequest {
+        sender: s.into(),
+        recipient: recipient.into(),
+        at: Some(ts(t)),
+        ..Default::default()
+    };
+    let dots = format!("{}5", ".".repeat(200));
+    for bad in [
+        "1-",
+        "-1",
+        "+-1",
+        "((((1))))",
+        dots.as_str(),
+        "+49 151",
+        "0151 1234567",
+        "+49 151 1234--5678",
+    ] {
+        assert_invalid(q.acquire(acq(bad)).await, "recipient");
+        assert_invalid(
+            q.record_inbound(RecordInboundRequest {
+                sender: s.into(),
+                recipient: bad.into(),
+                free_entry_point: false,
+                at: Some(ts(t)),
+            })
+            .await,
+            "recipient",
+        );
+    }
+    let e = q
+        .acquire(acq("+49\u{a0}151 1234567"))
+        .await
+        .expect_err("a no-break space");
+    assert!(
+        e.message().contains("'\\u{a0}' at position 4"),
+        "{:?}",
+        e.message()
+    );
+    assert_invalid(
+        q.acquire_batch(AcquireBatchRequest {
+            sender: s.into(),
+            recipients: vec!["+49 151 1234-5678".into(), "1-".into()],
+            at: Some(ts(t)),
+            ..Default::default()
+        })
+        .await,
+        "recipients[1]",
+    );
+    let i = inspect(&mut a, sender(s), t).await;
+    assert_eq!(
+        (i.used, i.open_service_windows),
+        (0, 0),
+        "nothing was recorded"
+    );
+
+    // Numbers in any accepted form are one user; `00` is the international prefix.
+    let r = acquire(&mut q, s, "+49 151 1234-5678", t).await;
+    assert_answer(&r, NEW, 1, 249);
+    for form in ["(0049) 151 12345678", "0049 151 1234.5678", "4915112345678"] {
+        let r = acquire(&mut q, s, form, t).await;
+        assert_answer(&r, COUNTED, 1, 249);
+        assert_eq!(r.recipient, "4915112345678", "{form}");
+    }
+    // A plain run of digits is a wa_id or opaque id, kept as given (a leading 00 included).
+    let r = acquire(&mut q, s, "004915112345678", t).await;
+    assert_eq!(
+        (r.decision(), r.recipient.as_str()),
+        (NEW, "004915112345678")
+    );
+    let r = acquire(&mut q, s, "1", t).await;
+    assert_eq!((r.decision(), r.recipient.as_str()), (NEW, "1"));
 }

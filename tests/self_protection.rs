@@ -116,7 +116,10 @@ async fn messages_over_the_size_limit_are_refused_both_ways() {
             ..Default::default()
         })
         .await;
-    assert_eq!(too_big.map_err(|s| s.code()).err(), Some(Code::OutOfRange));
+    assert_eq!(
+        too_big.map_err(|s| s.code()).err(),
+        Some(Code::ResourceExhausted)
+    );
 
     // A request under the limit whose answer is over it.
     let answer_too_big = q
@@ -129,7 +132,7 @@ async fn messages_over_the_size_limit_are_refused_both_ways() {
         .await;
     assert_eq!(
         answer_too_big.map_err(|s| s.code()).err(),
-        Some(Code::OutOfRange)
+        Some(Code::ResourceExhausted)
     );
 
     q.acquire(acquire_req("r1"))

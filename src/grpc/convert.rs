@@ -38,6 +38,10 @@ pub fn invalid(e: InvalidArgument) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
+/// The range of `MAX_ABS_MS`, to the millisecond: ±9,007,199,254,740 ms from the epoch.
+const AT_RANGE: &str =
+    "out of range: accepted from 1684-07-28T00:12:25.260Z to 2255-06-05T23:47:34.740Z";
+
 pub fn ms_from_timestamp(field: &str, t: &Timestamp) -> Result<Millis, InvalidArgument> {
     if !(0..1_000_000_000).contains(&t.nanos) {
         return Err(InvalidArgument::new(field, "nanos must be within 0..1e9"));
@@ -47,7 +51,7 @@ pub fn ms_from_timestamp(field: &str, t: &Timestamp) -> Result<Millis, InvalidAr
         .checked_mul(1000)
         .and_then(|s| s.checked_add(i64::from(t.nanos / 1_000_000)))
         .filter(|ms| ms.abs() <= MAX_ABS_MS)
-        .ok_or_else(|| InvalidArgument::new(field, "out of range (years 1685 to 2255)"))?;
+        .ok_or_else(|| InvalidArgument::new(field, AT_RANGE))?;
     Ok(ms)
 }
 
@@ -106,11 +110,21 @@ pub fn category(v: i32) -> Result<Option<Category>, InvalidArgument> {
     })
 }
 
-/// A duration field in milliseconds: unset = 0 (the default), else within 1 ms ..= `max`.
+/// A duration field in milliseconds: unset = 0 (the default), else a whole number of
+/// milliseconds within 1 ms ..= `max` (a finer one is refused, not cut to the millisecond).
 fn duration_ms(field: &str, d: Option<&Duration>, max: Millis) -> Result<Millis, InvalidArgument> {
     let Some(d) = d else { return Ok(0) };
     if !(0..1_000_000_000).contains(&d.nanos) || d.seconds < 0 {
         return Err(InvalidArgument::new(field, "must be a positive duration"));
+    }
+    if d.nanos % 1_000_000 != 0 {
+        return Err(InvalidArgument::new(
+            field,
+            format!(
+                "must be a whole number of milliseconds, got {} ns over",
+                d.nanos % 1_000_000
+            ),
+        ));
     }
     let ms = d
         .seconds
@@ -239,6 +253,14 @@ pub fn policy(
         return Err(InvalidArgument::new(
             "policy.custom_limit",
             "must be at most 1,000,000,000",
+        ));
+    }
+    // Like custom_limit: a count of slots, which the Redis ledger keeps as a Lua number (a
+    // double: exact only up to 2^53).
+    if p.sender_cap > 1_000_000_000 {
+        return Err(InvalidArgument::new(
+            "policy.sender_cap",
+            "must be at most 1,000,000,000 (0 = no cap)",
         ));
     }
     if p.messages_per_second > 100_000 {
@@ -456,6 +478,54 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn at_is_accepted_from_its_first_to_its_last_millisecond() {
+        for ms in [-MAX_ABS_MS, MAX_ABS_MS] {
+            assert_eq!(ms_from_timestamp("at", &timestamp(ms)).unwrap(), ms);
+        }
+        // The last nanosecond of the last millisecond is still that millisecond.
+        let last = Timestamp {
+            nanos: timestamp(MAX_ABS_MS).nanos + 999_999,
+            ..timestamp(MAX_ABS_MS)
+        };
+        assert_eq!(ms_from_timestamp("at", &last).unwrap(), MAX_ABS_MS);
+        for ms in [-MAX_ABS_MS - 1, MAX_ABS_MS + 1] {
+            let e = ms_from_timestamp("at", &timestamp(ms)).unwrap_err();
+            assert!(
+                e.reason
+                    .contains("1684-07-28T00:12:25.260Z to 2255-06-05T23:47:34.740Z"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn durations_must_be_whole_milliseconds() {
+        let d = |seconds, nanos| Duration { seconds, nanos };
+        assert_eq!(duration_ms("f", Some(&d(1, 5_000_000)), DAY_MS), Ok(1_005));
+        for bad in [d(0, 1_000_500), d(0, 1), d(86_399, 999_999_999)] {
+            let e = duration_ms("policy.pair_interval", Some(&bad), DAY_MS).unwrap_err();
+            assert_eq!(e.field, "policy.pair_interval");
+            assert!(e.reason.contains("whole number of milliseconds"), "{e}");
+        }
+    }
+
+    #[test]
+    fn sender_cap_is_bounded_like_custom_limit() {
+        let target = Target::Sender(SenderId::parse("s", "s").unwrap());
+        let d = Defaults::default();
+        let with_cap = |sender_cap| proto::Policy {
+            sender_cap,
+            ..Default::default()
+        };
+        let ok = policy(Some(&with_cap(1_000_000_000)), &target, &d).unwrap();
+        assert_eq!(ok.sender_cap, 1_000_000_000);
+        for cap in [1_000_000_001, (1 << 53) + 1, 1 << 63, u64::MAX] {
+            let e = policy(Some(&with_cap(cap)), &target, &d).unwrap_err();
+            assert_eq!(e.field, "policy.sender_cap", "{cap}");
+        }
     }
 
     #[test]

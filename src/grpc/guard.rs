@@ -1,5 +1,6 @@
 //! The tower layer in front of both services: bearer-token authentication, load shedding,
-//! client deadlines, one tracing span and the latency and in-flight metrics per call.
+//! client deadlines, one tracing span and the latency and in-flight metrics per call, and the
+//! status of over-size messages (`RESOURCE_EXHAUSTED`, see [`super::size_limit`]).
 //!
 //! Health checks and reflection pass straight through: a load balancer must be able to probe an
 //! instance that is saturated or that it holds no token for.
@@ -20,6 +21,7 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 
 use super::convert::refused;
+use super::size_limit;
 use crate::config::AuthSettings;
 use crate::metrics::{Metrics, RPCS, Refusal, rpc_index};
 
@@ -275,7 +277,7 @@ where
                 };
                 metrics.rpc_latency(rpc, start.elapsed());
                 drop(permit);
-                result
+                result.map(size_limit::resource_exhausted_when_too_large)
             }
             .instrument(span),
         )

@@ -1,8 +1,10 @@
 //! The tonic services: decode and validate requests, call the ledger, encode answers. No rules
 //! live here; conversion between the wire and the domain is in [`convert`].
 
+pub mod codec;
 pub mod convert;
 pub mod guard;
+pub mod size_limit;
 
 use std::sync::Arc;
 
