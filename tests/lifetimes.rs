@@ -10,9 +10,14 @@ use common::dsl::*;
 use common::{Backend, DAY, HOUR, TestServer, at};
 use waquota::proto::{Category, Tier, WindowMode};
 
-/// The suffixes (after `<prefix>:{<home>}:`) of configuration keys, which never expire.
+/// The suffixes (after `<prefix>:{<home>}:`) of configuration keys, which never expire, and the
+/// reservation secret (`<prefix>:secret`, outside any home).
 fn is_configuration(suffix: &str) -> bool {
-    suffix == "pol" || suffix == "m" || suffix == "away" || suffix.starts_with("sp:")
+    suffix == "pol"
+        || suffix == "m"
+        || suffix == "away"
+        || suffix.starts_with("sp:")
+        || suffix == "wq:secret"
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -86,7 +91,7 @@ async fn every_key_of_ledger_state_expires_and_configuration_persists() {
         }
     }
     configuration.sort();
-    assert_eq!(configuration, ["away", "m", "pol", "sp:s1"]);
+    assert_eq!(configuration, ["away", "m", "pol", "sp:s1", "wq:secret"]);
     assert!(
         shards > 10,
         "the window was stored in many shards: {keys:?}"

@@ -787,8 +787,11 @@ async fn confirm_moves_the_slot_clock_to_delivery_and_unconfirmed_slots_keep_cou
     let i = inspect_recipient(&mut a, sender(s), "u", at(9, 1, 0, 0)).await;
     assert_eq!(opt_ms(&i.counted_until), Some(at(9, 0, 5, 0) + DAY));
     let page = list_page(&mut a, sender(s), 10, "", at(9, 1, 0, 0)).await;
+    // By expiry: the listing itself comes in listing order (docs/contract.md).
+    let mut listed = entries(&page.entries);
+    listed.sort_by_key(|e| e.1);
     assert_eq!(
-        entries(&page.entries),
+        listed,
         vec![
             ("v".into(), at(9, 0, 0, 0) + DAY, s.into()),
             ("u".into(), at(9, 0, 5, 0) + DAY, s.into()),
@@ -820,18 +823,19 @@ async fn confirm_moves_the_slot_clock_to_delivery_and_unconfirmed_slots_keep_cou
     let i = inspect(&mut a, sender(s), at(10, 30, 0, 0) + DAY).await;
     assert_eq!(i.used, 1);
 
-    // No live slot for the reservation: NOT_FOUND (released, expired, another recipient's).
+    // No live slot for the reservation: NOT_FOUND (released, expired); another recipient's
+    // reservation is not this one's at all: INVALID_ARGUMENT.
     let rx = acquire(&mut q, s, "x", at(13, 0, 0, 0)).await.reservation;
     assert!(release(&mut q, s, "x", &rx, at(13, 0, 0, 0)).await);
-    for (r, res, now) in [
-        ("x", &rx, at(13, 1, 0, 0)),
-        ("w", &rw, at(12, 0, 0, 0) + DAY),
-        ("w", &ru, at(13, 1, 0, 0)),
+    for (r, res, now, code) in [
+        ("x", &rx, at(13, 1, 0, 0), Code::NotFound),
+        ("w", &rw, at(12, 0, 0, 0) + DAY, Code::NotFound),
+        ("w", &ru, at(13, 1, 0, 0), Code::InvalidArgument),
     ] {
         let e = confirm(&mut q, s, r, res, Some(now), now)
             .await
             .unwrap_err();
-        assert_eq!(e.code(), Code::NotFound, "{r} {res}: {e:?}");
+        assert_eq!(e.code(), code, "{r} {res}: {e:?}");
     }
     // delivered_at is required.
     let res = q
