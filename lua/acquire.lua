@@ -1,5 +1,6 @@
 -- acquire.lua: decides, in one atomic step, whether a sender may message each recipient now
--- (Acquire is a batch of one). Checks run in the order of PRODUCT.md §2.4 (first refusal wins):
+-- (Acquire is a batch of one). Checks run in the order of docs/contract.md, "Which refusal is
+-- reported" (first refusal wins):
 -- sender status; service-window rules; messaging limit and sender cap; marketing cap; pair rate;
 -- throughput. Everything is decided against an overlay of this batch's changes and written at
 -- the end, so a refused message consumes nothing and a dry run runs the same code, writing nothing.
@@ -205,9 +206,10 @@ local function decide(r)
   if not sw and (free_form or (restricted and not cur)) then
     return 5
   end
-  -- The time-bound checks, in the order of PRODUCT.md §2.4: the first that refuses is the one
-  -- reported, and retry_after is when every one of them passes (each passes from some moment
-  -- on), or none when one never does (an effective limit of 0). As State::acquire.
+  -- The time-bound checks, in the order of docs/contract.md, "Which refusal is reported": the
+  -- first that refuses is the one reported, and retry_after is when every one of them passes
+  -- (each passes from some moment on), or none when one never does (an effective limit of 0).
+  -- As State::acquire.
   local refused, passes_at, never = nil, now, false
   local function refuse(d, at)
     refused = refused or d
@@ -386,7 +388,8 @@ if next(uniques) ~= nil then
   redis.call('ZREMRANGEBYSCORE', uqkey, '-inf', fmt(now - MONTH_MS))
   chunked('ZADD', uqkey, z, 512)
   keep(uqkey, now + MONTH_MS, now, slack)
-  -- Project an upgrade the first time the trailing count reaches the bar (PRODUCT.md §1.3).
+  -- Project an upgrade the first time the trailing count reaches the bar (docs/contract.md,
+  -- "Rule sets and tiers over time").
   local pending = W.up_at and W.up_from == W.tier
   if not pending and eligible(W) and TIER_NEXT[W.rules][W.tier] then
     local u7 = redis.call('ZCOUNT', uqkey, '(' .. fmt(now - WEEK_MS), '+inf')

@@ -329,8 +329,9 @@ impl Tier {
             .find(|t| t.name().eq_ignore_ascii_case(s))
     }
 
-    /// The tier above on a rule set's ladder (PRODUCT.md §1.3); None at the top, and from the
-    /// legacy trial tier (50), which only verification lifts.
+    /// The tier above on a rule set's ladder (docs/contract.md, "Rule sets and tiers over
+    /// time"); None at the top, and from the legacy trial tier (50), which only verification
+    /// lifts.
     pub fn next(self, rules: RuleSet) -> Option<Tier> {
         let ladder: &[Tier] = match rules {
             RuleSet::Legacy => &[
@@ -452,7 +453,8 @@ named_enum!(
 );
 
 named_enum!(
-    /// Which of WhatsApp's messaging-limit rules a window follows (PRODUCT.md §1.1, §1.3).
+    /// Which of WhatsApp's messaging-limit rules a window follows (docs/contract.md, "Rule sets
+    /// and tiers over time").
     RuleSet { Legacy = "legacy", Portfolio = "portfolio" }
 );
 
@@ -471,7 +473,8 @@ impl std::str::FromStr for WindowMode {
 }
 
 /// A policy: of a window (tier, limit, mode, headroom, rules: read from the window's owner) and of
-/// a sender (status, quality, rates, caps: read from the sender's own policy). PRODUCT.md §2.4.
+/// a sender (status, quality, rates, caps: read from the sender's own policy); docs/contract.md,
+/// "Policies".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
     pub tier: Tier,
@@ -535,7 +538,7 @@ impl Policy {
     }
 
     /// Eligible for an upgrade: connected (not flagged), and quality unknown, green or (legacy)
-    /// yellow (PRODUCT.md §1.3).
+    /// yellow (docs/contract.md, "Rule sets and tiers over time").
     pub fn eligible_for_upgrade(&self) -> bool {
         self.status == SenderStatus::Connected
             && matches!(
@@ -549,7 +552,8 @@ pub fn effective_limit(limit: u64, headroom_percent: u32) -> u64 {
     limit * u64::from(100 - headroom_percent.min(99)) / 100
 }
 
-/// Policies for targets that have none stored (PRODUCT.md §2.2), and the rate defaults.
+/// Policies for targets that have none stored (docs/contract.md, "Policies"), and the rate
+/// defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Defaults {
     pub sender: Policy,
@@ -636,7 +640,8 @@ pub const MARKETING_HOLD_MS: Millis = DAY_MS;
 /// WhatsApp's error for a user who received too many marketing messages.
 pub const ERROR_MARKETING_CAP: u32 = 131_049;
 
-/// A projected tier change (PRODUCT.md §1.3): advisory unless the policy has `auto_tier`.
+/// A projected tier change (docs/contract.md, "Rule sets and tiers over time"): advisory unless
+/// the policy has `auto_tier`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Projection {
     pub next_tier: Option<Tier>,
@@ -661,7 +666,8 @@ pub const MONTH_MS: Millis = 30 * DAY_MS;
 /// Portfolio 250 → 2K also by 2,000 unique users within 30 days.
 pub const PORTFOLIO_ENTRY_UNIQUES: u64 = 2_000;
 
-/// Does the count of unique users cross the bar for the next tier? (PRODUCT.md §1.3)
+/// Does the count of unique users cross the bar for the next tier? (docs/contract.md, "Rule sets
+/// and tiers over time")
 pub fn upgrade_threshold_met(rules: RuleSet, tier: Tier, unique_7d: u64, unique_30d: u64) -> bool {
     if tier.limit() == 0 {
         return false;

@@ -1,6 +1,6 @@
-//! The policy engine (PRODUCT.md §1.3, §1.4, §2.3, §2.4): sender status and quality, throughput,
-//! pair rate, marketing caps and holds, the delivery clock, headroom, sender caps, tier
-//! projections and auto tier. Every body runs against every ledger (in memory, Redis, Redis
+//! The policy engine (docs/contract.md: "Rule sets and tiers over time", "Policies", "Which
+//! refusal is reported"): sender status and quality, throughput, pair rate, marketing caps and
+//! holds, the delivery clock, headroom, sender caps, tier projections and auto tier. Every body runs against every ledger (in memory, Redis, Redis
 //! Cluster) through the public gRPC contract, on the trusted clock; decisions, counts, expiry
 //! times and retry_after are checked to the millisecond.
 
@@ -1775,8 +1775,8 @@ async fn retry_after_waits_for_every_refusal_not_only_the_reported_one(b: Backen
     let (mut q, mut a) = (srv.quota().await, srv.admin().await);
     // A user whose marketing is held until D+1 12:00, behind a window whose slot frees at D+1
     // 09:00: the limit is reported (first in the order), but a retry at 09:00 would meet the
-    // hold, so retry_after runs to the end of the hold (PRODUCT.md §2.4: when the same request
-    // would be admitted).
+    // hold, so retry_after runs to the end of the hold (docs/contract.md, "Which refusal is
+    // reported": when the same request would be admitted).
     let s = "both";
     let mk = Category::Marketing;
     let one = Policy {

@@ -1,5 +1,6 @@
-//! One Redis round trip per decision (PRODUCT.md §3): every Acquire, AcquireBatch, Release and
-//! RecordInbound is exactly one EVALSHA, whatever the number of keys and recipients.
+//! One Redis round trip per decision (docs/contract.md, "One round trip"): every Acquire,
+//! AcquireBatch, Release and RecordInbound is exactly one EVALSHA, whatever the number of keys
+//! and recipients.
 //!
 //! How it is measured, on every Redis node involved:
 //! - `MONITOR` records every command Redis executes, with its origin: a client address, or

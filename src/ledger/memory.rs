@@ -138,7 +138,8 @@ fn clock(at: Option<Millis>) -> Millis {
     })
 }
 
-/// Applies the tier changes due by `now` to a policy with `auto_tier` (PRODUCT.md §1.3).
+/// Applies the tier changes due by `now` to a policy with `auto_tier` (docs/contract.md, "Rule
+/// sets and tiers over time").
 fn settle(policy: &mut Policy, prog: &mut Progress, now: Millis) -> bool {
     let mut changed = false;
     while policy.auto_tier {
@@ -378,9 +379,10 @@ impl State {
                 {
                     break 'decide Decision::DeniedOutsideServiceWindow;
                 }
-                // The time-bound checks, in the order of PRODUCT.md §2.4: the first that refuses is
-                // the one reported, and retry_after is when every one of them passes (each passes
-                // from some moment on), or none when one never does (an effective limit of 0).
+                // The time-bound checks, in the order of docs/contract.md, "Which refusal is
+                // reported": the first that refuses is the one reported, and retry_after is when
+                // every one of them passes (each passes from some moment on), or none when one
+                // never does (an effective limit of 0).
                 let mut refused = None;
                 let mut passes_at = Some(now);
                 let mut refuse = |d: Decision, at: Option<Millis>| {

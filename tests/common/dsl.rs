@@ -396,7 +396,8 @@ pub fn assert_invalid<T: std::fmt::Debug>(res: Result<T, Status>, field: &str) {
     );
 }
 
-// ------------------------------------------------------------------ policy engine (PRODUCT.md §2.3)
+// ------------------------------------------------------------------ policy engine
+// (docs/contract.md, "Policies")
 
 /// Stores a policy on the trusted clock (`at` matters: setting FLAGGED starts the downgrade clock).
 pub async fn put_policy_at(a: &mut Admin, target: Option<Target>, p: Policy, at_ms: i64) -> Policy {
