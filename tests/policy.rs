@@ -1,8 +1,8 @@
-//! The policy engine (docs/contract.md: "Rule sets and tiers over time", "Policies", "Which
-//! refusal is reported"): sender status and quality, throughput, pair rate, marketing caps and
-//! holds, the delivery clock, headroom, sender caps, tier projections and auto tier. Every body runs against every ledger (in memory, Redis, Redis
-//! Cluster) through the public gRPC contract, on the trusted clock; decisions, counts, expiry
-//! times and retry_after are checked to the millisecond.
+//! The policy engine (docs/contract.md: "Rule sets and tiers over time", "Policies", "Which refusal
+//! is reported"): sender status and quality, throughput, pair rate, marketing caps and holds, the
+//! delivery clock, headroom, sender caps, tier projections and auto tier. Every body runs against
+//! every ledger (in memory, Redis, Redis Cluster) through the public gRPC contract, on the trusted
+//! clock; decisions, counts, expiry times and retry_after are checked to the millisecond.
 
 #[macro_use]
 mod common;
