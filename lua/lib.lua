@@ -131,7 +131,7 @@ local function win_open(header, index)
     header = header, index = index, zp = header .. ':', mp = string.sub(header, 1, -2) .. 'wm:',
     n = tonumber(f[1] or '0'), lvl = tonumber(f[2] or '0'), sp = tonumber(f[3] or '0'),
     seq = tonumber(f[4] or '0'), last = tonumber(f[5] or '0'), sb = tonumber(f[6] or ''),
-    tr = tonumber(f[7] or '0'), sweeping = f[8] ~= false and f[8] ~= nil, at = {}, fresh = {},
+    tr = tonumber(f[7] or '0'), sweeping = f[8] ~= false, at = {}, fresh = {},
   }
 end
 
@@ -235,16 +235,21 @@ local function win_reindex(W, i)
   end
 end
 
+-- Removes the slots `gone` (recipients) of shard i, keeping the live count; the caller
+-- reindexes the shard.
+local function win_drop(W, i, gone)
+  if #gone > 0 then
+    chunked('ZREM', W.zp .. i, gone, 512)
+    chunked('HDEL', W.mp .. i, gone, 512)
+    W.n = math.max(W.n - #gone, 0)
+    W.dirty = true
+  end
+end
+
 -- Drops every expired slot (expiry <= now): the index names the shards that hold one.
 local function win_trim(W, now)
   for _, i in ipairs(redis.call('ZRANGEBYSCORE', W.index, '-inf', fmt(now))) do
-    local gone = redis.call('ZRANGEBYSCORE', W.zp .. i, '-inf', fmt(now))
-    if #gone > 0 then
-      chunked('ZREM', W.zp .. i, gone, 512)
-      chunked('HDEL', W.mp .. i, gone, 512)
-      W.n = math.max(W.n - #gone, 0)
-      W.dirty = true
-    end
+    win_drop(W, i, redis.call('ZRANGEBYSCORE', W.zp .. i, '-inf', fmt(now)))
     win_reindex(W, i)
   end
 end
@@ -355,10 +360,7 @@ end
 -- Removes r's slot (a release). The caller has checked that it exists.
 local function win_remove(W, r)
   local i = win_shard(W, r)
-  redis.call('ZREM', W.zp .. i, r)
-  redis.call('HDEL', W.mp .. i, r)
-  W.n = math.max(W.n - 1, 0)
-  W.dirty = true
+  win_drop(W, i, { r })
   win_reindex(W, i)
 end
 

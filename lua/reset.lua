@@ -55,9 +55,7 @@ for s = i, last do
     end
   end
   if #gone > 0 then
-    chunked('ZREM', win.zp .. s, gone, 512)
-    chunked('HDEL', win.mp .. s, gone, 512)
-    win.n = math.max(win.n - #gone, 0)
+    win_drop(win, s, gone)
     for opener, rs in pairs(by_opener) do
       chunked('ZREM', ARGV[3] .. opener, rs, 512)
     end

@@ -834,6 +834,17 @@ impl Reservation {
     }
 }
 
+/// Bytes in lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(2 * bytes.len());
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    s
+}
+
 /// Length of a reservation's MAC: 128 bits, in lowercase hex.
 const RESERVATION_MAC_HEX: usize = 32;
 
@@ -861,19 +872,20 @@ impl ReservationSigner {
         }
     }
 
-    fn mac(&self, sender: &SenderId, recipient: &RecipientId, r: &Reservation) -> String {
+    /// The MAC of a slot opening `stored` (`Reservation::stored`) for a sender and recipient.
+    fn mac(&self, sender: &SenderId, recipient: &RecipientId, stored: &str) -> String {
         // Ids never contain a newline, so the message is unambiguous.
-        let msg = format!("{sender}\n{recipient}\n{}", r.stored());
-        let tag = ring::hmac::sign(&self.key, msg.as_bytes());
-        let mut hex = String::with_capacity(RESERVATION_MAC_HEX);
-        for b in &tag.as_ref()[..RESERVATION_MAC_HEX / 2] {
-            hex.push_str(&format!("{b:02x}"));
+        let mut ctx = ring::hmac::Context::with_key(&self.key);
+        for part in [sender.as_str(), "\n", recipient.as_str(), "\n", stored] {
+            ctx.update(part.as_bytes());
         }
-        hex
+        hex(&ctx.sign().as_ref()[..RESERVATION_MAC_HEX / 2])
     }
 
     pub fn encode(&self, sender: &SenderId, recipient: &RecipientId, r: &Reservation) -> String {
-        format!("r{}.{}", r.stored(), self.mac(sender, recipient, r))
+        let stored = r.stored();
+        let mac = self.mac(sender, recipient, &stored);
+        format!("r{stored}.{mac}")
     }
 
     /// The slot opening a token names, if the token is canonical and was issued to this sender
@@ -899,7 +911,7 @@ impl ReservationSigner {
         {
             return Err(malformed());
         }
-        let want = self.mac(sender, recipient, &r);
+        let want = self.mac(sender, recipient, stored);
         // Compared in constant time: how much of a forged MAC is right must not show.
         let diff = want
             .bytes()

@@ -395,15 +395,10 @@ async fn release_frees_only_the_slot_its_reservation_opened(b: Backend) {
     assert_ne!(r1, other, "every slot opening has its own reservation");
 
     // Not the reservation of this recipient's slot: refused, and nothing is freed.
-    let crossed = q
-        .release(ReleaseRequest {
-            sender: s.into(),
-            recipient: "v".into(),
-            reservation: r1.clone(),
-            at: Some(ts(at(9, 0, 30, 0))),
-        })
-        .await;
-    assert_invalid(crossed, "reservation");
+    assert_invalid(
+        try_release(&mut q, s, "v", &r1, at(9, 0, 30, 0)).await,
+        "reservation",
+    );
     assert_eq!(
         used(&inspect_recipient(&mut a, sender(s), "v", at(9, 0, 30, 0)).await),
         (2, Some(at(9, 0, 0, 0) + DAY))

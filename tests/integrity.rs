@@ -11,8 +11,7 @@ use common::ops::with_token;
 use common::{Backend, D, DAY, HOUR, MINUTE, TestServer, ts};
 use tonic::Code;
 use waquota::proto::{
-    AcquireRequest, ConfirmRequest, Decision, ReleaseRequest, ReportFailureRequest, Tier,
-    WindowMode,
+    AcquireRequest, ConfirmRequest, Decision, ReportFailureRequest, Tier, WindowMode,
 };
 
 on_every_ledger!(
@@ -105,15 +104,10 @@ async fn forged_or_non_canonical_reservations_are_refused_and_free_nothing(b: Ba
         format!("{token} "),
     ];
     for f in &forged {
-        let release = q
-            .release(ReleaseRequest {
-                sender: "s1".into(),
-                recipient: user.into(),
-                reservation: f.clone(),
-                at: Some(ts(T0 + MINUTE)),
-            })
-            .await;
-        assert_invalid(release, "reservation");
+        assert_invalid(
+            try_release(&mut q, "s1", user, f, T0 + MINUTE).await,
+            "reservation",
+        );
         let failure = q
             .report_failure(ReportFailureRequest {
                 sender: "s1".into(),
@@ -138,15 +132,10 @@ async fn forged_or_non_canonical_reservations_are_refused_and_free_nothing(b: Ba
     // A reservation of one recipient does not release another's slot.
     let other = acquire(&mut q, "s1", "4915100000002", T0 + 1).await;
     assert_decision(&other, Decision::AllowedNew);
-    let crossed = q
-        .release(ReleaseRequest {
-            sender: "s1".into(),
-            recipient: "4915100000002".into(),
-            reservation: token.clone(),
-            at: Some(ts(T0 + MINUTE)),
-        })
-        .await;
-    assert_invalid(crossed, "reservation");
+    assert_invalid(
+        try_release(&mut q, "s1", "4915100000002", &token, T0 + MINUTE).await,
+        "reservation",
+    );
 
     let i = inspect_recipient(&mut a, sender("s1"), user, T0 + 2 * MINUTE).await;
     assert_eq!(i.used, 2, "nothing was freed: {i:?}");
@@ -167,15 +156,10 @@ async fn a_sender_cannot_confirm_or_release_another_senders_slot_in_its_portfoli
     let by_y = acquire(&mut q, "y", user, T0).await;
     assert_decision(&by_y, Decision::AllowedNew);
 
-    let release_by_x = q
-        .release(ReleaseRequest {
-            sender: "x".into(),
-            recipient: user.into(),
-            reservation: by_y.reservation.clone(),
-            at: Some(ts(T0 + MINUTE)),
-        })
-        .await;
-    assert_invalid(release_by_x, "reservation");
+    assert_invalid(
+        try_release(&mut q, "x", user, &by_y.reservation, T0 + MINUTE).await,
+        "reservation",
+    );
     let confirm_by_x = q
         .confirm(ConfirmRequest {
             sender: "x".into(),
@@ -217,15 +201,10 @@ async fn reservations_are_not_guessable_from_one_another(b: Backend) {
     let (head1, _) = got[1].reservation.rsplit_once('.').unwrap();
     assert_ne!(head0, head1);
     let swapped = format!("{head1}.{}", macs[0]);
-    let r = q
-        .release(ReleaseRequest {
-            sender: "s1".into(),
-            recipient: users[1].clone(),
-            reservation: swapped,
-            at: Some(ts(T0 + MINUTE)),
-        })
-        .await;
-    assert_invalid(r, "reservation");
+    assert_invalid(
+        try_release(&mut q, "s1", &users[1], &swapped, T0 + MINUTE).await,
+        "reservation",
+    );
 }
 
 /// Only an operator's `at` is honoured once tokens are configured: a sender token's is refused,

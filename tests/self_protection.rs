@@ -153,9 +153,8 @@ async fn queued_acquires_answer_within_the_store_timeout_of_their_arrival() {
     let q = server.quota().await;
     // On the store's clock (no `at`): only those requests are decided together.
     let real = |r: &str| AcquireRequest {
-        sender: "s1".into(),
-        recipient: r.into(),
-        ..Default::default()
+        at: None,
+        ..acquire_req(r)
     };
     q.clone().acquire(real("warm-up")).await.expect("warm-up");
     let port = server.redis().unwrap().port;

@@ -381,11 +381,12 @@ pub fn scope_from_proto(s: proto::Scope) -> Option<Scope> {
     }
 }
 
-/// An outcome on the wire; its reservation is signed for the sender and recipient.
+/// An outcome on the wire; its reservation is signed for the sender and recipient (`signer` is
+/// given whenever an outcome carries one).
 pub fn outcome(
     o: Outcome,
     sender: &SenderId,
-    signer: &ReservationSigner,
+    signer: Option<&ReservationSigner>,
 ) -> proto::AcquireResponse {
     proto::AcquireResponse {
         decision: decision_to_proto(o.decision) as i32,
@@ -399,7 +400,8 @@ pub fn outcome(
         scope: scope_to_proto(o.scope) as i32,
         reservation: o
             .reservation
-            .map(|r| signer.encode(sender, &o.recipient, &r))
+            .zip(signer)
+            .map(|(r, k)| k.encode(sender, &o.recipient, &r))
             .unwrap_or_default(),
         recipient: o.recipient.to_string(),
         store_outage: false,

@@ -160,7 +160,6 @@ impl<L: Ledger> QuotaApi<L> {
             dry_run,
             at,
         };
-        let signer = self.signer().await?;
         let recipients = req.recipients.clone();
         let req_sender = req.sender.clone();
         let outcomes = match self.coalescer.acquire(req).await {
@@ -183,6 +182,13 @@ impl<L: Ledger> QuotaApi<L> {
             span.record("decision", o.decision.name());
         }
         tracing::debug!(recipients = outcomes.len(), "decided");
+        // Asked only once the store has answered, so a store that is down at start-up still
+        // meets the outage policy above; after the first time it is a field read.
+        let signer = if outcomes.iter().any(|o| o.reservation.is_some()) {
+            Some(self.signer().await?)
+        } else {
+            None
+        };
         Ok(Decided {
             results: outcomes
                 .into_iter()

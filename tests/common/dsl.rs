@@ -145,6 +145,19 @@ pub async fn release(
     reservation: &str,
     at_ms: i64,
 ) -> bool {
+    try_release(q, sender, recipient, reservation, at_ms)
+        .await
+        .unwrap_or_else(|e| panic!("release {sender} -> {recipient}: {e}"))
+}
+
+/// A Release that may be refused: `released`, or the status.
+pub async fn try_release(
+    q: &mut Quota,
+    sender: &str,
+    recipient: &str,
+    reservation: &str,
+    at_ms: i64,
+) -> Result<bool, Status> {
     q.release(ReleaseRequest {
         sender: sender.into(),
         recipient: recipient.into(),
@@ -152,9 +165,7 @@ pub async fn release(
         at: Some(ts(at_ms)),
     })
     .await
-    .unwrap_or_else(|e| panic!("release {sender} -> {recipient}: {e}"))
-    .into_inner()
-    .released
+    .map(|r| r.into_inner().released)
 }
 
 /// The recipient wrote to the sender; returns when the service window ends (ms).

@@ -269,14 +269,6 @@ fn error_kind(e: &RedisError) -> RedisErrorKind {
     }
 }
 
-/// `n` random bytes from the system's generator, in hex.
-fn random_hex(n: usize) -> String {
-    super::random_bytes(n)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 fn bad_reply(what: &str, v: &Value) -> LedgerError {
     LedgerError::Internal(format!("unexpected reply from the {what} script: {v:?}"))
 }
@@ -540,7 +532,7 @@ impl RedisLedger {
             timeout: settings.redis_timeout,
             routes: RwLock::new(HashMap::new()),
             metrics: Arc::new(Metrics::new()),
-            instance: random_hex(8),
+            instance: crate::model::hex(&super::random_bytes(8)),
             moving: std::sync::Mutex::new(std::collections::HashSet::new()),
         };
         if let Err(e) = ledger.ping().await {
@@ -1280,12 +1272,11 @@ impl Ledger for RedisLedger {
                     "sender {sender} was reassigned during the reset; try again"
                 )));
             }
-            let left = items(v)
-                .ok()
-                .and_then(|f| f.first().and_then(int))
-                .ok_or_else(|| {
-                    LedgerError::Internal("unexpected reply from the reset script".into())
-                })?;
+            let f = items(v).map_err(|v| bad_reply("reset", &v))?;
+            let left = f
+                .first()
+                .and_then(int)
+                .ok_or_else(|| bad_reply("reset", &Value::Array(f.clone())))?;
             if left == 0 {
                 return Ok(());
             }
@@ -1294,9 +1285,10 @@ impl Ledger for RedisLedger {
 
     async fn reservation_secret(&self) -> Result<Vec<u8>> {
         // The first instance to ask stores a random secret; every instance then reads the same
-        // one, so a reservation issued by one is accepted by all (README "Key schema").
+        // one, so a reservation issued by one is accepted by all (docs/contract.md,
+        // "Reservations"). Once per process: the services keep the signer.
         let key = self.keys.reservation_secret();
-        let fresh = random_hex(32);
+        let fresh = crate::model::hex(&super::random_bytes(32));
         self.query(redis::cmd("SET").arg(&key).arg(&fresh).arg("NX"))
             .await?;
         match self.query(redis::cmd("GET").arg(&key)).await? {
