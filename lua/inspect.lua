@@ -19,8 +19,12 @@
 -- home's hash tag, so they live in the same cluster slot as KEYS.
 -- Returns {"moved", portfolio|""}, or {now, used, next_free|-1, freeing_next_hour,
 -- open_service_windows, counted_until|-1, service_window_until|-1, unique_7d, unique_30d,
--- limit, effective, next_tier|"", upgrade_at|-1, downgrade_at|-1, <14 window policy fields>,
+-- limit, effective, next_tier|"", upgrade_at|-1, downgrade_at|-1, hour_next (-1, or the listing
+-- position from which list.lua counts the rest of freeing_next_hour), <14 window policy fields>,
 -- <14 sender policy fields, or none for a portfolio target>, then for a portfolio: its members}
+
+-- Shards whose slots one call counts for slots_freeing_next_hour (about 3,000 slots).
+local INSPECT_SHARDS = 64
 
 local now = clock(ARGV[1])
 local sender, r = ARGV[3], ARGV[4]
@@ -40,9 +44,16 @@ settle(W, KEYS[2], now, false)
 local live = '(' .. fmt(now)
 local used = win_used(win, now)
 local next_free = win_kth(win, {}, 0, now) or -1
-local hour = 0
-for _, i in ipairs(redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', fmt(now + 3600000))) do
-  hour = hour + redis.call('ZCOUNT', win.zp .. i, live, fmt(now + 3600000))
+-- Slots freeing within the hour: in the shards whose earliest slot frees by then, when they are
+-- few; otherwise counted over a budget of shards here and the rest by list.lua, a chunk per
+-- call, so that no call's work grows with the window.
+local hour, hour_next, hour_end = 0, -1, now + 3600000
+if redis.call('ZCOUNT', KEYS[6], '-inf', fmt(hour_end)) <= INSPECT_SHARDS then
+  for _, i in ipairs(redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', fmt(hour_end))) do
+    hour = hour + redis.call('ZCOUNT', win.zp .. i, live, fmt(hour_end))
+  end
+else
+  hour, hour_next = win_count_from(win, 0, hour_end, now, INSPECT_SHARDS)
 end
 local open, sw_until = 0, -1
 for _, s in ipairs(senders) do
@@ -75,7 +86,8 @@ if W.rules == 'legacy' and W.status == 'flagged' and W.flagged and TIER_PREV[W.t
     next_tier = TIER_PREV[W.tier]
   end
 end
-local out = { now, used, next_free, hour, open, counted, sw_until, u7, u30, limit_of(W), effective_of(W), next_tier, up, down }
+local out = { now, used, next_free, hour, open, counted, sw_until, u7, u30, limit_of(W), effective_of(W), next_tier, up, down,
+  fmt(hour_next) }
 policy_out(W, out)
 if sender ~= '' then
   if ARGV[2] == 's' then

@@ -263,6 +263,34 @@ local function win_used(W, now)
   return math.max(c, 0)
 end
 
+-- Counts the live slots expiring by `until_ms`, in listing order from position `pos`, over at
+-- most `budget` shards (docs/contract.md, "Listing a window": each shard is one range of that
+-- order). Returns the count and the position to go on from, -1 when every shard is counted. A
+-- shard whose range starts before `pos` (it merged with one counted by an earlier call) counts
+-- only its slots from `pos` on, so no slot is counted twice.
+local function win_count_from(W, pos, until_ms, now, budget)
+  local c = 0
+  while pos < 2 ^ 32 and budget > 0 do
+    budget = budget - 1
+    local i, bits = win_shard_of(W, rev32(pos))
+    local start = rev32(i)
+    if start < pos then
+      for _, r in ipairs(redis.call('ZRANGEBYSCORE', W.zp .. i, '(' .. fmt(now), fmt(until_ms))) do
+        if win_pos(r) >= pos then
+          c = c + 1
+        end
+      end
+    else
+      c = c + redis.call('ZCOUNT', W.zp .. i, '(' .. fmt(now), fmt(until_ms))
+    end
+    pos = start + 2 ^ (32 - bits)
+  end
+  if pos >= 2 ^ 32 then
+    pos = -1
+  end
+  return c, pos
+end
+
 -- The (k+1)-th earliest live expiry over the zsets `keys`, with `overlay` (recipient -> expiry
 -- set by this call) applied, or nil. Each zset gives its first k+|overlay|+1 live entries: the
 -- k+1 earliest not overridden are among them.

@@ -11,9 +11,11 @@
 -- ARGV[3] sender, or "" when the target is the portfolio itself
 -- ARGV[4] page size
 -- ARGV[5] cursor position (0 .. 2^32-1) or "" from the start, ARGV[6] cursor recipient or ""
+-- ARGV[7] "" to list; or count mode (Inspect's slots_freeing_next_hour on a large window): the
+--         expiry (ms) to count live slots up to, ARGV[4] then being the shards to count over
 -- Returns {"moved", portfolio|""}, or {next position|-1, next recipient, expires_at, recipient,
 -- sender, ...}: -1 when the listing is complete; the page may be short (even empty) when the
--- scan budget ran out first.
+-- scan budget ran out first. In count mode: {next position|-1, count}.
 
 local now = clock(ARGV[1])
 if ARGV[3] ~= '' then
@@ -23,6 +25,10 @@ if ARGV[3] ~= '' then
   end
 end
 local win, want = win_open(KEYS[1], KEYS[2]), tonumber(ARGV[4])
+if ARGV[7] ~= '' then
+  local c, nxt = win_count_from(win, tonumber(ARGV[5]), tonumber(ARGV[7]), now, want)
+  return { fmt(nxt), c }
+end
 local END = 2 ^ 32
 local pos, after = 0, ''
 if ARGV[5] ~= '' then

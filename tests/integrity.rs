@@ -21,6 +21,7 @@ on_every_ledger!(
     reservations_are_not_guessable_from_one_another,
     reset_of_a_window_of_many_shards_clears_every_slot_and_keeps_new_ones_apart,
     listing_a_window_of_many_shards_returns_every_live_slot_once,
+    inspect_of_a_window_of_many_shards_counts_exactly_the_slots_freeing_within_the_hour,
 );
 
 const T0: i64 = D + 9 * HOUR;
@@ -356,4 +357,37 @@ async fn listing_a_window_of_many_shards_returns_every_live_slot_once(b: Backend
             assert_eq!(unique, expected);
         }
     }
+}
+
+async fn inspect_of_a_window_of_many_shards_counts_exactly_the_slots_freeing_within_the_hour(
+    b: Backend,
+) {
+    let server = TestServer::start(b).await;
+    let (mut q, mut a) = (server.quota().await, server.admin().await);
+    big(&server, sender("s1"), 7_000).await;
+    // 3,500 slots ending at T0 + 24 h and 2,500 ending two hours later: some 125 shards, nearly
+    // all holding a slot that frees within the hour, so Redis counts them over several calls.
+    fill(&mut q, "s1", "e", 3_500, T0).await;
+    fill(&mut q, "s1", "l", 2_500, T0 + 2 * HOUR).await;
+    for (now, freeing) in [
+        (T0 + 23 * HOUR + 30 * MINUTE, 3_500),
+        (T0 + 23 * HOUR - 1, 0),
+        (T0 + 24 * HOUR, 0),
+        (T0 + 25 * HOUR, 2_500),
+        (T0 + 26 * HOUR, 0),
+    ] {
+        let i = inspect(&mut a, sender("s1"), now).await;
+        assert_eq!(
+            i.slots_freeing_next_hour,
+            freeing,
+            "at T0 + {} ms",
+            now - T0
+        );
+    }
+    // And while slots come and go between the counting calls' moments, the figure stays exact
+    // for the moment asked.
+    let now = T0 + 23 * HOUR + 30 * MINUTE;
+    fill(&mut q, "s1", "m", 100, now).await;
+    let i = inspect(&mut a, sender("s1"), now).await;
+    assert_eq!((i.used, i.slots_freeing_next_hour), (6_100, 3_500));
 }

@@ -103,6 +103,20 @@ async fn deny_answers_unavailable_while_redis_is_down() {
     assert_eq!(got.map_err(|s| s.code()).err(), Some(Code::Unavailable));
 }
 
+/// A Redis gone before the instance's first decision: `allow` still admits (the reservation
+/// secret is asked for only once the store has answered a decision).
+#[tokio::test]
+async fn allow_admits_when_redis_is_down_before_the_first_decision() {
+    let mut server = TestServer::start_with(Backend::Redis, |s| {
+        s.on_store_error = OnStoreError::Allow;
+    })
+    .await;
+    server.redis().unwrap().kill();
+    let mut q = server.quota().await;
+    let r = acquire(&mut q, "s1", "r1").await.expect("admitted");
+    assert_outage_admission(&r);
+}
+
 #[tokio::test]
 async fn allow_admits_acquires_and_counts_them_while_redis_is_down() {
     let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], free_port(false)));

@@ -22,7 +22,7 @@ use crate::config::{Settings, Store};
 use crate::metrics::{Metrics, PoolStatus, RedisErrorKind};
 use crate::model::{
     AcquireRequest, Category, Cursor, Decision, Defaults, ERROR_MARKETING_CAP, FREE_ENTRY_POINT_MS,
-    FailureOutcome, Inspection, MARKETING_HOLD_MS, MessageKind, Millis, Outcome, Policy,
+    FailureOutcome, HOUR_MS, Inspection, MARKETING_HOLD_MS, MessageKind, Millis, Outcome, Policy,
     PortfolioId, Projection, Quality, RecipientId, Reservation, RuleSet, SERVICE_WINDOW_MS,
     SLOT_MS, Scope, SenderId, SenderStatus, Target, Tier, WindowEntry, WindowMode, WindowPage,
     remaining,
@@ -39,6 +39,8 @@ const MAX_HOPS: usize = 5;
 const ABANDONED_MOVE_MS: i64 = 30_000;
 /// Shards a Reset clears per script call: about 1,500 slots, a millisecond or two of Redis.
 const RESET_SHARDS_PER_CALL: usize = 32;
+/// Shards Inspect counts slots freeing within the hour over per script call (as inspect.lua).
+const COUNT_SHARDS_PER_CALL: usize = 64;
 /// Senders whose home is cached; past this the cache starts over (it only saves a round trip).
 const ROUTE_CACHE_MAX: usize = 100_000;
 
@@ -660,6 +662,36 @@ impl RedisLedger {
         )))
     }
 
+    /// The rest of Inspect's slots_freeing_next_hour on a large window, from listing position
+    /// `from` (-1: nothing left), a chunk of shards per call (list.lua, count mode) on the same
+    /// clock, so that no call's work grows with the window.
+    async fn count_freeing(&self, home: &Home, now: Millis, mut from: i64) -> Result<u64> {
+        let k = self.keys.home(home);
+        let mut count = 0;
+        while from >= 0 {
+            let call = Call::new(
+                &self.scripts.list,
+                vec![k.window(), k.window_index(), k.residency()],
+            )
+            .clock(Some(now))
+            .arg(home.kind())
+            .arg("")
+            .num(COUNT_SHARDS_PER_CALL)
+            .num(from)
+            .arg("")
+            .num(now + HOUR_MS);
+            let f = items(self.run(&call).await?).map_err(|v| bad_reply("list", &v))?;
+            match (f.first().and_then(int), f.get(1).and_then(int)) {
+                (Some(next), Some(c)) => {
+                    count += c as u64;
+                    from = next;
+                }
+                _ => return Err(bad_reply("list", &Value::Array(f))),
+            }
+        }
+        Ok(count)
+    }
+
     /// The steps of a journaled move from home `from` to home `to` (portfolio ids, "" = the
     /// sender's own home). Each step is idempotent, so a move can be resumed from any point.
     async fn move_sender(
@@ -1114,7 +1146,7 @@ impl Ledger for RedisLedger {
         };
         let f = items(v).map_err(|v| bad_reply("inspect", &v))?;
         let bad = || bad_reply("inspect", &Value::Array(f.clone()));
-        const HEAD: usize = 14;
+        const HEAD: usize = 15;
         if f.len() < HEAD + POLICY_FIELDS {
             return Err(bad());
         }
@@ -1165,7 +1197,8 @@ impl Ledger for RedisLedger {
             used,
             remaining: remaining(limit, effective, used),
             next_slot_free_at: opt_ms(&f[2]),
-            slots_freeing_next_hour: num(3)? as u64,
+            slots_freeing_next_hour: num(3)? as u64
+                + self.count_freeing(&home, num(0)?, num(14)?).await?,
             open_service_windows: num(4)? as u64,
             portfolio: match (&target, &home) {
                 (Target::Sender(_), Home::Portfolio(p)) => Some(p.clone()),
@@ -1198,6 +1231,7 @@ impl Ledger for RedisLedger {
                     .arg(c.recipient.as_ref().map_or("", |r| r.as_str())),
                 None => call.arg("").arg(""),
             }
+            .arg("")
         };
         let v = match &target {
             Target::Sender(sender) => {
