@@ -26,19 +26,9 @@ on_every_ledger!(
 
 const T0: i64 = D + 9 * HOUR;
 
-async fn one_slot_sender(server: &TestServer, s: &str) {
-    let mut a = server.admin().await;
-    put_policy(
-        &mut a,
-        sender(s),
-        policy(Tier::Tier250, 1, WindowMode::Conversation),
-    )
-    .await;
-}
-
 async fn a_confirmed_slot_is_a_delivery_and_can_no_longer_be_released(b: Backend) {
     let server = TestServer::start(b).await;
-    one_slot_sender(&server, "s1").await;
+    room_for(&server, sender("s1"), 1).await;
     let (mut q, mut a) = (server.quota().await, server.admin().await);
 
     let first = acquire(&mut q, "s1", "4915100000001", T0).await;
@@ -248,7 +238,7 @@ async fn with_tokens_only_an_operator_may_set_the_clock() {
 }
 
 /// A sender or portfolio with room for `n` users and no throughput limit to speak of.
-async fn big(server: &TestServer, target: Option<waquota::proto::Target>, n: u64) {
+async fn room_for(server: &TestServer, target: Option<waquota::proto::Target>, n: u64) {
     let mut a = server.admin().await;
     let mut p = policy(Tier::Tier250, n, WindowMode::Conversation);
     p.messages_per_second = 100_000;
@@ -269,8 +259,8 @@ async fn reset_of_a_window_of_many_shards_clears_every_slot_and_keeps_new_ones_a
     let server = TestServer::start(b).await;
     let (mut q, mut a) = (server.quota().await, server.admin().await);
     // 5,000 slots: about a hundred shards, so Redis clears them over several calls.
-    big(&server, sender("s1"), 5_000).await;
-    big(&server, sender("s2"), 5_000).await;
+    room_for(&server, sender("s1"), 5_000).await;
+    room_for(&server, sender("s2"), 5_000).await;
     let all = fill(&mut q, "s1", "u", 5_000, T0).await;
     let kept = acquire(&mut q, "s1", &all[0], T0 + MINUTE).await;
     assert_decision(&kept, Decision::AllowedCounted);
@@ -301,7 +291,7 @@ async fn reset_of_a_window_of_many_shards_clears_every_slot_and_keeps_new_ones_a
     // A portfolio: the per-sender slot counts (sender caps) are cleared with the window.
     assign(&mut a, "x", "p1").await;
     assign(&mut a, "y", "p1").await;
-    big(&server, portfolio("p1"), 6_000).await;
+    room_for(&server, portfolio("p1"), 6_000).await;
     let mut cap = policy(Tier::Tier250, 0, WindowMode::Conversation);
     cap.messages_per_second = 100_000;
     cap.sender_cap = 3_000;
@@ -328,7 +318,7 @@ async fn reset_of_a_window_of_many_shards_clears_every_slot_and_keeps_new_ones_a
 async fn listing_a_window_of_many_shards_returns_every_live_slot_once(b: Backend) {
     let server = TestServer::start(b).await;
     let (mut q, mut a) = (server.quota().await, server.admin().await);
-    big(&server, sender("s1"), 4_000).await;
+    room_for(&server, sender("s1"), 4_000).await;
     let early = fill(&mut q, "s1", "e", 1_500, T0).await;
     let late = fill(&mut q, "s1", "l", 2_500, T0 + HOUR).await;
     for (when, want) in [(T0 + 2 * HOUR, 4_000), (T0 + DAY + MINUTE, 2_500)] {
@@ -364,7 +354,7 @@ async fn inspect_of_a_window_of_many_shards_counts_exactly_the_slots_freeing_wit
 ) {
     let server = TestServer::start(b).await;
     let (mut q, mut a) = (server.quota().await, server.admin().await);
-    big(&server, sender("s1"), 7_000).await;
+    room_for(&server, sender("s1"), 7_000).await;
     // 3,500 slots ending at T0 + 24 h and 2,500 ending two hours later: some 125 shards, nearly
     // all holding a slot that frees within the hour, so Redis counts them over several calls.
     fill(&mut q, "s1", "e", 3_500, T0).await;

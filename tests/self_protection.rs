@@ -160,18 +160,22 @@ async fn queued_acquires_answer_within_the_store_timeout_of_their_arrival() {
     let port = server.redis().unwrap().port;
 
     pause_writes(port, 5000);
-    let calls: Vec<_> = users("r", 30)
-        .into_iter()
-        .map(|r| {
-            let mut q = q.clone();
-            let req = real(&r);
-            tokio::spawn(async move {
-                let start = std::time::Instant::now();
-                let got = q.acquire(req).await.map_err(|s| s.code());
-                (got, start.elapsed())
-            })
+    let call = |r: String| {
+        let mut q = q.clone();
+        let req = real(&r);
+        tokio::spawn(async move {
+            let start = std::time::Instant::now();
+            let got = q.acquire(req).await.map_err(|s| s.code());
+            (got, start.elapsed())
         })
-        .collect();
+    };
+    // One decision in flight, held by Redis; then the rest arrive and queue behind it.
+    let mut calls = vec![call("first".into())];
+    common::eventually("the first decision to wait inside Redis", || async {
+        common::raw_command(port, "INFO clients").filter(|info| !info.contains("blocked_clients:0"))
+    })
+    .await;
+    calls.extend(users("r", 30).into_iter().map(call));
     let mut slowest = Duration::ZERO;
     for (i, c) in calls.into_iter().enumerate() {
         let (got, took) = c.await.unwrap();

@@ -37,8 +37,9 @@ const MAX_HOPS: usize = 5;
 /// A reassignment journaled longer ago than this was abandoned by its mover (a crashed instance:
 /// every step of a live one answers within the Redis timeout), and the next one completes it.
 const ABANDONED_MOVE_MS: i64 = 30_000;
-/// Shards a Reset clears per script call: about 1,500 slots, a millisecond or two of Redis.
-const RESET_SHARDS_PER_CALL: usize = 32;
+/// Shards a Reset clears per script call: about 750 slots, a few milliseconds of Redis at most
+/// (BENCHMARKS.md, "Admin scripts on large windows").
+const RESET_SHARDS_PER_CALL: usize = 16;
 /// Shards Inspect counts slots freeing within the hour over per script call (as inspect.lua).
 const COUNT_SHARDS_PER_CALL: usize = 64;
 /// Senders whose home is cached; past this the cache starts over (it only saves a round trip).
