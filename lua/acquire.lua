@@ -17,6 +17,7 @@
 -- KEYS[10] marketing log   hash   recipient -> "t1,t2,..." recent marketing sends (ms)
 -- KEYS[11] marketing holds zset   recipient -> hold until (ms) (WhatsApp error 131049)
 -- KEYS[12] uniques         zset   recipient -> when it last got a new slot (ms): projections
+-- KEYS[13] ledger marker   string "1", or "lost <ms>" (lib.lua, ledger_check)
 -- ARGV[1] now (ms), or "" for Redis TIME
 -- ARGV[2] home kind: "s" (the sender's own window) or "p" (its portfolio's)
 -- ARGV[3] sender
@@ -26,9 +27,11 @@
 -- ARGV[7..9] the home's default tier, mode, rule set
 -- ARGV[10..12] default messages per second, pair interval (ms), pair burst
 -- ARGV[13] slot length (ms), ARGV[14] TTL slack (ms)
--- ARGV[15..] recipients, normalised
+-- ARGV[15] on a lost ledger: "d" deny new slots, "a" allow them
+-- ARGV[16..] recipients, normalised
 -- Returns {"moved", portfolio|""} when the sender's state lives at another home; otherwise
--- {now, limit, tier, effective limit, then per recipient: decision, expires_at|-1,
+-- {now, limit, tier, effective limit, 1 when this call found the ledger lost else 0, new slots
+-- refused since (ms)|-1, then per recipient: decision, expires_at|-1,
 -- retry_after|-1, used, reservation|""}. Decisions as model::Decision::code.
 
 local wpolkey, service = KEYS[3], KEYS[4]
@@ -46,6 +49,7 @@ local dry = ARGV[5] == '1'
 local marketing = ARGV[6] == '1'
 local slot_ms, slack = tonumber(ARGV[13]), tonumber(ARGV[14])
 local now_us = now * 1000
+local lost_now, lost_since = ledger_check(KEYS[13], ARGV[15], now, slot_ms, not dry)
 
 local W = read_policy(wpolkey, ARGV[7], ARGV[8], ARGV[9])
 settle(W, wpolkey, now, not dry)
@@ -126,7 +130,7 @@ local function scores(key, names, into, raw)
   end
 end
 if not blocked then
-  local rs = { unpack(ARGV, 15) }
+  local rs = { unpack(ARGV, 16) }
   scores(service, rs, pre_sw)
   local by, unseen = {}, {}
   for _, r in ipairs(rs) do
@@ -218,6 +222,10 @@ local function decide(r)
     elseif at > passes_at then
       passes_at = at
     end
+  end
+  if not sw and not cur and lost_since then
+    -- New slots wait for an operator's accept-loss, or one window after the loss.
+    refuse(10, lost_since + slot_ms)
   end
   if not sw and not cur then
     local over_limit = limit > 0 and used >= effective
@@ -313,8 +321,8 @@ local function decide(r)
   return 1, until_ms, -1, resv
 end
 
-local out = { now, limit, W.tier, effective }
-for i = 15, #ARGV do
+local out = { now, limit, W.tier, effective, lost_now and 1 or 0, lost_since or -1 }
+for i = 16, #ARGV do
   local decision, expires, retry, resv = decide(ARGV[i])
   out[#out + 1] = decision
   out[#out + 1] = expires or -1

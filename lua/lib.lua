@@ -652,3 +652,37 @@ local function upgrade_threshold_met(rules, tier, u7, u30)
   return u7 >= half or (tier == '250' and u30 >= PORTFOLIO_ENTRY_UNIQUES)
 end
 
+
+-- The ledger marker (docs/contract.md, "A lost ledger"): "1" while the ledger is whole,
+-- "lost <ms>" once it was found gone. Every instance creates it on first contact (SET NX), so a
+-- marker that is missing later means the data under it went away (a restart without
+-- persistence, a failover to an empty replica, FLUSHALL). mode "d" (deny_new) records the loss
+-- and keeps it until an operator accepts it or one window (slot_ms) has passed; mode "a"
+-- (allow) only reports it. Returns whether this call found the loss, and since when new slots
+-- are refused (nil when they are not).
+local function ledger_check(key, mode, now, slot_ms, write)
+  local mark = redis.call('GET', key)
+  if mark == '1' then
+    return false, nil
+  end
+  if not mark then
+    if mode == 'a' then
+      if write then
+        redis.call('SET', key, '1')
+      end
+      return true, nil
+    end
+    if write then
+      redis.call('SET', key, 'lost ' .. fmt(now))
+    end
+    return true, now
+  end
+  local since = tonumber(string.sub(mark, 6)) or now
+  if mode == 'a' or now >= since + slot_ms then
+    if write then
+      redis.call('SET', key, '1')
+    end
+    return false, nil
+  end
+  return false, since
+end

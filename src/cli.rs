@@ -120,6 +120,16 @@ pub enum Command {
         #[arg(long, short = 'y')]
         yes: bool,
     },
+    /// The ledger as a whole: accept a loss that waquota detected.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
+}
+
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum LedgerCommand {
+    /// Confirm that the ledger may be trusted again after a loss (Redis came back empty): new
+    /// slots are admitted from now on, counted from what the ledger now holds.
+    AcceptLoss,
 }
 
 #[derive(clap::Subcommand, Debug, Clone)]
@@ -573,6 +583,7 @@ pub async fn run(command: Command, args: &ClientArgs) -> Result<(), CliError> {
         }
         Command::Sender(SenderCommand::Detach { sender }) => assign(&mut s, sender, None).await?,
         Command::Reset { target, yes } => reset(&mut s, &proto_target(&target), yes).await?,
+        Command::Ledger(LedgerCommand::AcceptLoss) => accept_loss(&mut s).await?,
     };
     write_stdout(&out)
 }
@@ -1323,6 +1334,31 @@ async fn reset(s: &mut Session, target: &proto::Target, yes: bool) -> Result<Str
         }));
     }
     Ok(format!("{}: window cleared\n", describe(target)))
+}
+
+async fn accept_loss(s: &mut Session) -> Result<String, CliError> {
+    let r = s
+        .admin
+        .accept_ledger_loss(proto::AcceptLedgerLossRequest {})
+        .await?
+        .into_inner();
+    let since = r.lost_since.as_ref().map(|t| rfc3339(t.seconds * 1000 + i64::from(t.nanos) / 1_000_000));
+    if s.json {
+        #[derive(Serialize)]
+        struct Accepted {
+            was_lost: bool,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            lost_since: Option<String>,
+        }
+        return Ok(json_out(&Accepted {
+            was_lost: r.was_lost,
+            lost_since: since,
+        }));
+    }
+    Ok(match since {
+        Some(t) => format!("ledger loss (since {t}) accepted: new slots are admitted again\n"),
+        None => "the ledger was not lost: nothing to accept\n".into(),
+    })
 }
 
 // ------------------------------------------------------------------------------ time

@@ -31,6 +31,13 @@ pub enum Store {
     Redis { url: String },
     /// A Redis Cluster, through the cluster client: one or more seed node URLs.
     Cluster { nodes: Vec<String> },
+    /// A primary found through Redis Sentinel: seed sentinel URLs and the master's name. The
+    /// credentials and TLS of the sentinel URLs (`rediss://`, `user:password@`, `redis_ca`) are
+    /// used for the data nodes too.
+    Sentinel {
+        sentinels: Vec<String>,
+        master: String,
+    },
 }
 
 impl fmt::Debug for Store {
@@ -48,6 +55,70 @@ impl fmt::Debug for Store {
                     &nodes.iter().map(|n| redact_url(n)).collect::<Vec<_>>(),
                 )
                 .finish(),
+            Store::Sentinel { sentinels, master } => f
+                .debug_struct("Sentinel")
+                .field(
+                    "sentinels",
+                    &sentinels.iter().map(|n| redact_url(n)).collect::<Vec<_>>(),
+                )
+                .field("master", master)
+                .finish(),
+        }
+    }
+}
+
+/// When a call that changed the ledger is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// As soon as the primary ran it; Redis replicates afterwards, so a failover can lose the
+    /// last admissions (README, "Durability").
+    #[default]
+    Async,
+    /// Only once `durability_replicas` replicas acknowledged it (`WAIT`, in the same pipeline).
+    Replicated,
+}
+
+impl FromStr for Durability {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "async" => Ok(Durability::Async),
+            "replicated" => Ok(Durability::Replicated),
+            _ => Err(format!("unknown durability {s:?}: use async or replicated")),
+        }
+    }
+}
+
+/// What new slots get once the ledger is found lost (docs/contract.md, "A lost ledger").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnLedgerLoss {
+    /// Refused until an operator accepts the loss or one window has passed since it.
+    #[default]
+    DenyNew,
+    /// Admitted as if the ledger were whole; the loss is still reported.
+    Allow,
+}
+
+impl OnLedgerLoss {
+    pub fn name(self) -> &'static str {
+        match self {
+            OnLedgerLoss::DenyNew => "deny_new",
+            OnLedgerLoss::Allow => "allow",
+        }
+    }
+}
+
+impl FromStr for OnLedgerLoss {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "deny_new" | "deny-new" => Ok(OnLedgerLoss::DenyNew),
+            "allow" => Ok(OnLedgerLoss::Allow),
+            _ => Err(format!("unknown on_ledger_loss {s:?}: use deny_new or allow")),
         }
     }
 }
@@ -162,6 +233,21 @@ pub struct Settings {
     /// balancers stop routing here while calls still succeed.
     #[serde(with = "millis")]
     pub shutdown_delay: Duration,
+    /// When a call that changed the ledger is answered: `async` or `replicated`.
+    pub durability: Durability,
+    /// Replicas that must acknowledge a change with `durability = replicated`.
+    pub durability_replicas: u32,
+    /// Longest wait for those acknowledgements before answering `UNAVAILABLE`.
+    #[serde(with = "millis")]
+    pub durability_timeout: Duration,
+    /// New slots once the ledger marker is found gone: `deny_new` or `allow`.
+    pub on_ledger_loss: OnLedgerLoss,
+    /// Seed sentinels (a file may say the Sentinel store this way instead of `[store]`).
+    #[serde(skip_serializing, default)]
+    pub redis_sentinel: Vec<String>,
+    /// The Sentinel master name, with `redis_sentinel`.
+    #[serde(skip_serializing, default)]
+    pub redis_sentinel_master: Option<String>,
     /// Decisions when the store cannot be reached (a policy may override it).
     pub on_store_error: OnStoreError,
     /// Per-sender overrides of `on_store_error`, by sender id. Why in the configuration and not
@@ -203,6 +289,12 @@ impl Default for Settings {
             redis_timeout: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(10),
             shutdown_delay: Duration::ZERO,
+            durability: Durability::Async,
+            durability_replicas: 1,
+            durability_timeout: Duration::from_millis(50),
+            on_ledger_loss: OnLedgerLoss::DenyNew,
+            redis_sentinel: Vec::new(),
+            redis_sentinel_master: None,
             on_store_error: OnStoreError::Deny,
             on_store_error_senders: BTreeMap::new(),
             metrics_listen: None,
@@ -265,7 +357,7 @@ impl Settings {
 
     /// Parses a configuration file's text; the error is one line, with the line number.
     pub fn from_toml(text: &str) -> Result<Settings, String> {
-        toml::from_str(text).map_err(|e| {
+        let mut s: Settings = toml::from_str(text).map_err(|e| {
             let message = e.message().trim().replace('\n', " ");
             match e.span() {
                 Some(span) => {
@@ -274,7 +366,25 @@ impl Settings {
                 }
                 None => message,
             }
-        })
+        })?;
+        s.fold_sentinel_keys()?;
+        Ok(s)
+    }
+
+    /// `redis_sentinel` and `redis_sentinel_master` at the top of a file say the Sentinel store.
+    fn fold_sentinel_keys(&mut self) -> Result<(), String> {
+        let sentinels = std::mem::take(&mut self.redis_sentinel);
+        let master = self.redis_sentinel_master.take();
+        match (sentinels.is_empty(), master) {
+            (true, None) => Ok(()),
+            (true, Some(_)) => Err("redis_sentinel_master is set without redis_sentinel".into()),
+            (false, None) => Err("redis_sentinel is set without redis_sentinel_master".into()),
+            (false, Some(master)) if self.store == Store::Memory => {
+                self.store = Store::Sentinel { sentinels, master };
+                Ok(())
+            }
+            (false, Some(_)) => Err("redis_sentinel and [store] both name a store: choose one".into()),
+        }
     }
 
     /// The settings as a configuration file would say them.
@@ -292,6 +402,9 @@ impl Settings {
             Store::Memory => {}
             Store::Redis { url } => *url = redact_url(url),
             Store::Cluster { nodes } => nodes.iter_mut().for_each(|n| *n = redact_url(n)),
+            Store::Sentinel { sentinels, .. } => {
+                sentinels.iter_mut().for_each(|n| *n = redact_url(n))
+            }
         }
         s
     }
@@ -311,6 +424,47 @@ impl Settings {
                 for (i, n) in nodes.iter().enumerate() {
                     check_redis_url(&format!("store.nodes[{i}]"), n)?;
                 }
+            }
+            Store::Sentinel { sentinels, master } => {
+                if sentinels.is_empty() {
+                    return Err(ConfigError::invalid(
+                        "redis_sentinel",
+                        "Sentinel needs at least one seed sentinel URL",
+                    ));
+                }
+                for (i, n) in sentinels.iter().enumerate() {
+                    check_redis_url(&format!("redis_sentinel[{i}]"), n)?;
+                }
+                if master.is_empty() || !master.chars().all(|c| c.is_ascii_graphic()) {
+                    return Err(ConfigError::invalid(
+                        "redis_sentinel_master",
+                        "the master name Sentinel monitors: 1 or more visible characters",
+                    ));
+                }
+            }
+        }
+        if self.durability == Durability::Replicated {
+            if matches!(self.store, Store::Cluster { .. }) {
+                return Err(ConfigError::invalid(
+                    "durability",
+                    "replicated is supported with a standalone Redis or Sentinel (on a Cluster, WAIT would go to a node other than the one that ran the script)",
+                ));
+            }
+            if !(1..=16).contains(&self.durability_replicas) {
+                return Err(ConfigError::invalid(
+                    "durability_replicas",
+                    format!("must be 1 to 16, got {}", self.durability_replicas),
+                ));
+            }
+            if self.durability_timeout.is_zero() || self.durability_timeout >= self.redis_timeout {
+                return Err(ConfigError::invalid(
+                    "durability_timeout",
+                    format!(
+                        "must be at least 1 ms and less than redis_timeout ({} ms), got {} ms",
+                        self.redis_timeout.as_millis(),
+                        self.durability_timeout.as_millis()
+                    ),
+                ));
             }
         }
         // The prefix is part of every key: braces would change the hash tag, spaces break
@@ -476,6 +630,10 @@ pub struct Overrides {
     pub shutdown_delay: Option<Duration>,
     pub on_store_error: Option<OnStoreError>,
     pub on_store_error_senders: Option<BTreeMap<String, OnStoreError>>,
+    pub durability: Option<Durability>,
+    pub durability_replicas: Option<u32>,
+    pub durability_timeout: Option<Duration>,
+    pub on_ledger_loss: Option<OnLedgerLoss>,
     pub redis_ca: Option<PathBuf>,
     pub metrics_listen: Option<SocketAddr>,
     pub log_format: Option<LogFormat>,
@@ -488,13 +646,25 @@ pub struct Overrides {
 }
 
 /// Every environment variable [`Overrides::from_env`] reads, and the setting it sets.
-pub const ENV_VARS: [(&str, &str); 31] = [
+pub const ENV_VARS: [(&str, &str); 37] = [
     ("WAQUOTA_LISTEN", "listen"),
     ("WAQUOTA_REDIS_URL", "store (standalone Redis URL)"),
     (
         "WAQUOTA_REDIS_CLUSTER",
         "store (Cluster seed URLs, comma-separated)",
     ),
+    (
+        "WAQUOTA_REDIS_SENTINEL",
+        "store (seed sentinel URLs, comma-separated)",
+    ),
+    (
+        "WAQUOTA_REDIS_SENTINEL_MASTER",
+        "store (the master name, with WAQUOTA_REDIS_SENTINEL)",
+    ),
+    ("WAQUOTA_DURABILITY", "durability"),
+    ("WAQUOTA_DURABILITY_REPLICAS", "durability_replicas"),
+    ("WAQUOTA_DURABILITY_TIMEOUT_MS", "durability_timeout"),
+    ("WAQUOTA_ON_LEDGER_LOSS", "on_ledger_loss"),
     ("WAQUOTA_KEY_PREFIX", "key_prefix"),
     ("WAQUOTA_TRUST_CLIENT_CLOCK", "trust_client_clock"),
     ("WAQUOTA_DEFAULT_TIER", "defaults.sender_tier"),
@@ -594,6 +764,7 @@ impl Overrides {
     pub fn from_env(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
         let mut o = Overrides::default();
         let (mut redis_url, mut cluster, mut old_log) = (None, None, None);
+        let (mut sentinels, mut master) = (None, None);
         for (name, value) in vars {
             let value = value.trim();
             if !name.starts_with("WAQUOTA_") || value.is_empty() {
@@ -606,6 +777,16 @@ impl Overrides {
                     "WAQUOTA_LISTEN" => o.listen = Some(parse(value, addr)?),
                     "WAQUOTA_REDIS_URL" => redis_url = Some(value.to_owned()),
                     "WAQUOTA_REDIS_CLUSTER" => cluster = Some(parse_list(value)),
+                    "WAQUOTA_REDIS_SENTINEL" => sentinels = Some(parse_list(value)),
+                    "WAQUOTA_REDIS_SENTINEL_MASTER" => master = Some(value.to_owned()),
+                    "WAQUOTA_DURABILITY" => o.durability = Some(parse_name(value)?),
+                    "WAQUOTA_DURABILITY_REPLICAS" => {
+                        o.durability_replicas = Some(parse(value, count)?)
+                    }
+                    "WAQUOTA_DURABILITY_TIMEOUT_MS" => {
+                        o.durability_timeout = Some(Duration::from_millis(parse(value, count)?))
+                    }
+                    "WAQUOTA_ON_LEDGER_LOSS" => o.on_ledger_loss = Some(parse_name(value)?),
                     "WAQUOTA_KEY_PREFIX" => o.key_prefix = Some(value.to_owned()),
                     "WAQUOTA_TRUST_CLIENT_CLOCK" => o.trust_client_clock = Some(parse_bool(value)?),
                     "WAQUOTA_DEFAULT_TIER" => o.default_sender_tier = Some(parse_name(value)?),
@@ -664,16 +845,37 @@ impl Overrides {
                 message,
             })?;
         }
-        o.store = match (redis_url, cluster) {
-            (Some(_), Some(_)) => {
+        let sentinel = match (sentinels, master) {
+            (Some(sentinels), Some(master)) => Some(Store::Sentinel { sentinels, master }),
+            (None, None) => None,
+            (Some(_), None) => {
                 return Err(ConfigError::Env {
-                    var: "WAQUOTA_REDIS_URL".into(),
-                    message: "WAQUOTA_REDIS_CLUSTER is set too: choose one store".into(),
+                    var: "WAQUOTA_REDIS_SENTINEL".into(),
+                    message: "is set without WAQUOTA_REDIS_SENTINEL_MASTER".into(),
                 });
             }
-            (Some(url), None) => Some(Store::Redis { url }),
-            (None, Some(nodes)) => Some(Store::Cluster { nodes }),
-            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(ConfigError::Env {
+                    var: "WAQUOTA_REDIS_SENTINEL_MASTER".into(),
+                    message: "is set without WAQUOTA_REDIS_SENTINEL".into(),
+                });
+            }
+        };
+        let stores = [
+            ("WAQUOTA_REDIS_URL", redis_url.map(|url| Store::Redis { url })),
+            ("WAQUOTA_REDIS_CLUSTER", cluster.map(|nodes| Store::Cluster { nodes })),
+            ("WAQUOTA_REDIS_SENTINEL", sentinel),
+        ];
+        let mut named = stores.into_iter().filter(|(_, s)| s.is_some());
+        o.store = match (named.next(), named.next()) {
+            (Some((a, _)), Some((b, _))) => {
+                return Err(ConfigError::Env {
+                    var: a.into(),
+                    message: format!("{b} is set too: choose one store"),
+                });
+            }
+            (Some((_, store)), None) => store,
+            _ => None,
         };
         if o.log_level.is_none() {
             o.log_level = old_log;
@@ -717,6 +919,10 @@ impl Overrides {
         put(&mut s.shutdown_delay, self.shutdown_delay);
         put(&mut s.on_store_error, self.on_store_error);
         put(&mut s.on_store_error_senders, self.on_store_error_senders);
+        put(&mut s.durability, self.durability);
+        put(&mut s.durability_replicas, self.durability_replicas);
+        put(&mut s.durability_timeout, self.durability_timeout);
+        put(&mut s.on_ledger_loss, self.on_ledger_loss);
         if self.redis_ca.is_some() {
             s.redis_ca = self.redis_ca;
         }
@@ -967,6 +1173,64 @@ mod tests {
     }
 
     #[test]
+    fn sentinel_from_env_file_and_its_errors() {
+        let vars = env(&[
+            ("WAQUOTA_REDIS_SENTINEL", "redis://s1:26379, redis://s2:26379"),
+            ("WAQUOTA_REDIS_SENTINEL_MASTER", "waquota"),
+        ]);
+        let mut s = Settings::default();
+        Overrides::from_env(vars).unwrap().apply(&mut s).unwrap();
+        let want = Store::Sentinel {
+            sentinels: vec!["redis://s1:26379".into(), "redis://s2:26379".into()],
+            master: "waquota".into(),
+        };
+        assert_eq!(s.store, want);
+        let f = Settings::from_toml(
+            "redis_sentinel = [\"redis://s1:26379\", \"redis://s2:26379\"]\nredis_sentinel_master = \"waquota\"\n",
+        )
+        .unwrap();
+        assert_eq!(f.store, want);
+        // What config check prints reads back as the same store.
+        assert_eq!(Settings::from_toml(&f.to_toml()).unwrap().store, want);
+        let e = Overrides::from_env(env(&[("WAQUOTA_REDIS_SENTINEL", "redis://s1:26379")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("WAQUOTA_REDIS_SENTINEL_MASTER"), "{e}");
+        let e = Overrides::from_env(env(&[
+            ("WAQUOTA_REDIS_URL", "redis://a:1"),
+            ("WAQUOTA_REDIS_SENTINEL", "redis://s1:26379"),
+            ("WAQUOTA_REDIS_SENTINEL_MASTER", "m"),
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("choose one store"), "{e}");
+        let e = Settings::from_toml("redis_sentinel_master = \"m\"\n").unwrap_err();
+        assert!(e.contains("without redis_sentinel"), "{e}");
+    }
+
+    #[test]
+    fn replicated_durability_is_checked() {
+        let mut s = Settings {
+            store: Store::Cluster {
+                nodes: vec!["redis://a:1".into()],
+            },
+            durability: Durability::Replicated,
+            ..Settings::default()
+        };
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.starts_with("durability: replicated is supported"), "{e}");
+        s.store = Store::Redis {
+            url: "redis://a:1".into(),
+        };
+        s.validate().unwrap();
+        s.durability_timeout = s.redis_timeout;
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.starts_with("durability_timeout: must be"), "{e}");
+        s.durability_timeout = Duration::from_millis(50);
+        s.durability_replicas = 0;
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.starts_with("durability_replicas: must be 1 to 16"), "{e}");
+    }
+
+    #[test]
     fn every_env_var_is_read() {
         let vars = env(&[
             ("WAQUOTA_LISTEN", "127.0.0.1:1"),
@@ -999,8 +1263,16 @@ mod tests {
             ("WAQUOTA_TLS_CERT", "/c"),
             ("WAQUOTA_TLS_KEY", "/k"),
             ("WAQUOTA_TLS_CLIENT_CA", "/ca"),
+            ("WAQUOTA_DURABILITY", "replicated"),
+            ("WAQUOTA_DURABILITY_REPLICAS", "2"),
+            ("WAQUOTA_DURABILITY_TIMEOUT_MS", "40"),
+            ("WAQUOTA_ON_LEDGER_LOSS", "allow"),
         ]);
-        assert_eq!(vars.len() + 1, ENV_VARS.len(), "all but WAQUOTA_REDIS_URL");
+        assert_eq!(
+            vars.len() + 3,
+            ENV_VARS.len(),
+            "all but WAQUOTA_REDIS_URL and the two Sentinel ones (the store is the cluster here)"
+        );
         let o = Overrides::from_env(vars).unwrap();
         let mut s = Settings::default();
         o.apply(&mut s).unwrap();
@@ -1030,6 +1302,20 @@ mod tests {
             (2, 2048, 3)
         );
         assert_eq!(s.redis_pool_size, 5);
+        assert_eq!(
+            (
+                s.durability,
+                s.durability_replicas,
+                s.durability_timeout,
+                s.on_ledger_loss
+            ),
+            (
+                Durability::Replicated,
+                2,
+                Duration::from_millis(40),
+                OnLedgerLoss::Allow
+            )
+        );
         assert_eq!(s.redis_timeout, Duration::from_millis(6));
         assert_eq!(s.shutdown_grace, Duration::from_millis(7));
         assert_eq!(s.on_store_error, OnStoreError::Allow);

@@ -5,7 +5,9 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use waquota::cli::{self, ClientArgs};
-use waquota::config::{LogFormat, OnStoreError, Overrides, Settings, Store, parse_bool};
+use waquota::config::{
+    Durability, LogFormat, OnLedgerLoss, OnStoreError, Overrides, Settings, Store, parse_bool,
+};
 use waquota::model::{Tier, WindowMode};
 
 #[derive(Parser)]
@@ -51,11 +53,34 @@ struct SettingsArgs {
     listen: Option<SocketAddr>,
     /// Standalone Redis URL (redis:// or rediss:// for TLS; user:password@ for ACL); without a
     /// store the ledger is in memory [env: WAQUOTA_REDIS_URL].
-    #[arg(long, value_name = "URL", conflicts_with = "redis_cluster")]
+    #[arg(long, value_name = "URL", conflicts_with_all = ["redis_cluster", "redis_sentinel"])]
     redis: Option<String>,
     /// Redis Cluster seed node URLs, comma-separated [env: WAQUOTA_REDIS_CLUSTER].
-    #[arg(long, value_name = "URLS", value_delimiter = ',')]
+    #[arg(long, value_name = "URLS", value_delimiter = ',', conflicts_with = "redis_sentinel")]
     redis_cluster: Vec<String>,
+    /// Seed sentinels, comma-separated URLs: the primary is found and followed through them
+    /// (their credentials and TLS serve the data nodes too) [env: WAQUOTA_REDIS_SENTINEL].
+    #[arg(long, value_name = "URLS", value_delimiter = ',', requires = "redis_sentinel_master")]
+    redis_sentinel: Vec<String>,
+    /// The master name the sentinels monitor [env: WAQUOTA_REDIS_SENTINEL_MASTER].
+    #[arg(long, value_name = "NAME", requires = "redis_sentinel")]
+    redis_sentinel_master: Option<String>,
+    /// async: answer once the primary ran a change; replicated: once replicas acknowledged it
+    /// (WAIT, in the same round trip) [env: WAQUOTA_DURABILITY].
+    #[arg(long, value_name = "async|replicated")]
+    durability: Option<Durability>,
+    /// Replicas that must acknowledge a change with --durability replicated (default 1)
+    /// [env: WAQUOTA_DURABILITY_REPLICAS].
+    #[arg(long, value_name = "N")]
+    durability_replicas: Option<u32>,
+    /// Longest wait for those acknowledgements, then UNAVAILABLE (default 50)
+    /// [env: WAQUOTA_DURABILITY_TIMEOUT_MS].
+    #[arg(long, value_name = "MS")]
+    durability_timeout_ms: Option<u64>,
+    /// New slots once the ledger is found lost: deny_new (default) or allow
+    /// [env: WAQUOTA_ON_LEDGER_LOSS].
+    #[arg(long, value_name = "deny_new|allow")]
+    on_ledger_loss: Option<OnLedgerLoss>,
     /// Prefix of every Redis key [default: wq] [env: WAQUOTA_KEY_PREFIX].
     #[arg(long, value_name = "PREFIX")]
     key_prefix: Option<String>,
@@ -155,7 +180,13 @@ impl SettingsArgs {
             (None, false) => Some(Store::Cluster {
                 nodes: self.redis_cluster.clone(),
             }),
-            (None, true) => None,
+            (None, true) => self
+                .redis_sentinel_master
+                .clone()
+                .map(|master| Store::Sentinel {
+                    sentinels: self.redis_sentinel.clone(),
+                    master,
+                }),
         };
         Overrides {
             listen: self.listen,
@@ -177,6 +208,10 @@ impl SettingsArgs {
             shutdown_grace: self.shutdown_grace_ms.map(Duration::from_millis),
             on_store_error: self.on_store_error,
             on_store_error_senders: None,
+            durability: self.durability,
+            durability_replicas: self.durability_replicas,
+            durability_timeout: self.durability_timeout_ms.map(Duration::from_millis),
+            on_ledger_loss: self.on_ledger_loss,
             shutdown_delay: self.shutdown_delay_ms.map(Duration::from_millis),
             redis_ca: self.redis_ca.clone(),
             metrics_listen: self.metrics_listen,

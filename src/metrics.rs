@@ -139,6 +139,11 @@ pub struct Metrics {
     shed: AtomicU64,
     refused: [AtomicU64; 2],
     deadline_exceeded: AtomicU64,
+    durability_timeouts: AtomicU64,
+    ledger_lost: AtomicU64,
+    /// Milliseconds since the epoch when the ledger was found lost, 0 while it is whole.
+    ledger_lost_since: AtomicI64,
+    unanswered: AtomicU64,
     /// [allowed, denied]
     outage_decisions: [AtomicU64; 2],
     pool: Mutex<Option<PoolProbe>>,
@@ -192,6 +197,10 @@ impl Metrics {
             shed: AtomicU64::new(0),
             refused: counters(),
             deadline_exceeded: AtomicU64::new(0),
+            durability_timeouts: AtomicU64::new(0),
+            ledger_lost: AtomicU64::new(0),
+            ledger_lost_since: AtomicI64::new(0),
+            unanswered: AtomicU64::new(0),
             outage_decisions: counters(),
             pool: Mutex::new(None),
         }
@@ -241,6 +250,33 @@ impl Metrics {
 
     pub fn deadline_exceeded(&self) {
         self.deadline_exceeded.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A change that fewer replicas than `durability_replicas` acknowledged in time.
+    pub fn durability_timeout(&self) {
+        self.durability_timeouts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The ledger marker was found gone (a new loss, not one already known).
+    pub fn ledger_lost(&self, since_ms: i64) {
+        self.ledger_lost.fetch_add(1, Ordering::Relaxed);
+        self.ledger_lost_since.store(since_ms, Ordering::Relaxed);
+    }
+
+    /// Where the ledger stands: `Some(since)` while it is known lost.
+    pub fn set_ledger_lost_since(&self, since_ms: Option<i64>) {
+        self.ledger_lost_since
+            .store(since_ms.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    pub fn ledger_lost_since(&self) -> Option<i64> {
+        Some(self.ledger_lost_since.load(Ordering::Relaxed)).filter(|&t| t != 0)
+    }
+
+    /// Recipients admitted by the store whose caller had gone (its deadline passed, it hung
+    /// up) before the answer came: consumed but unanswered, the safe side.
+    pub fn unanswered(&self, recipients: u64) {
+        self.unanswered.fetch_add(recipients, Ordering::Relaxed);
     }
 
     pub fn outage_decision(&self, allowed: bool) {
@@ -339,6 +375,38 @@ impl Metrics {
             out,
             "waquota_requests_deadline_exceeded_total {}",
             load(&self.deadline_exceeded)
+        );
+
+        for (name, help, n) in [
+            (
+                "waquota_durability_timeouts_total",
+                "Changes answered UNAVAILABLE because fewer replicas than durability_replicas acknowledged them within durability_timeout (the change stands on the primary).",
+                &self.durability_timeouts,
+            ),
+            (
+                "waquota_ledger_lost_total",
+                "Times the ledger marker was found gone from Redis (a restart without persistence, a failover to an empty replica, FLUSHALL).",
+                &self.ledger_lost,
+            ),
+            (
+                "waquota_decisions_unanswered_total",
+                "Recipients admitted by the store after their caller had gone (deadline passed or hung up): consumed, never answered.",
+                &self.unanswered,
+            ),
+        ] {
+            head(&mut out, name, "counter", help);
+            let _ = writeln!(out, "{name} {}", load(n));
+        }
+        head(
+            &mut out,
+            "waquota_ledger_lost",
+            "gauge",
+            "1 while the ledger is known lost and new slots follow on_ledger_loss, else 0.",
+        );
+        let _ = writeln!(
+            out,
+            "waquota_ledger_lost {}",
+            u8::from(self.ledger_lost_since().is_some())
         );
 
         head(
@@ -487,7 +555,22 @@ fn answer(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
             "text/plain; version=0.0.4; charset=utf-8",
             Bytes::from(metrics.render()),
         ),
-        (_, "/metrics") => (
+        // The health detail a gRPC health status cannot carry: whether the ledger is known lost.
+        // 200 while it is whole, 503 while new slots are held back (or allowed despite a loss).
+        (&Method::GET, "/health") => {
+            let (status, body) = match metrics.ledger_lost_since() {
+                None => (StatusCode::OK, "{\"ledger\":\"whole\"}\n".to_owned()),
+                Some(t) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "{{\"ledger\":\"lost\",\"lost_since\":\"{}\",\"hint\":\"new slots follow on_ledger_loss; an operator confirms with: waquota ledger accept-loss\"}}\n",
+                        crate::cli::rfc3339(t)
+                    ),
+                ),
+            };
+            (status, "application/json", Bytes::from(body))
+        }
+        (_, "/metrics" | "/health") => (
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
             Bytes::from_static(b"use GET\n"),
@@ -495,7 +578,7 @@ fn answer(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            Bytes::from_static(b"metrics are at /metrics\n"),
+            Bytes::from_static(b"metrics are at /metrics, the ledger's health at /health\n"),
         ),
     };
     let mut resp = Response::new(Full::new(body));

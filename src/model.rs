@@ -735,11 +735,14 @@ pub enum Decision {
     DeniedPairRate,
     DeniedSenderBlocked,
     DeniedMarketingCap,
+    /// The ledger was found lost and `on_ledger_loss = deny_new` holds new slots back
+    /// (docs/contract.md, "A lost ledger").
+    DeniedLedgerLost,
 }
 
 impl Decision {
     /// Every decision, in the order of their codes (`ALL[i].code() == i + 1`).
-    pub const ALL: [Decision; 9] = [
+    pub const ALL: [Decision; 10] = [
         Decision::AllowedNew,
         Decision::AllowedCounted,
         Decision::AllowedServiceWindow,
@@ -749,6 +752,7 @@ impl Decision {
         Decision::DeniedPairRate,
         Decision::DeniedSenderBlocked,
         Decision::DeniedMarketingCap,
+        Decision::DeniedLedgerLost,
     ];
 
     pub fn allowed(self) -> bool {
@@ -770,6 +774,7 @@ impl Decision {
             Decision::DeniedPairRate => 7,
             Decision::DeniedSenderBlocked => 8,
             Decision::DeniedMarketingCap => 9,
+            Decision::DeniedLedgerLost => 10,
         }
     }
 
@@ -789,6 +794,7 @@ impl Decision {
             Decision::DeniedPairRate => "denied_pair_rate",
             Decision::DeniedSenderBlocked => "denied_sender_blocked",
             Decision::DeniedMarketingCap => "denied_marketing_cap",
+            Decision::DeniedLedgerLost => "denied_ledger_lost",
         }
     }
 }
@@ -1226,7 +1232,7 @@ mod tests {
             assert_eq!(Decision::from_code(d.code()), Some(*d));
         }
         assert_eq!(Decision::from_code(0), None);
-        assert_eq!(Decision::from_code(10), None);
+        assert_eq!(Decision::from_code(11), None);
     }
 
     #[test]

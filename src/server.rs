@@ -65,7 +65,7 @@ pub async fn serve(
             )
             .await
         }
-        Store::Redis { .. } | Store::Cluster { .. } => {
+        Store::Redis { .. } | Store::Cluster { .. } | Store::Sentinel { .. } => {
             let ledger = RedisLedger::connect(&settings)
                 .await
                 .map_err(|e| ServeError::Store(e.to_string()))?
@@ -267,6 +267,7 @@ fn store_name(store: &Store) -> &'static str {
         Store::Memory => "memory",
         Store::Redis { .. } => "redis",
         Store::Cluster { .. } => "cluster",
+        Store::Sentinel { .. } => "sentinel",
     }
 }
 

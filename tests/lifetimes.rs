@@ -10,14 +10,16 @@ use common::dsl::*;
 use common::{Backend, DAY, HOUR, TestServer, at};
 use waquota::proto::{Category, Tier, WindowMode};
 
-/// The suffixes (after `<prefix>:{<home>}:`) of configuration keys, which never expire, and the
-/// reservation secret (`<prefix>:secret`, outside any home).
+/// The suffixes (after `<prefix>:{<home>}:`) of configuration keys, which never expire, the
+/// reservation secret (`<prefix>:secret`) and the ledger marker (`<prefix>:ledger`), outside any
+/// home.
 fn is_configuration(suffix: &str) -> bool {
     suffix == "pol"
         || suffix == "m"
         || suffix == "away"
         || suffix.starts_with("sp:")
         || suffix == "wq:secret"
+        || suffix == "wq:ledger"
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -91,7 +93,7 @@ async fn every_key_of_ledger_state_expires_and_configuration_persists() {
         }
     }
     configuration.sort();
-    assert_eq!(configuration, ["away", "m", "pol", "sp:s1", "wq:secret"]);
+    assert_eq!(configuration, ["away", "m", "pol", "sp:s1", "wq:ledger", "wq:secret"]);
     assert!(
         shards > 10,
         "the window was stored in many shards: {keys:?}"

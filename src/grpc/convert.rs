@@ -363,6 +363,7 @@ pub fn decision_to_proto(d: Decision) -> proto::Decision {
         Decision::DeniedPairRate => proto::Decision::DeniedPairRate,
         Decision::DeniedSenderBlocked => proto::Decision::DeniedSenderBlocked,
         Decision::DeniedMarketingCap => proto::Decision::DeniedMarketingCap,
+        Decision::DeniedLedgerLost => proto::Decision::DeniedLedgerLost,
     }
 }
 

@@ -75,7 +75,7 @@ impl<L: Ledger> QuotaApi<L> {
     pub fn new(ledger: Arc<L>, opts: ApiOptions) -> Self {
         QuotaApi {
             signer: tokio::sync::OnceCell::new(),
-            coalescer: Coalescer::new(ledger.clone(), opts.store_timeout),
+            coalescer: Coalescer::new(ledger.clone(), opts.store_timeout, opts.metrics.clone()),
             ledger,
             opts,
         }
@@ -450,5 +450,17 @@ impl<L: Ledger> AdminService for AdminApi<L> {
         self.ledger.reset(target).await.map_err(status)?;
         tracing::info!(target: "waquota::admin", "window reset");
         Ok(Response::new(proto::ResetResponse {}))
+    }
+
+    async fn accept_ledger_loss(
+        &self,
+        _req: Request<proto::AcceptLedgerLossRequest>,
+    ) -> Result<Response<proto::AcceptLedgerLossResponse>, Status> {
+        let since = self.ledger.accept_ledger_loss().await.map_err(status)?;
+        tracing::info!(target: "waquota::admin", was_lost = since.is_some(), "ledger loss accepted");
+        Ok(Response::new(proto::AcceptLedgerLossResponse {
+            was_lost: since.is_some(),
+            lost_since: since.map(convert::timestamp),
+        }))
     }
 }

@@ -23,6 +23,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use super::{Ledger, LedgerError, Result};
+use crate::metrics::Metrics;
 use crate::model::{AcquireRequest, Category, MessageKind, Outcome, RecipientId, SenderId};
 
 /// Most recipients decided by one coalesced call (the default `max_batch`).
@@ -48,12 +49,14 @@ pub struct Coalescer<L> {
     queues: Arc<Queues>,
     /// From a request's arrival to its answer, queueing included.
     timeout: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl<L: Ledger> Coalescer<L> {
-    pub fn new(ledger: Arc<L>, timeout: Duration) -> Self {
+    pub fn new(ledger: Arc<L>, timeout: Duration, metrics: Arc<Metrics>) -> Self {
         Coalescer {
             ledger,
+            metrics,
             queues: Arc::default(),
             timeout,
         }
@@ -91,7 +94,12 @@ impl<L: Ledger> Coalescer<L> {
         if start {
             // The driver is a task of its own, so a caller that goes away (a deadline, a client
             // that hung up) never strands the requests queued behind it.
-            tokio::spawn(drive(self.ledger.clone(), self.queues.clone(), key));
+            tokio::spawn(drive(
+                self.ledger.clone(),
+                self.queues.clone(),
+                key,
+                self.metrics.clone(),
+            ));
         }
         match tokio::time::timeout_at(deadline, answer).await {
             Ok(answer) => {
@@ -109,7 +117,7 @@ impl<L: Ledger> Coalescer<L> {
 }
 
 /// Decides the queue of `key`, a batch at a time, until it is empty.
-async fn drive<L: Ledger>(ledger: Arc<L>, queues: Arc<Queues>, key: Key) {
+async fn drive<L: Ledger>(ledger: Arc<L>, queues: Arc<Queues>, key: Key, metrics: Arc<Metrics>) {
     let mut guard = Driving {
         queues: &queues,
         key: &key,
@@ -169,8 +177,14 @@ async fn drive<L: Ledger>(ledger: Arc<L>, queues: Arc<Queues>, key: Key) {
                             "fewer outcomes than recipients".into(),
                         ))
                     };
-                    // A caller that went away no longer wants its answer.
-                    let _ = reply.send(answer);
+                    // A caller that went away no longer wants its answer; what the store admitted
+                    // for it stays consumed, and is counted (docs/contract.md, "Timeouts").
+                    if let Err(Ok(unanswered)) = reply.send(answer) {
+                        let admitted = unanswered.iter().filter(|o| o.decision.allowed()).count();
+                        if admitted > 0 {
+                            metrics.unanswered(admitted as u64);
+                        }
+                    }
                 }
             }
             Err(e) => {

@@ -856,4 +856,9 @@ impl Ledger for MemoryLedger {
     async fn ping(&self) -> Result<()> {
         Ok(())
     }
+
+    /// A ledger in this process is never lost behind its back.
+    async fn accept_ledger_loss(&self) -> Result<Option<Millis>> {
+        Ok(None)
+    }
 }

@@ -134,4 +134,8 @@ pub trait Ledger: Send + Sync + 'static {
 
     /// Health: can the store answer?
     fn ping(&self) -> impl Future<Output = Result<()>> + Send;
+
+    /// An operator's word that a lost ledger may be trusted again (docs/contract.md, "A lost
+    /// ledger"): since when it was lost, or None when it was not.
+    fn accept_ledger_loss(&self) -> impl Future<Output = Result<Option<Millis>>> + Send;
 }

@@ -36,6 +36,9 @@ impl Home {
 #[derive(Debug, Clone)]
 pub struct Keys {
     prefix: String,
+    /// On a Cluster, one ledger marker per hash slot (a script may only read keys of its own
+    /// slot); elsewhere one for the whole ledger.
+    slotted: bool,
 }
 
 /// The keys of one home; built once per request.
@@ -44,12 +47,74 @@ pub struct HomeKeys {
     /// `<prefix>:{s:<sender>}` or `<prefix>:{p:<portfolio>}`
     base: String,
     kind: &'static str,
+    marker: String,
+}
+
+/// Cluster hash slots.
+const SLOTS: usize = 16384;
+
+/// The Cluster hash slot of a hash tag (CRC16/XMODEM, as Redis computes it).
+fn slot_of(tag: &str) -> usize {
+    crc16::State::<crc16::XMODEM>::calculate(tag.as_bytes()) as usize % SLOTS
+}
+
+/// For each hash slot, a short tag that hashes to it (the first decimal number that does):
+/// a marker key `<prefix>:ledger:{<tag>}` lands in the slot of any home.
+fn slot_tags() -> &'static [String] {
+    static TAGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    TAGS.get_or_init(|| {
+        let mut tags = vec![String::new(); SLOTS];
+        let (mut left, mut n) = (SLOTS, 0u64);
+        while left > 0 {
+            let tag = n.to_string();
+            let slot = slot_of(&tag);
+            if tags[slot].is_empty() {
+                tags[slot] = tag;
+                left -= 1;
+            }
+            n += 1;
+        }
+        tags
+    })
 }
 
 impl Keys {
     pub fn new(prefix: &str) -> Self {
         Keys {
             prefix: prefix.to_owned(),
+            slotted: false,
+        }
+    }
+
+    /// The keys on a Redis Cluster: a ledger marker per hash slot.
+    pub fn cluster(prefix: &str) -> Self {
+        Keys {
+            slotted: true,
+            ..Keys::new(prefix)
+        }
+    }
+
+    /// string: the ledger marker, "1" while the ledger is whole, "lost <ms>" once it was found
+    /// gone (lua/lib.lua, `ledger_check`; docs/contract.md, "A lost ledger"). Every instance
+    /// creates it on first contact. Persistent. On a Cluster, `<prefix>:ledger:{<tag>}` for each
+    /// hash slot, the tag chosen to land in that slot ([`Keys::ledger_markers`]).
+    fn ledger_marker_of(&self, tag: &str) -> String {
+        if self.slotted {
+            format!("{}:ledger:{{{}}}", self.prefix, slot_tags()[slot_of(tag)])
+        } else {
+            format!("{}:ledger", self.prefix)
+        }
+    }
+
+    /// Every ledger marker: one, or one per Cluster hash slot.
+    pub fn ledger_markers(&self) -> Vec<String> {
+        if self.slotted {
+            slot_tags()
+                .iter()
+                .map(|t| format!("{}:ledger:{{{t}}}", self.prefix))
+                .collect()
+        } else {
+            vec![format!("{}:ledger", self.prefix)]
         }
     }
 
@@ -60,18 +125,24 @@ impl Keys {
     }
 
     pub fn home(&self, home: &Home) -> HomeKeys {
-        let base = match home {
-            Home::Sender(s) => format!("{}:{{s:{s}}}", self.prefix),
-            Home::Portfolio(p) => format!("{}:{{p:{p}}}", self.prefix),
+        let tag = match home {
+            Home::Sender(s) => format!("s:{s}"),
+            Home::Portfolio(p) => format!("p:{p}"),
         };
         HomeKeys {
-            base,
+            base: format!("{}:{{{tag}}}", self.prefix),
             kind: home.kind(),
+            marker: self.ledger_marker_of(&tag),
         }
     }
 }
 
 impl HomeKeys {
+    /// The ledger marker in this home's hash slot.
+    pub fn ledger_marker(&self) -> String {
+        self.marker.clone()
+    }
+
     fn key(&self, suffix: &str) -> String {
         let mut k = String::with_capacity(self.base.len() + 1 + suffix.len());
         k.push_str(&self.base);

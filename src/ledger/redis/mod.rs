@@ -7,18 +7,18 @@
 //! so a reassignment takes effect on the next request on every instance, at the cost of one
 //! extra round trip once.
 
+mod conn;
 pub mod keys;
 pub mod scripts;
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock, atomic::AtomicUsize, atomic::Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use deadpool_redis::{Runtime, Timeouts};
 use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 
 use super::{Ledger, LedgerError, Result};
-use crate::config::{Settings, Store};
+use crate::config::{Durability, OnLedgerLoss, Settings, Store};
 use crate::metrics::{Metrics, PoolStatus, RedisErrorKind};
 use crate::model::{
     AcquireRequest, Category, Cursor, Decision, Defaults, ERROR_MARKETING_CAP, FREE_ENTRY_POINT_MS,
@@ -27,6 +27,7 @@ use crate::model::{
     SLOT_MS, Scope, SenderId, SenderStatus, Target, Tier, WindowEntry, WindowMode, WindowPage,
     remaining,
 };
+use conn::Conns;
 use keys::{Home, HomeKeys, Keys};
 use scripts::{Script, Scripts};
 
@@ -42,83 +43,10 @@ const ABANDONED_MOVE_MS: i64 = 30_000;
 const RESET_SHARDS_PER_CALL: usize = 16;
 /// Shards Inspect counts slots freeing within the hour over per script call (as inspect.lua).
 const COUNT_SHARDS_PER_CALL: usize = 64;
+/// Ledger-marker commands in flight at once (a Cluster has one marker per hash slot).
+const MARKERS_IN_FLIGHT: usize = 256;
 /// Senders whose home is cached; past this the cache starts over (it only saves a round trip).
 const ROUTE_CACHE_MAX: usize = 100_000;
-
-enum Pool {
-    Single(deadpool_redis::Pool),
-    Cluster(deadpool_redis::cluster::Pool),
-}
-
-/// A checked-out pool object, kept: the hot path clones its multiplexed handle.
-enum Held {
-    Single(deadpool_redis::Connection),
-    Cluster(deadpool_redis::cluster::Connection),
-}
-
-#[derive(Clone)]
-enum Conn {
-    Single(redis::aio::MultiplexedConnection),
-    Cluster(redis::cluster_async::ClusterConnection),
-}
-
-impl Conn {
-    async fn query(&mut self, cmd: &redis::Cmd) -> redis::RedisResult<Value> {
-        match self {
-            Conn::Single(c) => cmd.query_async(c).await,
-            Conn::Cluster(c) => cmd.query_async(c).await,
-        }
-    }
-}
-
-/// Connections through deadpool-redis. deadpool health-checks a connection (PING) each time it
-/// is checked out, which would double the round trips of a decision; so each slot here checks one
-/// out once and reuses its multiplexed handle (many requests pipelined on one socket) until a
-/// connection error, when the object goes back to the pool to be checked or replaced.
-struct Conns {
-    pool: Pool,
-    /// Async locks: a request that finds its slot empty checks a connection out while holding
-    /// the slot, so a burst on a cold start waits for that one connection instead of draining
-    /// the pool with checkouts that would never be returned.
-    held: Vec<tokio::sync::Mutex<Option<Held>>>,
-    next: AtomicUsize,
-}
-
-impl Conns {
-    async fn get(&self) -> redis::RedisResult<(usize, Conn)> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.held.len();
-        let mut slot = self.held[i].lock().await;
-        if let Some(h) = slot.as_ref() {
-            return Ok((i, Self::clone_handle(h)));
-        }
-        let held = match &self.pool {
-            Pool::Single(p) => Held::Single(p.get().await.map_err(pool_error)?),
-            Pool::Cluster(p) => Held::Cluster(p.get().await.map_err(pool_error)?),
-        };
-        Ok((i, Self::clone_handle(slot.insert(held))))
-    }
-
-    fn clone_handle(h: &Held) -> Conn {
-        match h {
-            Held::Single(c) => Conn::Single((**c).clone()),
-            Held::Cluster(c) => Conn::Cluster((**c).clone()),
-        }
-    }
-
-    async fn discard(&self, i: usize) {
-        self.held[i].lock().await.take();
-    }
-}
-
-fn pool_error(e: deadpool_redis::PoolError) -> RedisError {
-    match e {
-        deadpool_redis::PoolError::Backend(e) => e,
-        other => RedisError::from(std::io::Error::new(
-            std::io::ErrorKind::NotConnected,
-            other.to_string(),
-        )),
-    }
-}
 
 pub struct RedisLedger {
     conns: Conns,
@@ -126,6 +54,13 @@ pub struct RedisLedger {
     keys: Keys,
     defaults: Defaults,
     timeout: Duration,
+    /// `durability = replicated`: how many replicas must acknowledge a change, and how long
+    /// `WAIT` may take; `None` for `async`.
+    durability: Option<(u32, Duration)>,
+    on_ledger_loss: OnLedgerLoss,
+    /// This instance has made sure the ledger marker exists (SET NX): from then on, a marker
+    /// that is gone means the ledger was lost.
+    marker_ready: std::sync::atomic::AtomicBool,
     routes: RwLock<HashMap<SenderId, Option<PortfolioId>>>,
     metrics: Arc<Metrics>,
     /// This instance's id in the move journal: a move it began and is no longer running (a
@@ -206,6 +141,46 @@ impl<'a> Call<'a> {
         }
         c
     }
+}
+
+/// Why a Redis call failed.
+enum Failure {
+    Redis(RedisError),
+    /// `durability = replicated`: the call ran on the primary, but fewer replicas than wanted
+    /// acknowledged it in time. Its change stands (the safe side: a slot stays consumed).
+    NotReplicated { acked: i64, wanted: u32 },
+}
+
+impl From<RedisError> for Failure {
+    fn from(e: RedisError) -> Self {
+        Failure::Redis(e)
+    }
+}
+
+impl Failure {
+    fn into_ledger(self) -> LedgerError {
+        match self {
+            Failure::Redis(e) => store_error(e),
+            Failure::NotReplicated { acked, wanted } => LedgerError::Unavailable(format!(
+                "Redis replicated the change to {acked} of the {wanted} replica(s) durability requires in time; it stands on the primary"
+            )),
+        }
+    }
+}
+
+/// The command surely did not run: the server said "not now", or (on Sentinel, where another
+/// primary may take over) the connection was refused before anything was sent.
+fn not_run(e: &RedisError, refused_counts: bool) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::Server(
+            ServerErrorKind::ReadOnly
+                | ServerErrorKind::TryAgain
+                | ServerErrorKind::ClusterDown
+                | ServerErrorKind::MasterDown
+                | ServerErrorKind::BusyLoading
+        )
+    ) || (refused_counts && e.is_connection_refusal())
 }
 
 /// Transient trouble (the store is down, failing over, or slow) is `UNAVAILABLE`; anything else
@@ -329,6 +304,7 @@ fn acquire_call<'a>(
     k: &HomeKeys,
     req: &AcquireRequest,
     defaults: &Defaults,
+    on_loss: OnLedgerLoss,
 ) -> Call<'a> {
     let w = defaults_at(defaults, home);
     let mut call = Call::new(
@@ -346,6 +322,7 @@ fn acquire_call<'a>(
             k.marketing_log(&req.sender),
             k.marketing_holds(),
             k.uniques(),
+            k.ledger_marker(),
         ],
     )
     .clock(req.at)
@@ -369,21 +346,32 @@ fn acquire_call<'a>(
     .num(defaults.pair_interval_ms)
     .num(defaults.pair_burst)
     .num(SLOT_MS)
-    .num(TTL_SLACK_MS);
+    .num(TTL_SLACK_MS)
+    .arg(loss_mode(on_loss));
     for r in &req.recipients {
         call = call.arg(r.as_str());
     }
     call
 }
 
-/// The acquire script's reply: this many header values (now, limit, tier, effective limit), then
-/// [`ACQUIRE_REPLY_FIELDS`] per recipient, the decision code first.
-pub const ACQUIRE_REPLY_HEAD: usize = 4;
+/// The ledger scripts' name for an `on_ledger_loss` choice.
+fn loss_mode(on_loss: OnLedgerLoss) -> &'static str {
+    match on_loss {
+        OnLedgerLoss::DenyNew => "d",
+        OnLedgerLoss::Allow => "a",
+    }
+}
+
+/// The acquire script's reply: this many header values (now, limit, tier, effective limit,
+/// ledger found lost by this call, new slots refused since), then [`ACQUIRE_REPLY_FIELDS`] per
+/// recipient, the decision code first.
+pub const ACQUIRE_REPLY_HEAD: usize = 6;
 pub const ACQUIRE_REPLY_FIELDS: usize = 5;
 
 /// The very EVALSHA that [`RedisLedger`] sends for `req` at `home` (the sender's own window or
 /// its portfolio's), for tools that drive the decision script without the service (`bench`).
 /// The script must already be cached on the server (`SCRIPT LOAD` of `script.source`).
+/// A lost ledger is only reported (`allow`): such a tool starts on a Redis without a marker.
 pub fn acquire_cmd(
     script: &Script,
     keys: &Keys,
@@ -391,7 +379,15 @@ pub fn acquire_cmd(
     req: &AcquireRequest,
     defaults: &Defaults,
 ) -> redis::Cmd {
-    acquire_call(script, home, &keys.home(home), req, defaults).cmd
+    acquire_call(
+        script,
+        home,
+        &keys.home(home),
+        req,
+        defaults,
+        OnLedgerLoss::Allow,
+    )
+    .cmd
 }
 
 /// The policy of a home without a stored one: the sender default or the portfolio default.
@@ -457,82 +453,22 @@ fn parse_policy(f: &[Value]) -> Option<Policy> {
 
 impl RedisLedger {
     pub async fn connect(settings: &Settings) -> Result<Self> {
-        let pool_cfg = deadpool_redis::PoolConfig {
-            // One object per slot, plus room to replace a discarded one while it is re-checked.
-            max_size: settings.redis_pool_size.max(1) + 2,
-            timeouts: Timeouts {
-                wait: Some(settings.redis_timeout),
-                create: Some(settings.redis_timeout),
-                recycle: Some(settings.redis_timeout),
-            },
-            ..Default::default()
-        };
-        let config_error = |e: &dyn std::fmt::Display| {
-            LedgerError::Unavailable(format!("redis configuration: {e}"))
-        };
-        let pool = match &settings.store {
-            Store::Redis { url } => {
-                // The redis crate answers "timed out" after 500 ms by default; a paused or busy
-                // Redis must get the whole of `redis_timeout`, the one budget operators set.
-                let conn_cfg = redis::AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(settings.redis_timeout))
-                    .set_response_timeout(Some(settings.redis_timeout));
-                let info = match &settings.redis_ca {
-                    None => redis::IntoConnectionInfo::into_connection_info(url.as_str()),
-                    Some(ca) => {
-                        let root_cert = std::fs::read(ca).map_err(|e| {
-                            config_error(&format!("cannot read redis_ca {}: {e}", ca.display()))
-                        })?;
-                        let certs = redis::TlsCertificates {
-                            client_tls: None,
-                            root_cert: Some(root_cert),
-                        };
-                        redis::Client::build_with_tls(url.as_str(), certs)
-                            .map(|c| c.get_connection_info().clone())
-                    }
-                }
-                .map_err(|e| config_error(&e))?;
-                let manager = deadpool_redis::Manager::new_with_config(info, conn_cfg)
-                    .map_err(|e| config_error(&e))?;
-                Pool::Single(
-                    deadpool_redis::Pool::builder(manager)
-                        .config(pool_cfg)
-                        .runtime(Runtime::Tokio1)
-                        .build()
-                        .map_err(|e| config_error(&e))?,
-                )
-            }
-            Store::Cluster { .. } if settings.redis_ca.is_some() => {
-                return Err(config_error(
-                    &"redis_ca is supported with a standalone Redis only; a cluster verifies rediss:// against the built-in roots",
-                ));
-            }
-            Store::Cluster { nodes } => {
-                let mut cfg = deadpool_redis::cluster::Config::from_urls(nodes.clone());
-                cfg.pool = Some(pool_cfg);
-                Pool::Cluster(
-                    cfg.create_pool(Some(Runtime::Tokio1))
-                        .map_err(|e| config_error(&e))?,
-                )
-            }
-            Store::Memory => {
-                return Err(LedgerError::Internal(
-                    "the Redis ledger needs a Redis store".into(),
-                ));
-            }
-        };
+        let conns = Conns::connect(settings)
+            .await
+            .map_err(|e| LedgerError::Unavailable(format!("redis configuration: {e}")))?;
         let ledger = RedisLedger {
-            conns: Conns {
-                pool,
-                held: (0..settings.redis_pool_size.max(1))
-                    .map(|_| tokio::sync::Mutex::new(None))
-                    .collect(),
-                next: AtomicUsize::new(0),
-            },
+            conns,
             scripts: Scripts::new(),
-            keys: Keys::new(&settings.key_prefix),
+            keys: match settings.store {
+                Store::Cluster { .. } => Keys::cluster(&settings.key_prefix),
+                _ => Keys::new(&settings.key_prefix),
+            },
+            on_ledger_loss: settings.on_ledger_loss,
+            marker_ready: std::sync::atomic::AtomicBool::new(false),
             defaults: settings.defaults,
             timeout: settings.redis_timeout,
+            durability: (settings.durability == Durability::Replicated)
+                .then_some((settings.durability_replicas, settings.durability_timeout)),
             routes: RwLock::new(HashMap::new()),
             metrics: Arc::new(Metrics::new()),
             instance: crate::model::hex(&super::random_bytes(8)),
@@ -546,17 +482,7 @@ impl RedisLedger {
 
     /// Reports script latency, Redis errors, reloads and the pool to `metrics`.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
-        let status = match &self.conns.pool {
-            Pool::Single(p) => {
-                let p = p.clone();
-                Box::new(move || p.status())
-                    as Box<dyn Fn() -> deadpool_redis::Status + Send + Sync>
-            }
-            Pool::Cluster(p) => {
-                let p = p.clone();
-                Box::new(move || p.status())
-            }
-        };
+        let status = self.conns.status();
         metrics.set_pool_probe(move || {
             let s = status();
             PoolStatus {
@@ -570,58 +496,129 @@ impl RedisLedger {
         self
     }
 
-    /// One command, within `redis_timeout` all told: waiting for a pool connection (or opening
-    /// one) counts against the same budget as the call itself.
-    async fn query_raw(&self, cmd: &redis::Cmd) -> redis::RedisResult<Value> {
-        let mut used = None;
-        let attempt = async {
-            let (i, mut conn) = self.conns.get().await?;
-            used = Some(i);
-            conn.query(cmd).await
-        };
-        let result = match tokio::time::timeout(self.timeout, attempt).await {
-            Ok(r) => r,
-            Err(_) => Err(RedisError::from(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("Redis did not answer within {:?}", self.timeout),
-            ))),
-        };
-        if let Err(e) = &result {
-            if e.kind() != ErrorKind::Server(ServerErrorKind::NoScript) {
-                self.metrics.redis_error(error_kind(e));
-            }
-            if let Some(i) = used
-                && (e.is_io_error()
-                    || e.is_connection_dropped()
-                    || e.is_connection_refusal()
-                    || e.is_timeout())
-            {
-                self.conns.discard(i).await;
+    /// One command, within `redis_timeout` all told: waiting for a connection (or opening one)
+    /// counts against the same budget as the call itself. With `replicate` and
+    /// `durability = replicated`, the command's `WAIT` goes in the same pipeline.
+    ///
+    /// Answers that say the command did not run ("not now": `READONLY` from a demoted primary,
+    /// `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`, `LOADING`, and on Sentinel a refused connection)
+    /// are retried within the budget, so a request follows a failover that completes in time.
+    /// Nothing else is: a call that may have run is never sent twice.
+    async fn query_raw(&self, cmd: &redis::Cmd, replicate: bool) -> std::result::Result<Value, Failure> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let mut used = None;
+            let attempt = async {
+                let (i, mut conn) = self.conns.get().await?;
+                used = Some(i);
+                match self.durability {
+                    Some((replicas, wait)) if replicate => conn
+                        .query_replicated(cmd, replicas, wait)
+                        .await
+                        .map(|(v, acked)| (v, Some(acked))),
+                    _ => conn.query(cmd).await.map(|v| (v, None)),
+                }
+            };
+            let result = match tokio::time::timeout_at(deadline, attempt).await {
+                Ok(r) => r,
+                Err(_) => Err(RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("Redis did not answer within {:?}", self.timeout),
+                ))),
+            };
+            match result {
+                Ok((v, None)) => return Ok(v),
+                Ok((v, Some(acked))) => {
+                    let wanted = self.durability.map_or(0, |(n, _)| n);
+                    if acked >= i64::from(wanted) {
+                        return Ok(v);
+                    }
+                    self.metrics.durability_timeout();
+                    return Err(Failure::NotReplicated { acked, wanted });
+                }
+                Err(e) => {
+                    if e.kind() != ErrorKind::Server(ServerErrorKind::NoScript) {
+                        self.metrics.redis_error(error_kind(&e));
+                    }
+                    if let Some(i) = used {
+                        self.conns.failed(i, &e).await;
+                    }
+                    let retry = not_run(&e, self.conns.follows_failover())
+                        && tokio::time::Instant::now() + backoff < deadline;
+                    if !retry {
+                        return Err(Failure::Redis(e));
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(200));
+                }
             }
         }
-        result
     }
 
     async fn query(&self, cmd: &redis::Cmd) -> Result<Value> {
-        self.query_raw(cmd).await.map_err(store_error)
+        self.query_raw(cmd, false).await.map_err(Failure::into_ledger)
+    }
+
+    /// A command that changes the ledger: with `durability = replicated`, answered once
+    /// replicas have it.
+    async fn write(&self, cmd: &redis::Cmd) -> Result<Value> {
+        self.query_raw(cmd, true).await.map_err(Failure::into_ledger)
     }
 
     async fn run(&self, call: &Call<'_>) -> Result<Value> {
         let start = Instant::now();
-        let result = match self.query_raw(&call.cmd).await {
-            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+        let replicate = call.script.writes();
+        let result = match self.query_raw(&call.cmd, replicate).await {
+            Err(Failure::Redis(e)) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
                 self.metrics.script_reload();
                 tracing::info!(
                     script = call.script.name,
                     "script not cached on Redis: sending it again"
                 );
-                self.query(&call.by_source()).await
+                self.query_raw(&call.by_source(), replicate)
+                    .await
+                    .map_err(Failure::into_ledger)
             }
-            r => r.map_err(store_error),
+            r => r.map_err(Failure::into_ledger),
         };
         self.metrics
             .script_latency(call.script.name, start.elapsed());
         result
+    }
+
+    /// Creates the ledger marker(s) where missing, once per process, on first contact
+    /// (docs/contract.md, "A lost ledger"). On a Cluster, one per hash slot, in pipelines.
+    async fn ensure_marker(&self) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.marker_ready.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        // One command per marker: on a Cluster each lives in a slot of its own, and a pipeline
+        // may not cross slots; so many at once instead.
+        use futures_util::{StreamExt, TryStreamExt};
+        futures_util::stream::iter(self.keys.ledger_markers())
+            .map(|m| async move { self.query(redis::cmd("SET").arg(m).arg("1").arg("NX")).await })
+            .buffer_unordered(MARKERS_IN_FLIGHT)
+            .try_collect::<Vec<_>>()
+            .await?;
+        self.marker_ready.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// What a script said of the ledger marker: a loss it found is reported once (metric,
+    /// error log); while new slots are refused, the health detail says since when.
+    fn saw_ledger(&self, now: Option<i64>, lost_now: bool, refused_since: Option<Millis>) {
+        if lost_now {
+            let at = refused_since.or(now).unwrap_or_default();
+            self.metrics.ledger_lost(at);
+            tracing::error!(
+                on_ledger_loss = self.on_ledger_loss.name(),
+                lost_at_ms = at,
+                "the ledger marker is gone from Redis: the ledger was lost (a restart without persistence, a failover to an empty replica, or FLUSHALL); new slots follow on_ledger_loss until `waquota ledger accept-loss` or one window"
+            );
+        }
+        self.metrics.set_ledger_lost_since(refused_since);
     }
 
     fn cached_home(&self, sender: &SenderId) -> Home {
@@ -715,7 +712,7 @@ impl RedisLedger {
         if !from.is_empty() && !to.is_empty() {
             // Portfolio to portfolio: point the sender's route at the new home first, so requests
             // that miss the old home are sent on to the new one.
-            self.query(redis::cmd("SET").arg(own.residency()).arg(to))
+            self.write(redis::cmd("SET").arg(own.residency()).arg(to))
                 .await?;
         }
         let scoped = |k: &HomeKeys| {
@@ -771,10 +768,11 @@ fn tier_named(s: &str) -> Result<Tier> {
 
 impl Ledger for RedisLedger {
     async fn acquire(&self, req: AcquireRequest) -> Result<Vec<Outcome>> {
+        self.ensure_marker().await?;
         let s = &self.scripts.acquire;
         let (home, v) = self
             .at_home(&req.sender, |home, k| {
-                acquire_call(s, home, k, &req, &self.defaults)
+                acquire_call(s, home, k, &req, &self.defaults, self.on_ledger_loss)
             })
             .await?;
         let items = items(v).map_err(|v| bad_reply("acquire", &v))?;
@@ -785,6 +783,7 @@ impl Ledger for RedisLedger {
         let limit = int(&items[1]).ok_or_else(bad)? as u64;
         let tier = tier_named(&text(&items[2]).ok_or_else(bad)?)?;
         let effective = int(&items[3]).ok_or_else(bad)? as u64;
+        self.saw_ledger(int(&items[0]), int(&items[4]) == Some(1), opt_ms(&items[5]));
         let scope = scope_of(&home);
         req.recipients
             .iter()
@@ -1023,7 +1022,7 @@ impl Ledger for RedisLedger {
                 Some("same") => {
                     if let Some(p) = &portfolio {
                         let members = self.keys.home(&Home::Portfolio(p.clone())).residency();
-                        self.query(redis::cmd("SADD").arg(members).arg(sender.as_str()))
+                        self.write(redis::cmd("SADD").arg(members).arg(sender.as_str()))
                             .await?;
                     }
                     self.learn(&sender, portfolio);
@@ -1324,7 +1323,7 @@ impl Ledger for RedisLedger {
         // "Reservations"). Once per process: the services keep the signer.
         let key = self.keys.reservation_secret();
         let fresh = crate::model::hex(&super::random_bytes(32));
-        self.query(redis::cmd("SET").arg(&key).arg(&fresh).arg("NX"))
+        self.write(redis::cmd("SET").arg(&key).arg(&fresh).arg("NX"))
             .await?;
         match self.query(redis::cmd("GET").arg(&key)).await? {
             Value::BulkString(b) if !b.is_empty() => Ok(b),
@@ -1333,6 +1332,50 @@ impl Ledger for RedisLedger {
     }
 
     async fn ping(&self) -> Result<()> {
-        self.query(&redis::cmd("PING")).await.map(|_| ())
+        self.query(&redis::cmd("PING")).await?;
+        self.ensure_marker().await?;
+        if let [marker] = &self.keys.ledger_markers()[..] {
+            // One marker (not a Cluster): checked here each second, so a loss is found without
+            // waiting for a decision. On a Cluster, each slot's marker is checked by the
+            // decisions made in it.
+            let call = Call::new(&self.scripts.ledger, vec![marker.clone()])
+                .arg("")
+                .arg(loss_mode(self.on_ledger_loss))
+                .num(SLOT_MS);
+            let v = items(self.run(&call).await?).map_err(|v| bad_reply("ledger", &v))?;
+            match &v[..] {
+                [lost_now, since] => {
+                    self.saw_ledger(None, int(lost_now) == Some(1), opt_ms(since))
+                }
+                _ => return Err(bad_reply("ledger", &Value::Array(v))),
+            }
+        }
+        Ok(())
+    }
+
+    async fn accept_ledger_loss(&self) -> Result<Option<Millis>> {
+        self.ensure_marker().await?;
+        use futures_util::{StreamExt, TryStreamExt};
+        let accepted: Vec<Option<Millis>> = futures_util::stream::iter(self.keys.ledger_markers())
+            .map(|marker| async move {
+                let call = Call::new(&self.scripts.ledger, vec![marker])
+                    .arg("")
+                    .arg("accept")
+                    .num(SLOT_MS);
+                let v = items(self.run(&call).await?).map_err(|v| bad_reply("ledger", &v))?;
+                match &v[..] {
+                    [was, at] => Ok((int(was) == Some(1)).then(|| opt_ms(at).unwrap_or_default())),
+                    _ => Err(bad_reply("ledger", &Value::Array(v))),
+                }
+            })
+            .buffer_unordered(MARKERS_IN_FLIGHT)
+            .try_collect()
+            .await?;
+        let since = accepted.into_iter().flatten().min();
+        self.metrics.set_ledger_lost_since(None);
+        if let Some(t) = since {
+            tracing::warn!(lost_since_ms = t, "an operator accepted the ledger's loss: new slots are admitted again");
+        }
+        Ok(since)
     }
 }

@@ -34,6 +34,12 @@ macro_rules! script {
 }
 
 impl Script {
+    /// Whether the script may change the ledger (all but the read-only Inspect and ListWindow):
+    /// with `durability = replicated`, its answer waits for replicas.
+    pub fn writes(&self) -> bool {
+        !matches!(self.name, "inspect" | "list")
+    }
+
     fn new(name: &'static str, source: String) -> Self {
         let sha = redis::Script::new(&source).get_hash().to_owned();
         Script { name, source, sha }
@@ -87,6 +93,7 @@ pub struct Scripts {
     pub move_in: Script,
     pub confirm: Script,
     pub failure: Script,
+    pub ledger: Script,
 }
 
 impl Scripts {
@@ -105,6 +112,7 @@ impl Scripts {
             move_in: script!(p, "move_in"),
             confirm: script!(p, "confirm"),
             failure: script!(p, "failure"),
+            ledger: script!(p, "ledger"),
         }
     }
 }
