@@ -1,0 +1,315 @@
+//! A lost ledger is detected, never silently trusted (docs/contract.md, "A lost ledger"), and
+//! `durability = replicated` answers a change only once a replica has it. Real redis-server
+//! processes: FLUSHALL, a restart without persistence, a clean restart with AOF, a replica that
+//! stops acknowledging.
+//!
+//! These tests decide on the store's clock (no `at`), since the health probe also looks at the
+//! marker on it; where a window must pass, the trusted clock jumps a day past the loss.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::ops::{http_get, http_get_ready, metric};
+use common::{DAY, RedisServer, TestServer, free_port, raw_command, ts, wait_until};
+use waquota::config::{Durability, OnLedgerLoss, Settings, Store};
+use waquota::proto::quota_service_client::QuotaServiceClient;
+use waquota::proto::{
+    AcquireRequest, AcquireResponse, Decision, InspectRequest, RecordInboundRequest, Target,
+    target,
+};
+
+const SENDER: &str = "sender-loss";
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+async fn acquire_at(
+    q: &mut QuotaServiceClient<tonic::transport::Channel>,
+    recipient: &str,
+    at: Option<i64>,
+) -> Result<AcquireResponse, tonic::Status> {
+    q.acquire(AcquireRequest {
+        sender: SENDER.into(),
+        recipient: recipient.into(),
+        at: at.map(ts),
+        ..Default::default()
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+async fn decide(q: &mut QuotaServiceClient<tonic::transport::Channel>, recipient: &str) -> Decision {
+    acquire_at(q, recipient, None).await.unwrap().decision()
+}
+
+/// A server on `redis` with a metrics listener; `tweak` sets the rest.
+async fn server_on(
+    redis: &RedisServer,
+    tweak: impl FnOnce(&mut Settings),
+) -> (TestServer, SocketAddr) {
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port(false)));
+    let url = redis.url();
+    let srv = TestServer::start_with(common::Backend::Memory, |s| {
+        s.store = Store::Redis { url };
+        s.metrics_listen = Some(metrics);
+        s.redis_timeout = Duration::from_millis(500);
+        tweak(s);
+    })
+    .await;
+    http_get_ready(metrics, "/metrics");
+    (srv, metrics)
+}
+
+fn scrape(addr: SocketAddr, series: &str) -> f64 {
+    metric(&http_get(addr, "/metrics").1, series).unwrap_or_else(|| panic!("no {series}"))
+}
+
+fn cli(endpoint: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_waquota"))
+        .args(["--addr", endpoint])
+        .args(args)
+        .output()
+        .expect("run waquota");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn used(srv: &TestServer) -> u64 {
+    srv.admin()
+        .await
+        .inspect(InspectRequest {
+            target: Some(Target {
+                target: Some(target::Target::Sender(SENDER.into())),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .used
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flushed_ledger_refuses_new_slots_until_an_operator_accepts_the_loss() {
+    let redis = RedisServer::start();
+    let (srv, metrics) = server_on(&redis, |_| {}).await;
+    let mut q = srv.quota().await;
+    assert_eq!(decide(&mut q, "4915100000001").await, Decision::AllowedNew);
+    assert_eq!(scrape(metrics, "waquota_ledger_lost_total"), 0.0);
+    let (code, body) = http_get(metrics, "/health");
+    assert_eq!((code, body.as_str()), (200, "{\"ledger\":\"whole\"}\n"));
+
+    // Someone's FLUSHALL: the day's admissions are gone from Redis.
+    assert!(raw_command(redis.port, "FLUSHALL").is_some_and(|r| r.starts_with("+OK")));
+    let lost_at = now_ms();
+    let r = acquire_at(&mut q, "4915100000002", None).await.unwrap();
+    assert_eq!(r.decision(), Decision::DeniedLedgerLost, "{r:?}");
+    let retry = common::dsl::retry_after(&r);
+    assert!(
+        (DAY - 5_000..=DAY).contains(&retry),
+        "new slots wait one window from the loss: retry_after {retry} ms"
+    );
+    assert_eq!(scrape(metrics, "waquota_ledger_lost_total"), 1.0);
+    assert_eq!(scrape(metrics, "waquota_ledger_lost"), 1.0);
+    let (code, body) = http_get(metrics, "/health");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("\"ledger\":\"lost\""), "{body}");
+    // Nothing was recorded for the refused user.
+    assert_eq!(used(&srv).await, 0);
+
+    // A service window opened after the loss still admits, uncounted.
+    q.record_inbound(RecordInboundRequest {
+        sender: SENDER.into(),
+        recipient: "4915100000003".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        decide(&mut q, "4915100000003").await,
+        Decision::AllowedServiceWindow
+    );
+    // Found once: the refusals that follow do not count again.
+    assert_eq!(
+        decide(&mut q, "4915100000004").await,
+        Decision::DeniedLedgerLost
+    );
+    assert_eq!(scrape(metrics, "waquota_ledger_lost_total"), 1.0);
+
+    let (code, out, err) = cli(&srv.endpoint(), &["ledger", "accept-loss"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("ledger loss (since ") && out.ends_with("accepted: new slots are admitted again\n"),
+        "{out}"
+    );
+    assert_eq!(decide(&mut q, "4915100000002").await, Decision::AllowedNew);
+    assert_eq!(scrape(metrics, "waquota_ledger_lost"), 0.0);
+    let (code, _) = http_get(metrics, "/health");
+    assert_eq!(code, 200);
+    let (code, out, _) = cli(&srv.endpoint(), &["ledger", "accept-loss"]);
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "the ledger was not lost: nothing to accept\n")
+    );
+    assert!(now_ms() - lost_at < DAY);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_ledger_is_trusted_again_one_window_after_the_loss() {
+    let redis = RedisServer::start();
+    let (srv, _) = server_on(&redis, |_| {}).await;
+    let mut q = srv.quota().await;
+    assert_eq!(decide(&mut q, "4915100000001").await, Decision::AllowedNew);
+    raw_command(redis.port, "FLUSHALL");
+    let r = acquire_at(&mut q, "4915100000002", None).await.unwrap();
+    assert_eq!(r.decision(), Decision::DeniedLedgerLost);
+    let free_at = now_ms() + common::dsl::retry_after(&r);
+    // A moment before the window has passed: still refused; at it: admitted.
+    let early = acquire_at(&mut q, "4915100000002", Some(free_at - 10_000))
+        .await
+        .unwrap();
+    assert_eq!(early.decision(), Decision::DeniedLedgerLost);
+    let late = acquire_at(&mut q, "4915100000002", Some(free_at + 1_000))
+        .await
+        .unwrap();
+    assert_eq!(late.decision(), Decision::AllowedNew, "{late:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_on_ledger_loss_allow_a_loss_is_reported_and_admission_goes_on() {
+    let redis = RedisServer::start();
+    let (srv, metrics) = server_on(&redis, |s| s.on_ledger_loss = OnLedgerLoss::Allow).await;
+    let mut q = srv.quota().await;
+    assert_eq!(decide(&mut q, "4915100000001").await, Decision::AllowedNew);
+    raw_command(redis.port, "FLUSHALL");
+    assert_eq!(decide(&mut q, "4915100000001").await, Decision::AllowedNew);
+    assert_eq!(scrape(metrics, "waquota_ledger_lost_total"), 1.0);
+    assert_eq!(scrape(metrics, "waquota_ledger_lost"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_health_probe_finds_a_loss_without_any_decision() {
+    let redis = RedisServer::start();
+    let (srv, metrics) = server_on(&redis, |_| {}).await;
+    let mut q = srv.quota().await;
+    assert_eq!(decide(&mut q, "4915100000001").await, Decision::AllowedNew);
+    raw_command(redis.port, "FLUSHALL");
+    // The probe runs each second; bounded wait for it, no decision made meanwhile.
+    wait_until("the probe reports the loss", || {
+        (scrape(metrics, "waquota_ledger_lost_total") == 1.0).then_some(())
+    });
+    assert_eq!(
+        raw_command(redis.port, "GET wq:ledger").map(|r| r.starts_with("$")),
+        Some(true),
+        "the loss is recorded in Redis, for every instance to see"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_without_persistence_is_a_loss_and_a_clean_restart_with_aof_is_not() {
+    // No persistence: kill -9 and back empty.
+    let mut redis = RedisServer::start();
+    let (srv, metrics) = server_on(&redis, |_| {}).await;
+    let mut q = srv.quota().await;
+    assert_eq!(decide(&mut q, "4915100000001").await, Decision::AllowedNew);
+    redis.restart();
+    let start = Instant::now();
+    let d = loop {
+        match acquire_at(&mut q, "4915100000002", None).await {
+            Ok(r) => break r.decision(),
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+                assert!(start.elapsed() < Duration::from_secs(10), "no recovery: {e}");
+            }
+        }
+    };
+    assert_eq!(d, Decision::DeniedLedgerLost);
+    assert_eq!(scrape(metrics, "waquota_ledger_lost_total"), 1.0);
+    let (code, _, err) = cli(&srv.endpoint(), &["ledger", "accept-loss"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(decide(&mut q, "4915100000002").await, Decision::AllowedNew);
+    drop(srv);
+
+    // AOF everysec and a clean restart (SHUTDOWN writes it out): the ledger survives.
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "everysec"]);
+    let (srv, metrics) = server_on(&redis, |_| {}).await;
+    let mut q = srv.quota().await;
+    assert_eq!(decide(&mut q, "4915100000001").await, Decision::AllowedNew);
+    let _ = raw_command(redis.port, "SHUTDOWN");
+    redis.restart();
+    let start = Instant::now();
+    let d = loop {
+        match acquire_at(&mut q, "4915100000001", None).await {
+            Ok(r) => break r.decision(),
+            Err(e) => assert!(start.elapsed() < Duration::from_secs(10), "no recovery: {e}"),
+        }
+    };
+    assert_eq!(d, Decision::AllowedCounted, "the slot survived the restart");
+    assert_eq!(decide(&mut q, "4915100000002").await, Decision::AllowedNew);
+    assert_eq!(scrape(metrics, "waquota_ledger_lost_total"), 0.0);
+}
+
+/// A primary and one replica of it.
+fn primary_and_replica() -> (RedisServer, RedisServer) {
+    let primary = RedisServer::start();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+    wait_until("the replica in sync", || {
+        raw_command(replica.port, "INFO replication")
+            .is_some_and(|r| r.contains("master_link_status:up"))
+            .then_some(())
+    });
+    (primary, replica)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicated_durability_answers_once_a_replica_has_the_change() {
+    let (primary, mut replica) = primary_and_replica();
+    let (srv, metrics) = server_on(&primary, |s| {
+        s.durability = Durability::Replicated;
+        s.durability_timeout = Duration::from_millis(50);
+    })
+    .await;
+    let mut q = srv.quota().await;
+    assert_eq!(decide(&mut q, "4915100000001").await, Decision::AllowedNew);
+    assert_eq!(scrape(metrics, "waquota_durability_timeouts_total"), 0.0);
+    // The slot is on the replica already: it was acknowledged before the answer.
+    let on_replica = raw_command(replica.port, "KEYS wq:{s:sender-loss}:w:*").unwrap_or_default();
+    assert!(on_replica.contains("wq:{s:sender-loss}:w:"), "{on_replica}");
+
+    // The replica goes away: a change is answered UNAVAILABLE within the WAIT timeout, and the
+    // slot stays consumed (the safe side).
+    replica.kill();
+    let start = Instant::now();
+    let e = acquire_at(&mut q, "4915100000002", None).await.unwrap_err();
+    let took = start.elapsed();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    assert!(e.message().contains("replica"), "{e}");
+    assert!(took < Duration::from_millis(450), "answered after {took:?}");
+    assert_eq!(scrape(metrics, "waquota_durability_timeouts_total"), 1.0);
+    assert_eq!(used(&srv).await, 2, "the unacknowledged slot stays consumed");
+    // Reads do not wait for replicas.
+    assert_eq!(
+        srv.admin()
+            .await
+            .inspect(InspectRequest {
+                target: Some(Target {
+                    target: Some(target::Target::Sender(SENDER.into())),
+                }),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| e.code()),
+        Ok(())
+    );
+}
