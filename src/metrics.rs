@@ -25,7 +25,7 @@ const BUCKETS: [f64; 14] = [
 ];
 
 /// RPCs that get their own latency series; anything else is `other`.
-pub const RPCS: [&str; 12] = [
+pub const RPCS: [&str; 13] = [
     "Acquire",
     "AcquireBatch",
     "Release",
@@ -37,13 +37,14 @@ pub const RPCS: [&str; 12] = [
     "Inspect",
     "ListWindow",
     "Reset",
+    "AcceptLedgerLoss",
     "other",
 ];
 
 /// The Lua scripts (`lua/*.lua`), by the name the Redis ledger gives them.
-pub const SCRIPTS: [&str; 12] = [
+pub const SCRIPTS: [&str; 13] = [
     "acquire", "release", "inbound", "inspect", "list", "policy", "reset", "move", "move_out",
-    "move_in", "confirm", "failure",
+    "move_in", "confirm", "failure", "ledger",
 ];
 
 const SCOPES: [Scope; 2] = [Scope::Sender, Scope::Portfolio];
@@ -556,7 +557,7 @@ fn answer(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
             Bytes::from(metrics.render()),
         ),
         // The health detail a gRPC health status cannot carry: whether the ledger is known lost.
-        // 200 while it is whole, 503 while new slots are held back (or allowed despite a loss).
+        // 200 while it is whole, 503 while on_ledger_loss = deny_new holds new slots back.
         (&Method::GET, "/health") => {
             let (status, body) = match metrics.ledger_lost_since() {
                 None => (StatusCode::OK, "{\"ledger\":\"whole\"}\n".to_owned()),

@@ -1,0 +1,309 @@
+//! Sentinel: waquota finds the primary through the sentinels and follows a failover without a
+//! restart. Under load (16 clients, one sender at limit 250, 1,000 distinct recipients), the
+//! primary is killed with SIGKILL; the sentinels promote the replica and the service carries on.
+//! With `durability = replicated` no admission is lost in the failover, so the run admits at
+//! most the limit; with `async` the over-admission is measured (README, "Durability").
+//!
+//! Figures are printed as `FAULT <name>: ...` lines (FAULTS.md).
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::dsl::{policy, put_policy, sender};
+use common::topology::SentinelSet;
+use common::{Backend, TestServer, raw_command};
+use waquota::config::{Durability, Store};
+use waquota::proto::quota_service_client::QuotaServiceClient;
+use waquota::proto::{AcquireRequest, Decision, InspectRequest, Tier, WindowMode};
+
+const SENDER: &str = "sender-ha";
+const LIMIT: usize = 250;
+const CLIENTS: usize = 16;
+const DISTINCT: usize = 1_000;
+
+struct Run {
+    /// Distinct recipients that got an allowing answer.
+    admitted: usize,
+    failed: usize,
+    recovery: Duration,
+    used_after: u64,
+}
+
+async fn server_on(set: &SentinelSet, durability: Durability) -> TestServer {
+    server_with_urls(set, durability, set.sentinel_urls()).await
+}
+
+async fn server_with_urls(set: &SentinelSet, durability: Durability, urls: String) -> TestServer {
+    let sentinels: Vec<String> = urls.split(',').map(String::from).collect();
+    let master = set.master_name().to_owned();
+    TestServer::start_with(Backend::Memory, move |s| {
+        s.store = Store::Sentinel { sentinels, master };
+        s.durability = durability;
+        s.redis_timeout = Duration::from_millis(1000);
+        s.durability_timeout = Duration::from_millis(200);
+    })
+    .await
+}
+
+/// Runs the load on `srv`, killing the primary once a fifth of the recipients were asked.
+async fn failover_under_load(set: &mut SentinelSet, srv: &TestServer) -> Run {
+    put_policy(
+        &mut srv.admin().await,
+        sender(SENDER),
+        policy(Tier::Tier250, 0, WindowMode::Conversation),
+    )
+    .await;
+    let next = Arc::new(AtomicUsize::new(0));
+    let admitted = Arc::new(Mutex::new(HashSet::new()));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let killed_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let first_ok_after_kill: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let kill_now = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut q: QuotaServiceClient<_> = srv.quota().await;
+        let (next, admitted, failed) = (next.clone(), admitted.clone(), failed.clone());
+        let (killed_at, first_ok, kill_now) = (
+            killed_at.clone(),
+            first_ok_after_kill.clone(),
+            kill_now.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= DISTINCT {
+                    return;
+                }
+                if i == DISTINCT / 5 {
+                    kill_now.store(true, Ordering::Release);
+                }
+                let recipient = format!("{}", 4_915_200_000_000u64 + i as u64);
+                let start = Instant::now();
+                // A recipient is asked until it gets a decision (bounded): a call that failed
+                // in the failover is retried, as a worker would.
+                loop {
+                    let r = q
+                        .acquire(AcquireRequest {
+                            sender: SENDER.into(),
+                            recipient: recipient.clone(),
+                            ..Default::default()
+                        })
+                        .await;
+                    match r {
+                        Ok(r) => {
+                            if killed_at.lock().unwrap().is_some() {
+                                first_ok.lock().unwrap().get_or_insert_with(Instant::now);
+                            }
+                            // Whatever admits a send counts: ALLOWED_COUNTED too, for a recipient
+                            // whose first call failed after its script ran.
+                            if r.into_inner().allowed {
+                                admitted.lock().unwrap().insert(recipient.clone());
+                            }
+                            break;
+                        }
+                        Err(e) => {
+                            assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            assert!(
+                                start.elapsed() < Duration::from_secs(30),
+                                "no recovery: {e}"
+                            );
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    // The kill, from this task, once the load has reached it.
+    while !kill_now.load(Ordering::Acquire) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let old = set.kill_primary();
+    *killed_at.lock().unwrap() = Some(Instant::now());
+    tokio::task::block_in_place(|| {
+        set.wait_for_failover(old);
+        // The old primary comes back and the sentinels make it the new primary's replica: with
+        // `replicated`, changes are acknowledged again from then on.
+        set.node(old).restart();
+    });
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let killed = killed_at.lock().unwrap().unwrap();
+    let recovered = first_ok_after_kill.lock().unwrap().unwrap_or(killed);
+    let used_after = srv
+        .admin()
+        .await
+        .inspect(InspectRequest {
+            target: sender(SENDER),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .used;
+    let admitted = admitted.lock().unwrap().len();
+    Run {
+        admitted,
+        failed: failed.load(Ordering::Relaxed),
+        recovery: recovered - killed,
+        used_after,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicated_durability_follows_a_failover_and_never_over_admits() {
+    let mut set = SentinelSet::start();
+    let srv = server_on(&set, Durability::Replicated).await;
+    let run = failover_under_load(&mut set, &srv).await;
+    eprintln!(
+        "FAULT sentinel-failover replicated: admitted {} of limit {LIMIT}, {} calls failed, recovered in {} ms, used on the new primary {}",
+        run.admitted,
+        run.failed,
+        run.recovery.as_millis(),
+        run.used_after
+    );
+    assert!(run.admitted <= LIMIT, "over-admitted: {}", run.admitted);
+    // Every answered admission reached the replica before it was answered, so the new primary
+    // holds at least those (and at most the limit).
+    assert!(
+        run.used_after as usize >= run.admitted && run.used_after as usize <= LIMIT,
+        "used {} after admitting {}",
+        run.used_after,
+        run.admitted
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn async_durability_follows_a_failover_and_its_over_admission_is_measured() {
+    let mut over = Vec::new();
+    for _ in 0..3 {
+        let mut set = SentinelSet::start();
+        let srv = server_on(&set, Durability::Async).await;
+        let run = failover_under_load(&mut set, &srv).await;
+        eprintln!(
+            "FAULT sentinel-failover async: admitted {} of limit {LIMIT}, {} calls failed, recovered in {} ms, used on the new primary {}",
+            run.admitted,
+            run.failed,
+            run.recovery.as_millis(),
+            run.used_after
+        );
+        // The service follows the failover and keeps deciding: the rest of the day's capacity
+        // is used up on the new primary.
+        assert_eq!(run.used_after as usize, LIMIT);
+        assert!(run.admitted >= LIMIT, "{} admitted", run.admitted);
+        over.push(run.admitted - LIMIT);
+    }
+    eprintln!("FAULT sentinel-failover async: over-admission per run {over:?}");
+}
+
+/// Decides `recipient` on the store's clock, retrying while the store is failing over
+/// (bounded); returns the decision and how many calls failed first.
+async fn decide_through(srv: &TestServer, recipient: &str) -> (Decision, usize) {
+    let mut q = srv.quota().await;
+    let start = Instant::now();
+    let mut failed = 0;
+    loop {
+        let r = q
+            .acquire(AcquireRequest {
+                sender: SENDER.into(),
+                recipient: recipient.into(),
+                ..Default::default()
+            })
+            .await;
+        match r {
+            Ok(r) => return (r.into_inner().decision(), failed),
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+                assert!(start.elapsed() < Duration::from_secs(15), "no recovery: {e}");
+                failed += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manual_failover_demotes_the_primary_and_waquota_follows_the_new_one() {
+    let set = SentinelSet::start();
+    let srv = server_on(&set, Durability::Async).await;
+    assert_eq!(
+        decide_through(&srv, "4915200000001").await,
+        (Decision::AllowedNew, 0)
+    );
+    // No process dies: the old primary becomes a replica and answers writes with READONLY,
+    // while the sentinels announce +switch-master.
+    let old = set.primary_port();
+    let reply = raw_command(
+        set.sentinel_ports()[0],
+        &format!("SENTINEL FAILOVER {}", set.master_name()),
+    );
+    assert!(reply.is_some_and(|r| r.starts_with("+OK")));
+    let start = Instant::now();
+    let new = tokio::task::block_in_place(|| set.wait_for_failover(old));
+    let (d, failed) = decide_through(&srv, "4915200000001").await;
+    assert_eq!(d, Decision::AllowedCounted, "the slot is on the new primary");
+    let (d, _) = decide_through(&srv, "4915200000002").await;
+    assert_eq!(d, Decision::AllowedNew);
+    eprintln!(
+        "FAULT sentinel-manual-failover: {failed} calls failed, served by the new primary {} ms after the failover began",
+        start.elapsed().as_millis()
+    );
+    let on_new = raw_command(new, "EXISTS wq:{s:sender-ha}:w").unwrap_or_default();
+    assert!(on_new.starts_with(":1"), "{on_new}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sentinels_and_data_nodes_behind_an_acl_user() {
+    // On the data nodes only the ACL user waquota may run scripts (the default user may only
+    // PING, INFO and ROLE); the replica and the sentinels use it too, and so does waquota, from
+    // the credentials of the sentinel URLs.
+    #[rustfmt::skip]
+    let set = SentinelSet::start_with(
+        &[
+            "--user", "default", "on", "nopass", "~*", "&*", "-@all", "+ping", "+info", "+role",
+            "--user", "waquota", "on", ">s3cret", "~*", "&*", "+@all",
+            "--masteruser", "waquota", "--masterauth", "s3cret",
+        ],
+        &[
+            "sentinel auth-user waquota waquota",
+            "sentinel auth-pass waquota s3cret",
+            "user waquota on >s3cret ~* &* +@all",
+        ],
+    );
+    let with_user = |urls: String| {
+        urls.split(',')
+            .map(|u| u.replace("redis://", "redis://waquota:s3cret@"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let srv = server_with_urls(&set, Durability::Async, with_user(set.sentinel_urls())).await;
+    assert_eq!(
+        decide_through(&srv, "4915200000001").await,
+        (Decision::AllowedNew, 0)
+    );
+    // A wrong password is refused by the store: UNAVAILABLE, never a decision.
+    let wrong = set
+        .sentinel_urls()
+        .split(',')
+        .map(|u| u.replace("redis://", "redis://waquota:wrong@"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let bad = server_with_urls(&set, Durability::Async, wrong).await;
+    let e = bad
+        .quota()
+        .await
+        .acquire(AcquireRequest {
+            sender: SENDER.into(),
+            recipient: "4915200000002".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+}
