@@ -1,5 +1,6 @@
 //! Test harness: real `redis-server` processes on free ports (standalone and a 3-master
-//! Cluster), and a waquota server per test, in process or as a child process.
+//! Cluster), and a waquota server per test, in process or as a child process. `topology` builds
+//! the production shapes (nginx, Sentinel, a Cluster with replicas) for the fault tests.
 //!
 //! Every child process is killed when its handle drops, and also when the test process dies
 //! (PR_SET_PDEATHSIG), so no Redis outlives a test run.
@@ -9,6 +10,7 @@
 pub mod certs;
 pub mod dsl;
 pub mod ops;
+pub mod topology;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -51,11 +53,17 @@ pub fn duration_ms(d: &prost_types::Duration) -> i64 {
 }
 
 fn spawn_killed_with_parent(cmd: &mut Command) -> std::io::Result<Child> {
+    spawn_signalled_with_parent(cmd, libc::SIGKILL)
+}
+
+/// Spawns `cmd`, which gets `signal` when the parent thread exits (SIGTERM for a process that
+/// must stop its own children, as an nginx master its workers).
+fn spawn_signalled_with_parent(cmd: &mut Command, signal: i32) -> std::io::Result<Child> {
     // SAFETY: prctl is async-signal-safe; it only asks the kernel to signal the child when the
     // parent thread exits, so no Redis outlives a test process.
     unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        cmd.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, signal);
             Ok(())
         });
     }
@@ -227,6 +235,17 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Freezes the process (SIGSTOP): connections stay open and nothing answers, as on a
+    /// stalled link or a host that stopped scheduling it. `resume` undoes it.
+    pub fn freeze(&self) {
+        signal(&self.child, libc::SIGSTOP);
+    }
+
+    /// Lets a frozen server run again (SIGCONT).
+    pub fn resume(&self) {
+        signal(&self.child, libc::SIGCONT);
+    }
+
     /// Stops the server (as a crash would); `restart` brings it back on the same port.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -246,6 +265,13 @@ impl RedisServer {
     }
 }
 
+/// Sends `sig` to a child process that is still ours.
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) with the pid of a child we have not reaped.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+    assert_eq!(rc, 0, "kill({}, {sig})", child.id());
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
@@ -253,24 +279,32 @@ impl Drop for RedisServer {
     }
 }
 
-/// A Redis Cluster of three masters (no replicas), all slots assigned.
+/// A Redis Cluster of three masters (no replicas), all slots assigned; `topology` adds one with
+/// replicas (`start_with_replicas`).
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
 }
 
 impl RedisCluster {
     pub fn start() -> RedisCluster {
+        Self::create(3, 0, 5000)
+    }
+
+    /// `masters` masters with `replicas` replicas each (`redis-cli --cluster create`), once every
+    /// node sees `cluster_state:ok`.
+    fn create(masters: usize, replicas: usize, node_timeout_ms: u32) -> RedisCluster {
         require_redis();
         // Each node has a directory of its own, so one config file name serves them all.
+        let timeout = node_timeout_ms.to_string();
         let extra = [
             "--cluster-enabled",
             "yes",
             "--cluster-config-file",
             "nodes.conf",
             "--cluster-node-timeout",
-            "5000",
+            &timeout,
         ];
-        let nodes: Vec<RedisServer> = (0..3)
+        let nodes: Vec<RedisServer> = (0..masters * (1 + replicas))
             .map(|_| RedisServer::start_in("cluster", &extra, true))
             .collect();
         let addrs: Vec<String> = nodes
@@ -281,7 +315,7 @@ impl RedisCluster {
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect("redis-cli --cluster create");
         assert!(
@@ -468,29 +502,45 @@ impl WaquotaProcess {
     /// Starts `waquota serve` with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> WaquotaProcess {
         for _ in 0..5 {
-            let port = free_port(false);
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_waquota"));
-            cmd.arg("serve")
-                .args(["--listen", &addr.to_string()])
-                .args(args)
-                .env("WAQUOTA_LOG", "warn")
-                .envs(env.iter().copied());
-            let mut child = spawn_killed_with_parent(&mut cmd).expect("spawn waquota");
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(10) {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                if TcpStream::connect(addr).is_ok() {
-                    return WaquotaProcess { addr, child };
-                }
-                std::thread::sleep(Duration::from_millis(20));
+            let addr = SocketAddr::from(([127, 0, 0, 1], free_port(false)));
+            if let Some(child) = Self::spawn(addr, args, env) {
+                return WaquotaProcess { addr, child };
             }
-            let _ = child.kill();
-            let _ = child.wait();
         }
         panic!("could not start waquota serve {args:?}");
+    }
+
+    /// Starts `waquota serve` on `addr` (a restart on the port a balancer knows), retrying
+    /// while the port is still taken.
+    pub fn start_on(addr: SocketAddr, args: &[&str]) -> WaquotaProcess {
+        let child = wait_until(&format!("waquota serve on {addr}"), || {
+            Self::spawn(addr, args, &[])
+        });
+        WaquotaProcess { addr, child }
+    }
+
+    /// `waquota serve` listening on `addr`; None if it exited or did not listen within 10 s.
+    fn spawn(addr: SocketAddr, args: &[&str], env: &[(&str, &str)]) -> Option<Child> {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_waquota"));
+        cmd.arg("serve")
+            .args(["--listen", &addr.to_string()])
+            .args(args)
+            .env("WAQUOTA_LOG", "warn")
+            .envs(env.iter().copied());
+        let mut child = spawn_killed_with_parent(&mut cmd).expect("spawn waquota");
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = child.try_wait() {
+                return None;
+            }
+            if TcpStream::connect(addr).is_ok() {
+                return Some(child);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
     }
 
     pub fn endpoint(&self) -> String {
@@ -500,11 +550,16 @@ impl WaquotaProcess {
     pub fn child(&mut self) -> &mut Child {
         &mut self.child
     }
+
+    /// Kills the process with SIGKILL (a crash: nothing drains) and reaps it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for WaquotaProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill9();
     }
 }
