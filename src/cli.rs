@@ -1342,7 +1342,10 @@ async fn accept_loss(s: &mut Session) -> Result<String, CliError> {
         .accept_ledger_loss(proto::AcceptLedgerLossRequest {})
         .await?
         .into_inner();
-    let since = r.lost_since.as_ref().map(|t| rfc3339(t.seconds * 1000 + i64::from(t.nanos) / 1_000_000));
+    let since = r
+        .lost_since
+        .as_ref()
+        .map(|t| rfc3339(t.seconds * 1000 + i64::from(t.nanos) / 1_000_000));
     if s.json {
         #[derive(Serialize)]
         struct Accepted {

@@ -118,7 +118,9 @@ impl FromStr for OnLedgerLoss {
         match s.to_ascii_lowercase().as_str() {
             "deny_new" | "deny-new" => Ok(OnLedgerLoss::DenyNew),
             "allow" => Ok(OnLedgerLoss::Allow),
-            _ => Err(format!("unknown on_ledger_loss {s:?}: use deny_new or allow")),
+            _ => Err(format!(
+                "unknown on_ledger_loss {s:?}: use deny_new or allow"
+            )),
         }
     }
 }
@@ -383,7 +385,9 @@ impl Settings {
                 self.store = Store::Sentinel { sentinels, master };
                 Ok(())
             }
-            (false, Some(_)) => Err("redis_sentinel and [store] both name a store: choose one".into()),
+            (false, Some(_)) => {
+                Err("redis_sentinel and [store] both name a store: choose one".into())
+            }
         }
     }
 
@@ -862,8 +866,14 @@ impl Overrides {
             }
         };
         let stores = [
-            ("WAQUOTA_REDIS_URL", redis_url.map(|url| Store::Redis { url })),
-            ("WAQUOTA_REDIS_CLUSTER", cluster.map(|nodes| Store::Cluster { nodes })),
+            (
+                "WAQUOTA_REDIS_URL",
+                redis_url.map(|url| Store::Redis { url }),
+            ),
+            (
+                "WAQUOTA_REDIS_CLUSTER",
+                cluster.map(|nodes| Store::Cluster { nodes }),
+            ),
             ("WAQUOTA_REDIS_SENTINEL", sentinel),
         ];
         let mut named = stores.into_iter().filter(|(_, s)| s.is_some());
@@ -1175,7 +1185,10 @@ mod tests {
     #[test]
     fn sentinel_from_env_file_and_its_errors() {
         let vars = env(&[
-            ("WAQUOTA_REDIS_SENTINEL", "redis://s1:26379, redis://s2:26379"),
+            (
+                "WAQUOTA_REDIS_SENTINEL",
+                "redis://s1:26379, redis://s2:26379",
+            ),
             ("WAQUOTA_REDIS_SENTINEL_MASTER", "waquota"),
         ]);
         let mut s = Settings::default();
@@ -1194,7 +1207,10 @@ mod tests {
         assert_eq!(Settings::from_toml(&f.to_toml()).unwrap().store, want);
         let e = Overrides::from_env(env(&[("WAQUOTA_REDIS_SENTINEL", "redis://s1:26379")]))
             .unwrap_err();
-        assert!(e.to_string().contains("WAQUOTA_REDIS_SENTINEL_MASTER"), "{e}");
+        assert!(
+            e.to_string().contains("WAQUOTA_REDIS_SENTINEL_MASTER"),
+            "{e}"
+        );
         let e = Overrides::from_env(env(&[
             ("WAQUOTA_REDIS_URL", "redis://a:1"),
             ("WAQUOTA_REDIS_SENTINEL", "redis://s1:26379"),

@@ -56,11 +56,21 @@ struct SettingsArgs {
     #[arg(long, value_name = "URL", conflicts_with_all = ["redis_cluster", "redis_sentinel"])]
     redis: Option<String>,
     /// Redis Cluster seed node URLs, comma-separated [env: WAQUOTA_REDIS_CLUSTER].
-    #[arg(long, value_name = "URLS", value_delimiter = ',', conflicts_with = "redis_sentinel")]
+    #[arg(
+        long,
+        value_name = "URLS",
+        value_delimiter = ',',
+        conflicts_with = "redis_sentinel"
+    )]
     redis_cluster: Vec<String>,
     /// Seed sentinels, comma-separated URLs: the primary is found and followed through them
     /// (their credentials and TLS serve the data nodes too) [env: WAQUOTA_REDIS_SENTINEL].
-    #[arg(long, value_name = "URLS", value_delimiter = ',', requires = "redis_sentinel_master")]
+    #[arg(
+        long,
+        value_name = "URLS",
+        value_delimiter = ',',
+        requires = "redis_sentinel_master"
+    )]
     redis_sentinel: Vec<String>,
     /// The master name the sentinels monitor [env: WAQUOTA_REDIS_SENTINEL_MASTER].
     #[arg(long, value_name = "NAME", requires = "redis_sentinel")]

@@ -17,8 +17,7 @@ use common::{DAY, RedisServer, TestServer, free_port, raw_command, ts, wait_unti
 use waquota::config::{Durability, OnLedgerLoss, Settings, Store};
 use waquota::proto::quota_service_client::QuotaServiceClient;
 use waquota::proto::{
-    AcquireRequest, AcquireResponse, Decision, InspectRequest, RecordInboundRequest, Target,
-    target,
+    AcquireRequest, AcquireResponse, Decision, InspectRequest, RecordInboundRequest, Target, target,
 };
 
 const SENDER: &str = "sender-loss";
@@ -45,7 +44,10 @@ async fn acquire_at(
     .map(|r| r.into_inner())
 }
 
-async fn decide(q: &mut QuotaServiceClient<tonic::transport::Channel>, recipient: &str) -> Decision {
+async fn decide(
+    q: &mut QuotaServiceClient<tonic::transport::Channel>,
+    recipient: &str,
+) -> Decision {
     acquire_at(q, recipient, None).await.unwrap().decision()
 }
 
@@ -149,7 +151,8 @@ async fn a_flushed_ledger_refuses_new_slots_until_an_operator_accepts_the_loss()
     let (code, out, err) = cli(&srv.endpoint(), &["ledger", "accept-loss"]);
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.starts_with("ledger loss (since ") && out.ends_with("accepted: new slots are admitted again\n"),
+        out.starts_with("ledger loss (since ")
+            && out.ends_with("accepted: new slots are admitted again\n"),
         "{out}"
     );
     assert_eq!(decide(&mut q, "4915100000002").await, Decision::AllowedNew);
@@ -229,7 +232,10 @@ async fn a_restart_without_persistence_is_a_loss_and_a_clean_restart_with_aof_is
             Ok(r) => break r.decision(),
             Err(e) => {
                 assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
-                assert!(start.elapsed() < Duration::from_secs(10), "no recovery: {e}");
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "no recovery: {e}"
+                );
             }
         }
     };
@@ -251,7 +257,10 @@ async fn a_restart_without_persistence_is_a_loss_and_a_clean_restart_with_aof_is
     let d = loop {
         match acquire_at(&mut q, "4915100000001", None).await {
             Ok(r) => break r.decision(),
-            Err(e) => assert!(start.elapsed() < Duration::from_secs(10), "no recovery: {e}"),
+            Err(e) => assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no recovery: {e}"
+            ),
         }
     };
     assert_eq!(d, Decision::AllowedCounted, "the slot survived the restart");
@@ -296,7 +305,11 @@ async fn replicated_durability_answers_once_a_replica_has_the_change() {
     assert!(e.message().contains("replica"), "{e}");
     assert!(took < Duration::from_millis(450), "answered after {took:?}");
     assert_eq!(scrape(metrics, "waquota_durability_timeouts_total"), 1.0);
-    assert_eq!(used(&srv).await, 2, "the unacknowledged slot stays consumed");
+    assert_eq!(
+        used(&srv).await,
+        2,
+        "the unacknowledged slot stays consumed"
+    );
     // Reads do not wait for replicas.
     assert_eq!(
         srv.admin()

@@ -93,7 +93,10 @@ async fn every_key_of_ledger_state_expires_and_configuration_persists() {
         }
     }
     configuration.sort();
-    assert_eq!(configuration, ["away", "m", "pol", "sp:s1", "wq:ledger", "wq:secret"]);
+    assert_eq!(
+        configuration,
+        ["away", "m", "pol", "sp:s1", "wq:ledger", "wq:secret"]
+    );
     assert!(
         shards > 10,
         "the window was stored in many shards: {keys:?}"

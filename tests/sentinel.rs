@@ -220,7 +220,10 @@ async fn decide_through(srv: &TestServer, recipient: &str) -> (Decision, usize) 
             Ok(r) => return (r.into_inner().decision(), failed),
             Err(e) => {
                 assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
-                assert!(start.elapsed() < Duration::from_secs(15), "no recovery: {e}");
+                assert!(
+                    start.elapsed() < Duration::from_secs(15),
+                    "no recovery: {e}"
+                );
                 failed += 1;
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -247,7 +250,11 @@ async fn a_manual_failover_demotes_the_primary_and_waquota_follows_the_new_one()
     let start = Instant::now();
     let new = tokio::task::block_in_place(|| set.wait_for_failover(old));
     let (d, failed) = decide_through(&srv, "4915200000001").await;
-    assert_eq!(d, Decision::AllowedCounted, "the slot is on the new primary");
+    assert_eq!(
+        d,
+        Decision::AllowedCounted,
+        "the slot is on the new primary"
+    );
     let (d, _) = decide_through(&srv, "4915200000002").await;
     assert_eq!(d, Decision::AllowedNew);
     eprintln!(

@@ -2,7 +2,8 @@
 //! and a Cluster. The rest of the Redis ledger sees one thing, [`Conns`]: a handle to send a
 //! command (or a command and its `WAIT`) on, and a way to say the handle failed.
 //!
-//! Standalone and Cluster connections come from deadpool-redis. A Sentinel primary is found by
+//! Standalone connections come from deadpool-redis; a Cluster connection (one per slot, each
+//! multiplexed over every node) from the cluster client. A Sentinel primary is found by
 //! asking the seed sentinels (`SENTINEL get-master-addr-by-name`) and checking that the address
 //! answers `ROLE master`; it is looked up again after a connection error, a `READONLY` answer
 //! (the old primary, demoted), or a `+switch-master` event from any sentinel, so a failover is
@@ -19,16 +20,20 @@ use redis::{ConnectionAddr, ConnectionInfo, ErrorKind, RedisError, RedisResult, 
 
 use crate::config::{Settings, Store};
 
+/// Retries of one command inside the cluster client (MOVED, ASK, TRYAGAIN, ...); the command's
+/// whole budget is `redis_timeout` all the same.
+const CLUSTER_RETRIES: u32 = 16;
+
 enum Pool {
     Single(deadpool_redis::Pool),
-    Cluster(deadpool_redis::cluster::Pool),
+    Cluster(redis::cluster::ClusterClient),
     Sentinel(Arc<Sentinel>),
 }
 
 /// A checked-out connection, kept: the hot path clones its multiplexed handle.
 enum Held {
     Single(deadpool_redis::Connection),
-    Cluster(deadpool_redis::cluster::Connection),
+    Cluster(redis::cluster_async::ClusterConnection),
     Sentinel(redis::aio::MultiplexedConnection),
 }
 
@@ -124,12 +129,20 @@ impl Conns {
                 return Err("redis_ca is supported with a standalone Redis or Sentinel only; a cluster verifies rediss:// against the built-in roots".into());
             }
             Store::Cluster { nodes } => {
-                let mut cfg = deadpool_redis::cluster::Config::from_urls(nodes.clone());
-                cfg.pool = Some(pool_cfg);
-                Pool::Cluster(
-                    cfg.create_pool(Some(Runtime::Tokio1))
-                        .map_err(|e| e.to_string())?,
-                )
+                // The cluster client follows MOVED and ASK and retries TRYAGAIN, CLUSTERDOWN and
+                // MASTERDOWN itself; its default first wait before such a retry (1.28 s) is longer
+                // than a slot migration takes and than most request budgets, so it starts at
+                // 10 ms and doubles up to 200 ms, the whole bounded by `redis_timeout`.
+                let client = redis::cluster::ClusterClientBuilder::new(nodes.clone())
+                    .retries(CLUSTER_RETRIES)
+                    .min_retry_wait(10)
+                    .max_retry_wait(200)
+                    .retry_wait_formula(10, 2)
+                    .connection_timeout(settings.redis_timeout)
+                    .response_timeout(settings.redis_timeout)
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                Pool::Cluster(client)
             }
             Store::Sentinel { sentinels, master } => {
                 let seeds = sentinels
@@ -175,7 +188,7 @@ impl Conns {
         }
         let held = match &self.pool {
             Pool::Single(p) => Held::Single(p.get().await.map_err(pool_error)?),
-            Pool::Cluster(p) => Held::Cluster(p.get().await.map_err(pool_error)?),
+            Pool::Cluster(c) => Held::Cluster(c.get_async_connection().await?),
             Pool::Sentinel(s) => Held::Sentinel(s.connect().await?),
         };
         // Read after connecting: finding a new primary bumps it.
@@ -211,19 +224,15 @@ impl Conns {
         matches!(self.pool, Pool::Sentinel(_))
     }
 
-    /// deadpool's size, checked-out and waiting counts (Sentinel handles are not pooled: one
-    /// per slot).
+    /// deadpool's size, checked-out and waiting counts (Cluster and Sentinel handles are not
+    /// pooled: one per slot).
     pub(super) fn status(&self) -> Box<dyn Fn() -> deadpool_redis::Status + Send + Sync> {
         match &self.pool {
             Pool::Single(p) => {
                 let p = p.clone();
                 Box::new(move || p.status())
             }
-            Pool::Cluster(p) => {
-                let p = p.clone();
-                Box::new(move || p.status())
-            }
-            Pool::Sentinel(_) => {
+            Pool::Cluster(_) | Pool::Sentinel(_) => {
                 let slots = self.held.len();
                 Box::new(move || deadpool_redis::Status {
                     max_size: slots,
@@ -239,7 +248,7 @@ impl Conns {
 fn clone_handle(h: &Held) -> Conn {
     match h {
         Held::Single(c) => Conn::Single((**c).clone()),
-        Held::Cluster(c) => Conn::Cluster((**c).clone()),
+        Held::Cluster(c) => Conn::Cluster(c.clone()),
         Held::Sentinel(c) => Conn::Single(c.clone()),
     }
 }
@@ -249,7 +258,7 @@ fn clone_handle(h: &Held) -> Conn {
 fn detach(h: Held) {
     match h {
         Held::Single(c) => drop(deadpool_redis::Connection::take(c)),
-        Held::Cluster(c) => drop(deadpool_redis::cluster::Connection::take(c)),
+        Held::Cluster(c) => drop(c),
         Held::Sentinel(c) => drop(c),
     }
 }
@@ -298,7 +307,12 @@ struct Sentinel {
 
 impl Drop for Sentinel {
     fn drop(&mut self) {
-        for w in self.watchers.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        for w in self
+            .watchers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
             w.abort();
         }
     }
@@ -412,7 +426,9 @@ impl Sentinel {
                     let (master, timeout) = (s.master.clone(), s.timeout);
                     drop(s);
                     let events = async {
-                        let mut sub = redis::Client::open(seed.clone())?.get_async_pubsub().await?;
+                        let mut sub = redis::Client::open(seed.clone())?
+                            .get_async_pubsub()
+                            .await?;
                         sub.subscribe("+switch-master").await?;
                         let mut messages = sub.on_message();
                         while let Some(m) = messages.next().await {

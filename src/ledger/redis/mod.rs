@@ -148,7 +148,10 @@ enum Failure {
     Redis(RedisError),
     /// `durability = replicated`: the call ran on the primary, but fewer replicas than wanted
     /// acknowledged it in time. Its change stands (the safe side: a slot stays consumed).
-    NotReplicated { acked: i64, wanted: u32 },
+    NotReplicated {
+        acked: i64,
+        wanted: u32,
+    },
 }
 
 impl From<RedisError> for Failure {
@@ -504,7 +507,11 @@ impl RedisLedger {
     /// `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`, `LOADING`, and on Sentinel a refused connection)
     /// are retried within the budget, so a request follows a failover that completes in time.
     /// Nothing else is: a call that may have run is never sent twice.
-    async fn query_raw(&self, cmd: &redis::Cmd, replicate: bool) -> std::result::Result<Value, Failure> {
+    async fn query_raw(
+        &self,
+        cmd: &redis::Cmd,
+        replicate: bool,
+    ) -> std::result::Result<Value, Failure> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         let mut backoff = Duration::from_millis(10);
         loop {
@@ -557,13 +564,17 @@ impl RedisLedger {
     }
 
     async fn query(&self, cmd: &redis::Cmd) -> Result<Value> {
-        self.query_raw(cmd, false).await.map_err(Failure::into_ledger)
+        self.query_raw(cmd, false)
+            .await
+            .map_err(Failure::into_ledger)
     }
 
     /// A command that changes the ledger: with `durability = replicated`, answered once
     /// replicas have it.
     async fn write(&self, cmd: &redis::Cmd) -> Result<Value> {
-        self.query_raw(cmd, true).await.map_err(Failure::into_ledger)
+        self.query_raw(cmd, true)
+            .await
+            .map_err(Failure::into_ledger)
     }
 
     async fn run(&self, call: &Call<'_>) -> Result<Value> {
@@ -598,7 +609,10 @@ impl RedisLedger {
         // may not cross slots; so many at once instead.
         use futures_util::{StreamExt, TryStreamExt};
         futures_util::stream::iter(self.keys.ledger_markers())
-            .map(|m| async move { self.query(redis::cmd("SET").arg(m).arg("1").arg("NX")).await })
+            .map(|m| async move {
+                self.query(redis::cmd("SET").arg(m).arg("1").arg("NX"))
+                    .await
+            })
             .buffer_unordered(MARKERS_IN_FLIGHT)
             .try_collect::<Vec<_>>()
             .await?;
@@ -1344,9 +1358,7 @@ impl Ledger for RedisLedger {
                 .num(SLOT_MS);
             let v = items(self.run(&call).await?).map_err(|v| bad_reply("ledger", &v))?;
             match &v[..] {
-                [lost_now, since] => {
-                    self.saw_ledger(None, int(lost_now) == Some(1), opt_ms(since))
-                }
+                [lost_now, since] => self.saw_ledger(None, int(lost_now) == Some(1), opt_ms(since)),
                 _ => return Err(bad_reply("ledger", &Value::Array(v))),
             }
         }
@@ -1374,7 +1386,10 @@ impl Ledger for RedisLedger {
         let since = accepted.into_iter().flatten().min();
         self.metrics.set_ledger_lost_since(None);
         if let Some(t) = since {
-            tracing::warn!(lost_since_ms = t, "an operator accepted the ledger's loss: new slots are admitted again");
+            tracing::warn!(
+                lost_since_ms = t,
+                "an operator accepted the ledger's loss: new slots are admitted again"
+            );
         }
         Ok(since)
     }
