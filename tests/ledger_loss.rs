@@ -326,3 +326,41 @@ async fn replicated_durability_answers_once_a_replica_has_the_change() {
         Ok(())
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_a_cluster_each_slot_has_its_marker_and_a_flushed_node_is_found() {
+    let srv = TestServer::start(common::Backend::Cluster).await;
+    let mut q = srv.quota().await;
+    assert_eq!(decide(&mut q, "4915100000001").await, Decision::AllowedNew);
+    let nodes: Vec<u16> = srv
+        .cluster()
+        .unwrap()
+        .nodes
+        .iter()
+        .map(|n| n.port)
+        .collect();
+    // One marker per hash slot, spread over the masters.
+    let markers: usize = nodes
+        .iter()
+        .map(|p| {
+            let r = raw_command(*p, "EVAL \"return #redis.call('KEYS', 'wq:ledger:*')\" 0")
+                .unwrap_or_default();
+            r.trim_start_matches(':')
+                .trim()
+                .parse::<usize>()
+                .unwrap_or(0)
+        })
+        .sum();
+    assert_eq!(markers, 16_384);
+    for p in &nodes {
+        raw_command(*p, "FLUSHALL");
+    }
+    assert_eq!(
+        decide(&mut q, "4915100000002").await,
+        Decision::DeniedLedgerLost
+    );
+    let (code, out, err) = cli(&srv.endpoint(), &["ledger", "accept-loss"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("ledger loss (since "), "{out}");
+    assert_eq!(decide(&mut q, "4915100000002").await, Decision::AllowedNew);
+}
