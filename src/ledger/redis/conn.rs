@@ -26,7 +26,7 @@ const CLUSTER_RETRIES: u32 = 16;
 
 enum Pool {
     Single(deadpool_redis::Pool),
-    Cluster(redis::cluster::ClusterClient),
+    Cluster(Box<redis::cluster::ClusterClient>),
     Sentinel(Arc<Sentinel>),
 }
 
@@ -142,7 +142,7 @@ impl Conns {
                     .response_timeout(settings.redis_timeout)
                     .build()
                     .map_err(|e| e.to_string())?;
-                Pool::Cluster(client)
+                Pool::Cluster(Box::new(client))
             }
             Store::Sentinel { sentinels, master } => {
                 let seeds = sentinels
