@@ -364,3 +364,85 @@ async fn on_a_cluster_each_slot_has_its_marker_and_a_flushed_node_is_found() {
     assert!(out.starts_with("ledger loss (since "), "{out}");
     assert_eq!(decide(&mut q, "4915100000002").await, Decision::AllowedNew);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_restarted_empty_under_load_admits_no_new_slot_until_accept_loss() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    const CLIENTS: usize = 8;
+    const RECIPIENTS: usize = 600;
+    let mut redis = RedisServer::start();
+    let (srv, metrics) = server_on(&redis, |_| {}).await;
+    let next = Arc::new(AtomicUsize::new(0));
+    let killed = Arc::new(AtomicBool::new(false));
+    // (sent after the kill, decision) of every answered call.
+    let answers: Arc<Mutex<Vec<(bool, Decision)>>> = Arc::default();
+    let failed = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut q = srv.quota().await;
+        let (next, killed, answers, failed) = (
+            next.clone(),
+            killed.clone(),
+            answers.clone(),
+            failed.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= RECIPIENTS {
+                    return;
+                }
+                let recipient = format!("{}", 4_915_300_000_000u64 + i as u64);
+                let start = Instant::now();
+                loop {
+                    let after_kill = killed.load(Ordering::Acquire);
+                    match acquire_at(&mut q, &recipient, None).await {
+                        Ok(r) => {
+                            answers.lock().unwrap().push((after_kill, r.decision()));
+                            break;
+                        }
+                        Err(e) => {
+                            assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+                            assert!(start.elapsed() < Duration::from_secs(20), "{e}");
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    while next.load(Ordering::Relaxed) < RECIPIENTS / 4 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    killed.store(true, Ordering::Release);
+    tokio::task::block_in_place(|| redis.restart());
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let answers = answers.lock().unwrap().clone();
+    let new_after: usize = answers
+        .iter()
+        .filter(|(after, d)| *after && *d == Decision::AllowedNew)
+        .count();
+    let lost_after = answers
+        .iter()
+        .filter(|(after, d)| *after && *d == Decision::DeniedLedgerLost)
+        .count();
+    let new_before = answers
+        .iter()
+        .filter(|(after, d)| !*after && *d == Decision::AllowedNew)
+        .count();
+    eprintln!(
+        "FAULT redis_restart_empty: {CLIENTS} clients, {RECIPIENTS} recipients; {new_before} admitted before the kill, {} calls failed while Redis restarted, after it {lost_after} refused DENIED_LEDGER_LOST and {new_after} admitted",
+        failed.load(Ordering::Relaxed)
+    );
+    assert_eq!(new_after, 0, "no new slot on the empty ledger");
+    assert!(lost_after > 0);
+    assert_eq!(scrape(metrics, "waquota_ledger_lost_total"), 1.0);
+    let (code, _, err) = cli(&srv.endpoint(), &["ledger", "accept-loss"]);
+    assert_eq!(code, 0, "{err}");
+    let mut q = srv.quota().await;
+    assert_eq!(decide(&mut q, "4915300000000").await, Decision::AllowedNew);
+}
