@@ -296,7 +296,8 @@ impl Drop for Sentinel {
 pub struct SentinelSet {
     /// The data nodes, first started as primary and replica; which one is primary now is the
     /// sentinels' answer (`primary_port`). A restarted node comes back with its first
-    /// arguments; the sentinels then turn it into a replica of the current primary.
+    /// arguments, as a primary: the sentinels turn it into a replica of the current primary
+    /// eventually, or a test does at once with `REPLICAOF`.
     pub nodes: Vec<RedisServer>,
     sentinels: Vec<Sentinel>,
 }
