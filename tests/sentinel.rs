@@ -2,19 +2,23 @@
 //! restart. Under load (16 clients, one sender at limit 250, 1,000 distinct recipients), the
 //! primary is killed with SIGKILL; the sentinels promote the replica and the service carries on.
 //! With `durability = replicated` no admission is lost in the failover, so the run admits at
-//! most the limit; with `async` the over-admission is measured (README, "Durability").
+//! most the limit; with `async` the over-admission is measured (README, "Durability"). With TLS
+//! on the sentinels and the data nodes, waquota finds and uses the primary over `rediss://`
+//! (a test CA as `redis_ca`), before and after a failover.
 //!
 //! Figures are printed as `FAULT <name>: ...` lines (FAULTS.md).
 
 mod common;
 
 use std::collections::HashSet;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::dsl::{policy, put_policy, sender};
-use common::topology::SentinelSet;
+use common::ops::Pki;
+use common::topology::{SentinelSet, redis_cli};
 use common::{Backend, TestServer, raw_command};
 use waquota::config::{Durability, Store};
 use waquota::proto::quota_service_client::QuotaServiceClient;
@@ -39,10 +43,22 @@ async fn server_on(set: &SentinelSet, durability: Durability) -> TestServer {
 }
 
 async fn server_with_urls(set: &SentinelSet, durability: Durability, urls: String) -> TestServer {
+    server_with_ca(set, durability, urls, None).await
+}
+
+/// `server_with_urls`, with `redis_ca` as the roots the `rediss://` sentinels and data nodes
+/// must chain to.
+async fn server_with_ca(
+    set: &SentinelSet,
+    durability: Durability,
+    urls: String,
+    redis_ca: Option<PathBuf>,
+) -> TestServer {
     let sentinels: Vec<String> = urls.split(',').map(String::from).collect();
     let master = set.master_name().to_owned();
     TestServer::start_with(Backend::Memory, move |s| {
         s.store = Store::Sentinel { sentinels, master };
+        s.redis_ca = redis_ca;
         s.durability = durability;
         s.redis_timeout = Duration::from_millis(1000);
         s.durability_timeout = Duration::from_millis(200);
@@ -310,4 +326,85 @@ async fn sentinels_and_data_nodes_behind_an_acl_user() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+}
+
+/// The local ports of the clients of the node or sentinel on `port` (`laddr` in `CLIENT
+/// LIST`), but the one asking.
+fn client_ports(port: u16) -> Vec<u16> {
+    let list = redis_cli(port, &["CLIENT", "LIST"]).unwrap_or_default();
+    list.lines()
+        .filter(|l| !l.contains("cmd=client|list"))
+        .filter_map(|l| {
+            let laddr = l.split(' ').find_map(|f| f.strip_prefix("laddr="))?;
+            laddr.rsplit(':').next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// Every client of the process on `port` (waquota's among them) came in on `tls_port`.
+fn only_tls_clients(port: u16, tls_port: u16) {
+    let ports = client_ports(port);
+    assert!(
+        !ports.is_empty() && ports.iter().all(|p| *p == tls_port),
+        "clients of {port} came in on {ports:?}, not only on its TLS port {tls_port}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sentinels_and_data_nodes_over_tls() {
+    // The data nodes and the sentinels speak TLS (certificates from the test's own CA) to
+    // waquota, to each other and for replication; their plain ports are the harness's only.
+    // waquota has rediss:// seeds and the CA: the sentinels name the primary's TLS port, and
+    // waquota reaches it with the seeds' TLS settings.
+    let began = Instant::now();
+    let pki = Pki::generate();
+    let mut set = SentinelSet::start_tls(&pki);
+    let urls = set.sentinel_tls_urls();
+    let srv = server_with_ca(&set, Durability::Async, urls.clone(), Some(pki.ca())).await;
+    assert_eq!(
+        decide_through(&srv, "4915200000001").await,
+        (Decision::AllowedNew, 0)
+    );
+    let old = set.primary_port();
+    only_tls_clients(old, set.announced_port(old));
+    for (port, tls_port) in set
+        .sentinel_ports()
+        .into_iter()
+        .zip(set.sentinel_tls_ports())
+    {
+        only_tls_clients(port, tls_port);
+    }
+    eprintln!("sentinel-tls: decided over TLS via {urls}");
+
+    // The same TLS ports as plain redis:// seeds: no sentinel answers, UNAVAILABLE.
+    let plain = urls.replace("rediss://", "redis://");
+    let bad = server_with_urls(&set, Durability::Async, plain).await;
+    let e = bad
+        .quota()
+        .await
+        .acquire(AcquireRequest {
+            sender: SENDER.into(),
+            recipient: "4915200000002".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    eprintln!("sentinel-tls: plain seeds on the TLS ports: {e}");
+
+    // A failover: the replica is promoted and waquota reaches it over TLS too.
+    let killed = Instant::now();
+    assert_eq!(set.kill_primary(), old);
+    let new = tokio::task::block_in_place(|| set.wait_for_failover(old));
+    let (d, failed) = decide_through(&srv, "4915200000002").await;
+    assert_eq!(d, Decision::AllowedNew);
+    let on_new = raw_command(new, "EXISTS wq:{s:sender-ha}:w").unwrap_or_default();
+    assert!(on_new.starts_with(":1"), "{on_new}");
+    only_tls_clients(new, set.announced_port(new));
+    eprintln!(
+        "sentinel-tls: after killing port {old}, decided on the promoted {new} (TLS port {}) {} ms after the kill, {failed} calls failed; whole test {} ms",
+        set.announced_port(new),
+        killed.elapsed().as_millis(),
+        began.elapsed().as_millis()
+    );
 }

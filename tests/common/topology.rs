@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use super::ops::Pki;
 use super::{
     RedisCluster, RedisServer, WaquotaProcess, free_port, raw_command, scratch_dir, signal,
     spawn_killed_with_parent, spawn_signalled_with_parent, wait_until,
@@ -254,16 +255,27 @@ pub fn sentinel_conf(
 /// One `redis-sentinel` process on its own copy of the config.
 struct Sentinel {
     port: u16,
+    /// Its TLS port, in a TLS set.
+    tls_port: Option<u16>,
     child: Child,
     dir: PathBuf,
 }
 
 impl Sentinel {
-    fn start(template: &str, primary: u16, extra: &[&str]) -> Sentinel {
+    /// `tls`: config lines (certificate, key, CA, ...) for a sentinel that also listens on a
+    /// TLS port of its own; the plain port stays, for the harness's checks.
+    fn start(template: &str, primary: u16, extra: &[&str], tls: Option<&[String]>) -> Sentinel {
         for _ in 0..5 {
             let (port, dir) = (free_port(false), scratch_dir("sentinel"));
+            let tls_port = tls.map(|_| free_port(false));
+            let mut lines: Vec<String> = extra.iter().map(|l| l.to_string()).collect();
+            if let (Some(t), Some(tls)) = (tls_port, tls) {
+                lines.push(format!("tls-port {t}"));
+                lines.extend(tls.iter().cloned());
+            }
+            let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
             let conf = dir.join("sentinel.conf");
-            std::fs::write(&conf, sentinel_conf(template, port, primary, &dir, extra)).unwrap();
+            std::fs::write(&conf, sentinel_conf(template, port, primary, &dir, &lines)).unwrap();
             let mut cmd = Command::new("redis-sentinel");
             cmd.arg(&conf);
             let Ok(mut child) = spawn_killed_with_parent(&mut cmd) else {
@@ -274,7 +286,12 @@ impl Sentinel {
                     && raw_command(port, "PING").is_some_and(|r| r.starts_with("+PONG"))
             });
             if up {
-                return Sentinel { port, child, dir };
+                return Sentinel {
+                    port,
+                    tls_port,
+                    child,
+                    dir,
+                };
             }
             let _ = child.kill();
             let _ = child.wait();
@@ -299,6 +316,9 @@ pub struct SentinelSet {
     /// arguments, as a primary: the sentinels turn it into a replica of the current primary
     /// eventually, or a test does at once with `REPLICAOF`.
     pub nodes: Vec<RedisServer>,
+    /// The port each node (same order) is known by to the sentinels and its peers: its TLS
+    /// port in a TLS set (`start_tls`), else its plain port.
+    announced: Vec<u16>,
     sentinels: Vec<Sentinel>,
 }
 
@@ -307,25 +327,78 @@ impl SentinelSet {
         Self::start_with(&[], &[])
     }
 
-    /// `redis_args` go to both data nodes (e.g. `--appendonly yes`, TLS or ACL flags), and
+    /// `redis_args` go to both data nodes (e.g. `--appendonly yes` or ACL flags), and
     /// `sentinel_lines` into every sentinel's config (e.g. `sentinel auth-pass waquota ...`).
     pub fn start_with(redis_args: &[&str], sentinel_lines: &[&str]) -> SentinelSet {
-        let primary = RedisServer::start_with(redis_args);
-        let primary_port = primary.port.to_string();
-        let mut replica_args = redis_args.to_vec();
-        replica_args.extend(["--replicaof", "127.0.0.1", &primary_port]);
-        let replica = RedisServer::start_with(&replica_args);
+        Self::launch(redis_args, sentinel_lines, None)
+    }
+
+    /// TLS between everything but the harness: each data node and each sentinel also listens on
+    /// a TLS port with `pki`'s server certificate (clients need no certificate), the replica
+    /// replicates from the primary's TLS port, the nodes announce their TLS ports, and the
+    /// sentinels monitor the primary's TLS port and reach the nodes and each other over TLS
+    /// (`tls-replication yes`). The plain ports stay, for the harness's own checks; waquota's
+    /// seeds are `sentinel_tls_urls`.
+    pub fn start_tls(pki: &Pki) -> SentinelSet {
+        let (cert, key, ca) = (pki.server_cert(), pki.server_key(), pki.ca());
+        let files = [
+            ("tls-cert-file", cert.to_str().unwrap()),
+            ("tls-key-file", key.to_str().unwrap()),
+            ("tls-ca-cert-file", ca.to_str().unwrap()),
+            ("tls-auth-clients", "no"),
+            ("tls-replication", "yes"),
+        ];
+        let tls = Tls {
+            args: files
+                .iter()
+                .flat_map(|(k, v)| [format!("--{k}"), v.to_string()])
+                .collect(),
+            // Quoted: the paths may hold spaces.
+            lines: files.iter().map(|(k, v)| format!("{k} \"{v}\"")).collect(),
+        };
+        Self::launch(&[], &[], Some(&tls))
+    }
+
+    fn launch(redis_args: &[&str], sentinel_lines: &[&str], tls: Option<&Tls>) -> SentinelSet {
+        // A data node's arguments: `redis_args`, plus in a TLS set its TLS port (announced).
+        let node_args = |tls_port: Option<u16>| -> Vec<String> {
+            let mut args: Vec<String> = redis_args.iter().map(|a| a.to_string()).collect();
+            if let (Some(tls), Some(p)) = (tls, tls_port) {
+                args.extend(tls.args.iter().cloned());
+                #[rustfmt::skip]
+                args.extend(["--tls-port", &p.to_string(),
+                             "--replica-announce-ip", "127.0.0.1",
+                             "--replica-announce-port", &p.to_string()].map(String::from));
+            }
+            args
+        };
+        let start = |args: &[String]| {
+            RedisServer::start_with(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        };
+        let tls_ports = tls.map(|_| (free_port(false), free_port(false)));
+        let primary = start(&node_args(tls_ports.map(|p| p.0)));
+        let primary_announced = tls_ports.map_or(primary.port, |p| p.0);
+        let mut replica_args = node_args(tls_ports.map(|p| p.1));
+        replica_args
+            .extend(["--replicaof", "127.0.0.1", &primary_announced.to_string()].map(String::from));
+        let replica = start(&replica_args);
         wait_until("the replica's link to its primary", || {
             info(replica.port, "replication")
                 .contains("master_link_status:up")
                 .then_some(())
         });
         let template = deploy_file("sentinel.conf");
+        let tls_lines = tls.map(|t| t.lines.as_slice());
         let sentinels = (0..3)
-            .map(|_| Sentinel::start(&template, primary.port, sentinel_lines))
+            .map(|_| Sentinel::start(&template, primary_announced, sentinel_lines, tls_lines))
             .collect();
+        let announced = match tls_ports {
+            Some((p, r)) => vec![p, r],
+            None => vec![primary.port, replica.port],
+        };
         let set = SentinelSet {
             nodes: vec![primary, replica],
+            announced,
             sentinels,
         };
         // A failover needs each sentinel to know the replica and its two peers (hello messages
@@ -350,6 +423,19 @@ impl SentinelSet {
         urls.join(",")
     }
 
+    /// `rediss://127.0.0.1:T,...`, one per sentinel's TLS port (a set from `start_tls`).
+    pub fn sentinel_tls_urls(&self) -> String {
+        let urls: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|s| {
+                let port = s.tls_port.expect("a SentinelSet started with start_tls");
+                format!("rediss://127.0.0.1:{port}")
+            })
+            .collect();
+        urls.join(",")
+    }
+
     pub fn master_name(&self) -> &'static str {
         SENTINEL_MASTER
     }
@@ -359,9 +445,31 @@ impl SentinelSet {
         self.sentinels.iter().map(|s| s.port).collect()
     }
 
-    /// The primary's port, as the first sentinel reports it.
+    /// The TLS ports of the three sentinels (a set from `start_tls`).
+    pub fn sentinel_tls_ports(&self) -> Vec<u16> {
+        self.sentinels
+            .iter()
+            .map(|s| s.tls_port.expect("a SentinelSet started with start_tls"))
+            .collect()
+    }
+
+    /// The port the sentinels know the data node on `port` by: its TLS port in a TLS set, else
+    /// `port` itself.
+    pub fn announced_port(&self, port: u16) -> u16 {
+        let i = self.nodes.iter().position(|n| n.port == port);
+        self.announced[i.unwrap_or_else(|| panic!("no data node on port {port}"))]
+    }
+
+    /// The plain port of the data node the sentinels know by `announced`.
+    fn plain_port(&self, announced: u16) -> u16 {
+        let i = self.announced.iter().position(|p| *p == announced);
+        self.nodes[i.unwrap_or_else(|| panic!("no data node announced on port {announced}"))].port
+    }
+
+    /// The primary's (plain) port, as the first sentinel reports it.
     pub fn primary_port(&self) -> u16 {
-        reported_primary(self.sentinels[0].port).expect("a sentinel names the primary")
+        let named = reported_primary(self.sentinels[0].port).expect("a sentinel names the primary");
+        self.plain_port(named)
     }
 
     /// The data node on `port`.
@@ -380,13 +488,13 @@ impl SentinelSet {
     }
 
     /// Waits until every sentinel names a primary other than `old` and that node answers ROLE
-    /// as a master; returns its port.
+    /// as a master; returns its port (plain ports, as `primary_port`).
     pub fn wait_for_failover(&self, old: u16) -> u16 {
         wait_until(&format!("a failover away from port {old}"), || {
             let named: Vec<Option<u16>> = self
                 .sentinels
                 .iter()
-                .map(|s| reported_primary(s.port))
+                .map(|s| reported_primary(s.port).map(|p| self.plain_port(p)))
                 .collect();
             let new = named[0].filter(|p| *p != old)?;
             (named.iter().all(|p| *p == Some(new)) && is_master(new)).then_some(new)
@@ -394,7 +502,16 @@ impl SentinelSet {
     }
 }
 
-/// `SENTINEL get-master-addr-by-name waquota` on the sentinel at `port`: the primary's port.
+/// TLS settings for every process of a `SentinelSet` (`start_tls`).
+struct Tls {
+    /// redis-server arguments: `--tls-cert-file <path>`, ...
+    args: Vec<String>,
+    /// The same as sentinel config lines: `tls-cert-file <path>`, ...
+    lines: Vec<String>,
+}
+
+/// `SENTINEL get-master-addr-by-name waquota` on the sentinel at `port`: the primary's port
+/// (the one it monitors: the TLS port in a TLS set).
 fn reported_primary(port: u16) -> Option<u16> {
     let reply = raw_command(
         port,
