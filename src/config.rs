@@ -529,6 +529,25 @@ impl Settings {
                 "must be at least 1 ms",
             ));
         }
+        // A CA only means something for TLS: with redis:// the connection would fail at start-up.
+        if self.redis_ca.is_some() {
+            let plain = match &self.store {
+                Store::Redis { url } => vec![("store.url", url)],
+                Store::Sentinel { sentinels, .. } => {
+                    sentinels.iter().map(|u| ("redis_sentinel", u)).collect()
+                }
+                _ => vec![],
+            };
+            if let Some((key, url)) = plain.into_iter().find(|(_, u)| u.starts_with("redis://")) {
+                return Err(ConfigError::invalid(
+                    "redis_ca",
+                    format!(
+                        "is set but {key} {:?} is not TLS: use rediss://",
+                        redact_url(url)
+                    ),
+                ));
+            }
+        }
         // As serve checks it: a cluster verifies rediss:// against the built-in roots only.
         if self.redis_ca.is_some() && matches!(self.store, Store::Cluster { .. }) {
             return Err(ConfigError::invalid(
@@ -1220,6 +1239,22 @@ mod tests {
         assert!(e.to_string().contains("choose one store"), "{e}");
         let e = Settings::from_toml("redis_sentinel_master = \"m\"\n").unwrap_err();
         assert!(e.contains("without redis_sentinel"), "{e}");
+    }
+
+    #[test]
+    fn a_ca_needs_a_tls_url() {
+        let s = Settings {
+            store: Store::Redis {
+                url: "redis://a:1".into(),
+            },
+            redis_ca: Some("/ca.pem".into()),
+            ..Settings::default()
+        };
+        let e = s.validate().unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "redis_ca: is set but store.url \"redis://a:1\" is not TLS: use rediss://"
+        );
     }
 
     #[test]

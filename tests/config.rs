@@ -568,7 +568,7 @@ fn every_setting_has_a_flag() {
             "check",
             "--json",
             "--redis",
-            "redis://127.0.0.1:6379",
+            "rediss://127.0.0.1:6379",
             "--redis-ca",
             "/redis-ca.pem",
             "--log",
@@ -581,7 +581,7 @@ fn every_setting_has_a_flag() {
     let j: Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(j["log_level"], "warn");
     assert_eq!(j["trust_client_clock"], false);
-    assert_eq!(j["store"]["url"], "redis://127.0.0.1:6379");
+    assert_eq!(j["store"]["url"], "rediss://127.0.0.1:6379");
     assert_eq!(
         j["redis_ca"], "/redis-ca.pem",
         "--redis-ca goes with a standalone Redis"
