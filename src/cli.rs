@@ -123,6 +123,39 @@ pub enum Command {
     /// The ledger as a whole: accept a loss that waquota detected.
     #[command(subcommand)]
     Ledger(LedgerCommand),
+    /// Map a WhatsApp Business Account to a portfolio, for the webhook bridge.
+    #[command(subcommand)]
+    Waba(WabaCommand),
+    /// Try the webhook bridge: sign and post a saved webhook body.
+    #[command(subcommand)]
+    Webhook(WebhookCommand),
+}
+
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum WebhookCommand {
+    /// Sign FILE with the app secret as WhatsApp does (X-Hub-Signature-256) and POST it to the
+    /// webhook listener; prints the listener's answer.
+    Replay {
+        file: PathBuf,
+        /// The app secret (one of the server's webhook_app_secrets).
+        #[arg(long, env = "WAQUOTA_WEBHOOK_SECRET")]
+        secret: String,
+        /// The webhook listener.
+        #[arg(long, default_value = "http://127.0.0.1:8080/webhooks/whatsapp")]
+        url: String,
+    },
+}
+
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum WabaCommand {
+    /// WABA-wide webhooks (business_capability_update) of this WABA set this portfolio's tier.
+    Assign {
+        waba: String,
+        #[arg(long)]
+        portfolio: String,
+    },
+    /// Forget the WABA's portfolio.
+    Detach { waba: String },
 }
 
 #[derive(clap::Subcommand, Debug, Clone)]
@@ -552,6 +585,9 @@ pub async fn run(command: Command, args: &ClientArgs) -> Result<(), CliError> {
         Command::Policy(PolicyCommand::Set { changes, .. }) => changes.read()?,
         _ => Changes::default(),
     };
+    if let Command::Webhook(WebhookCommand::Replay { file, secret, url }) = &command {
+        return write_stdout(&replay(file, secret, url).await?);
+    }
     let mut s = connect(args).await?;
     let out = match command {
         Command::Inspect { target, recipient } => {
@@ -584,6 +620,13 @@ pub async fn run(command: Command, args: &ClientArgs) -> Result<(), CliError> {
         Command::Sender(SenderCommand::Detach { sender }) => assign(&mut s, sender, None).await?,
         Command::Reset { target, yes } => reset(&mut s, &proto_target(&target), yes).await?,
         Command::Ledger(LedgerCommand::AcceptLoss) => accept_loss(&mut s).await?,
+        Command::Waba(WabaCommand::Assign { waba, portfolio }) => {
+            assign_waba(&mut s, waba, portfolio).await?
+        }
+        Command::Waba(WabaCommand::Detach { waba }) => {
+            assign_waba(&mut s, waba, String::new()).await?
+        }
+        Command::Webhook(_) => unreachable!("answered before connecting"),
     };
     write_stdout(&out)
 }
@@ -1334,6 +1377,69 @@ async fn reset(s: &mut Session, target: &proto::Target, yes: bool) -> Result<Str
         }));
     }
     Ok(format!("{}: window cleared\n", describe(target)))
+}
+
+/// Signs and posts a saved webhook body; the answer's status and body.
+async fn replay(file: &std::path::Path, secret: &str, url: &str) -> Result<String, CliError> {
+    use http_body_util::BodyExt;
+    let body = std::fs::read(file)
+        .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", file.display())))?;
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|e| CliError::Usage(format!("--url {url:?}: {e}")))?;
+    let req = hyper::Request::post(uri)
+        .header("content-type", "application/json")
+        .header(
+            "x-hub-signature-256",
+            crate::webhook::signature(&body, secret),
+        )
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .map_err(|e| CliError::Usage(format!("--url {url:?}: {e}")))?;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let resp = client
+        .request(req)
+        .await
+        .map_err(|e| CliError::Failed(format!("cannot reach {url}: {e}")))?;
+    let status = resp.status();
+    let text = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+        .unwrap_or_default();
+    if !status.is_success() {
+        return Err(CliError::Failed(format!(
+            "{url} answered {status}: {}",
+            text.trim()
+        )));
+    }
+    Ok(format!("{status}: {}\n", text.trim()))
+}
+
+async fn assign_waba(s: &mut Session, waba: String, portfolio: String) -> Result<String, CliError> {
+    s.admin
+        .assign_waba(proto::AssignWabaRequest {
+            waba: waba.clone(),
+            portfolio: portfolio.clone(),
+        })
+        .await?;
+    if s.json {
+        #[derive(Serialize)]
+        struct Assigned {
+            waba: String,
+            portfolio: Option<String>,
+        }
+        return Ok(json_out(&Assigned {
+            waba,
+            portfolio: (!portfolio.is_empty()).then_some(portfolio),
+        }));
+    }
+    Ok(if portfolio.is_empty() {
+        format!("WABA {waba}: detached from its portfolio\n")
+    } else {
+        format!("WABA {waba}: portfolio {portfolio}\n")
+    })
 }
 
 async fn accept_loss(s: &mut Session) -> Result<String, CliError> {

@@ -259,6 +259,22 @@ pub struct Settings {
     /// Prometheus `/metrics` listener; `None` = no metrics endpoint.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,
+    /// The WhatsApp webhook listener (`/webhooks/whatsapp`); `None` = off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_listen: Option<SocketAddr>,
+    /// The token Meta's verification request must carry (`hub.verify_token`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_verify_token: Option<String>,
+    /// App secrets a POST's `X-Hub-Signature-256` may be made with (several, for rotation).
+    pub webhook_app_secrets: Vec<String>,
+    /// Largest webhook body accepted, in bytes (beyond it 413).
+    pub webhook_max_body_bytes: usize,
+    /// The business's own webhook handler: every verified POST is relayed there, and answered
+    /// 200 only once it answered 2xx too.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_forward: Option<String>,
+    /// WABA id -> portfolio, for WABA-wide webhooks (wins over AssignWaba).
+    pub webhook_wabas: BTreeMap<String, String>,
     pub log_format: LogFormat,
     /// tracing EnvFilter syntax, e.g. `info` or `waquota=debug`.
     pub log_level: String,
@@ -300,6 +316,12 @@ impl Default for Settings {
             on_store_error: OnStoreError::Deny,
             on_store_error_senders: BTreeMap::new(),
             metrics_listen: None,
+            webhook_listen: None,
+            webhook_verify_token: None,
+            webhook_app_secrets: Vec::new(),
+            webhook_max_body_bytes: 1024 * 1024,
+            webhook_forward: None,
+            webhook_wabas: BTreeMap::new(),
             log_format: LogFormat::Text,
             log_level: "info".into(),
             auth: AuthSettings::default(),
@@ -402,6 +424,10 @@ impl Settings {
         let stars = |tokens: &mut Vec<String>| tokens.iter_mut().for_each(|t| *t = "***".into());
         stars(&mut s.auth.sender_tokens);
         stars(&mut s.auth.operator_tokens);
+        stars(&mut s.webhook_app_secrets);
+        if s.webhook_verify_token.is_some() {
+            s.webhook_verify_token = Some("***".into());
+        }
         match &mut s.store {
             Store::Memory => {}
             Store::Redis { url } => *url = redact_url(url),
@@ -555,6 +581,36 @@ impl Settings {
                 "is supported with a standalone Redis only (a cluster verifies rediss:// against the built-in roots)",
             ));
         }
+        if let Some(addr) = self.webhook_listen {
+            if addr == self.listen || Some(addr) == self.metrics_listen {
+                return Err(ConfigError::invalid(
+                    "webhook_listen",
+                    format!("{addr} is also the gRPC or metrics listen address"),
+                ));
+            }
+            if self.webhook_app_secrets.is_empty() {
+                return Err(ConfigError::invalid(
+                    "webhook_app_secrets",
+                    "the webhook listener needs at least one app secret to check signatures with",
+                ));
+            }
+        }
+        if self.webhook_max_body_bytes < 1024 {
+            return Err(ConfigError::invalid(
+                "webhook_max_body_bytes",
+                format!("must be at least 1024, got {}", self.webhook_max_body_bytes),
+            ));
+        }
+        if let Some(url) = &self.webhook_forward
+            && !url.starts_with("http://")
+        {
+            return Err(ConfigError::invalid(
+                "webhook_forward",
+                format!(
+                    "{url:?}: use an http:// URL (a TLS-terminating proxy in front of the handler for https)"
+                ),
+            ));
+        }
         if self.metrics_listen == Some(self.listen) {
             return Err(ConfigError::invalid(
                 "metrics_listen",
@@ -659,6 +715,12 @@ pub struct Overrides {
     pub on_ledger_loss: Option<OnLedgerLoss>,
     pub redis_ca: Option<PathBuf>,
     pub metrics_listen: Option<SocketAddr>,
+    pub webhook_listen: Option<SocketAddr>,
+    pub webhook_verify_token: Option<String>,
+    pub webhook_app_secrets: Option<Vec<String>>,
+    pub webhook_forward: Option<String>,
+    pub webhook_max_body_bytes: Option<usize>,
+    pub webhook_wabas: Option<BTreeMap<String, String>>,
     pub log_format: Option<LogFormat>,
     pub log_level: Option<String>,
     pub sender_tokens: Option<Vec<String>>,
@@ -669,7 +731,7 @@ pub struct Overrides {
 }
 
 /// Every environment variable [`Overrides::from_env`] reads, and the setting it sets.
-pub const ENV_VARS: [(&str, &str); 37] = [
+pub const ENV_VARS: [(&str, &str); 43] = [
     ("WAQUOTA_LISTEN", "listen"),
     ("WAQUOTA_REDIS_URL", "store (standalone Redis URL)"),
     (
@@ -717,6 +779,18 @@ pub const ENV_VARS: [(&str, &str); 37] = [
     ),
     ("WAQUOTA_REDIS_CA", "redis_ca"),
     ("WAQUOTA_METRICS_LISTEN", "metrics_listen"),
+    ("WAQUOTA_WEBHOOK_LISTEN", "webhook_listen"),
+    ("WAQUOTA_WEBHOOK_VERIFY_TOKEN", "webhook_verify_token"),
+    (
+        "WAQUOTA_WEBHOOK_APP_SECRETS",
+        "webhook_app_secrets (comma-separated)",
+    ),
+    ("WAQUOTA_WEBHOOK_FORWARD", "webhook_forward"),
+    ("WAQUOTA_WEBHOOK_MAX_BODY_BYTES", "webhook_max_body_bytes"),
+    (
+        "WAQUOTA_WEBHOOK_WABAS",
+        "webhook_wabas (waba=portfolio, comma-separated)",
+    ),
     ("WAQUOTA_LOG_FORMAT", "log_format"),
     ("WAQUOTA_LOG_LEVEL", "log_level"),
     (
@@ -768,6 +842,19 @@ pub fn parse_sender_policies(pairs: &[String]) -> Result<BTreeMap<String, OnStor
                 .split_once('=')
                 .ok_or_else(|| format!("{pair:?}: use sender=deny or sender=allow"))?;
             Ok((sender.trim().to_owned(), parse_name(policy.trim())?))
+        })
+        .collect()
+}
+
+/// `waba=portfolio` pairs: the webhook bridge's WABA mapping.
+pub fn parse_pairs(pairs: &[String]) -> Result<BTreeMap<String, String>, String> {
+    pairs
+        .iter()
+        .map(|pair| {
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("{pair:?}: use waba=portfolio"))?;
+            Ok((k.trim().to_owned(), v.trim().to_owned()))
         })
         .collect()
 }
@@ -850,6 +937,20 @@ impl Overrides {
                     }
                     "WAQUOTA_REDIS_CA" => o.redis_ca = Some(value.into()),
                     "WAQUOTA_METRICS_LISTEN" => o.metrics_listen = Some(parse(value, addr)?),
+                    "WAQUOTA_WEBHOOK_LISTEN" => o.webhook_listen = Some(parse(value, addr)?),
+                    "WAQUOTA_WEBHOOK_VERIFY_TOKEN" => {
+                        o.webhook_verify_token = Some(value.to_owned())
+                    }
+                    "WAQUOTA_WEBHOOK_APP_SECRETS" => {
+                        o.webhook_app_secrets = Some(parse_list(value))
+                    }
+                    "WAQUOTA_WEBHOOK_FORWARD" => o.webhook_forward = Some(value.to_owned()),
+                    "WAQUOTA_WEBHOOK_MAX_BODY_BYTES" => {
+                        o.webhook_max_body_bytes = Some(parse(value, count)?)
+                    }
+                    "WAQUOTA_WEBHOOK_WABAS" => {
+                        o.webhook_wabas = Some(parse_pairs(&parse_list(value))?)
+                    }
                     "WAQUOTA_LOG_FORMAT" => o.log_format = Some(parse_name(value)?),
                     "WAQUOTA_LOG_LEVEL" => o.log_level = Some(value.to_owned()),
                     "WAQUOTA_LOG" => old_log = Some(value.to_owned()),
@@ -958,6 +1059,18 @@ impl Overrides {
         if self.metrics_listen.is_some() {
             s.metrics_listen = self.metrics_listen;
         }
+        if self.webhook_listen.is_some() {
+            s.webhook_listen = self.webhook_listen;
+        }
+        if self.webhook_verify_token.is_some() {
+            s.webhook_verify_token = self.webhook_verify_token;
+        }
+        if self.webhook_forward.is_some() {
+            s.webhook_forward = self.webhook_forward;
+        }
+        put(&mut s.webhook_app_secrets, self.webhook_app_secrets);
+        put(&mut s.webhook_max_body_bytes, self.webhook_max_body_bytes);
+        put(&mut s.webhook_wabas, self.webhook_wabas);
         put(&mut s.log_format, self.log_format);
         put(&mut s.log_level, self.log_level);
         put(&mut s.auth.sender_tokens, self.sender_tokens);
@@ -1318,6 +1431,12 @@ mod tests {
             ("WAQUOTA_DURABILITY_REPLICAS", "2"),
             ("WAQUOTA_DURABILITY_TIMEOUT_MS", "40"),
             ("WAQUOTA_ON_LEDGER_LOSS", "allow"),
+            ("WAQUOTA_WEBHOOK_LISTEN", "127.0.0.1:3"),
+            ("WAQUOTA_WEBHOOK_VERIFY_TOKEN", "vt"),
+            ("WAQUOTA_WEBHOOK_APP_SECRETS", "a1, a2"),
+            ("WAQUOTA_WEBHOOK_FORWARD", "http://handler.internal/hook"),
+            ("WAQUOTA_WEBHOOK_MAX_BODY_BYTES", "4096"),
+            ("WAQUOTA_WEBHOOK_WABAS", "w1=p1"),
         ]);
         assert_eq!(
             vars.len() + 3,
@@ -1368,6 +1487,13 @@ mod tests {
             )
         );
         assert_eq!(s.redis_timeout, Duration::from_millis(6));
+        assert_eq!(s.webhook_listen, Some("127.0.0.1:3".parse().unwrap()));
+        assert_eq!(s.webhook_verify_token.as_deref(), Some("vt"));
+        assert_eq!(s.webhook_app_secrets, vec!["a1", "a2"]);
+        assert_eq!(
+            s.webhook_forward.as_deref(),
+            Some("http://handler.internal/hook")
+        );
         assert_eq!(s.shutdown_grace, Duration::from_millis(7));
         assert_eq!(s.on_store_error, OnStoreError::Allow);
         assert_eq!(s.metrics_listen, Some("127.0.0.1:2".parse().unwrap()));

@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod model;
 pub mod outage;
 pub mod server;
+pub mod webhook;
 
 /// The generated code of the public contract (`proto/waquota/v1/waquota.proto`).
 pub mod proto {

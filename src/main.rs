@@ -91,6 +91,27 @@ struct SettingsArgs {
     /// [env: WAQUOTA_ON_LEDGER_LOSS].
     #[arg(long, value_name = "deny_new|allow")]
     on_ledger_loss: Option<OnLedgerLoss>,
+    /// Listen for WhatsApp webhooks at /webhooks/whatsapp on this address (off by default)
+    /// [env: WAQUOTA_WEBHOOK_LISTEN].
+    #[arg(long, value_name = "ADDR")]
+    webhook_listen: Option<SocketAddr>,
+    /// The token Meta's verification request must carry [env: WAQUOTA_WEBHOOK_VERIFY_TOKEN].
+    #[arg(long, value_name = "TOKEN")]
+    webhook_verify_token: Option<String>,
+    /// App secret(s) webhook signatures are checked with; repeat or comma-separate to rotate
+    /// [env: WAQUOTA_WEBHOOK_APP_SECRETS].
+    #[arg(long, value_name = "SECRET", value_delimiter = ',')]
+    webhook_app_secret: Option<Vec<String>>,
+    /// Relay every verified webhook POST to this http:// URL too [env: WAQUOTA_WEBHOOK_FORWARD].
+    #[arg(long, value_name = "URL")]
+    webhook_forward: Option<String>,
+    /// Largest webhook body accepted (default 1 MiB) [env: WAQUOTA_WEBHOOK_MAX_BODY_BYTES].
+    #[arg(long, value_name = "BYTES")]
+    webhook_max_body_bytes: Option<usize>,
+    /// A WABA's portfolio for WABA-wide webhooks, WABA=PORTFOLIO (repeat or comma-separate)
+    /// [env: WAQUOTA_WEBHOOK_WABAS].
+    #[arg(long, value_name = "WABA=PORTFOLIO", value_delimiter = ',')]
+    webhook_waba: Vec<String>,
     /// Prefix of every Redis key [default: wq] [env: WAQUOTA_KEY_PREFIX].
     #[arg(long, value_name = "PREFIX")]
     key_prefix: Option<String>,
@@ -222,6 +243,12 @@ impl SettingsArgs {
             durability_replicas: self.durability_replicas,
             durability_timeout: self.durability_timeout_ms.map(Duration::from_millis),
             on_ledger_loss: self.on_ledger_loss,
+            webhook_listen: self.webhook_listen,
+            webhook_verify_token: self.webhook_verify_token.clone(),
+            webhook_app_secrets: self.webhook_app_secret.clone(),
+            webhook_forward: self.webhook_forward.clone(),
+            webhook_max_body_bytes: self.webhook_max_body_bytes,
+            webhook_wabas: None,
             shutdown_delay: self.shutdown_delay_ms.map(Duration::from_millis),
             redis_ca: self.redis_ca.clone(),
             metrics_listen: self.metrics_listen,
@@ -237,6 +264,11 @@ impl SettingsArgs {
 
     fn load(&self) -> Result<Settings, String> {
         let mut overrides = self.overrides();
+        if !self.webhook_waba.is_empty() {
+            let wabas = waquota::config::parse_pairs(&self.webhook_waba)
+                .map_err(|e| format!("invalid configuration: --webhook-waba: {e}"))?;
+            overrides.webhook_wabas = Some(wabas);
+        }
         if !self.on_store_error_sender.is_empty() {
             let senders = waquota::config::parse_sender_policies(&self.on_store_error_sender)
                 .map_err(|e| format!("invalid configuration: --on-store-error-sender: {e}"))?;

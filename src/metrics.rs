@@ -25,7 +25,7 @@ const BUCKETS: [f64; 14] = [
 ];
 
 /// RPCs that get their own latency series; anything else is `other`.
-pub const RPCS: [&str; 13] = [
+pub const RPCS: [&str; 14] = [
     "Acquire",
     "AcquireBatch",
     "Release",
@@ -38,6 +38,7 @@ pub const RPCS: [&str; 13] = [
     "ListWindow",
     "Reset",
     "AcceptLedgerLoss",
+    "AssignWaba",
     "other",
 ];
 
@@ -48,6 +49,22 @@ pub const SCRIPTS: [&str; 13] = [
 ];
 
 const SCOPES: [Scope; 2] = [Scope::Sender, Scope::Portfolio];
+
+/// Webhook event kinds (`webhook::events::Event::kind`) and what became of them.
+pub const WEBHOOK_KINDS: [&str; 10] = [
+    "inbound",
+    "status_sent",
+    "status_delivered",
+    "status_read",
+    "status_failed",
+    "status_other",
+    "quality",
+    "capability",
+    "account",
+    "ignored",
+];
+pub const WEBHOOK_OUTCOMES: [&str; 5] =
+    ["applied", "duplicate", "ignored", "unusable", "store_error"];
 
 /// What went wrong talking to Redis, as far as an operator needs to tell apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,17 +132,23 @@ impl Histogram {
             .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
 
+    /// `labels` is `k="v",...`, or empty for a histogram without labels.
     fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let (le, total) = if labels.is_empty() {
+            (String::new(), String::new())
+        } else {
+            (format!("{labels},"), format!("{{{labels}}}"))
+        };
         let mut cumulative = 0;
         for (b, n) in BUCKETS.iter().zip(&self.buckets) {
             cumulative += n.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {cumulative}");
+            let _ = writeln!(out, "{name}_bucket{{{le}le=\"{b}\"}} {cumulative}");
         }
         let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_bucket{{{le}le=\"+Inf\"}} {count}");
         let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
-        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+        let _ = writeln!(out, "{name}_sum{total} {sum}");
+        let _ = writeln!(out, "{name}_count{total} {count}");
     }
 }
 
@@ -145,6 +168,11 @@ pub struct Metrics {
     /// Milliseconds since the epoch when the ledger was found lost, 0 while it is whole.
     ledger_lost_since: AtomicI64,
     unanswered: AtomicU64,
+    /// [kind][outcome] of webhook events.
+    webhook_events: [[AtomicU64; WEBHOOK_OUTCOMES.len()]; WEBHOOK_KINDS.len()],
+    webhook_signature_failures: AtomicU64,
+    webhook_relay_failures: AtomicU64,
+    webhook_apply: Histogram,
     /// [allowed, denied]
     outage_decisions: [AtomicU64; 2],
     pool: Mutex<Option<PoolProbe>>,
@@ -202,6 +230,10 @@ impl Metrics {
             ledger_lost: AtomicU64::new(0),
             ledger_lost_since: AtomicI64::new(0),
             unanswered: AtomicU64::new(0),
+            webhook_events: std::array::from_fn(|_| counters()),
+            webhook_signature_failures: AtomicU64::new(0),
+            webhook_relay_failures: AtomicU64::new(0),
+            webhook_apply: Histogram::new(),
             outage_decisions: counters(),
             pool: Mutex::new(None),
         }
@@ -278,6 +310,28 @@ impl Metrics {
     /// up) before the answer came: consumed but unanswered, the safe side.
     pub fn unanswered(&self, recipients: u64) {
         self.unanswered.fetch_add(recipients, Ordering::Relaxed);
+    }
+
+    pub fn webhook_event(&self, kind: &str, outcome: &str) {
+        let k = WEBHOOK_KINDS.iter().position(|x| *x == kind);
+        let o = WEBHOOK_OUTCOMES.iter().position(|x| *x == outcome);
+        if let (Some(k), Some(o)) = (k, o) {
+            self.webhook_events[k][o].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn webhook_signature_failure(&self) {
+        self.webhook_signature_failures
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn webhook_relay_failure(&self) {
+        self.webhook_relay_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Time to apply every event of one POST.
+    pub fn webhook_apply_latency(&self, d: Duration) {
+        self.webhook_apply.observe(d);
     }
 
     pub fn outage_decision(&self, allowed: bool) {
@@ -398,6 +452,44 @@ impl Metrics {
             head(&mut out, name, "counter", help);
             let _ = writeln!(out, "{name} {}", load(n));
         }
+        head(
+            &mut out,
+            "waquota_webhook_events_total",
+            "counter",
+            "WhatsApp webhook events by kind and what became of them (applied, duplicate: applied before, ignored, unusable: names a sender, user or reservation the ledger cannot use, store_error: answered 503).",
+        );
+        for (kind, row) in WEBHOOK_KINDS.iter().zip(&self.webhook_events) {
+            for (outcome, n) in WEBHOOK_OUTCOMES.iter().zip(row) {
+                let _ = writeln!(
+                    out,
+                    "waquota_webhook_events_total{{kind=\"{kind}\",outcome=\"{outcome}\"}} {}",
+                    load(n)
+                );
+            }
+        }
+        for (name, help, n) in [
+            (
+                "waquota_webhook_signature_failures_total",
+                "Webhook POSTs refused (401) because X-Hub-Signature-256 was missing or matched no app secret.",
+                &self.webhook_signature_failures,
+            ),
+            (
+                "waquota_webhook_relay_failures_total",
+                "Webhook POSTs answered 503 because relaying them to webhook_forward failed.",
+                &self.webhook_relay_failures,
+            ),
+        ] {
+            head(&mut out, name, "counter", help);
+            let _ = writeln!(out, "{name} {}", load(n));
+        }
+        head(
+            &mut out,
+            "waquota_webhook_apply_duration_seconds",
+            "histogram",
+            "Time to apply every event of one webhook POST.",
+        );
+        self.webhook_apply
+            .render(&mut out, "waquota_webhook_apply_duration_seconds", "");
         head(
             &mut out,
             "waquota_ledger_lost",

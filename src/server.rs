@@ -43,6 +43,11 @@ pub enum ServeError {
         addr: std::net::SocketAddr,
         error: std::io::Error,
     },
+    #[error("webhook listener on {addr}: {error}")]
+    Webhook {
+        addr: std::net::SocketAddr,
+        error: std::io::Error,
+    },
 }
 
 const HEALTH_SERVICES: [&str; 3] = ["", "waquota.v1.QuotaService", "waquota.v1.AdminService"];
@@ -134,6 +139,29 @@ pub async fn serve_instrumented<L: Ledger>(
         tracing::info!(addr = ?l.local_addr().ok(), "metrics at /metrics");
         tokio::spawn(crate::metrics::serve(l, metrics.clone(), async {
             let _ = metrics_stopped.await;
+        }));
+    }
+    let (webhook_stop, webhook_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(addr) = settings.webhook_listen {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|error| ServeError::Webhook { addr, error })?;
+        let bridge = Arc::new(crate::webhook::Bridge::new(
+            ledger.clone(),
+            crate::webhook::BridgeSettings {
+                verify_token: settings.webhook_verify_token.clone(),
+                app_secrets: settings.webhook_app_secrets.clone(),
+                max_body_bytes: settings.webhook_max_body_bytes,
+                wabas: settings.webhook_wabas.clone(),
+                forward: settings.webhook_forward.clone(),
+            },
+            metrics.clone(),
+        ));
+        if let Ok(a) = l.local_addr() {
+            tracing::info!(url = %crate::webhook::describe(a), "WhatsApp webhooks");
+        }
+        tokio::spawn(crate::webhook::serve(l, bridge, async {
+            let _ = webhook_stopped.await;
         }));
     }
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -258,6 +286,7 @@ pub async fn serve_instrumented<L: Ledger>(
         }
     };
     let _ = metrics_stop.send(());
+    let _ = webhook_stop.send(());
     result
 }
 

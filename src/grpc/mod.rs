@@ -452,6 +452,33 @@ impl<L: Ledger> AdminService for AdminApi<L> {
         Ok(Response::new(proto::ResetResponse {}))
     }
 
+    async fn assign_waba(
+        &self,
+        req: Request<proto::AssignWabaRequest>,
+    ) -> Result<Response<proto::AssignWabaResponse>, Status> {
+        let r = req.into_inner();
+        let waba = crate::model::PortfolioId::parse("waba", &r.waba).map_err(invalid)?;
+        let portfolio = if r.portfolio.is_empty() {
+            String::new()
+        } else {
+            crate::model::PortfolioId::parse("portfolio", &r.portfolio)
+                .map_err(invalid)?
+                .as_str()
+                .to_owned()
+        };
+        self.ledger
+            .put_identity(
+                crate::webhook::identity::WABA_PORTFOLIO,
+                waba.as_str(),
+                &portfolio,
+                false,
+            )
+            .await
+            .map_err(status)?;
+        tracing::info!(target: "waquota::admin", waba = waba.as_str(), portfolio = %portfolio, "WABA assigned");
+        Ok(Response::new(proto::AssignWabaResponse {}))
+    }
+
     async fn accept_ledger_loss(
         &self,
         _req: Request<proto::AcceptLedgerLossRequest>,

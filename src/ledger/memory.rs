@@ -22,6 +22,10 @@ pub struct MemoryLedger {
     /// Reservations are signed with it; they do not outlive the process, nor does the ledger.
     secret: Vec<u8>,
     state: Mutex<State>,
+    /// Webhook events applied: identity -> remembered until.
+    events: Mutex<HashMap<u64, Millis>>,
+    /// What the webhook bridge learned: (kind, key) -> values.
+    identities: Mutex<HashMap<(String, String), Vec<String>>>,
 }
 
 #[derive(Clone, Default)]
@@ -540,6 +544,8 @@ impl MemoryLedger {
             defaults,
             secret: super::random_bytes(32),
             state: Mutex::new(State::default()),
+            events: Mutex::new(HashMap::new()),
+            identities: Mutex::new(HashMap::new()),
         }
     }
 
@@ -855,6 +861,41 @@ impl Ledger for MemoryLedger {
 
     async fn ping(&self) -> Result<()> {
         Ok(())
+    }
+
+    async fn events_seen(&self, keys: &[(u64, Millis)]) -> Result<Vec<bool>> {
+        let mut ev = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        let now = clock(None);
+        ev.retain(|_, until| *until > now);
+        Ok(keys.iter().map(|(k, _)| ev.contains_key(k)).collect())
+    }
+
+    async fn remember_events(&self, keys: &[(u64, Millis)]) -> Result<()> {
+        let mut ev = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        for (k, at) in keys {
+            ev.insert(*k, at + crate::webhook::REMEMBER_MS);
+        }
+        Ok(())
+    }
+
+    async fn put_identity(&self, kind: &str, key: &str, value: &str, add: bool) -> Result<()> {
+        let mut ids = self.identities.lock().unwrap_or_else(|e| e.into_inner());
+        let values = ids.entry((kind.to_owned(), key.to_owned())).or_default();
+        if !add {
+            values.clear();
+        }
+        if !value.is_empty() && !values.iter().any(|v| v == value) {
+            values.push(value.to_owned());
+        }
+        Ok(())
+    }
+
+    async fn identities(&self, kind: &str, key: &str) -> Result<Vec<String>> {
+        let ids = self.identities.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(ids
+            .get(&(kind.to_owned(), key.to_owned()))
+            .cloned()
+            .unwrap_or_default())
     }
 
     /// A ledger in this process is never lost behind its back.

@@ -135,6 +135,29 @@ pub trait Ledger: Send + Sync + 'static {
     /// Health: can the store answer?
     fn ping(&self) -> impl Future<Output = Result<()>> + Send;
 
+    /// Which of the webhook events `keys` (an event's 64-bit identity and its time) were already
+    /// applied, in order (docs/contract.md, "The webhook bridge").
+    fn events_seen(&self, keys: &[(u64, Millis)])
+    -> impl Future<Output = Result<Vec<bool>>> + Send;
+
+    /// Remembers webhook events as applied, for 7 days after their time.
+    fn remember_events(&self, keys: &[(u64, Millis)]) -> impl Future<Output = Result<()>> + Send;
+
+    /// Records what the webhook bridge learned of an identity (a display number's sender, a
+    /// WABA's senders or portfolio): `add` keeps every value, else `value` replaces the last;
+    /// an empty `value` without `add` forgets it.
+    fn put_identity(
+        &self,
+        kind: &str,
+        key: &str,
+        value: &str,
+        add: bool,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// The values recorded for an identity.
+    fn identities(&self, kind: &str, key: &str)
+    -> impl Future<Output = Result<Vec<String>>> + Send;
+
     /// An operator's word that a lost ledger may be trusted again (docs/contract.md, "A lost
     /// ledger"): since when it was lost, or None when it was not.
     fn accept_ledger_loss(&self) -> impl Future<Output = Result<Option<Millis>>> + Send;

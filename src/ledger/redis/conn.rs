@@ -51,6 +51,14 @@ impl Conn {
         }
     }
 
+    /// A pipeline's replies (those not marked `ignore`).
+    pub(super) async fn query_values(&mut self, pipe: &redis::Pipeline) -> RedisResult<Vec<Value>> {
+        match self {
+            Conn::Single(c) => pipe.query_async(c).await,
+            Conn::Cluster(c) => pipe.query_async(c).await,
+        }
+    }
+
     /// `cmd` then `WAIT replicas timeout` in one pipeline (one network round trip): the reply of
     /// `cmd` and how many replicas acknowledged it.
     pub(super) async fn query_replicated(

@@ -50,6 +50,10 @@ pub struct HomeKeys {
     marker: String,
 }
 
+/// Sets per day of remembered webhook events: a set stays an intset (8 bytes a member) up to
+/// Redis's `set-max-intset-entries` (512), so up to some 32K events a day are kept compact.
+pub const EVENT_SHARDS: u64 = 64;
+
 /// Cluster hash slots.
 const SLOTS: usize = 16384;
 
@@ -120,6 +124,20 @@ impl Keys {
 
     /// string: the secret under which every instance signs reservations (`model::
     /// ReservationSigner`); written once, by the first instance that finds none. Persistent.
+    /// set of 64-bit event identities (as integers, so Redis keeps small sets as compact
+    /// intsets): the webhook events applied whose time falls on `day` (days since 1970), one of
+    /// [`EVENT_SHARDS`] per day by identity. Expires 7 days after its day's end.
+    pub fn webhook_events(&self, day: i64, identity: u64) -> String {
+        format!("{}:wh:{day}:{}", self.prefix, identity % EVENT_SHARDS)
+    }
+
+    /// set (or string with one value): what the webhook bridge learned of an identity: `display`
+    /// number -> its sender, `waba` -> its senders, `wabaportfolio` -> its portfolio.
+    /// Persistent (configuration learned from WhatsApp).
+    pub fn identity(&self, kind: &str, key: &str) -> String {
+        format!("{}:id:{kind}:{key}", self.prefix)
+    }
+
     pub fn reservation_secret(&self) -> String {
         format!("{}:secret", self.prefix)
     }

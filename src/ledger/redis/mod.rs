@@ -43,6 +43,7 @@ const ABANDONED_MOVE_MS: i64 = 30_000;
 const RESET_SHARDS_PER_CALL: usize = 16;
 /// Shards Inspect counts slots freeing within the hour over per script call (as inspect.lua).
 const COUNT_SHARDS_PER_CALL: usize = 64;
+const DAY_MS: Millis = 86_400_000;
 /// Ledger-marker commands in flight at once (a Cluster has one marker per hash slot).
 const MARKERS_IN_FLIGHT: usize = 256;
 /// Senders whose home is cached; past this the cache starts over (it only saves a round trip).
@@ -575,6 +576,34 @@ impl RedisLedger {
         self.query_raw(cmd, true)
             .await
             .map_err(Failure::into_ledger)
+    }
+
+    /// A pipeline of writes to one key (so it also runs on a Cluster), in one round trip; with
+    /// `durability = replicated` its `WAIT` goes last in the same pipeline.
+    async fn write_pipe(&self, pipe: &redis::Pipeline) -> Result<()> {
+        let mut pipe = pipe.clone();
+        if let Some((replicas, wait)) = self.durability {
+            pipe.cmd("WAIT").arg(replicas).arg(wait.as_millis() as u64);
+        }
+        let (_, mut conn) = self.conns.get().await.map_err(store_error)?;
+        let replies = tokio::time::timeout(self.timeout, conn.query_values(&pipe))
+            .await
+            .map_err(|_| {
+                LedgerError::Unavailable(format!("Redis did not answer within {:?}", self.timeout))
+            })?
+            .map_err(store_error)?;
+        if let Some((replicas, _)) = self.durability {
+            let acked = replies.last().and_then(int).unwrap_or(0);
+            if acked < i64::from(replicas) {
+                self.metrics.durability_timeout();
+                return Err(Failure::NotReplicated {
+                    acked,
+                    wanted: replicas,
+                }
+                .into_ledger());
+            }
+        }
+        Ok(())
     }
 
     async fn run(&self, call: &Call<'_>) -> Result<Value> {
@@ -1363,6 +1392,70 @@ impl Ledger for RedisLedger {
             }
         }
         Ok(())
+    }
+
+    async fn events_seen(&self, keys: &[(u64, Millis)]) -> Result<Vec<bool>> {
+        use futures_util::{StreamExt, TryStreamExt};
+        futures_util::stream::iter(keys.iter().copied())
+            .map(|(id, at)| async move {
+                let key = self.keys.webhook_events(at.div_euclid(DAY_MS), id);
+                let v = self
+                    .query(redis::cmd("SISMEMBER").arg(key).arg(id as i64))
+                    .await?;
+                Ok::<_, LedgerError>(int(&v) == Some(1))
+            })
+            .buffered(MARKERS_IN_FLIGHT)
+            .try_collect()
+            .await
+    }
+
+    async fn remember_events(&self, keys: &[(u64, Millis)]) -> Result<()> {
+        use futures_util::{StreamExt, TryStreamExt};
+        futures_util::stream::iter(keys.iter().copied())
+            .map(|(id, at)| async move {
+                let day = at.div_euclid(DAY_MS);
+                let key = self.keys.webhook_events(day, id);
+                let until = (day + 1) * DAY_MS + crate::webhook::REMEMBER_MS;
+                let mut pipe = redis::pipe();
+                pipe.cmd("SADD")
+                    .arg(&key)
+                    .arg(id as i64)
+                    .ignore()
+                    .cmd("PEXPIREAT")
+                    .arg(&key)
+                    .arg(until)
+                    .ignore();
+                self.write_pipe(&pipe).await
+            })
+            .buffer_unordered(MARKERS_IN_FLIGHT)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(())
+    }
+
+    async fn put_identity(&self, kind: &str, key: &str, value: &str, add: bool) -> Result<()> {
+        let k = self.keys.identity(kind, key);
+        let mut pipe = redis::pipe();
+        if !add {
+            pipe.cmd("DEL").arg(&k).ignore();
+        }
+        if !value.is_empty() {
+            pipe.cmd("SADD").arg(&k).arg(value).ignore();
+        }
+        self.write_pipe(&pipe).await
+    }
+
+    async fn identities(&self, kind: &str, key: &str) -> Result<Vec<String>> {
+        let v = self
+            .query(redis::cmd("SMEMBERS").arg(self.keys.identity(kind, key)))
+            .await?;
+        let mut out: Vec<String> = items(v)
+            .map_err(|v| bad_reply("identities", &v))?
+            .iter()
+            .filter_map(text)
+            .collect();
+        out.sort();
+        Ok(out)
     }
 
     async fn accept_ledger_loss(&self) -> Result<Option<Millis>> {

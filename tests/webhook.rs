@@ -1,0 +1,449 @@
+//! The webhook bridge against its real listener, on the memory ledger and a real Redis: Meta's
+//! verification, signatures (missing, wrong, a rotated secret), and the effect of WhatsApp's
+//! webhook bodies (tests/webhooks/, shifted to the present) on the ledger, read back through
+//! AdminService. A POST is answered 200 once applied, a replay changes nothing, and a store
+//! outage answers 503 and the retry is applied once (docs/contract.md, "The webhook bridge").
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::dsl::{policy, put_policy, sender};
+use common::ops::{http_get, metric};
+use common::{Backend, DAY, HOUR, TestServer, free_port, ms_of, ts};
+use serde_json::Value;
+use waquota::proto::{
+    AcquireRequest, AcquireResponse, AssignWabaRequest, Category, Decision, InspectRequest,
+    InspectResponse, SenderStatus, Target, Tier, WindowMode, target,
+};
+
+const SENDER: &str = "106540352242922";
+const WABA: &str = "102290129340398";
+const SECRETS: [&str; 2] = ["old-app-secret", "new-app-secret"];
+/// The samples' latest time: every time in them is moved by (now - this).
+const SAMPLES_AT: i64 = 1_767_262_800;
+
+fn now_s() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A sample body, its times moved to the present (order kept), placeholders replaced.
+fn sample(name: &str, reservations: &[(&str, &str)]) -> Vec<u8> {
+    let path = format!("{}/tests/webhooks/{name}.json", env!("CARGO_MANIFEST_DIR"));
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    shift(&mut v, now_s() - SAMPLES_AT);
+    let mut text = serde_json::to_string(&v).unwrap();
+    for (placeholder, r) in reservations {
+        text = text.replace(&format!("\"{placeholder}\""), &format!("\"{r}\""));
+        text = text.replace(&format!("wq={placeholder};"), &format!("wq={r};"));
+    }
+    text.into_bytes()
+}
+
+fn shift(v: &mut Value, by: i64) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m.iter_mut() {
+                let is_time = matches!(
+                    k.as_str(),
+                    "timestamp" | "time" | "expiration" | "expiration_timestamp"
+                );
+                match x {
+                    Value::String(s) if is_time => {
+                        if let Ok(n) = s.parse::<i64>() {
+                            *s = (n + by).to_string();
+                        }
+                    }
+                    Value::Number(n) if is_time => {
+                        *x = Value::from(n.as_i64().unwrap() + by);
+                    }
+                    _ => shift(x, by),
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| shift(x, by)),
+        _ => {}
+    }
+}
+
+/// A raw HTTP/1.1 request; the status code and body.
+fn http(addr: SocketAddr, request: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out[9..12].parse().unwrap();
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (code, body.to_owned())
+}
+
+fn post(addr: SocketAddr, body: &[u8], signature: Option<String>) -> (u16, String) {
+    let mut req = format!(
+        "POST /webhooks/whatsapp HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(s) = signature {
+        req.push_str(&format!("X-Hub-Signature-256: {s}\r\n"));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    http(addr, &bytes)
+}
+
+fn signed(addr: SocketAddr, body: &[u8]) -> (u16, String) {
+    post(
+        addr,
+        body,
+        Some(waquota::webhook::signature(body, SECRETS[1])),
+    )
+}
+
+struct Bridge {
+    srv: TestServer,
+    hooks: SocketAddr,
+    metrics: SocketAddr,
+}
+
+async fn start(backend: Backend) -> Bridge {
+    let hooks = SocketAddr::from(([127, 0, 0, 1], free_port(false)));
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port(false)));
+    let srv = TestServer::start_with(backend, |s| {
+        s.webhook_listen = Some(hooks);
+        s.webhook_verify_token = Some("verify-me".into());
+        s.webhook_app_secrets = SECRETS.iter().map(|s| s.to_string()).collect();
+        s.metrics_listen = Some(metrics);
+        s.redis_timeout = Duration::from_millis(500);
+    })
+    .await;
+    common::ops::http_get_ready(metrics, "/metrics");
+    common::wait_until("the webhook listener", || TcpStream::connect(hooks).ok());
+    Bridge {
+        srv,
+        hooks,
+        metrics,
+    }
+}
+
+impl Bridge {
+    async fn inspect(&self, target: Option<Target>, recipient: &str) -> InspectResponse {
+        self.srv
+            .admin()
+            .await
+            .inspect(InspectRequest {
+                target,
+                recipient: recipient.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// An Acquire at `at_s` (unix seconds, trusted clock), as a worker made before sending.
+    async fn acquire_at(
+        &self,
+        recipient: &str,
+        category: Option<Category>,
+        at_s: i64,
+    ) -> AcquireResponse {
+        self.srv
+            .quota()
+            .await
+            .acquire(AcquireRequest {
+                sender: SENDER.into(),
+                recipient: recipient.into(),
+                category: category.map(|c| c as i32).unwrap_or(0),
+                at: Some(ts(at_s * 1000)),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// An Acquire a minute ago.
+    async fn acquire(&self, recipient: &str, category: Option<Category>) -> AcquireResponse {
+        self.acquire_at(recipient, category, now_s() - 60).await
+    }
+
+    fn events(&self, kind: &str, outcome: &str) -> f64 {
+        let text = http_get(self.metrics, "/metrics").1;
+        metric(
+            &text,
+            &format!("waquota_webhook_events_total{{kind=\"{kind}\",outcome=\"{outcome}\"}}"),
+        )
+        .unwrap_or(-1.0)
+    }
+}
+
+fn window_until(i: &InspectResponse) -> Option<i64> {
+    i.service_window_until.as_ref().map(ms_of)
+}
+
+fn counted_until(i: &InspectResponse) -> Option<i64> {
+    i.counted_until.as_ref().map(ms_of)
+}
+
+async fn verification_answers_the_challenge_only_for_the_token(backend: Backend) {
+    let b = start(backend).await;
+    let get = |q: &str| {
+        http(
+            b.hooks,
+            format!("GET /webhooks/whatsapp?{q} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+    };
+    assert_eq!(
+        get("hub.mode=subscribe&hub.verify_token=verify-me&hub.challenge=1158201444"),
+        (200, "1158201444".into())
+    );
+    assert_eq!(
+        get("hub.mode=subscribe&hub.verify_token=wrong&hub.challenge=1").0,
+        403
+    );
+    assert_eq!(
+        get("hub.mode=unsubscribe&hub.verify_token=verify-me&hub.challenge=1").0,
+        403
+    );
+    assert_eq!(get("").0, 403);
+}
+
+async fn signatures_are_checked_and_a_refused_post_changes_nothing(backend: Backend) {
+    let b = start(backend).await;
+    let body = sample("inbound-text", &[]);
+    assert_eq!(post(b.hooks, &body, None).0, 401, "unsigned");
+    assert_eq!(
+        post(
+            b.hooks,
+            &body,
+            Some(waquota::webhook::signature(&body, "not-it"))
+        )
+        .0,
+        401,
+        "wrong secret"
+    );
+    assert_eq!(
+        post(b.hooks, &body, Some("sha256=zz".into())).0,
+        401,
+        "not hex"
+    );
+    // The body was changed after signing.
+    let mut tampered = body.clone();
+    let sig = waquota::webhook::signature(&body, SECRETS[0]);
+    tampered.push(b' ');
+    assert_eq!(post(b.hooks, &tampered, Some(sig)).0, 401, "tampered");
+    assert_eq!(
+        window_until(&b.inspect(sender(SENDER), "4915112345678").await),
+        None
+    );
+    let text = http_get(b.metrics, "/metrics").1;
+    assert_eq!(
+        metric(&text, "waquota_webhook_signature_failures_total"),
+        Some(4.0)
+    );
+    // Either secret of a rotation is accepted.
+    let old = post(
+        b.hooks,
+        &body,
+        Some(waquota::webhook::signature(&body, SECRETS[0])),
+    );
+    assert_eq!(old, (200, "ok\n".into()));
+    assert!(window_until(&b.inspect(sender(SENDER), "4915112345678").await).is_some());
+    // Malformed JSON (signed) is 400; a body over the maximum 413.
+    assert_eq!(signed(b.hooks, b"{not json").0, 400);
+    let big = vec![b' '; 2 * 1024 * 1024];
+    assert_eq!(signed(b.hooks, &big).0, 413);
+}
+
+async fn inbound_messages_open_service_windows_at_their_time(backend: Backend) {
+    let b = start(backend).await;
+    let body = sample("inbound-text", &[]);
+    let sent_at = (1_767_261_600 + now_s() - SAMPLES_AT) * 1000;
+    assert_eq!(signed(b.hooks, &body).0, 200);
+    let i = b.inspect(sender(SENDER), "4915112345678").await;
+    assert_eq!(
+        window_until(&i),
+        Some(sent_at + DAY),
+        "24 h from the message"
+    );
+    // A click-to-WhatsApp ad referral: a free entry point, 72 h.
+    assert_eq!(
+        signed(b.hooks, &sample("inbound-referral-ctwa", &[])).0,
+        200
+    );
+    let at = (1_767_261_660 + now_s() - SAMPLES_AT) * 1000;
+    let i = b.inspect(sender(SENDER), "5511999990000").await;
+    assert_eq!(window_until(&i), Some(at + 72 * HOUR));
+    // A user known only by a business-scoped id, and a batch of several users.
+    assert_eq!(
+        signed(b.hooks, &sample("inbound-username-bsuid", &[])).0,
+        200
+    );
+    assert_eq!(signed(b.hooks, &sample("inbound-batch-mixed", &[])).0, 200);
+    // A replay changes nothing and is counted as a duplicate.
+    assert_eq!(b.events("inbound", "duplicate"), 0.0);
+    assert_eq!(signed(b.hooks, &body).0, 200);
+    assert_eq!(b.events("inbound", "duplicate"), 1.0);
+}
+
+async fn the_worker_path_delivered_moves_the_slot_and_failures_free_or_hold(backend: Backend) {
+    let b = start(backend).await;
+    // delivered: the slot's clock moves to delivery + 24 h (the send went out a minute before).
+    let delivered = (1_767_261_803 + now_s() - SAMPLES_AT) * 1000;
+    let a = b
+        .acquire_at("4915112345678", None, delivered / 1000 - 60)
+        .await;
+    assert_eq!(a.decision(), Decision::AllowedNew);
+    let opened_until = ms_of(a.expires_at.as_ref().unwrap());
+    let body = sample("status-delivered", &[("RESERVATION", &a.reservation)]);
+    assert_eq!(signed(b.hooks, &body).0, 200);
+    let i = b.inspect(sender(SENDER), "4915112345678").await;
+    assert_eq!(counted_until(&i), Some(delivered + DAY));
+    assert!(delivered + DAY > opened_until, "the clock moved");
+    // read after delivered changes nothing more.
+    let read = sample("status-read", &[("RESERVATION", &a.reservation)]);
+    assert_eq!(signed(b.hooks, &read).0, 200);
+    let i = b.inspect(sender(SENDER), "4915112345678").await;
+    assert_eq!(counted_until(&i), Some(delivered + DAY));
+
+    // failed 131026: the slot is freed.
+    let a = b.acquire("4915100000001", None).await;
+    assert_eq!(b.inspect(sender(SENDER), "").await.used, 2);
+    let body = sample("status-failed-131026", &[("RESERVATION", &a.reservation)]);
+    assert_eq!(signed(b.hooks, &body).0, 200);
+    assert_eq!(
+        counted_until(&b.inspect(sender(SENDER), "4915100000001").await),
+        None
+    );
+    assert_eq!(b.inspect(sender(SENDER), "").await.used, 1);
+
+    // failed 131049: marketing to that user is held for 24 h.
+    let a = b.acquire("4915100000002", Some(Category::Marketing)).await;
+    let body = sample("status-failed-131049", &[("RESERVATION", &a.reservation)]);
+    assert_eq!(signed(b.hooks, &body).0, 200);
+    let again = b.acquire("4915100000002", Some(Category::Marketing)).await;
+    assert_eq!(again.decision(), Decision::DeniedMarketingCap, "{again:?}");
+
+    // sent changes nothing; a reservation list in biz_opaque_callback_data works too.
+    assert_eq!(signed(b.hooks, &sample("status-sent", &[])).0, 200);
+    let a = b.acquire("4915112345678", None).await;
+    let _ = a;
+    assert_eq!(
+        signed(b.hooks, &sample("status-delivered-opaque-list", &[])).0,
+        200,
+        "an unknown reservation is counted, not retried"
+    );
+}
+
+async fn tier_status_and_restrictions_reach_the_right_sender_and_portfolio(backend: Backend) {
+    let b = start(backend).await;
+    let mut admin = b.srv.admin().await;
+    put_policy(
+        &mut admin,
+        sender(SENDER),
+        policy(Tier::Tier1k, 0, WindowMode::Conversation),
+    )
+    .await;
+    // The display number and the WABA's senders are learned from a messages webhook.
+    assert_eq!(signed(b.hooks, &sample("inbound-text", &[])).0, 200);
+    assert_eq!(
+        signed(b.hooks, &sample("quality-legacy-flagged", &[])).0,
+        200
+    );
+    let i = b.inspect(sender(SENDER), "").await;
+    let p = i.sender_policy.or(i.policy).unwrap();
+    assert_eq!(p.tier(), Tier::Tier10k);
+    assert_eq!(p.status(), SenderStatus::Flagged);
+    assert_eq!(signed(b.hooks, &sample("account-restriction", &[])).0, 200);
+    let i = b.inspect(sender(SENDER), "").await;
+    assert_eq!(
+        i.sender_policy.or(i.policy).unwrap().status(),
+        SenderStatus::Restricted
+    );
+    assert_eq!(signed(b.hooks, &sample("account-reconnected", &[])).0, 200);
+    let i = b.inspect(sender(SENDER), "").await;
+    assert_eq!(
+        i.sender_policy.or(i.policy).unwrap().status(),
+        SenderStatus::Connected
+    );
+    // The WABA's portfolio gets business_capability_update's tier.
+    admin
+        .assign_waba(AssignWabaRequest {
+            waba: WABA.into(),
+            portfolio: "p1".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        signed(b.hooks, &sample("capability-portfolio-tier-string", &[])).0,
+        200
+    );
+    let portfolio = Some(Target {
+        target: Some(target::Target::Portfolio("p1".into())),
+    });
+    assert_eq!(
+        b.inspect(portfolio, "").await.policy.unwrap().tier(),
+        Tier::Tier10k
+    );
+    // Unknown kinds are ignored with 200.
+    assert_eq!(
+        signed(b.hooks, &sample("unrelated-template-status", &[])).0,
+        200
+    );
+}
+
+async fn a_store_outage_answers_503_and_the_retry_is_applied_once(mut b: Bridge) {
+    let body = sample("inbound-text", &[]);
+    let redis = b.srv.redis().unwrap();
+    redis.kill();
+    assert_eq!(signed(b.hooks, &body).0, 503);
+    redis.restart();
+    let start = std::time::Instant::now();
+    loop {
+        let (code, _) = signed(b.hooks, &body);
+        if code == 200 {
+            break;
+        }
+        assert_eq!(code, 503);
+        assert!(start.elapsed() < Duration::from_secs(10));
+    }
+    assert_eq!(b.events("inbound", "applied"), 1.0);
+    assert_eq!(signed(b.hooks, &body).0, 200);
+    assert_eq!(b.events("inbound", "duplicate"), 1.0);
+}
+
+macro_rules! on_memory_and_redis {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            use super::*;
+            $(#[tokio::test(flavor = "multi_thread")]
+            async fn $name() { super::$name(Backend::Memory).await; })*
+        }
+        mod redis {
+            use super::*;
+            $(#[tokio::test(flavor = "multi_thread")]
+            async fn $name() { super::$name(Backend::Redis).await; })*
+        }
+    };
+}
+
+on_memory_and_redis!(
+    verification_answers_the_challenge_only_for_the_token,
+    signatures_are_checked_and_a_refused_post_changes_nothing,
+    inbound_messages_open_service_windows_at_their_time,
+    the_worker_path_delivered_moves_the_slot_and_failures_free_or_hold,
+    tier_status_and_restrictions_reach_the_right_sender_and_portfolio,
+);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_outage() {
+    let b = start(Backend::Redis).await;
+    a_store_outage_answers_503_and_the_retry_is_applied_once(b).await;
+}
