@@ -59,8 +59,32 @@ if at_portfolio then
 end
 local limit, effective = limit_of(W), effective_of(W)
 local rolling = W.mode == 'rolling'
-local blocked = BLOCKING[W.status] or BLOCKING[S.status]
-local restricted = W.status == 'restricted' or S.status == 'restricted'
+-- A status ends at its status_until (docs/contract.md, "Policies"); a refusal for it retries
+-- then, or never when it has no end (Policy::status_at, and State::acquire, do the same).
+local function status_at(P)
+  if P.su and now >= P.su then
+    return 'connected'
+  end
+  return P.status
+end
+local function until_of(stop)
+  local at = now
+  for _, P in ipairs({ W, S }) do
+    if stop(status_at(P)) then
+      if not P.su then
+        return nil
+      end
+      at = math.max(at, P.su)
+    end
+  end
+  return at - now
+end
+local blocks = function(s) return BLOCKING[s] end
+local restricts = function(s) return s == 'restricted' end
+local blocked = BLOCKING[status_at(W)] or BLOCKING[status_at(S)]
+local restricted = restricts(status_at(W)) or restricts(status_at(S))
+local blocked_retry = blocked and until_of(blocks)
+local restricted_retry = restricted and until_of(restricts)
 local mps = S.mps > 0 and S.mps or tonumber(ARGV[10])
 if mps < 1 then
   mps = 1
@@ -197,7 +221,7 @@ end
 
 local function decide(r)
   if blocked then
-    return 8
+    return 8, -1, blocked_retry
   end
   local sw = pre_sw[r]
   if sw and sw <= now then
@@ -207,7 +231,11 @@ local function decide(r)
   if cur and cur <= now then
     cur = nil
   end
-  if not sw and (free_form or (restricted and not cur)) then
+  -- A restricted sender may not start a conversation: a new user outside a service window.
+  if not sw and restricted and not cur then
+    return 8, -1, restricted_retry
+  end
+  if not sw and free_form then
     return 5
   end
   -- The time-bound checks, in the order of docs/contract.md, "Which refusal is reported": the

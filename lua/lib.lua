@@ -498,21 +498,21 @@ end
 -- projection state (up_at, up_from, flagged) live in the same hash.
 local function read_policy(key, dtier, dmode, drules)
   local f = redis.call('HMGET', key, 'tier', 'custom', 'mode', 'status', 'quality', 'mps', 'pint', 'pburst',
-    'head', 'scap', 'mcap', 'mper', 'rules', 'auto', 'flagged', 'up_at', 'up_from')
+    'head', 'scap', 'mcap', 'mper', 'rules', 'auto', 'flagged', 'up_at', 'up_from', 'su')
   return {
     tier = f[1] or dtier, custom = tonumber(f[2] or '0'), mode = f[3] or dmode,
     status = f[4] or 'connected', quality = f[5] or '', mps = tonumber(f[6] or '0'),
     pint = tonumber(f[7] or '0'), pburst = tonumber(f[8] or '0'), head = tonumber(f[9] or '0'),
     scap = tonumber(f[10] or '0'), mcap = tonumber(f[11] or '0'), mper = tonumber(f[12] or '0'),
     rules = f[13] or drules, auto = f[14] == '1', flagged = tonumber(f[15] or ''),
-    up_at = tonumber(f[16] or ''), up_from = f[17] or '',
+    up_at = tonumber(f[16] or ''), up_from = f[17] or '', su = tonumber(f[18] or ''),
   }
 end
 
 -- The fields of a policy as the Rust side reads them back (Inspect).
 local function policy_out(p, out)
   local fields = { p.tier, p.custom, p.mode, p.status, p.quality, p.mps, p.pint, p.pburst, p.head, p.scap,
-    p.mcap, p.mper, p.rules, p.auto and 1 or 0 }
+    p.mcap, p.mper, p.rules, p.auto and 1 or 0, p.su and fmt(p.su) or '' }
   for _, v in ipairs(fields) do
     out[#out + 1] = v
   end

@@ -353,6 +353,12 @@ impl Changes {
             custom_limit: self.custom_limit.unwrap_or(p.custom_limit),
             window_mode: self.mode.unwrap_or(p.window_mode),
             status: self.status.unwrap_or(p.status),
+            // A status an operator sets holds until changed.
+            status_until: if self.status.is_some() {
+                None
+            } else {
+                p.status_until
+            },
             quality: self.quality.unwrap_or(p.quality),
             messages_per_second: self.messages_per_second.unwrap_or(p.messages_per_second),
             pair_interval_ms: self.pair_interval_ms.unwrap_or(p.pair_interval_ms),

@@ -500,9 +500,20 @@ pub struct Policy {
     pub marketing_cap_period_ms: Millis,
     pub rule_set: RuleSet,
     pub auto_tier: bool,
+    /// When `status` ends (a restriction's expiration, docs/contract.md, "Policies"): from then
+    /// on the target decides as CONNECTED. None: until changed.
+    pub status_until: Option<Millis>,
 }
 
 impl Policy {
+    /// The status in force at `now`: `status` until `status_until`, CONNECTED after it.
+    pub fn status_at(&self, now: Millis) -> SenderStatus {
+        match self.status_until {
+            Some(until) if now >= until => SenderStatus::Connected,
+            _ => self.status,
+        }
+    }
+
     /// A policy with a tier and mode, everything else at its default.
     pub fn basic(tier: Tier, window_mode: WindowMode, rule_set: RuleSet) -> Policy {
         Policy {
@@ -520,6 +531,7 @@ impl Policy {
             marketing_cap_period_ms: 0,
             rule_set,
             auto_tier: false,
+            status_until: None,
         }
     }
 

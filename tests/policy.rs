@@ -217,14 +217,27 @@ async fn blocked_status_refuses_everything_and_restricted_sender_keeps_service_w
     assert_answer(&r, SERVICE, 1, 0);
     assert_eq!(expires(&r), t + DAY);
     assert_decision(&free_form(&mut q, s, "talker", now).await, SERVICE);
+    // A new user is a conversation the restriction forbids: the sender is blocked for it, with
+    // no retry while the restriction has no end (docs/contract.md, "Policies").
     let r = acquire(&mut q, s, "stranger", now).await;
-    assert_denied_for_good(&r, OUTSIDE);
+    assert_denied_for_good(&r, BLOCKED);
     assert_eq!((r.used, r.remaining), (1, 0));
     assert_denied_for_good(&free_form(&mut q, s, "held", now).await, OUTSIDE);
     let rs = batch(&mut q, s, &["stranger", "talker", "held"], now).await;
-    assert_eq!(decisions(&rs), vec![OUTSIDE, SERVICE, COUNTED]);
+    assert_eq!(decisions(&rs), vec![BLOCKED, SERVICE, COUNTED]);
     assert_eq!(inspect(&mut a, sender(s), now).await.used, 1);
-    // Connected again, the stranger meets the full window instead.
+    // A restriction with an end (status_until): retry then; from then on the sender decides as
+    // connected, and the stranger meets the full window instead.
+    let until = now + 2 * HOUR;
+    let ending = Policy {
+        status_until: Some(ts(until)),
+        ..restricted
+    };
+    put_policy_at(&mut a, sender(s), ending, now).await;
+    let r = acquire(&mut q, s, "stranger", now).await;
+    assert_eq!((r.decision(), retry_after(&r)), (BLOCKED, 2 * HOUR));
+    assert_denied_limit(&acquire(&mut q, s, "stranger", until).await, 21 * HOUR);
+    // Connected again, the stranger meets the full window too.
     put_policy_at(&mut a, sender(s), one, now).await;
     assert_denied_limit(&acquire(&mut q, s, "stranger", now).await, 23 * HOUR);
 
@@ -237,7 +250,7 @@ async fn blocked_status_refuses_everything_and_restricted_sender_keeps_service_w
         t,
     )
     .await;
-    assert_denied_for_good(&acquire(&mut q, "rmember", "x", t).await, OUTSIDE);
+    assert_denied_for_good(&acquire(&mut q, "rmember", "x", t).await, BLOCKED);
     inbound(&mut q, "rmember", "x", t).await;
     assert_decision(&acquire(&mut q, "rmember", "x", t).await, SERVICE);
 

@@ -256,6 +256,19 @@ async fn signatures_are_checked_and_a_refused_post_changes_nothing(backend: Back
     );
     assert_eq!(old, (200, "ok\n".into()));
     assert!(window_until(&b.inspect(sender(SENDER), "4915112345678").await).is_some());
+    // `waquota webhook replay` signs a saved body the same way.
+    let file = std::env::temp_dir().join(format!("waquota-replay-{}.json", std::process::id()));
+    std::fs::write(&file, sample("inbound-referral-ctwa", &[])).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_waquota"))
+        .args(["webhook", "replay"])
+        .arg(&file)
+        .args(["--secret", SECRETS[1], "--url"])
+        .arg(format!("http://{}/webhooks/whatsapp", b.hooks))
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200 OK: ok\n");
+    assert!(window_until(&b.inspect(sender(SENDER), "5511999990000").await).is_some());
     // Malformed JSON (signed) is 400; a body over the maximum 413.
     assert_eq!(signed(b.hooks, b"{not json").0, 400);
     let big = vec![b' '; 2 * 1024 * 1024];
@@ -363,9 +376,17 @@ async fn tier_status_and_restrictions_reach_the_right_sender_and_portfolio(backe
     assert_eq!(p.status(), SenderStatus::Flagged);
     assert_eq!(signed(b.hooks, &sample("account-restriction", &[])).0, 200);
     let i = b.inspect(sender(SENDER), "").await;
-    assert_eq!(
-        i.sender_policy.or(i.policy).unwrap().status(),
-        SenderStatus::Restricted
+    let p = i.sender_policy.or(i.policy).unwrap();
+    assert_eq!(p.status(), SenderStatus::Restricted);
+    // Until the restriction's expiration; a new user is refused for it, to retry then.
+    let expiration = (1_767_866_400 + now_s() - SAMPLES_AT) * 1000;
+    assert_eq!(p.status_until.as_ref().map(ms_of), Some(expiration));
+    let r = b.acquire_at("4915199999999", None, now_s()).await;
+    assert_eq!(r.decision(), Decision::DeniedSenderBlocked, "{r:?}");
+    let retry = common::dsl::retry_after(&r);
+    assert!(
+        (expiration - now_s() * 1000 - retry).abs() <= 1_000,
+        "{retry}"
     );
     assert_eq!(signed(b.hooks, &sample("account-reconnected", &[])).0, 200);
     let i = b.inspect(sender(SENDER), "").await;

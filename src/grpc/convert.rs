@@ -306,6 +306,11 @@ pub fn policy(
         )?,
         rule_set,
         auto_tier: p.auto_tier,
+        status_until: p
+            .status_until
+            .as_ref()
+            .map(|t| ms_from_timestamp("policy.status_until", t))
+            .transpose()?,
     })
 }
 
@@ -341,6 +346,7 @@ pub fn policy_to_proto(p: &Policy) -> proto::Policy {
             RuleSet::Portfolio => proto::RuleSet::Portfolio,
         } as i32,
         auto_tier: p.auto_tier,
+        status_until: p.status_until.map(timestamp),
     }
 }
 

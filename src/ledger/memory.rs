@@ -351,9 +351,30 @@ impl State {
         } else {
             0
         };
-        let blocked = wpol.status.blocks() || spol.status.blocks();
-        let restricted =
-            wpol.status == SenderStatus::Restricted || spol.status == SenderStatus::Restricted;
+        // A status ends at its status_until; a refusal for it retries then, or never when one
+        // of the statuses that refuse has no end (as acquire.lua).
+        let until_of = |stops: fn(SenderStatus) -> bool| -> Option<Millis> {
+            let mut at = now;
+            for p in [&wpol, &spol] {
+                if stops(p.status_at(now)) {
+                    at = at.max(p.status_until?);
+                }
+            }
+            Some(at - now)
+        };
+        let restricts = |s: SenderStatus| s == SenderStatus::Restricted;
+        let blocked = wpol.status_at(now).blocks() || spol.status_at(now).blocks();
+        let restricted = restricts(wpol.status_at(now)) || restricts(spol.status_at(now));
+        let blocked_retry = if blocked {
+            until_of(SenderStatus::blocks)
+        } else {
+            None
+        };
+        let restricted_retry = if restricted {
+            until_of(restricts)
+        } else {
+            None
+        };
         let marketing = req.category == Some(Category::Marketing);
 
         let window = self.windows.entry(home.clone()).or_default();
@@ -372,15 +393,20 @@ impl State {
             let mut reservation = None;
             let decision = 'decide: {
                 if blocked {
+                    retry_after_ms = blocked_retry;
                     break 'decide Decision::DeniedSenderBlocked;
                 }
                 let window = &self.windows[&home];
                 let service = self.service_window(sender, r, now);
                 let slot = window.slot(r, now);
                 let fresh = service.is_none() && slot.is_none();
-                if service.is_none()
-                    && (req.kind == MessageKind::FreeForm || (restricted && slot.is_none()))
-                {
+                // A restricted sender may not start a conversation: a new user outside a
+                // service window.
+                if service.is_none() && restricted && slot.is_none() {
+                    retry_after_ms = restricted_retry;
+                    break 'decide Decision::DeniedSenderBlocked;
+                }
+                if service.is_none() && req.kind == MessageKind::FreeForm {
                     break 'decide Decision::DeniedOutsideServiceWindow;
                 }
                 // The time-bound checks, in the order of docs/contract.md, "Which refusal is

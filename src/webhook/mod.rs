@@ -418,9 +418,13 @@ impl<L: Ledger> Bridge<L> {
                 match e.as_str() {
                     "FLAGGED" => {
                         p.status = SenderStatus::Flagged;
+                        p.status_until = None;
                         p.quality = Some(Quality::Red);
                     }
-                    "UNFLAGGED" => p.status = SenderStatus::Connected,
+                    "UNFLAGGED" => {
+                        p.status = SenderStatus::Connected;
+                        p.status_until = None;
+                    }
                     _ => {}
                 }
                 if let Some(t) = current_limit {
@@ -456,19 +460,24 @@ impl<L: Ledger> Bridge<L> {
                 Ok(Outcome::Applied)
             }
             Event::Account { waba, change, at } => {
-                let status = match change {
+                // The strongest restriction wins (no messages at all over no new ones), until
+                // its expiration.
+                let until = |kind: Restriction| rs_until(change, kind);
+                let (status, status_until) = match change {
                     AccountChange::Restricted(rs) => {
-                        // The strongest restriction wins: no messages at all over no new ones.
                         if rs.iter().any(|(r, _)| *r == Restriction::CustomerInitiated) {
-                            SenderStatus::Paused
+                            (SenderStatus::Paused, until(Restriction::CustomerInitiated))
                         } else if rs.iter().any(|(r, _)| *r == Restriction::BusinessInitiated) {
-                            SenderStatus::Restricted
+                            (
+                                SenderStatus::Restricted,
+                                until(Restriction::BusinessInitiated),
+                            )
                         } else {
                             return Ok(Outcome::Ignored);
                         }
                     }
-                    AccountChange::Disabled => SenderStatus::Banned,
-                    AccountChange::Reconnected => SenderStatus::Connected,
+                    AccountChange::Disabled => (SenderStatus::Banned, None),
+                    AccountChange::Reconnected => (SenderStatus::Connected, None),
                     AccountChange::Other(_) => return Ok(Outcome::Ignored),
                 };
                 let senders = self.senders_of_waba(waba).await?;
@@ -480,6 +489,7 @@ impl<L: Ledger> Bridge<L> {
                     let seen = self.ledger.inspect(target.clone(), None, None).await?;
                     let mut p = seen.sender_policy.unwrap_or(seen.policy);
                     p.status = status;
+                    p.status_until = status_until;
                     self.ledger.put_policy(target, p, Some(*at)).await?;
                 }
                 Ok(Outcome::Applied)
@@ -553,6 +563,19 @@ impl<L: Ledger> Bridge<L> {
             .filter(|p| !p.is_empty())
             .and_then(|p| PortfolioId::parse("portfolio", p).ok()))
     }
+}
+
+/// When the restrictions of `kind` end: the latest expiration, None when one has none.
+fn rs_until(change: &AccountChange, kind: Restriction) -> Option<Millis> {
+    let AccountChange::Restricted(rs) = change else {
+        return None;
+    };
+    let mut latest = None;
+    for (r, expires) in rs.iter().filter(|(r, _)| *r == kind) {
+        let _ = r;
+        latest = Some(latest.unwrap_or(Millis::MIN).max((*expires)?));
+    }
+    latest
 }
 
 /// Relays the original body and signature to the business's own webhook handler.

@@ -403,7 +403,7 @@ fn defaults_at(defaults: &Defaults, home: &Home) -> Policy {
 }
 
 /// A policy as the hash fields the scripts read (`read_policy` in lua/lib.lua).
-fn policy_fields(p: &Policy) -> [(&'static str, String); 14] {
+fn policy_fields(p: &Policy) -> [(&'static str, String); 15] {
     [
         ("tier", p.tier.name().to_owned()),
         ("custom", p.custom_limit.to_string()),
@@ -422,11 +422,15 @@ fn policy_fields(p: &Policy) -> [(&'static str, String); 14] {
         ("mper", p.marketing_cap_period_ms.to_string()),
         ("rules", p.rule_set.name().to_owned()),
         ("auto", if p.auto_tier { "1" } else { "0" }.to_owned()),
+        (
+            "su",
+            p.status_until.map(|t| t.to_string()).unwrap_or_default(),
+        ),
     ]
 }
 
 /// How many values `policy_out` (lua/lib.lua) returns for one policy.
-const POLICY_FIELDS: usize = 14;
+const POLICY_FIELDS: usize = 15;
 
 /// A policy from the values `policy_out` returned, in `policy_fields` order.
 fn parse_policy(f: &[Value]) -> Option<Policy> {
@@ -452,6 +456,7 @@ fn parse_policy(f: &[Value]) -> Option<Policy> {
         marketing_cap_period_ms: n(11)?,
         rule_set: RuleSet::from_name(&t(12)?)?,
         auto_tier: n(13)? == 1,
+        status_until: t(14).filter(|s| !s.is_empty()).and_then(|s| s.parse().ok()),
     })
 }
 
