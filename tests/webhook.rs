@@ -112,6 +112,10 @@ struct Bridge {
 }
 
 async fn start(backend: Backend) -> Bridge {
+    start_with(backend, None).await
+}
+
+async fn start_with(backend: Backend, forward: Option<String>) -> Bridge {
     let hooks = SocketAddr::from(([127, 0, 0, 1], free_port(false)));
     let metrics = SocketAddr::from(([127, 0, 0, 1], free_port(false)));
     let srv = TestServer::start_with(backend, |s| {
@@ -120,6 +124,7 @@ async fn start(backend: Backend) -> Bridge {
         s.webhook_app_secrets = SECRETS.iter().map(|s| s.to_string()).collect();
         s.metrics_listen = Some(metrics);
         s.redis_timeout = Duration::from_millis(500);
+        s.webhook_forward = forward;
     })
     .await;
     common::ops::http_get_ready(metrics, "/metrics");
@@ -355,6 +360,59 @@ async fn the_worker_path_delivered_moves_the_slot_and_failures_free_or_hold(back
     );
 }
 
+async fn a_batch_of_mixed_statuses_is_applied_in_one_post_and_replaying_it_changes_nothing(
+    backend: Backend,
+) {
+    let b = start(backend).await;
+    let at = (1_767_262_000 + now_s() - SAMPLES_AT) - 60;
+    let mut rs = Vec::new();
+    for r in [
+        "4915100000010",
+        "4915100000011",
+        "4915100000012",
+        "4915100000013",
+    ] {
+        rs.push(b.acquire_at(r, None, at).await.reservation);
+    }
+    assert_eq!(b.inspect(sender(SENDER), "").await.used, 4);
+    let body = sample(
+        "status-batch-mixed",
+        &[
+            ("RESERVATION_A", &rs[0]),
+            ("RESERVATION_B", &rs[1]),
+            ("RESERVATION_C", &rs[2]),
+            ("RESERVATION_D", &rs[3]),
+        ],
+    );
+    assert_eq!(signed(b.hooks, &body).0, 200);
+    let shift = now_s() - SAMPLES_AT;
+    // delivered and read (without a delivered before it) both confirm at their time.
+    let i = b.inspect(sender(SENDER), "4915100000010").await;
+    assert_eq!(
+        counted_until(&i),
+        Some((1_767_262_000 + shift) * 1000 + DAY)
+    );
+    let i = b.inspect(sender(SENDER), "4915100000011").await;
+    assert_eq!(
+        counted_until(&i),
+        Some((1_767_262_001 + shift) * 1000 + DAY)
+    );
+    // failed 131026 freed its slot; sent changed nothing.
+    assert_eq!(
+        counted_until(&b.inspect(sender(SENDER), "4915100000012").await),
+        None
+    );
+    let i = b.inspect(sender(SENDER), "4915100000013").await;
+    assert_eq!(counted_until(&i), Some(at * 1000 + DAY));
+    assert_eq!(b.inspect(sender(SENDER), "").await.used, 3);
+    // The same POST again (WhatsApp's retry): every event is a duplicate, nothing moves.
+    assert_eq!(signed(b.hooks, &body).0, 200);
+    assert_eq!(b.inspect(sender(SENDER), "").await.used, 3);
+    assert_eq!(b.events("status_delivered", "duplicate"), 1.0);
+    assert_eq!(b.events("status_read", "duplicate"), 1.0);
+    assert_eq!(b.events("status_failed", "duplicate"), 1.0);
+}
+
 async fn tier_status_and_restrictions_reach_the_right_sender_and_portfolio(backend: Backend) {
     let b = start(backend).await;
     let mut admin = b.srv.admin().await;
@@ -440,6 +498,90 @@ async fn a_store_outage_answers_503_and_the_retry_is_applied_once(mut b: Bridge)
     assert_eq!(b.events("inbound", "duplicate"), 1.0);
 }
 
+/// The business's own handler: answers `status` to every request and hands each request's
+/// signature header and body to the test.
+fn handler(status: u16) -> (SocketAddr, std::sync::mpsc::Receiver<(String, Vec<u8>)>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // Headers, then as many body bytes as Content-Length says.
+            let (head, body) = loop {
+                let n = s.read(&mut chunk).unwrap_or(0);
+                if n == 0 {
+                    break (String::new(), Vec::new());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..i]).to_string();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    let mut body = buf[i + 4..].to_vec();
+                    while body.len() < len {
+                        let n = s.read(&mut chunk).unwrap_or(0);
+                        if n == 0 {
+                            break;
+                        }
+                        body.extend_from_slice(&chunk[..n]);
+                    }
+                    break (head, body);
+                }
+            };
+            let signature = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .starts_with("x-hub-signature-256:")
+                        .then(|| l.split_once(':').unwrap().1.trim().to_owned())
+                })
+                .unwrap_or_default();
+            let _ = tx.send((signature, body));
+            let _ = s.write_all(
+                format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            );
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_verified_post_is_relayed_as_sent_and_a_failed_relay_is_retried() {
+    let (ok, seen) = handler(200);
+    let b = start_with(Backend::Memory, Some(format!("http://{ok}/hook"))).await;
+    let body = sample("inbound-text", &[]);
+    assert_eq!(signed(b.hooks, &body).0, 200);
+    let (signature, relayed) = seen.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(relayed, body, "the original body");
+    assert_eq!(signature, waquota::webhook::signature(&body, SECRETS[1]));
+    // A refused POST is not relayed.
+    assert_eq!(post(b.hooks, &body, None).0, 401);
+    assert!(seen.recv_timeout(Duration::from_millis(200)).is_err());
+
+    let (failing, _seen) = handler(500);
+    let b = start_with(Backend::Memory, Some(format!("http://{failing}/hook"))).await;
+    assert_eq!(signed(b.hooks, &body).0, 503, "WhatsApp retries");
+    let text = http_get(b.metrics, "/metrics").1;
+    assert_eq!(
+        metric(&text, "waquota_webhook_relay_failures_total"),
+        Some(1.0)
+    );
+    // The events were applied all the same; the retry applies nothing twice.
+    assert!(window_until(&b.inspect(sender(SENDER), "4915112345678").await).is_some());
+    assert_eq!(signed(b.hooks, &body).0, 503);
+    assert_eq!(b.events("inbound", "duplicate"), 1.0);
+}
+
 macro_rules! on_memory_and_redis {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -460,6 +602,7 @@ on_memory_and_redis!(
     signatures_are_checked_and_a_refused_post_changes_nothing,
     inbound_messages_open_service_windows_at_their_time,
     the_worker_path_delivered_moves_the_slot_and_failures_free_or_hold,
+    a_batch_of_mixed_statuses_is_applied_in_one_post_and_replaying_it_changes_nothing,
     tier_status_and_restrictions_reach_the_right_sender_and_portfolio,
 );
 

@@ -51,8 +51,9 @@ pub struct HomeKeys {
 }
 
 /// Sets per day of remembered webhook events: a set stays an intset (8 bytes a member) up to
-/// Redis's `set-max-intset-entries` (512), so up to some 32K events a day are kept compact.
-pub const EVENT_SHARDS: u64 = 64;
+/// Redis's `set-max-intset-entries` (512), so up to some 500K events a day are kept at 9-23 bytes
+/// each (BENCHMARKS.md, "Webhook events remembered").
+pub const EVENT_SHARDS: u64 = 1024;
 
 /// Cluster hash slots.
 const SLOTS: usize = 16384;
