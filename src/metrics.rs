@@ -43,9 +43,9 @@ pub const RPCS: [&str; 14] = [
 ];
 
 /// The Lua scripts (`lua/*.lua`), by the name the Redis ledger gives them.
-pub const SCRIPTS: [&str; 13] = [
+pub const SCRIPTS: [&str; 14] = [
     "acquire", "release", "inbound", "inspect", "list", "policy", "reset", "move", "move_out",
-    "move_in", "confirm", "failure", "ledger",
+    "move_in", "confirm", "failure", "ledger", "slot",
 ];
 
 const SCOPES: [Scope; 2] = [Scope::Sender, Scope::Portfolio];

@@ -413,6 +413,52 @@ async fn a_batch_of_mixed_statuses_is_applied_in_one_post_and_replaying_it_chang
     assert_eq!(b.events("status_failed", "duplicate"), 1.0);
 }
 
+/// A sample body without `biz_opaque_callback_data`: a worker that did not pass the reservation.
+fn without_reservation(name: &str) -> Vec<u8> {
+    let mut v: Value = serde_json::from_slice(&sample(name, &[])).unwrap();
+    for e in v["entry"].as_array_mut().unwrap() {
+        for c in e["changes"].as_array_mut().unwrap() {
+            for st in c["value"]["statuses"].as_array_mut().into_iter().flatten() {
+                st.as_object_mut()
+                    .unwrap()
+                    .remove("biz_opaque_callback_data");
+            }
+        }
+    }
+    serde_json::to_vec(&v).unwrap()
+}
+
+async fn a_status_without_a_reservation_acts_on_an_untouched_slot_of_that_sender(backend: Backend) {
+    let b = start(backend).await;
+    let delivered = (1_767_261_803 + now_s() - SAMPLES_AT) * 1000;
+    b.acquire_at("4915112345678", None, delivered / 1000 - 60)
+        .await;
+    assert_eq!(
+        signed(b.hooks, &without_reservation("status-delivered")).0,
+        200
+    );
+    let i = b.inspect(sender(SENDER), "4915112345678").await;
+    assert_eq!(counted_until(&i), Some(delivered + DAY), "confirmed");
+    // That slot is now touched (delivered): a failure without a reservation leaves it.
+    let failed = without_reservation("status-failed-131026")
+        .into_iter()
+        .collect::<Vec<u8>>();
+    let failed = String::from_utf8(failed)
+        .unwrap()
+        .replace("4915100000001", "4915112345678")
+        .replace("\"id\":\"wamid.", "\"id\":\"wamid.other-");
+    assert_eq!(signed(b.hooks, failed.as_bytes()).0, 200);
+    assert_eq!(b.inspect(sender(SENDER), "").await.used, 1);
+    // An untouched slot is freed by a failure without a reservation.
+    b.acquire("4915100000001", None).await;
+    assert_eq!(b.inspect(sender(SENDER), "").await.used, 2);
+    assert_eq!(
+        signed(b.hooks, &without_reservation("status-failed-131026")).0,
+        200
+    );
+    assert_eq!(b.inspect(sender(SENDER), "").await.used, 1);
+}
+
 async fn tier_status_and_restrictions_reach_the_right_sender_and_portfolio(backend: Backend) {
     let b = start(backend).await;
     let mut admin = b.srv.admin().await;
@@ -603,6 +649,7 @@ on_memory_and_redis!(
     inbound_messages_open_service_windows_at_their_time,
     the_worker_path_delivered_moves_the_slot_and_failures_free_or_hold,
     a_batch_of_mixed_statuses_is_applied_in_one_post_and_replaying_it_changes_nothing,
+    a_status_without_a_reservation_acts_on_an_untouched_slot_of_that_sender,
     tier_status_and_restrictions_reach_the_right_sender_and_portfolio,
 );
 

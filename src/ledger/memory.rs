@@ -889,6 +889,24 @@ impl Ledger for MemoryLedger {
         Ok(())
     }
 
+    async fn slot_reservation(
+        &self,
+        sender: SenderId,
+        recipient: RecipientId,
+        at: Option<Millis>,
+    ) -> Result<Option<Reservation>> {
+        let now = clock(at);
+        let st = self.lock();
+        let home = st.home(&sender);
+        let Some(window) = st.windows.get(&home) else {
+            return Ok(None);
+        };
+        Ok(window
+            .slot(&recipient, now)
+            .filter(|s| !s.touched && s.sender == sender)
+            .map(|s| s.reservation))
+    }
+
     async fn events_seen(&self, keys: &[(u64, Millis)]) -> Result<Vec<bool>> {
         let mut ev = self.events.lock().unwrap_or_else(|e| e.into_inner());
         let now = clock(None);

@@ -135,6 +135,16 @@ pub trait Ledger: Send + Sync + 'static {
     /// Health: can the store answer?
     fn ping(&self) -> impl Future<Output = Result<()>> + Send;
 
+    /// The reservation of the recipient's live slot at the sender's home, if that slot is still
+    /// untouched since it was opened and was opened by this sender (the rule of Release): for a
+    /// webhook status that carries no reservation (docs/contract.md, "The webhook bridge").
+    fn slot_reservation(
+        &self,
+        sender: SenderId,
+        recipient: RecipientId,
+        at: Option<Millis>,
+    ) -> impl Future<Output = Result<Option<Reservation>>> + Send;
+
     /// Which of the webhook events `keys` (an event's 64-bit identity and its time) were already
     /// applied, in order (docs/contract.md, "The webhook bridge").
     fn events_seen(&self, keys: &[(u64, Millis)])

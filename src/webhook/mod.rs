@@ -376,6 +376,13 @@ impl<L: Ledger> Bridge<L> {
                         &sender,
                         &user,
                     )?),
+                    // Without a reservation, the user's slot at this sender counts only while it
+                    // is untouched since it was opened, and opened by this sender (as Release).
+                    None if *status != Delivery::Sent && *status != Delivery::Other => {
+                        self.ledger
+                            .slot_reservation(sender.clone(), user.clone(), None)
+                            .await?
+                    }
                     None => None,
                 };
                 match status {

@@ -1399,6 +1399,35 @@ impl Ledger for RedisLedger {
         Ok(())
     }
 
+    async fn slot_reservation(
+        &self,
+        sender: SenderId,
+        recipient: RecipientId,
+        at: Option<Millis>,
+    ) -> Result<Option<Reservation>> {
+        let s = &self.scripts.slot;
+        let (_, v) = self
+            .at_home(&sender, |home, k| {
+                Call::new(s, vec![k.window(), k.window_index(), k.residency()])
+                    .clock(at)
+                    .arg(home.kind())
+                    .arg(sender.as_str())
+                    .arg(recipient.as_str())
+                    .num(SLOT_MS)
+            })
+            .await?;
+        let f = items(v).map_err(|v| bad_reply("slot", &v))?;
+        match &f[..] {
+            [found] if int(found) == Some(0) => Ok(None),
+            [_, stored] => text(stored)
+                .as_deref()
+                .and_then(Reservation::from_stored)
+                .map(Some)
+                .ok_or_else(|| bad_reply("slot", &Value::Array(f.clone()))),
+            _ => Err(bad_reply("slot", &Value::Array(f.clone()))),
+        }
+    }
+
     async fn events_seen(&self, keys: &[(u64, Millis)]) -> Result<Vec<bool>> {
         use futures_util::{StreamExt, TryStreamExt};
         futures_util::stream::iter(keys.iter().copied())

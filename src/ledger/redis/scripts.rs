@@ -37,7 +37,7 @@ impl Script {
     /// Whether the script may change the ledger (all but the read-only Inspect and ListWindow):
     /// with `durability = replicated`, its answer waits for replicas.
     pub fn writes(&self) -> bool {
-        !matches!(self.name, "inspect" | "list")
+        !matches!(self.name, "inspect" | "list" | "slot")
     }
 
     fn new(name: &'static str, source: String) -> Self {
@@ -94,6 +94,7 @@ pub struct Scripts {
     pub confirm: Script,
     pub failure: Script,
     pub ledger: Script,
+    pub slot: Script,
 }
 
 impl Scripts {
@@ -113,6 +114,7 @@ impl Scripts {
             confirm: script!(p, "confirm"),
             failure: script!(p, "failure"),
             ledger: script!(p, "ledger"),
+            slot: script!(p, "slot"),
         }
     }
 }
