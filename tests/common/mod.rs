@@ -124,6 +124,10 @@ pub fn raw_command(port: u16, cmd: &str) -> Option<String> {
 /// The longest a test waits for something that must happen (a process listening, health
 /// turning, a store coming back). It only turns a hang into a failure: nothing is timed.
 pub const WAIT_LIMIT: Duration = Duration::from_secs(60);
+/// Most attempts a test makes at a call that fails while its store fails over or restarts, with
+/// [`RETRY_PAUSE`] between them: a hang guard counted in attempts, not a timing.
+pub const MAX_ATTEMPTS: usize = 1500;
+pub const RETRY_PAUSE: Duration = Duration::from_millis(20);
 const POLL: Duration = Duration::from_millis(20);
 
 /// Polls `ready` until it yields a value (blocking: for processes and raw sockets).
