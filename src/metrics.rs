@@ -607,33 +607,51 @@ impl Drop for InFlight {
     }
 }
 
-/// Serves `GET /metrics` over HTTP/1.1 on `listener` until `shutdown` resolves.
+/// Serves `GET /metrics` (and `/health`) over HTTP/1.1 on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send,
 ) {
+    let answer_with = move |req: Request<Incoming>| {
+        let metrics = metrics.clone();
+        async move { answer(&req, &metrics) }
+    };
+    serve_http1(listener, "metrics", answer_with, shutdown).await
+}
+
+/// Serves HTTP/1.1 on `listener` until `shutdown` resolves, each request answered by `answer`
+/// (the metrics and the webhook listeners). A client that stalls or disconnects only ends its
+/// own connection.
+pub async fn serve_http1<H, F>(
+    listener: TcpListener,
+    what: &'static str,
+    answer: H,
+    shutdown: impl Future<Output = ()> + Send,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
-                    tracing::warn!(error = %e, "metrics listener: accept failed");
+                    tracing::warn!(error = %e, listener = what, "accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
             _ = &mut shutdown => return,
         };
-        let metrics = metrics.clone();
+        let answer = answer.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let metrics = metrics.clone();
-                async move { Ok::<_, std::convert::Infallible>(answer(&req, &metrics)) }
+                let reply = answer(req);
+                async move { Ok::<_, std::convert::Infallible>(reply.await) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
-            // A scraper that stalls or disconnects only ends its own connection.
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(io, service)
                 .await;

@@ -408,14 +408,13 @@ impl<L: Ledger> Bridge<L> {
                 }
             }
             Event::Quality {
-                waba,
+                waba: _,
                 display,
                 event: e,
                 current_limit,
                 business_limit,
                 at,
             } => {
-                let _ = waba;
                 let Some(sender) = self.sender_by_display(display).await? else {
                     return Ok(Outcome::Unusable);
                 };
@@ -578,8 +577,7 @@ fn rs_until(change: &AccountChange, kind: Restriction) -> Option<Millis> {
         return None;
     };
     let mut latest = None;
-    for (r, expires) in rs.iter().filter(|(r, _)| *r == kind) {
-        let _ = r;
+    for (_, expires) in rs.iter().filter(|(r, _)| *r == kind) {
         latest = Some(latest.unwrap_or(Millis::MIN).max((*expires)?));
     }
     latest
@@ -624,31 +622,11 @@ pub async fn serve<L: Ledger>(
     bridge: Arc<Bridge<L>>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) {
-    tokio::pin!(shutdown);
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "webhook listener: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => return,
-        };
+    let answer_with = move |req: Request<Incoming>| {
         let bridge = bridge.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let bridge = bridge.clone();
-                async move { Ok::<_, std::convert::Infallible>(bridge.answer(req).await) }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await;
-        });
-    }
+        async move { bridge.answer(req).await }
+    };
+    crate::metrics::serve_http1(listener, "webhook", answer_with, shutdown).await
 }
 
 /// The address the listener is on, for logs.

@@ -43,48 +43,68 @@ pub(super) enum Conn {
     Cluster(redis::cluster_async::ClusterConnection),
 }
 
-impl Conn {
-    pub(super) async fn query(&mut self, cmd: &redis::Cmd) -> RedisResult<Value> {
-        match self {
-            Conn::Single(c) => cmd.query_async(c).await,
-            Conn::Cluster(c) => cmd.query_async(c).await,
-        }
-    }
+/// What goes to Redis in one network round trip: a command, or a pipeline of writes whose
+/// replies are not needed (every command in it marked `ignore`).
+#[derive(Clone, Copy)]
+pub(super) enum Sent<'a> {
+    Cmd(&'a redis::Cmd),
+    Pipe(&'a redis::Pipeline),
+}
 
-    /// A pipeline's replies (those not marked `ignore`).
-    pub(super) async fn query_values(&mut self, pipe: &redis::Pipeline) -> RedisResult<Vec<Value>> {
+impl Conn {
+    async fn replies(&mut self, pipe: &redis::Pipeline) -> RedisResult<Vec<Value>> {
         match self {
             Conn::Single(c) => pipe.query_async(c).await,
             Conn::Cluster(c) => pipe.query_async(c).await,
         }
     }
 
-    /// `cmd` then `WAIT replicas timeout` in one pipeline (one network round trip): the reply of
-    /// `cmd` and how many replicas acknowledged it.
-    pub(super) async fn query_replicated(
+    /// Sends `sent`; with `wait`, `WAIT replicas timeout` goes last in the same pipeline (still
+    /// one round trip). The command's reply (`Nil` for a pipeline) and, with `wait`, how many
+    /// replicas acknowledged it.
+    pub(super) async fn send(
         &mut self,
-        cmd: &redis::Cmd,
-        replicas: u32,
-        timeout: Duration,
-    ) -> RedisResult<(Value, i64)> {
-        let mut pipe = redis::pipe();
-        pipe.add_command(cmd.clone())
-            .cmd("WAIT")
+        sent: Sent<'_>,
+        wait: Option<(u32, Duration)>,
+    ) -> RedisResult<(Value, Option<i64>)> {
+        let Some((replicas, timeout)) = wait else {
+            return match sent {
+                Sent::Cmd(cmd) => match self {
+                    Conn::Single(c) => cmd.query_async(c).await,
+                    Conn::Cluster(c) => cmd.query_async(c).await,
+                }
+                .map(|v| (v, None)),
+                Sent::Pipe(pipe) => self.replies(pipe).await.map(|_| (Value::Nil, None)),
+            };
+        };
+        let mut pipe = match sent {
+            Sent::Cmd(cmd) => {
+                let mut p = redis::pipe();
+                p.add_command(cmd.clone());
+                p
+            }
+            Sent::Pipe(p) => p.clone(),
+        };
+        pipe.cmd("WAIT")
             .arg(replicas)
             .arg(timeout.as_millis() as u64);
-        let replies: Vec<Value> = match self {
-            Conn::Single(c) => pipe.query_async(c).await?,
-            Conn::Cluster(c) => pipe.query_async(c).await?,
+        let mut replies = self.replies(&pipe).await?;
+        // WAIT's reply is last; a command's own reply comes before it.
+        let acked = match replies.pop() {
+            Some(Value::Int(n)) => n,
+            other => {
+                return Err(RedisError::from((
+                    ErrorKind::Client,
+                    "unexpected reply to WAIT",
+                    format!("{other:?}"),
+                )));
+            }
         };
-        let mut replies = replies.into_iter();
-        match (replies.next(), replies.next()) {
-            (Some(v), Some(Value::Int(acked))) => Ok((v, acked)),
-            other => Err(RedisError::from((
-                ErrorKind::Client,
-                "unexpected reply to WAIT",
-                format!("{other:?}"),
-            ))),
-        }
+        let value = match sent {
+            Sent::Cmd(_) => replies.pop().unwrap_or(Value::Nil),
+            Sent::Pipe(_) => Value::Nil,
+        };
+        Ok((value, Some(acked)))
     }
 }
 

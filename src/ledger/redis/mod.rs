@@ -27,7 +27,7 @@ use crate::model::{
     SLOT_MS, Scope, SenderId, SenderStatus, Target, Tier, WindowEntry, WindowMode, WindowPage,
     remaining,
 };
-use conn::Conns;
+use conn::{Conns, Sent};
 use keys::{Home, HomeKeys, Keys};
 use scripts::{Script, Scripts};
 
@@ -358,6 +358,23 @@ fn acquire_call<'a>(
     call
 }
 
+/// The head shared by the scripts that act on one recipient's slot (`confirm.lua`, `slot.lua`):
+/// the window's keys and residency, then the clock, home kind, sender and recipient.
+fn slot_call<'a>(
+    s: &'a Script,
+    home: &Home,
+    k: &HomeKeys,
+    at: Option<Millis>,
+    sender: &SenderId,
+    recipient: &RecipientId,
+) -> Call<'a> {
+    Call::new(s, vec![k.window(), k.window_index(), k.residency()])
+        .clock(at)
+        .arg(home.kind())
+        .arg(sender.as_str())
+        .arg(recipient.as_str())
+}
+
 /// The ledger scripts' name for an `on_ledger_loss` choice.
 fn loss_mode(on_loss: OnLedgerLoss) -> &'static str {
     match on_loss {
@@ -515,7 +532,7 @@ impl RedisLedger {
     /// Nothing else is: a call that may have run is never sent twice.
     async fn query_raw(
         &self,
-        cmd: &redis::Cmd,
+        sent: Sent<'_>,
         replicate: bool,
     ) -> std::result::Result<Value, Failure> {
         let deadline = tokio::time::Instant::now() + self.timeout;
@@ -525,13 +542,7 @@ impl RedisLedger {
             let attempt = async {
                 let (i, mut conn) = self.conns.get().await?;
                 used = Some(i);
-                match self.durability {
-                    Some((replicas, wait)) if replicate => conn
-                        .query_replicated(cmd, replicas, wait)
-                        .await
-                        .map(|(v, acked)| (v, Some(acked))),
-                    _ => conn.query(cmd).await.map(|v| (v, None)),
-                }
+                conn.send(sent, self.durability.filter(|_| replicate)).await
             };
             let result = match tokio::time::timeout_at(deadline, attempt).await {
                 Ok(r) => r,
@@ -570,7 +581,7 @@ impl RedisLedger {
     }
 
     async fn query(&self, cmd: &redis::Cmd) -> Result<Value> {
-        self.query_raw(cmd, false)
+        self.query_raw(Sent::Cmd(cmd), false)
             .await
             .map_err(Failure::into_ledger)
     }
@@ -578,50 +589,31 @@ impl RedisLedger {
     /// A command that changes the ledger: with `durability = replicated`, answered once
     /// replicas have it.
     async fn write(&self, cmd: &redis::Cmd) -> Result<Value> {
-        self.query_raw(cmd, true)
+        self.query_raw(Sent::Cmd(cmd), true)
             .await
             .map_err(Failure::into_ledger)
     }
 
-    /// A pipeline of writes to one key (so it also runs on a Cluster), in one round trip; with
-    /// `durability = replicated` its `WAIT` goes last in the same pipeline.
+    /// A pipeline of writes to one key (so it also runs on a Cluster), in one round trip, as
+    /// [`RedisLedger::write`] sends a command.
     async fn write_pipe(&self, pipe: &redis::Pipeline) -> Result<()> {
-        let mut pipe = pipe.clone();
-        if let Some((replicas, wait)) = self.durability {
-            pipe.cmd("WAIT").arg(replicas).arg(wait.as_millis() as u64);
-        }
-        let (_, mut conn) = self.conns.get().await.map_err(store_error)?;
-        let replies = tokio::time::timeout(self.timeout, conn.query_values(&pipe))
+        self.query_raw(Sent::Pipe(pipe), true)
             .await
-            .map_err(|_| {
-                LedgerError::Unavailable(format!("Redis did not answer within {:?}", self.timeout))
-            })?
-            .map_err(store_error)?;
-        if let Some((replicas, _)) = self.durability {
-            let acked = replies.last().and_then(int).unwrap_or(0);
-            if acked < i64::from(replicas) {
-                self.metrics.durability_timeout();
-                return Err(Failure::NotReplicated {
-                    acked,
-                    wanted: replicas,
-                }
-                .into_ledger());
-            }
-        }
-        Ok(())
+            .map(|_| ())
+            .map_err(Failure::into_ledger)
     }
 
     async fn run(&self, call: &Call<'_>) -> Result<Value> {
         let start = Instant::now();
         let replicate = call.script.writes();
-        let result = match self.query_raw(&call.cmd, replicate).await {
+        let result = match self.query_raw(Sent::Cmd(&call.cmd), replicate).await {
             Err(Failure::Redis(e)) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
                 self.metrics.script_reload();
                 tracing::info!(
                     script = call.script.name,
                     "script not cached on Redis: sending it again"
                 );
-                self.query_raw(&call.by_source(), replicate)
+                self.query_raw(Sent::Cmd(&call.by_source()), replicate)
                     .await
                     .map_err(Failure::into_ledger)
             }
@@ -946,11 +938,7 @@ impl Ledger for RedisLedger {
         let s = &self.scripts.confirm;
         let (_, v) = self
             .at_home(&sender, |home, k| {
-                Call::new(s, vec![k.window(), k.window_index(), k.residency()])
-                    .clock(at)
-                    .arg(home.kind())
-                    .arg(sender.as_str())
-                    .arg(recipient.as_str())
+                slot_call(s, home, k, at, &sender, &recipient)
                     .arg(reservation.stored())
                     .num(delivered_at)
                     .num(SLOT_MS)
@@ -1408,12 +1396,7 @@ impl Ledger for RedisLedger {
         let s = &self.scripts.slot;
         let (_, v) = self
             .at_home(&sender, |home, k| {
-                Call::new(s, vec![k.window(), k.window_index(), k.residency()])
-                    .clock(at)
-                    .arg(home.kind())
-                    .arg(sender.as_str())
-                    .arg(recipient.as_str())
-                    .num(SLOT_MS)
+                slot_call(s, home, k, at, &sender, &recipient).num(SLOT_MS)
             })
             .await?;
         let f = items(v).map_err(|v| bad_reply("slot", &v))?;
