@@ -423,6 +423,18 @@ async fn a_stalled_redis_is_answered_within_the_timeout_and_service_resumes() {
     let failures: Vec<&Call> = calls.iter().filter(|c| c.outcome.is_err()).collect();
     for c in &failures {
         assert_eq!(c.code(), Some(Code::Unavailable), "{c:?}");
+        // Answered by the store timeout (redis_timeout: waquota's own budget, or the Redis
+        // client's response timeout set to it), not left hanging.
+        let message = c
+            .outcome
+            .as_ref()
+            .err()
+            .map(|(_, m)| m.as_str())
+            .unwrap_or("");
+        assert!(
+            message.contains("did not answer within") || message.contains("timed out"),
+            "{c:?}"
+        );
         assert!(
             c.overlaps(frozen_at, resumed_at),
             "failed outside the stall: {c:?}"
