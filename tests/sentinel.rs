@@ -120,8 +120,7 @@ async fn failover_under_load(set: &mut SentinelSet, srv: &TestServer) -> Run {
         // The old primary comes back as the new primary's replica (as an operator, or the
         // sentinels a little later, would make it): with `replicated` and one replica, changes
         // are acknowledged again from then on.
-        set.node(old).restart();
-        raw_command(old, &format!("REPLICAOF 127.0.0.1 {new}"));
+        set.rejoin(old, new, false);
     });
     for t in tasks {
         t.await.unwrap();

@@ -500,6 +500,41 @@ impl SentinelSet {
             (named.iter().all(|p| *p == Some(new)) && is_master(new)).then_some(new)
         })
     }
+
+    /// Restarts the data node on `port` (it comes back as an empty primary) and makes it a
+    /// replica of `primary` with REPLICAOF, as an operator would; the sentinels would do the
+    /// same at a pace of their own. The command is sent again while the node does not follow
+    /// `primary` (one lost to a node still starting, or undone by a sentinel's own
+    /// reconfiguration racing it). With `linked`, returns only once its replication link is up.
+    /// A failure prints what the two nodes and the sentinels reported.
+    pub fn rejoin(&mut self, port: u16, primary: u16, linked: bool) {
+        self.node(port).restart();
+        let target = self.announced_port(primary);
+        let follows = |repl: &str| {
+            repl.contains("role:slave") && repl.contains(&format!("master_port:{target}\r\n"))
+        };
+        let done = within(super::WAIT_LIMIT, || {
+            let repl = info(port, "replication");
+            if !follows(&repl) {
+                raw_command(port, &format!("REPLICAOF 127.0.0.1 {target}"));
+                return false;
+            }
+            !linked || repl.contains("master_link_status:up")
+        });
+        if !done {
+            let sentinels: Vec<Option<u16>> = self
+                .sentinels
+                .iter()
+                .map(|s| reported_primary(s.port))
+                .collect();
+            panic!(
+                "node {port} never followed {primary} (linked: {linked}); it reported\n{}\n\
+                 {primary} reported\n{}\nthe sentinels name {sentinels:?}",
+                info(port, "replication"),
+                info(primary, "replication"),
+            );
+        }
+    }
 }
 
 /// TLS settings for every process of a `SentinelSet` (`start_tls`).
