@@ -17,7 +17,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Defaults, Tier, WindowMode};
+use crate::model::{Defaults, PortfolioId, SenderId, Tier, WindowMode};
 
 /// Where the ledger lives. Its `Debug` form hides passwords, since it is logged at start-up.
 #[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -275,6 +275,9 @@ pub struct Settings {
     pub webhook_forward: Option<String>,
     /// WABA id -> portfolio, for WABA-wide webhooks (wins over AssignWaba).
     pub webhook_wabas: BTreeMap<String, String>,
+    /// Display number -> sender (phone_number_id), for webhooks that carry only the display
+    /// number (wins over the numbers learned from `messages` webhooks).
+    pub webhook_displays: BTreeMap<String, String>,
     pub log_format: LogFormat,
     /// tracing EnvFilter syntax, e.g. `info` or `waquota=debug`.
     pub log_level: String,
@@ -322,6 +325,7 @@ impl Default for Settings {
             webhook_max_body_bytes: 1024 * 1024,
             webhook_forward: None,
             webhook_wabas: BTreeMap::new(),
+            webhook_displays: BTreeMap::new(),
             log_format: LogFormat::Text,
             log_level: "info".into(),
             auth: AuthSettings::default(),
@@ -595,6 +599,18 @@ impl Settings {
                 ));
             }
         }
+        // The mappings' values are identifiers the bridge writes policies to: checked here, so a
+        // typo is refused at start instead of leaving webhooks silently unapplied.
+        for (waba, portfolio) in &self.webhook_wabas {
+            PortfolioId::parse("portfolio", portfolio).map_err(|e| {
+                ConfigError::invalid("webhook_wabas", format!("{waba}={portfolio}: {e}"))
+            })?;
+        }
+        for (display, sender) in &self.webhook_displays {
+            SenderId::parse("sender", sender).map_err(|e| {
+                ConfigError::invalid("webhook_displays", format!("{display}={sender}: {e}"))
+            })?;
+        }
         if self.webhook_max_body_bytes < 1024 {
             return Err(ConfigError::invalid(
                 "webhook_max_body_bytes",
@@ -721,6 +737,7 @@ pub struct Overrides {
     pub webhook_forward: Option<String>,
     pub webhook_max_body_bytes: Option<usize>,
     pub webhook_wabas: Option<BTreeMap<String, String>>,
+    pub webhook_displays: Option<BTreeMap<String, String>>,
     pub log_format: Option<LogFormat>,
     pub log_level: Option<String>,
     pub sender_tokens: Option<Vec<String>>,
@@ -731,7 +748,7 @@ pub struct Overrides {
 }
 
 /// Every environment variable [`Overrides::from_env`] reads, and the setting it sets.
-pub const ENV_VARS: [(&str, &str); 43] = [
+pub const ENV_VARS: [(&str, &str); 44] = [
     ("WAQUOTA_LISTEN", "listen"),
     ("WAQUOTA_REDIS_URL", "store (standalone Redis URL)"),
     (
@@ -791,6 +808,10 @@ pub const ENV_VARS: [(&str, &str); 43] = [
         "WAQUOTA_WEBHOOK_WABAS",
         "webhook_wabas (waba=portfolio, comma-separated)",
     ),
+    (
+        "WAQUOTA_WEBHOOK_DISPLAYS",
+        "webhook_displays (display=sender, comma-separated)",
+    ),
     ("WAQUOTA_LOG_FORMAT", "log_format"),
     ("WAQUOTA_LOG_LEVEL", "log_level"),
     (
@@ -846,14 +867,14 @@ pub fn parse_sender_policies(pairs: &[String]) -> Result<BTreeMap<String, OnStor
         .collect()
 }
 
-/// `waba=portfolio` pairs: the webhook bridge's WABA mapping.
+/// `key=value` pairs: the webhook bridge's mappings (`waba=portfolio`, `display=sender`).
 pub fn parse_pairs(pairs: &[String]) -> Result<BTreeMap<String, String>, String> {
     pairs
         .iter()
         .map(|pair| {
             let (k, v) = pair
                 .split_once('=')
-                .ok_or_else(|| format!("{pair:?}: use waba=portfolio"))?;
+                .ok_or_else(|| format!("{pair:?}: use key=value"))?;
             Ok((k.trim().to_owned(), v.trim().to_owned()))
         })
         .collect()
@@ -950,6 +971,9 @@ impl Overrides {
                     }
                     "WAQUOTA_WEBHOOK_WABAS" => {
                         o.webhook_wabas = Some(parse_pairs(&parse_list(value))?)
+                    }
+                    "WAQUOTA_WEBHOOK_DISPLAYS" => {
+                        o.webhook_displays = Some(parse_pairs(&parse_list(value))?)
                     }
                     "WAQUOTA_LOG_FORMAT" => o.log_format = Some(parse_name(value)?),
                     "WAQUOTA_LOG_LEVEL" => o.log_level = Some(value.to_owned()),
@@ -1071,6 +1095,7 @@ impl Overrides {
         put(&mut s.webhook_app_secrets, self.webhook_app_secrets);
         put(&mut s.webhook_max_body_bytes, self.webhook_max_body_bytes);
         put(&mut s.webhook_wabas, self.webhook_wabas);
+        put(&mut s.webhook_displays, self.webhook_displays);
         put(&mut s.log_format, self.log_format);
         put(&mut s.log_level, self.log_level);
         put(&mut s.auth.sender_tokens, self.sender_tokens);
@@ -1371,6 +1396,22 @@ mod tests {
     }
 
     #[test]
+    fn webhook_mappings_name_valid_identifiers() {
+        let mut s = Settings::default();
+        s.webhook_wabas.insert("w1".into(), "p 1".into());
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.starts_with("webhook_wabas: w1=p 1: "), "{e}");
+        s.webhook_wabas.clear();
+        s.webhook_displays
+            .insert("15550001111".into(), String::new());
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.starts_with("webhook_displays: 15550001111=: "), "{e}");
+        s.webhook_displays
+            .insert("15550001111".into(), "1234567890".into());
+        s.validate().unwrap();
+    }
+
+    #[test]
     fn replicated_durability_is_checked() {
         let mut s = Settings {
             store: Store::Cluster {
@@ -1437,6 +1478,7 @@ mod tests {
             ("WAQUOTA_WEBHOOK_FORWARD", "http://handler.internal/hook"),
             ("WAQUOTA_WEBHOOK_MAX_BODY_BYTES", "4096"),
             ("WAQUOTA_WEBHOOK_WABAS", "w1=p1"),
+            ("WAQUOTA_WEBHOOK_DISPLAYS", "15550001111=s1"),
         ]);
         assert_eq!(
             vars.len() + 3,
@@ -1490,6 +1532,10 @@ mod tests {
         assert_eq!(s.webhook_listen, Some("127.0.0.1:3".parse().unwrap()));
         assert_eq!(s.webhook_verify_token.as_deref(), Some("vt"));
         assert_eq!(s.webhook_app_secrets, vec!["a1", "a2"]);
+        assert_eq!(
+            s.webhook_displays.get("15550001111").map(String::as_str),
+            Some("s1")
+        );
         assert_eq!(
             s.webhook_forward.as_deref(),
             Some("http://handler.internal/hook")

@@ -112,6 +112,10 @@ struct SettingsArgs {
     /// [env: WAQUOTA_WEBHOOK_WABAS].
     #[arg(long, value_name = "WABA=PORTFOLIO", value_delimiter = ',')]
     webhook_waba: Vec<String>,
+    /// The sender (phone_number_id) of a display number, for webhooks that carry only the
+    /// display number, DISPLAY=SENDER (repeat or comma-separate) [env: WAQUOTA_WEBHOOK_DISPLAYS].
+    #[arg(long, value_name = "DISPLAY=SENDER", value_delimiter = ',')]
+    webhook_display: Vec<String>,
     /// Prefix of every Redis key [default: wq] [env: WAQUOTA_KEY_PREFIX].
     #[arg(long, value_name = "PREFIX")]
     key_prefix: Option<String>,
@@ -249,6 +253,7 @@ impl SettingsArgs {
             webhook_forward: self.webhook_forward.clone(),
             webhook_max_body_bytes: self.webhook_max_body_bytes,
             webhook_wabas: None,
+            webhook_displays: None,
             shutdown_delay: self.shutdown_delay_ms.map(Duration::from_millis),
             redis_ca: self.redis_ca.clone(),
             metrics_listen: self.metrics_listen,
@@ -268,6 +273,11 @@ impl SettingsArgs {
             let wabas = waquota::config::parse_pairs(&self.webhook_waba)
                 .map_err(|e| format!("invalid configuration: --webhook-waba: {e}"))?;
             overrides.webhook_wabas = Some(wabas);
+        }
+        if !self.webhook_display.is_empty() {
+            let displays = waquota::config::parse_pairs(&self.webhook_display)
+                .map_err(|e| format!("invalid configuration: --webhook-display: {e}"))?;
+            overrides.webhook_displays = Some(displays);
         }
         if !self.on_store_error_sender.is_empty() {
             let senders = waquota::config::parse_sender_policies(&self.on_store_error_sender)

@@ -153,6 +153,7 @@ pub async fn serve_instrumented<L: Ledger>(
                 app_secrets: settings.webhook_app_secrets.clone(),
                 max_body_bytes: settings.webhook_max_body_bytes,
                 wabas: settings.webhook_wabas.clone(),
+                displays: settings.webhook_displays.clone(),
                 forward: settings.webhook_forward.clone(),
             },
             metrics.clone(),

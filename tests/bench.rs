@@ -217,3 +217,66 @@ async fn memory_reports_bytes_per_slot_and_encodings() {
         assert!(s["key_bytes"].as_u64().unwrap() > 0, "{s}");
     }
 }
+
+/// The webhook load posts signed bodies the server applies in full: every POST answered 200,
+/// and the server counted exactly the events the report says it sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_webhook_run_posts_bodies_the_bridge_applies() {
+    use std::net::SocketAddr;
+    let hooks = SocketAddr::from(([127, 0, 0, 1], common::free_port(false)));
+    let metrics = SocketAddr::from(([127, 0, 0, 1], common::free_port(false)));
+    let server = TestServer::start_with(Backend::Redis, |s| {
+        s.webhook_listen = Some(hooks);
+        s.webhook_app_secrets = vec!["bench-secret".into()];
+        s.metrics_listen = Some(metrics);
+    })
+    .await;
+    common::ops::http_get_ready(metrics, "/metrics");
+    let report = bench(args(&[
+        "--addr",
+        &server.endpoint(),
+        "--webhook-url",
+        &format!("http://{hooks}/webhooks/whatsapp"),
+        "--webhook-secret",
+        "bench-secret",
+        "--webhook-reservations",
+        "50",
+        "--senders",
+        "2",
+        "--concurrency",
+        "2",
+        "--duration",
+        "0.3",
+        "--warmup",
+        "0",
+    ]))
+    .await;
+    let w = &report["webhooks"];
+    assert_eq!(w["events_per_post"], 10, "{w}");
+    assert!(w["reservations"].as_u64().unwrap() >= 50, "{w}");
+    let posts = w["posts"].as_u64().unwrap();
+    assert!(posts > 0, "{w}");
+    assert_eq!(w["ok_posts"], posts, "{w}");
+    assert_eq!(sum(&w["errors"]), 0, "{w}");
+    assert!(report["service"].is_null() && report["ceiling"].is_null());
+    // With no warm-up, every POST the bench sent is one it counted: 5 inbound messages and 5
+    // statuses each, all applied or (a `read` after its `delivered`) answered as seen.
+    let text = common::ops::http_get(metrics, "/metrics").1;
+    let events = |kind: &str, outcome: &str| {
+        common::ops::metric(
+            &text,
+            &format!("waquota_webhook_events_total{{kind=\"{kind}\",outcome=\"{outcome}\"}}"),
+        )
+        .unwrap_or(0.0) as u64
+    };
+    assert_eq!(events("inbound", "applied"), posts * 5, "{text}");
+    let statuses: u64 = ["status_delivered", "status_read"]
+        .iter()
+        .flat_map(|k| ["applied", "duplicate"].map(|o| events(k, o)))
+        .sum();
+    assert_eq!(statuses, posts * 5);
+    assert_eq!(
+        events("status_delivered", "unusable") + events("status_read", "unusable"),
+        0
+    );
+}

@@ -14,9 +14,10 @@ use common::dsl::{policy, put_policy, sender};
 use common::ops::{http_get, metric};
 use common::{Backend, DAY, HOUR, TestServer, free_port, ms_of, ts};
 use serde_json::Value;
+use waquota::config::Settings;
 use waquota::proto::{
     AcquireRequest, AcquireResponse, AssignWabaRequest, Category, Decision, InspectRequest,
-    InspectResponse, SenderStatus, Target, Tier, WindowMode, target,
+    InspectResponse, Policy, SenderStatus, Target, Tier, WindowMode, target,
 };
 
 const SENDER: &str = "106540352242922";
@@ -112,10 +113,11 @@ struct Bridge {
 }
 
 async fn start(backend: Backend) -> Bridge {
-    start_with(backend, None).await
+    start_with(backend, |_| {}).await
 }
 
-async fn start_with(backend: Backend, forward: Option<String>) -> Bridge {
+/// A server with the webhook listener (and `configure`'s changes to its settings).
+async fn start_with(backend: Backend, configure: impl FnOnce(&mut Settings)) -> Bridge {
     let hooks = SocketAddr::from(([127, 0, 0, 1], free_port(false)));
     let metrics = SocketAddr::from(([127, 0, 0, 1], free_port(false)));
     let srv = TestServer::start_with(backend, |s| {
@@ -124,7 +126,7 @@ async fn start_with(backend: Backend, forward: Option<String>) -> Bridge {
         s.webhook_app_secrets = SECRETS.iter().map(|s| s.to_string()).collect();
         s.metrics_listen = Some(metrics);
         s.redis_timeout = Duration::from_millis(500);
-        s.webhook_forward = forward;
+        configure(s);
     })
     .await;
     common::ops::http_get_ready(metrics, "/metrics");
@@ -474,13 +476,11 @@ async fn tier_status_and_restrictions_reach_the_right_sender_and_portfolio(backe
         signed(b.hooks, &sample("quality-legacy-flagged", &[])).0,
         200
     );
-    let i = b.inspect(sender(SENDER), "").await;
-    let p = i.sender_policy.or(i.policy).unwrap();
+    let p = policy_of(&b, sender(SENDER)).await;
     assert_eq!(p.tier(), Tier::Tier10k);
     assert_eq!(p.status(), SenderStatus::Flagged);
     assert_eq!(signed(b.hooks, &sample("account-restriction", &[])).0, 200);
-    let i = b.inspect(sender(SENDER), "").await;
-    let p = i.sender_policy.or(i.policy).unwrap();
+    let p = policy_of(&b, sender(SENDER)).await;
     assert_eq!(p.status(), SenderStatus::Restricted);
     // Until the restriction's expiration; a new user is refused for it, to retry then.
     let expiration = (1_767_866_400 + now_s() - SAMPLES_AT) * 1000;
@@ -493,9 +493,8 @@ async fn tier_status_and_restrictions_reach_the_right_sender_and_portfolio(backe
         "{retry}"
     );
     assert_eq!(signed(b.hooks, &sample("account-reconnected", &[])).0, 200);
-    let i = b.inspect(sender(SENDER), "").await;
     assert_eq!(
-        i.sender_policy.or(i.policy).unwrap().status(),
+        policy_of(&b, sender(SENDER)).await.status(),
         SenderStatus::Connected
     );
     // The WABA's portfolio gets business_capability_update's tier.
@@ -522,6 +521,119 @@ async fn tier_status_and_restrictions_reach_the_right_sender_and_portfolio(backe
         signed(b.hooks, &sample("unrelated-template-status", &[])).0,
         200
     );
+}
+
+/// A sender's own stored policy, or a portfolio's.
+async fn policy_of(b: &Bridge, target: Option<Target>) -> Policy {
+    let i = b.inspect(target, "").await;
+    i.sender_policy.or(i.policy).unwrap()
+}
+
+async fn tier_of(b: &Bridge, target: Option<Target>) -> Tier {
+    policy_of(b, target).await.tier()
+}
+
+fn portfolio(id: &str) -> Option<Target> {
+    Some(Target {
+        target: Some(target::Target::Portfolio(id.into())),
+    })
+}
+
+async fn every_quality_capability_and_account_sample_sets_what_it_says(backend: Backend) {
+    let b = start(backend).await;
+    let mut admin = b.srv.admin().await;
+    put_policy(
+        &mut admin,
+        sender(SENDER),
+        policy(Tier::Tier1k, 0, WindowMode::Conversation),
+    )
+    .await;
+    // A quality event names only the display number: one no messages webhook taught finds no
+    // sender and changes nothing.
+    let unknown = String::from_utf8(sample("quality-legacy-upgrade", &[]))
+        .unwrap()
+        .replace("15550783881", "15550000000");
+    assert_eq!(signed(b.hooks, unknown.as_bytes()).0, 200);
+    assert_eq!(b.events("quality", "unusable"), 1.0);
+    assert_eq!(tier_of(&b, sender(SENDER)).await, Tier::Tier1k);
+    assert_eq!(signed(b.hooks, &sample("inbound-text", &[])).0, 200);
+    // UPGRADE, DOWNGRADE and THROUGHPUT_UPGRADE: the tier is current_limit.
+    assert_eq!(
+        signed(b.hooks, &sample("quality-legacy-upgrade", &[])).0,
+        200
+    );
+    assert_eq!(tier_of(&b, sender(SENDER)).await, Tier::Tier10k);
+    assert_eq!(
+        signed(b.hooks, &sample("quality-legacy-downgrade", &[])).0,
+        200
+    );
+    assert_eq!(tier_of(&b, sender(SENDER)).await, Tier::Tier1k);
+    // A WABA with no portfolio: business_capability_update sets each of its senders' tiers;
+    // the legacy integer 2000 is TIER_2K, -1 and TIER_UNLIMITED are unlimited.
+    assert_eq!(
+        signed(b.hooks, &sample("capability-legacy-integer", &[])).0,
+        200
+    );
+    assert_eq!(tier_of(&b, sender(SENDER)).await, Tier::Tier2k);
+    assert_eq!(signed(b.hooks, &sample("capability-unlimited", &[])).0, 200);
+    assert_eq!(tier_of(&b, sender(SENDER)).await, Tier::Unlimited);
+    // With the sender in a portfolio, THROUGHPUT_UPGRADE's max_daily_conversations_per_business
+    // reaches the portfolio too.
+    put_policy(
+        &mut admin,
+        sender(SENDER),
+        policy(Tier::Tier100k, 0, WindowMode::Conversation),
+    )
+    .await;
+    put_policy(
+        &mut admin,
+        portfolio("p1"),
+        policy(Tier::Tier10k, 0, WindowMode::Rolling),
+    )
+    .await;
+    common::dsl::assign(&mut admin, SENDER, "p1").await;
+    assert_eq!(
+        signed(b.hooks, &sample("quality-current-throughput-upgrade", &[])).0,
+        200
+    );
+    assert_eq!(tier_of(&b, sender(SENDER)).await, Tier::Unlimited);
+    assert_eq!(tier_of(&b, portfolio("p1")).await, Tier::Unlimited);
+    // DISABLED_UPDATE bans every sender of the WABA: a new user is refused.
+    assert_eq!(signed(b.hooks, &sample("account-disabled", &[])).0, 200);
+    assert_eq!(
+        policy_of(&b, sender(SENDER)).await.status(),
+        SenderStatus::Banned
+    );
+    let r = b.acquire_at("4915199999999", None, now_s()).await;
+    assert_eq!(r.decision(), Decision::DeniedSenderBlocked, "{r:?}");
+    assert_eq!(b.events("account", "applied"), 1.0);
+}
+
+async fn a_configured_display_number_wins_over_the_learned_one(backend: Backend) {
+    const CONFIGURED: &str = "209876543210987";
+    let b = start_with(backend, |s| {
+        s.webhook_displays
+            .insert("15550783881".into(), CONFIGURED.into());
+    })
+    .await;
+    let mut admin = b.srv.admin().await;
+    for s in [SENDER, CONFIGURED] {
+        put_policy(
+            &mut admin,
+            sender(s),
+            policy(Tier::Tier1k, 0, WindowMode::Conversation),
+        )
+        .await;
+    }
+    // The messages webhook says display 15550783881 is SENDER; the configuration says it is
+    // CONFIGURED, and the configuration wins.
+    assert_eq!(signed(b.hooks, &sample("inbound-text", &[])).0, 200);
+    assert_eq!(
+        signed(b.hooks, &sample("quality-legacy-upgrade", &[])).0,
+        200
+    );
+    assert_eq!(tier_of(&b, sender(CONFIGURED)).await, Tier::Tier10k);
+    assert_eq!(tier_of(&b, sender(SENDER)).await, Tier::Tier1k);
 }
 
 async fn a_store_outage_answers_503_and_the_retry_is_applied_once(mut b: Bridge) {
@@ -605,7 +717,10 @@ fn handler(status: u16) -> (SocketAddr, std::sync::mpsc::Receiver<(String, Vec<u
 #[tokio::test(flavor = "multi_thread")]
 async fn a_verified_post_is_relayed_as_sent_and_a_failed_relay_is_retried() {
     let (ok, seen) = handler(200);
-    let b = start_with(Backend::Memory, Some(format!("http://{ok}/hook"))).await;
+    let b = start_with(Backend::Memory, |s| {
+        s.webhook_forward = Some(format!("http://{ok}/hook"))
+    })
+    .await;
     let body = sample("inbound-text", &[]);
     assert_eq!(signed(b.hooks, &body).0, 200);
     let (signature, relayed) = seen.recv_timeout(Duration::from_secs(10)).unwrap();
@@ -616,7 +731,10 @@ async fn a_verified_post_is_relayed_as_sent_and_a_failed_relay_is_retried() {
     assert!(seen.recv_timeout(Duration::from_millis(200)).is_err());
 
     let (failing, _seen) = handler(500);
-    let b = start_with(Backend::Memory, Some(format!("http://{failing}/hook"))).await;
+    let b = start_with(Backend::Memory, |s| {
+        s.webhook_forward = Some(format!("http://{failing}/hook"))
+    })
+    .await;
     assert_eq!(signed(b.hooks, &body).0, 503, "WhatsApp retries");
     let text = http_get(b.metrics, "/metrics").1;
     assert_eq!(
@@ -652,6 +770,8 @@ on_memory_and_redis!(
     a_batch_of_mixed_statuses_is_applied_in_one_post_and_replaying_it_changes_nothing,
     a_status_without_a_reservation_acts_on_an_untouched_slot_of_that_sender,
     tier_status_and_restrictions_reach_the_right_sender_and_portfolio,
+    every_quality_capability_and_account_sample_sets_what_it_says,
+    a_configured_display_number_wins_over_the_learned_one,
 );
 
 #[tokio::test(flavor = "multi_thread")]

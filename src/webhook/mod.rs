@@ -42,6 +42,8 @@ pub struct BridgeSettings {
     pub max_body_bytes: usize,
     /// WABA id -> portfolio, from the configuration (wins over AssignWaba).
     pub wabas: std::collections::BTreeMap<String, String>,
+    /// display number -> sender, configured (wins over the learned ones)
+    pub displays: std::collections::BTreeMap<String, String>,
     pub forward: Option<String>,
 }
 
@@ -542,6 +544,9 @@ impl<L: Ledger> Bridge<L> {
     }
 
     async fn sender_by_display(&self, display: &str) -> Result<Option<SenderId>, LedgerError> {
+        if let Some(s) = self.settings.displays.get(display) {
+            return Ok(SenderId::parse("sender", s).ok());
+        }
         let found = self.ledger.identities(identity::DISPLAY, display).await?;
         Ok(found
             .first()

@@ -23,6 +23,8 @@
 //! Setup goes through the same paths as the run: AdminService and QuotaService for the service,
 //! the Redis ledger (the same scripts) for the ceiling and memory measurements.
 
+mod webhook;
+
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -139,6 +141,22 @@ pub struct BenchArgs {
     /// --ceiling-redis, which should then be the server's Redis.
     #[arg(long)]
     pub stats_redis: Option<String>,
+    /// Webhooks: POST signed webhook bodies to this listener URL
+    /// (http://HOST:PORT/webhooks/whatsapp of a server started with --webhook-listen); the
+    /// setup goes through the gRPC API at --addr.
+    #[arg(long)]
+    pub webhook_url: Option<String>,
+    /// Webhooks: the app secret the server checks signatures with (one of its
+    /// --webhook-app-secret).
+    #[arg(long)]
+    pub webhook_secret: Option<String>,
+    /// Webhooks: events in each POST, half inbound messages and half delivery statuses.
+    #[arg(long, default_value_t = 10)]
+    pub webhook_events: usize,
+    /// Webhooks: reservations acquired during setup for the statuses to name (each gets
+    /// `delivered`, then `read`).
+    #[arg(long, default_value_t = 20_000)]
+    pub webhook_reservations: usize,
 }
 
 fn parse_watch(s: &str) -> Result<(String, u32), String> {
@@ -470,35 +488,7 @@ type CallResult = Result<Vec<i32>, String>;
 
 impl Driver {
     async fn grpc(addr: &str, connections: usize, token: Option<&str>) -> Result<Driver, String> {
-        let endpoint = if addr.contains("://") {
-            addr.to_owned()
-        } else {
-            format!("http://{addr}")
-        };
-        let mut channels = Vec::new();
-        for _ in 0..connections.max(1) {
-            let ch = Channel::from_shared(endpoint.clone())
-                .map_err(|e| format!("{endpoint}: {e}"))?
-                .connect()
-                .await
-                .map_err(|e| format!("cannot connect to {endpoint}: {e}"))?;
-            channels.push(ch);
-        }
-        let token = match token {
-            Some(t) => Some(
-                format!("Bearer {t}")
-                    .parse()
-                    .map_err(|_| "--token: not valid in gRPC metadata".to_owned())?,
-            ),
-            None => None,
-        };
-        let g = GrpcDriver {
-            endpoint,
-            admin: AdminServiceClient::new(channels[0].clone()),
-            quota: channels.into_iter().map(QuotaServiceClient::new).collect(),
-            token,
-        };
-        g.prime().await?;
+        let g = GrpcDriver::connect(addr, connections, token).await?;
         Ok(Driver::Grpc(Arc::new(g)))
     }
 
@@ -666,6 +656,44 @@ fn script_decisions(v: &redis::Value, n: usize) -> CallResult {
 const PRIME_CALLS: usize = 16;
 
 impl GrpcDriver {
+    /// Channels to the gRPC API at `addr`, primed (see [`GrpcDriver::prime`]).
+    async fn connect(
+        addr: &str,
+        connections: usize,
+        token: Option<&str>,
+    ) -> Result<GrpcDriver, String> {
+        let endpoint = if addr.contains("://") {
+            addr.to_owned()
+        } else {
+            format!("http://{addr}")
+        };
+        let mut channels = Vec::new();
+        for _ in 0..connections.max(1) {
+            let ch = Channel::from_shared(endpoint.clone())
+                .map_err(|e| format!("{endpoint}: {e}"))?
+                .connect()
+                .await
+                .map_err(|e| format!("cannot connect to {endpoint}: {e}"))?;
+            channels.push(ch);
+        }
+        let token = match token {
+            Some(t) => Some(
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| "--token: not valid in gRPC metadata".to_owned())?,
+            ),
+            None => None,
+        };
+        let g = GrpcDriver {
+            endpoint,
+            admin: AdminServiceClient::new(channels[0].clone()),
+            quota: channels.into_iter().map(QuotaServiceClient::new).collect(),
+            token,
+        };
+        g.prime().await?;
+        Ok(g)
+    }
+
     /// A Redis-backed server opens its pooled connections on first use. Some sequential calls
     /// first open every slot of a pool of up to PRIME_CALLS connections, so the measurement
     /// includes nothing of that cold start.
@@ -1563,6 +1591,35 @@ pub struct Report {
     pub service_to_ceiling: Option<f64>,
     pub memory: Option<MemoryReport>,
     pub growth: Vec<RunReport>,
+    pub webhooks: Option<webhook::WebhookReport>,
+}
+
+/// `name count, ...`, or `none`.
+fn counts(m: &BTreeMap<String, u64>) -> String {
+    if m.is_empty() {
+        return "none".to_owned();
+    }
+    m.iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn print_latency(l: &Latency) {
+    println!(
+        "  latency ms  p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  mean {:.3}",
+        l.p50, l.p90, l.p99, l.p99_9, l.max, l.mean
+    );
+}
+
+fn print_cpu(cpu: &[CpuUse]) {
+    if !cpu.is_empty() {
+        let each: Vec<String> = cpu
+            .iter()
+            .map(|c| format!("{} {:.0}%", c.name, c.percent))
+            .collect();
+        println!("  cpu         {}  (% of one core)", each.join(", "));
+    }
 }
 
 fn print_run(r: &RunReport) {
@@ -1585,34 +1642,11 @@ fn print_run(r: &RunReport) {
         "  {:.2} s  {} calls  {:.0} decisions/s  {:.0} recipients/s",
         r.elapsed_s, r.calls, r.decisions_per_s, r.recipients_per_s
     );
-    let l = &r.latency_ms;
-    println!(
-        "  latency ms  p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  mean {:.3}",
-        l.p50, l.p90, l.p99, l.p99_9, l.max, l.mean
-    );
-    let kv = |m: &BTreeMap<String, u64>| {
-        if m.is_empty() {
-            "none".to_owned()
-        } else {
-            m.iter()
-                .map(|(k, v)| format!("{k} {v}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        }
-    };
-    println!("  decisions   {}", kv(&r.decisions));
-    println!("  asked       {}", kv(&r.asked));
-    println!("  errors      {}", kv(&r.errors));
-    if !r.cpu.is_empty() {
-        println!(
-            "  cpu         {}  (% of one core)",
-            r.cpu
-                .iter()
-                .map(|c| format!("{} {:.0}%", c.name, c.percent))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    }
+    print_latency(&r.latency_ms);
+    println!("  decisions   {}", counts(&r.decisions));
+    println!("  asked       {}", counts(&r.asked));
+    println!("  errors      {}", counts(&r.errors));
+    print_cpu(&r.cpu);
     if let Some(x) = &r.redis {
         println!(
             "  redis       {:.2} commands/decision (scripts' included), {:.2} EVALSHA/decision",
@@ -1715,6 +1749,9 @@ fn print_report(r: &Report) {
     if let Some(mem) = &r.memory {
         print_memory(mem);
     }
+    if let Some(w) = &r.webhooks {
+        webhook::print(w);
+    }
 }
 
 fn base_shape(args: &BenchArgs) -> Shape {
@@ -1805,7 +1842,19 @@ pub async fn run_report(args: &BenchArgs) -> Result<Report, String> {
         service_to_ceiling: None,
         memory: None,
         growth: Vec::new(),
+        webhooks: None,
     };
+    if let Some(url) = &args.webhook_url {
+        // The webhook run alone: its setup uses the gRPC API, its load the webhook listener.
+        let secret = args
+            .webhook_secret
+            .as_deref()
+            .ok_or("--webhook-url needs --webhook-secret")?;
+        let addr = args.addr.as_deref().unwrap_or(DEFAULT_ADDR);
+        let grpc = GrpcDriver::connect(addr, 1, args.token.as_deref()).await?;
+        report.webhooks = Some(webhook::measure(args, &grpc, url, secret, &ctx).await?);
+        return Ok(report);
+    }
     let addr = match (&args.addr, &args.ceiling_redis, &args.memory_redis) {
         (Some(a), _, _) => Some(a.clone()),
         (None, None, None) => Some(DEFAULT_ADDR.to_owned()),
