@@ -282,6 +282,49 @@ async fn signatures_are_checked_and_a_refused_post_changes_nothing(backend: Back
     assert_eq!(signed(b.hooks, &big).0, 413);
 }
 
+/// Every event the bridge counted, whatever its kind and outcome.
+fn events_counted(b: &Bridge) -> f64 {
+    let text = http_get(b.metrics, "/metrics").1;
+    text.lines()
+        .filter(|l| l.starts_with("waquota_webhook_events_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn every_sample_is_refused_unsigned_or_wrongly_signed_and_taken_with_either_secret(
+    backend: Backend,
+) {
+    let b = start(backend).await;
+    let dir = format!("{}/tests/webhooks", env!("CARGO_MANIFEST_DIR"));
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            name.strip_suffix(".json").map(str::to_owned)
+        })
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 22, "{names:?}");
+    for name in &names {
+        let body = sample(name, &[]);
+        assert_eq!(post(b.hooks, &body, None).0, 401, "{name} unsigned");
+        let wrong = waquota::webhook::signature(&body, "not-the-app-secret");
+        assert_eq!(post(b.hooks, &body, Some(wrong)).0, 401, "{name} wrong");
+    }
+    // Nothing refused was applied: no event counted, no window or slot anywhere.
+    assert_eq!(events_counted(&b), 0.0);
+    let i = b.inspect(sender(SENDER), "4915112345678").await;
+    assert_eq!((i.used, window_until(&i)), (0, None));
+    // Each sample is taken (200) signed with either secret of a rotation.
+    for (n, name) in names.iter().enumerate() {
+        let body = sample(name, &[]);
+        let sig = waquota::webhook::signature(&body, SECRETS[n % 2]);
+        assert_eq!(post(b.hooks, &body, Some(sig)).0, 200, "{name}");
+    }
+    assert!(events_counted(&b) >= names.len() as f64);
+    assert!(window_until(&b.inspect(sender(SENDER), "4915112345678").await).is_some());
+}
+
 async fn inbound_messages_open_service_windows_at_their_time(backend: Backend) {
     let b = start(backend).await;
     let body = sample("inbound-text", &[]);
@@ -322,6 +365,11 @@ async fn the_worker_path_delivered_moves_the_slot_and_failures_free_or_hold(back
         .await;
     assert_eq!(a.decision(), Decision::AllowedNew);
     let opened_until = ms_of(a.expires_at.as_ref().unwrap());
+    // A second user's send of that minute, for the end of the test.
+    let other = b
+        .acquire_at("4915100000003", None, delivered / 1000 - 59)
+        .await;
+    assert_eq!(other.decision(), Decision::AllowedNew, "{other:?}");
     let body = sample("status-delivered", &[("RESERVATION", &a.reservation)]);
     assert_eq!(signed(b.hooks, &body).0, 200);
     let i = b.inspect(sender(SENDER), "4915112345678").await;
@@ -335,14 +383,14 @@ async fn the_worker_path_delivered_moves_the_slot_and_failures_free_or_hold(back
 
     // failed 131026: the slot is freed.
     let a = b.acquire("4915100000001", None).await;
-    assert_eq!(b.inspect(sender(SENDER), "").await.used, 2);
+    assert_eq!(b.inspect(sender(SENDER), "").await.used, 3);
     let body = sample("status-failed-131026", &[("RESERVATION", &a.reservation)]);
     assert_eq!(signed(b.hooks, &body).0, 200);
     assert_eq!(
         counted_until(&b.inspect(sender(SENDER), "4915100000001").await),
         None
     );
-    assert_eq!(b.inspect(sender(SENDER), "").await.used, 1);
+    assert_eq!(b.inspect(sender(SENDER), "").await.used, 2);
 
     // failed 131049: marketing to that user is held for 24 h.
     let a = b.acquire("4915100000002", Some(Category::Marketing)).await;
@@ -351,15 +399,37 @@ async fn the_worker_path_delivered_moves_the_slot_and_failures_free_or_hold(back
     let again = b.acquire("4915100000002", Some(Category::Marketing)).await;
     assert_eq!(again.decision(), Decision::DeniedMarketingCap, "{again:?}");
 
-    // sent changes nothing; a reservation list in biz_opaque_callback_data works too.
-    assert_eq!(signed(b.hooks, &sample("status-sent", &[])).0, 200);
-    let a = b.acquire("4915112345678", None).await;
-    let _ = a;
+    // For another user: sent changes nothing; the reservation as the wq= item of a list in
+    // biz_opaque_callback_data confirms as the bare one does.
+    let for_user = |name: &str, r: &str| {
+        String::from_utf8(sample(name, &[("RESERVATION", r)]))
+            .unwrap()
+            .replace("4915112345678", "4915100000003")
+            // Other messages than the first user's (statuses are remembered by message id).
+            .replace("\"wamid.", "\"wamid.other.")
+    };
+    let a = other;
+    let opened_until = ms_of(a.expires_at.as_ref().unwrap());
+    let sent = for_user("status-sent", &a.reservation);
+    assert_eq!(signed(b.hooks, sent.as_bytes()).0, 200);
+    let i = b.inspect(sender(SENDER), "4915100000003").await;
+    assert_eq!(counted_until(&i), Some(opened_until), "sent moves nothing");
+    let listed = for_user("status-delivered-opaque-list", &a.reservation);
+    assert!(listed.contains(&format!("job=42;wq={};campaign", a.reservation)));
+    assert_eq!(signed(b.hooks, listed.as_bytes()).0, 200);
+    let i = b.inspect(sender(SENDER), "4915100000003").await;
+    assert_eq!(counted_until(&i), Some(delivered + DAY));
+    // A status naming no reservation the ledger knows changes nothing and is counted.
+    let unusable = b.events("status_delivered", "unusable");
+    let unknown = String::from_utf8(sample("status-delivered-opaque-list", &[]))
+        .unwrap()
+        .replace("\"wamid.", "\"wamid.unknown.");
     assert_eq!(
-        signed(b.hooks, &sample("status-delivered-opaque-list", &[])).0,
+        signed(b.hooks, unknown.as_bytes()).0,
         200,
         "an unknown reservation is counted, not retried"
     );
+    assert_eq!(b.events("status_delivered", "unusable"), unusable + 1.0);
 }
 
 async fn a_batch_of_mixed_statuses_is_applied_in_one_post_and_replaying_it_changes_nothing(
@@ -765,6 +835,7 @@ macro_rules! on_memory_and_redis {
 on_memory_and_redis!(
     verification_answers_the_challenge_only_for_the_token,
     signatures_are_checked_and_a_refused_post_changes_nothing,
+    every_sample_is_refused_unsigned_or_wrongly_signed_and_taken_with_either_secret,
     inbound_messages_open_service_windows_at_their_time,
     the_worker_path_delivered_moves_the_slot_and_failures_free_or_hold,
     a_batch_of_mixed_statuses_is_applied_in_one_post_and_replaying_it_changes_nothing,
