@@ -280,3 +280,54 @@ async fn the_webhook_run_posts_bodies_the_bridge_applies() {
         0
     );
 }
+
+/// The anchor script runs the same workload, unpipelined and pipelined, beside the service: new
+/// recipients are counted, counted and service ones are found (the anchor has no service
+/// windows: they were counted in the setup), and a full sender's are refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_anchor_runs_the_same_workload_beside_the_service() {
+    let mut server = TestServer::start(Backend::Redis).await;
+    let redis = server.redis().unwrap().url();
+    let report = bench(args(&[
+        "--addr",
+        &server.endpoint(),
+        "--anchor-redis",
+        &redis,
+        "--requests",
+        "200",
+        "--concurrency",
+        "4",
+        "--pipeline",
+        "4",
+        "--warmup",
+        "0",
+        "--senders",
+        "3",
+        "--recipients",
+        "20",
+        "--service-recipients",
+        "5",
+    ]))
+    .await;
+    check_run(&report["service"], 200, 1);
+    assert!(report["service_to_anchor"].as_f64().is_some(), "{report}");
+    for (name, depth) in [("anchor", 1), ("anchor_pipelined", 4)] {
+        let run = &report[name];
+        assert_eq!(run["calls"], 200, "{run}");
+        assert_eq!(run["in_flight_per_worker"], depth, "{run}");
+        assert_eq!(sum(&run["errors"]), 0, "{run}");
+        let (asked, decisions) = (&run["asked"], &run["decisions"]);
+        assert_eq!(count(asked, "new"), count(decisions, "allowed_new"));
+        assert_eq!(count(asked, "denied"), count(decisions, "denied_limit"));
+        assert_eq!(
+            count(asked, "counted") + count(asked, "service"),
+            count(decisions, "allowed_counted"),
+            "{run}"
+        );
+        // One EVALSHA a decision; calls in flight before the measured part began (one per
+        // worker and depth) may add a few.
+        let evalsha = run["redis"]["evalsha"].as_u64().unwrap();
+        assert!((200..=200 + 4 * depth).contains(&evalsha), "{run}");
+        assert!(run["cpu_us_per_decision"]["bench"].as_f64().is_some());
+    }
+}

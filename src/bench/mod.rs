@@ -23,6 +23,7 @@
 //! Setup goes through the same paths as the run: AdminService and QuotaService for the service,
 //! the Redis ledger (the same scripts) for the ceiling and memory measurements.
 
+mod anchor;
 mod webhook;
 
 use std::collections::BTreeMap;
@@ -141,6 +142,11 @@ pub struct BenchArgs {
     /// --ceiling-redis, which should then be the server's Redis.
     #[arg(long)]
     pub stats_redis: Option<String>,
+    /// Anchor: also drive the simplest exact sliding-window script (one sorted set per sender)
+    /// on this Redis (redis:// URL), with the same workload, unpipelined and with --pipeline
+    /// calls per worker: a yardstick that does not move with waquota's script.
+    #[arg(long)]
+    pub anchor_redis: Option<String>,
     /// Webhooks: POST signed webhook bodies to this listener URL
     /// (http://HOST:PORT/webhooks/whatsapp of a server started with --webhook-listen); the
     /// setup goes through the gRPC API at --addr.
@@ -466,6 +472,8 @@ enum Job {
 enum Driver {
     Grpc(Arc<GrpcDriver>),
     Redis(Arc<RedisDriver>),
+    /// The anchor script (`anchor.rs`), unpipelined or pipelined.
+    Anchor(Arc<anchor::AnchorDriver>),
 }
 
 struct GrpcDriver {
@@ -550,6 +558,8 @@ impl Driver {
         match self {
             Driver::Grpc(_) => "service",
             Driver::Redis(_) => "ceiling",
+            Driver::Anchor(a) if a.depth == 1 => "anchor",
+            Driver::Anchor(_) => "anchor pipelined",
         }
     }
 
@@ -557,6 +567,7 @@ impl Driver {
         match self {
             Driver::Grpc(g) => &g.endpoint,
             Driver::Redis(r) => &r.url,
+            Driver::Anchor(a) => &a.url,
         }
     }
 
@@ -565,6 +576,7 @@ impl Driver {
         match self {
             Driver::Grpc(g) => (g.quota.len(), 1),
             Driver::Redis(r) => (r.conns.len(), args.pipeline.max(1)),
+            Driver::Anchor(a) => (a.conns.len(), a.depth),
         }
     }
 
@@ -623,6 +635,7 @@ impl Driver {
                     .map_err(|e| format!("redis {:?}", e.kind()))?;
                 script_decisions(&v, areq.recipients.len())
             }
+            Driver::Anchor(a) => a.decide(slot, sender, &req.recipients).await,
         }
     }
 
@@ -630,6 +643,7 @@ impl Driver {
         match self {
             Driver::Grpc(g) => g.setup(job).await,
             Driver::Redis(d) => d.setup(job).await,
+            Driver::Anchor(a) => a.setup(job).await,
         }
     }
 }
@@ -1007,6 +1021,8 @@ pub struct RunReport {
     pub load_avg: Option<[f64; 3]>,
     /// CPU time over the measured run: this load generator, watched processes, the machine.
     pub cpu: Vec<CpuUse>,
+    /// The same CPU time per decision made (a call that succeeded), in microseconds.
+    pub cpu_us_per_decision: BTreeMap<String, f64>,
     /// From the stats Redis, when one is given (see `--stats-redis`).
     pub redis: Option<RedisCounts>,
 }
@@ -1305,6 +1321,15 @@ async fn measure(
             .map(|(w, name)| ((*name).to_owned(), total.asked[*w as usize]))
             .collect(),
         load_avg: load_avg(),
+        cpu_us_per_decision: cpu
+            .iter()
+            .map(|c| {
+                (
+                    c.name.clone(),
+                    round2(c.cpu_s * 1e6 / total.ok.max(1) as f64),
+                )
+            })
+            .collect(),
         cpu,
         redis,
     })
@@ -1589,6 +1614,10 @@ pub struct Report {
     pub ceiling: Option<RunReport>,
     /// service decisions/s over ceiling decisions/s, when both ran.
     pub service_to_ceiling: Option<f64>,
+    pub anchor: Option<RunReport>,
+    pub anchor_pipelined: Option<RunReport>,
+    /// service decisions/s over the unpipelined anchor's, when both ran.
+    pub service_to_anchor: Option<f64>,
     pub memory: Option<MemoryReport>,
     pub growth: Vec<RunReport>,
     pub webhooks: Option<webhook::WebhookReport>,
@@ -1647,6 +1676,12 @@ fn print_run(r: &RunReport) {
     println!("  asked       {}", counts(&r.asked));
     println!("  errors      {}", counts(&r.errors));
     print_cpu(&r.cpu);
+    if !r.cpu_us_per_decision.is_empty() {
+        let each: Vec<String> = (r.cpu_us_per_decision.iter())
+            .map(|(k, v)| format!("{k} {v:.1}"))
+            .collect();
+        println!("  cpu µs/decision {}", each.join(", "));
+    }
     if let Some(x) = &r.redis {
         println!(
             "  redis       {:.2} commands/decision (scripts' included), {:.2} EVALSHA/decision",
@@ -1725,8 +1760,16 @@ fn print_report(r: &Report) {
             .map(|[a, b, c]| format!(", load avg at start {a:.2} {b:.2} {c:.2}"))
             .unwrap_or_default()
     );
-    for run in [&r.service, &r.ceiling].into_iter().flatten() {
+    for run in [&r.service, &r.ceiling, &r.anchor, &r.anchor_pipelined]
+        .into_iter()
+        .flatten()
+    {
         print_run(run);
+    }
+    if let Some(x) = r.service_to_anchor {
+        println!(
+            "service / anchor: {x:.3} (end-to-end decisions/s over the unpipelined anchor script's)"
+        );
     }
     if let Some(x) = r.service_to_ceiling {
         println!(
@@ -1824,7 +1867,10 @@ pub async fn run_report(args: &BenchArgs) -> Result<Report, String> {
         return Err("--concurrency must be at least 1".into());
     }
     let quiet = !std::io::stderr().is_terminal();
-    let stats = match args.stats_redis.as_ref().or(args.ceiling_redis.as_ref()) {
+    let stats_url = (args.stats_redis.as_ref())
+        .or(args.ceiling_redis.as_ref())
+        .or(args.anchor_redis.as_ref());
+    let stats = match stats_url {
         Some(url) => Some(
             redis::Client::open(url.as_str())
                 .map_err(|e| format!("{url}: {e}"))?
@@ -1840,6 +1886,9 @@ pub async fn run_report(args: &BenchArgs) -> Result<Report, String> {
         service: None,
         ceiling: None,
         service_to_ceiling: None,
+        anchor: None,
+        anchor_pipelined: None,
+        service_to_anchor: None,
         memory: None,
         growth: Vec::new(),
         webhooks: None,
@@ -1855,9 +1904,14 @@ pub async fn run_report(args: &BenchArgs) -> Result<Report, String> {
         report.webhooks = Some(webhook::measure(args, &grpc, url, secret, &ctx).await?);
         return Ok(report);
     }
-    let addr = match (&args.addr, &args.ceiling_redis, &args.memory_redis) {
-        (Some(a), _, _) => Some(a.clone()),
-        (None, None, None) => Some(DEFAULT_ADDR.to_owned()),
+    let addr = match (
+        &args.addr,
+        &args.ceiling_redis,
+        &args.memory_redis,
+        &args.anchor_redis,
+    ) {
+        (Some(a), _, _, _) => Some(a.clone()),
+        (None, None, None, None) => Some(DEFAULT_ADDR.to_owned()),
         _ => None,
     };
     let mut drivers = Vec::new();
@@ -1867,6 +1921,12 @@ pub async fn run_report(args: &BenchArgs) -> Result<Report, String> {
     if let Some(url) = &args.ceiling_redis {
         drivers.push(Driver::redis(url, args.connections, &args.key_prefix).await?);
     }
+    if let Some(url) = &args.anchor_redis {
+        for depth in [1, args.pipeline.max(1)] {
+            let a = anchor::AnchorDriver::connect(url, args.connections, &args.key_prefix, depth);
+            drivers.push(Driver::Anchor(Arc::new(a.await?)));
+        }
+    }
     for d in &drivers {
         if args.growth {
             report.growth.extend(growth(d, args, &ctx).await?);
@@ -1875,6 +1935,8 @@ pub async fn run_report(args: &BenchArgs) -> Result<Report, String> {
             match d {
                 Driver::Grpc(_) => report.service = Some(r),
                 Driver::Redis(_) => report.ceiling = Some(r),
+                Driver::Anchor(a) if a.depth == 1 => report.anchor = Some(r),
+                Driver::Anchor(_) => report.anchor_pipelined = Some(r),
             }
         }
     }
@@ -1883,6 +1945,12 @@ pub async fn run_report(args: &BenchArgs) -> Result<Report, String> {
     {
         report.service_to_ceiling =
             Some((s.decisions_per_s / c.decisions_per_s * 1000.0).round() / 1000.0);
+    }
+    if let (Some(s), Some(a)) = (&report.service, &report.anchor)
+        && a.decisions_per_s > 0.0
+    {
+        report.service_to_anchor =
+            Some((s.decisions_per_s / a.decisions_per_s * 1000.0).round() / 1000.0);
     }
     if let Some(url) = &args.memory_redis {
         report.memory = Some(measure_memory(args, url).await?);
