@@ -49,17 +49,7 @@ impl AnchorDriver {
         prefix: &str,
         depth: usize,
     ) -> Result<AnchorDriver, String> {
-        let client = redis::Client::open(url).map_err(|e| format!("{url}: {e}"))?;
-        let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
-        let mut conns = Vec::new();
-        for _ in 0..connections.max(1) {
-            conns.push(
-                client
-                    .get_multiplexed_async_connection_with_config(&config)
-                    .await
-                    .map_err(|e| format!("cannot connect to {url}: {e}"))?,
-            );
-        }
+        let mut conns = super::multiplexed(url, connections).await?;
         let sha: String = redis::cmd("SCRIPT")
             .arg("LOAD")
             .arg(SCRIPT)

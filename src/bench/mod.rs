@@ -518,19 +518,7 @@ impl Driver {
         for _ in 0..settings.redis_pool_size {
             ledger.ping().await.map_err(|e| format!("{url}: {e}"))?;
         }
-        let client = redis::Client::open(url).map_err(|e| format!("{url}: {e}"))?;
-        // No response timeout: with hundreds of pipelined batch calls queued on Redis, the
-        // client's 500 ms default would cut off calls that are only waiting their turn.
-        let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
-        let mut conns = Vec::new();
-        for _ in 0..connections.max(1) {
-            conns.push(
-                client
-                    .get_multiplexed_async_connection_with_config(&config)
-                    .await
-                    .map_err(|e| format!("cannot connect to {url}: {e}"))?,
-            );
-        }
+        let mut conns = multiplexed(url, connections).await?;
         let script = Scripts::new().acquire;
         let sha: String = redis::cmd("SCRIPT")
             .arg("LOAD")
@@ -646,6 +634,27 @@ impl Driver {
             Driver::Anchor(a) => a.setup(job).await,
         }
     }
+}
+
+/// `connections` multiplexed connections to the Redis at `url` for a script-direct load.
+async fn multiplexed(
+    url: &str,
+    connections: usize,
+) -> Result<Vec<redis::aio::MultiplexedConnection>, String> {
+    let client = redis::Client::open(url).map_err(|e| format!("{url}: {e}"))?;
+    // No response timeout: with hundreds of pipelined batch calls queued on Redis, the
+    // client's 500 ms default would cut off calls that are only waiting their turn.
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+    let mut conns = Vec::new();
+    for _ in 0..connections.max(1) {
+        conns.push(
+            client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+                .map_err(|e| format!("cannot connect to {url}: {e}"))?,
+        );
+    }
+    Ok(conns)
 }
 
 /// The decision codes in an acquire script reply (layout: `ledger::redis::ACQUIRE_REPLY_*`).
