@@ -1045,10 +1045,69 @@ pub struct RedisCounts {
     /// `cmdstat_evalsha` calls delta: round trips that ran the decision script.
     pub evalsha: u64,
     pub evalsha_per_decision: f64,
+    /// Redis's own time in one EVALSHA (`usec` over `calls` of `cmdstat_evalsha`), in µs.
+    pub evalsha_us_per_call: f64,
+    /// Where that time went, per decision, in µs: each command the scripts ran (their own
+    /// `usec` in commandstats), and `lua`, the rest of EVALSHA's time (the script's logic and
+    /// the marshalling of every call's arguments and replies).
+    pub us_per_decision: BTreeMap<String, f64>,
 }
 
-/// (total_commands_processed, evalsha calls) of a Redis.
-async fn redis_counts(conn: &mut redis::aio::MultiplexedConnection) -> Option<(u64, u64)> {
+/// What a Redis reported at one moment: `total_commands_processed`, and (calls, usec) of each
+/// command in `INFO commandstats`.
+pub(crate) struct RedisReading {
+    total: u64,
+    commands: BTreeMap<String, (u64, u64)>,
+}
+
+impl RedisReading {
+    /// `(total commands, evalsha calls)` since `before`, less the two INFO calls of `before`.
+    fn since(&self, before: &RedisReading) -> (u64, u64) {
+        let calls = |r: &RedisReading| r.commands.get("evalsha").map_or(0, |c| c.0);
+        (
+            self.total.saturating_sub(before.total + 2),
+            calls(self).saturating_sub(calls(before)),
+        )
+    }
+
+    /// The counts of a run that made `decisions` decisions.
+    fn counts(&self, before: &RedisReading, decisions: u64) -> RedisCounts {
+        let per = |n: f64| round2(n / decisions.max(1) as f64);
+        let (commands, evalsha) = self.since(before);
+        let delta = |name: &str| {
+            let (c0, u0) = before.commands.get(name).copied().unwrap_or((0, 0));
+            let (c1, u1) = self.commands.get(name).copied().unwrap_or((0, 0));
+            (c1.saturating_sub(c0), u1.saturating_sub(u0))
+        };
+        let (_, evalsha_us) = delta("evalsha");
+        let mut us_per_decision = BTreeMap::new();
+        let mut inner = 0;
+        for name in self.commands.keys() {
+            if matches!(name.as_str(), "evalsha" | "eval" | "info" | "script") {
+                continue;
+            }
+            let (calls, us) = delta(name);
+            if calls > 0 {
+                inner += us;
+                us_per_decision.insert(name.clone(), per(us as f64));
+            }
+        }
+        if evalsha > 0 {
+            us_per_decision.insert("lua".into(), per(evalsha_us.saturating_sub(inner) as f64));
+        }
+        RedisCounts {
+            commands,
+            commands_per_decision: per(commands as f64),
+            evalsha,
+            evalsha_per_decision: per(evalsha as f64),
+            evalsha_us_per_call: round2(evalsha_us as f64 / evalsha.max(1) as f64),
+            us_per_decision,
+        }
+    }
+}
+
+/// What a Redis reports of its commands now.
+async fn redis_counts(conn: &mut redis::aio::MultiplexedConnection) -> Option<RedisReading> {
     let stats: String = redis::cmd("INFO")
         .arg("stats")
         .query_async(conn)
@@ -1062,13 +1121,20 @@ async fn redis_counts(conn: &mut redis::aio::MultiplexedConnection) -> Option<(u
     let total = info_field(&stats, "total_commands_processed")?
         .parse()
         .ok()?;
-    let evalsha = info_field(&cmds, "cmdstat_evalsha")
-        .and_then(|v| {
-            v.split(',')
-                .find_map(|kv| kv.strip_prefix("calls=")?.parse().ok())
+    // cmdstat_<name>:calls=N,usec=N,usec_per_call=...
+    let commands = cmds
+        .lines()
+        .filter_map(|l| {
+            let (name, fields) = l.trim().strip_prefix("cmdstat_")?.split_once(':')?;
+            let field = |k: &str| {
+                fields
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix(k)?.parse::<u64>().ok())
+            };
+            Some((name.to_owned(), (field("calls=")?, field("usec=")?)))
         })
-        .unwrap_or(0);
-    Some((total, evalsha))
+        .collect();
+    Some(RedisReading { total, commands })
 }
 
 /// What every run of one invocation shares.
@@ -1288,17 +1354,9 @@ async fn measure(
         Some(c) => redis_counts(c).await,
         None => None,
     };
-    // The two INFO calls of the first reading are counted in the second.
-    let redis = counts_before.zip(counts_after).map(|((c0, e0), (c1, e1))| {
-        let per = |n: u64| round2(n as f64 / total.ok.max(1) as f64);
-        let commands = c1.saturating_sub(c0 + 2);
-        RedisCounts {
-            commands,
-            commands_per_decision: per(commands),
-            evalsha: e1 - e0,
-            evalsha_per_decision: per(e1 - e0),
-        }
-    });
+    let redis = counts_before
+        .zip(counts_after)
+        .map(|(before, after)| after.counts(&before, total.ok));
     if let Some(t) = ticker {
         t.abort();
         eprint!("\r\x1b[K");
@@ -1693,9 +1751,14 @@ fn print_run(r: &RunReport) {
     }
     if let Some(x) = &r.redis {
         println!(
-            "  redis       {:.2} commands/decision (scripts' included), {:.2} EVALSHA/decision",
-            x.commands_per_decision, x.evalsha_per_decision
+            "  redis       {:.2} commands/decision (scripts' included), {:.2} EVALSHA/decision, \
+             {:.1} µs/EVALSHA",
+            x.commands_per_decision, x.evalsha_per_decision, x.evalsha_us_per_call
         );
+        let each: Vec<String> = (x.us_per_decision.iter())
+            .map(|(k, v)| format!("{k} {v:.1}"))
+            .collect();
+        println!("  redis µs/decision {}", each.join(", "));
     }
     if let Some([a, b, c]) = r.load_avg {
         println!("  load avg    {a:.2} {b:.2} {c:.2}");

@@ -295,10 +295,9 @@ pub(super) async fn measure(
         None => None,
     };
     let events_ok = total.ok * load.events as u64;
-    // The two INFO calls of the first reading are counted in the second.
-    let redis_commands_per_event = counts_before.zip(counts_after).map(|((c0, _), (c1, _))| {
-        round2(c1.saturating_sub(c0 + 2) as f64 / events_ok.max(1) as f64)
-    });
+    let redis_commands_per_event = counts_before
+        .zip(counts_after)
+        .map(|(before, after)| round2(after.since(&before).0 as f64 / events_ok.max(1) as f64));
     Ok(WebhookReport {
         url: url.to_owned(),
         concurrency: args.concurrency,
