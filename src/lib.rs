@@ -10,6 +10,8 @@
 //! - [`cli`]: the operator commands of the binary, a gRPC client of `AdminService`.
 //! - [`outage`]: what decisions answer while the store cannot be reached.
 //! - [`metrics`]: Prometheus metrics and their `/metrics` listener.
+//! - [`webhook`]: the WhatsApp webhook listener, which keeps the ledger true from WhatsApp's own
+//!   reports (docs/contract.md, "The webhook bridge").
 //! - [`bench`]: `waquota bench`, the load generator and measurements behind BENCHMARKS.md.
 //! - [`server`]: wiring: services, auth, load shedding, TLS, health, reflection, graceful
 //!   shutdown.

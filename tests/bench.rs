@@ -324,10 +324,14 @@ async fn the_anchor_runs_the_same_workload_beside_the_service() {
             count(decisions, "allowed_counted"),
             "{run}"
         );
-        // One EVALSHA a decision; calls in flight before the measured part began (one per
-        // worker and depth) may add a few.
-        let evalsha = run["redis"]["evalsha"].as_u64().unwrap();
-        assert!((200..=200 + 4 * depth).contains(&evalsha), "{run}");
+        // One EVALSHA a decision at least; calls made between the first Redis reading and the
+        // start of the measured part add a few.
+        assert!(run["redis"]["evalsha"].as_u64().unwrap() >= 200, "{run}");
         assert!(run["cpu_us_per_decision"]["bench"].as_f64().is_some());
+        // Redis's time in the script, by command and the Lua around them.
+        let us = &run["redis"]["us_per_decision"];
+        for cmd in ["zadd", "zscore", "lua"] {
+            assert!(us[cmd].as_f64().is_some_and(|x| x >= 0.0), "{cmd}: {run}");
+        }
     }
 }
