@@ -335,3 +335,50 @@ async fn the_anchor_runs_the_same_workload_beside_the_service() {
         }
     }
 }
+
+/// `--cost` runs every load (single uncoalesced and coalesced, batches of 10 and 100) for every
+/// outcome alone and for the mix, and each run decides exactly what it asked.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cost_matrix_runs_every_load_and_outcome() {
+    let server = TestServer::start(Backend::Memory).await;
+    let report = bench(args(&[
+        "--addr",
+        &server.endpoint(),
+        "--cost",
+        "--requests",
+        "20",
+        "--concurrency",
+        "2",
+        "--warmup",
+        "0",
+        "--senders",
+        "2",
+        "--recipients",
+        "20",
+        "--service-recipients",
+        "5",
+    ]))
+    .await;
+    let runs = report["cost"].as_array().unwrap();
+    assert_eq!(runs.len(), 20, "{report}");
+    for (i, load) in ["single uncoalesced", "single coalesced", "batch 10", "batch 100"]
+        .iter()
+        .enumerate()
+    {
+        for (j, outcome) in ["new", "counted", "service", "denied", "mix"].iter().enumerate() {
+            let run = &runs[i * 5 + j];
+            assert_eq!(run["label"], format!("service {load} {outcome}"));
+            let batch = [1, 1, 10, 100][i];
+            // Every recipient decided, none failed (a batch of 100 drawn from a pool of 20 meets
+            // a recipient twice, so the per-pair rate answers some: not checked one by one).
+            assert_eq!(run["calls"], 20, "{run}");
+            assert_eq!(sum(&run["errors"]), 0, "{run}");
+            assert_eq!(sum(&run["decisions"]), 20 * batch, "{run}");
+            assert_eq!(run["pinned"], i == 0, "{run}");
+            let asked = &run["asked"];
+            if *outcome != "mix" {
+                assert_eq!(count(asked, outcome), 20 * batch, "{run}");
+            }
+        }
+    }
+}

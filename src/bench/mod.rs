@@ -130,6 +130,11 @@ pub struct BenchArgs {
     /// active senders (on the service, and on the ceiling when --ceiling-redis is given).
     #[arg(long)]
     pub growth: bool,
+    /// Cost: what a decision costs, in one invocation: single Acquires uncoalesced (each worker
+    /// its own sender) and coalesced (--senders), and batches of 10 and 100, each for every
+    /// outcome alone (new, counted, service window, denied) and for --mix; prints one table.
+    #[arg(long)]
+    pub cost: bool,
     /// Key prefix of the Redis ledger the ceiling and memory runs write (as `serve --key-prefix`).
     #[arg(long, default_value = "wq")]
     pub key_prefix: String,
@@ -292,6 +297,10 @@ pub struct Shape {
     pub service_recipients: usize,
     pub mix: Mix,
     pub batch: usize,
+    /// Each worker asks its own sender (worker i: sender i), so no two requests of one sender
+    /// are ever in flight together and nothing is coalesced: needs as many senders (and full
+    /// senders) as workers.
+    pub pinned: bool,
 }
 
 struct Workload {
@@ -344,7 +353,7 @@ impl Workload {
 
     /// A batch goes to one sender: if its first draw is a denial, the whole batch asks a full
     /// sender; otherwise the rest draws from the allowed shares only.
-    fn next(&self, rng: &mut Rng) -> Req {
+    fn next(&self, rng: &mut Rng, worker: usize) -> Req {
         let n = self.shape.batch.max(1);
         let first = self.pick(rng, true);
         let mut req = Req {
@@ -353,15 +362,22 @@ impl Workload {
             recipients: Vec::with_capacity(n),
             wants: Vec::with_capacity(n),
         };
+        let pick = |rng: &mut Rng, n: usize| {
+            if self.shape.pinned {
+                worker % n.max(1)
+            } else {
+                rng.below(n)
+            }
+        };
         if req.full {
-            req.sender = rng.below(self.full.len());
+            req.sender = pick(rng, self.full.len());
             for _ in 0..n {
                 req.recipients.push(fresh_recipient(self.fresh_id()));
                 req.wants.push(Want::Denied);
             }
             return req;
         }
-        req.sender = rng.below(self.active.len());
+        req.sender = pick(rng, self.active.len());
         for i in 0..n {
             let w = if i == 0 { first } else { self.pick(rng, false) };
             let r = match w {
@@ -1281,7 +1297,7 @@ async fn measure(
                 {
                     break;
                 }
-                let req = workload.next(&mut rng);
+                let req = workload.next(&mut rng, w);
                 let start = Instant::now();
                 let res = driver.call(w, &workload, &req).await;
                 let ns = start.elapsed().as_nanos() as u64;
@@ -1687,6 +1703,7 @@ pub struct Report {
     pub service_to_anchor: Option<f64>,
     pub memory: Option<MemoryReport>,
     pub growth: Vec<RunReport>,
+    pub cost: Vec<RunReport>,
     pub webhooks: Option<webhook::WebhookReport>,
 }
 
@@ -1861,6 +1878,9 @@ fn print_report(r: &Report) {
             );
         }
     }
+    if !r.cost.is_empty() {
+        print_cost(&r.cost);
+    }
     if let Some(mem) = &r.memory {
         print_memory(mem);
     }
@@ -1877,6 +1897,103 @@ fn base_shape(args: &BenchArgs) -> Shape {
         service_recipients: args.service_recipients,
         mix: args.mix,
         batch: args.batch.max(1),
+        pinned: false,
+    }
+}
+
+/// The loads of `--cost`: (name, batch, pinned).
+const COST_LOADS: [(&str, usize, bool); 4] = [
+    ("single uncoalesced", 1, true),
+    ("single coalesced", 1, false),
+    ("batch 10", 10, false),
+    ("batch 100", 100, false),
+];
+
+/// Every outcome alone, then the given mix.
+fn cost_mixes(mix: Mix) -> [(&'static str, Mix); 5] {
+    let only = |new, counted, service, denied| Mix {
+        new,
+        counted,
+        service,
+        denied,
+    };
+    [
+        ("new", only(100, 0, 0, 0)),
+        ("counted", only(0, 100, 0, 0)),
+        ("service", only(0, 0, 100, 0)),
+        ("denied", only(0, 0, 0, 100)),
+        ("mix", mix),
+    ]
+}
+
+async fn cost(driver: &Driver, args: &BenchArgs, ctx: &Ctx) -> Result<Vec<RunReport>, String> {
+    let mut out = Vec::new();
+    for (load, batch, pinned) in COST_LOADS {
+        // Uncoalesced: a sender per worker, a full sender per worker too.
+        let senders = if pinned {
+            args.concurrency.max(1)
+        } else {
+            args.senders.max(1)
+        };
+        for (outcome, mix) in cost_mixes(args.mix) {
+            let shape = Shape {
+                senders,
+                full_senders: if pinned {
+                    senders
+                } else {
+                    (senders / 10).clamp(1, 100)
+                },
+                mix,
+                batch,
+                pinned,
+                ..base_shape(args)
+            };
+            let label = format!("{} {load} {outcome}", driver.label());
+            out.push(measure(driver, args, shape, label, ctx).await?);
+        }
+    }
+    Ok(out)
+}
+
+/// The `--cost` table: one line per run.
+fn print_cost(runs: &[RunReport]) {
+    println!(
+        "cost (µs per decision; a batch is one decision)\n  {:<42} {:>9} {:>11} {:>7} {:>7} {:>7} {:>8} {:>10} {:>8} {:>7} {:>9} {:>8}",
+        "run",
+        "dec/s",
+        "recip/s",
+        "p50 ms",
+        "p99 ms",
+        "p99.9",
+        "redis µs",
+        "redis/rcpt",
+        "server",
+        "bench",
+        "µs/EVALSHA",
+        "EVALSHA/d"
+    );
+    for r in runs {
+        let cpu = |name: &str| r.cpu_us_per_decision.get(name).copied();
+        let show = |x: Option<f64>| x.map_or("-".to_owned(), |v| format!("{v:.1}"));
+        let batch = r.shape.batch.max(1) as f64;
+        let (evalsha_us, evalsha_per) = r.redis.as_ref().map_or((None, None), |x| {
+            (Some(x.evalsha_us_per_call), Some(x.evalsha_per_decision))
+        });
+        println!(
+            "  {:<42} {:>9.0} {:>11.0} {:>7.3} {:>7.3} {:>7.3} {:>8} {:>10} {:>8} {:>7} {:>9} {:>8}",
+            r.label,
+            r.decisions_per_s,
+            r.recipients_per_s,
+            r.latency_ms.p50,
+            r.latency_ms.p99,
+            r.latency_ms.p99_9,
+            show(cpu("redis")),
+            show(cpu("redis").map(|v| v / batch)),
+            show(cpu("server")),
+            show(cpu("bench")),
+            show(evalsha_us),
+            evalsha_per.map_or("-".to_owned(), |v| format!("{v:.2}")),
+        );
     }
 }
 
@@ -1963,6 +2080,7 @@ pub async fn run_report(args: &BenchArgs) -> Result<Report, String> {
         service_to_anchor: None,
         memory: None,
         growth: Vec::new(),
+        cost: Vec::new(),
         webhooks: None,
     };
     if let Some(url) = &args.webhook_url {
@@ -2000,7 +2118,9 @@ pub async fn run_report(args: &BenchArgs) -> Result<Report, String> {
         }
     }
     for d in &drivers {
-        if args.growth {
+        if args.cost {
+            report.cost.extend(cost(d, args, &ctx).await?);
+        } else if args.growth {
             report.growth.extend(growth(d, args, &ctx).await?);
         } else {
             let r = measure(d, args, base_shape(args), d.label().to_owned(), &ctx).await?;
