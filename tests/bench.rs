@@ -361,11 +361,19 @@ async fn the_cost_matrix_runs_every_load_and_outcome() {
     .await;
     let runs = report["cost"].as_array().unwrap();
     assert_eq!(runs.len(), 20, "{report}");
-    for (i, load) in ["single uncoalesced", "single coalesced", "batch 10", "batch 100"]
-        .iter()
-        .enumerate()
+    for (i, load) in [
+        "single uncoalesced",
+        "single coalesced",
+        "batch 10",
+        "batch 100",
+    ]
+    .iter()
+    .enumerate()
     {
-        for (j, outcome) in ["new", "counted", "service", "denied", "mix"].iter().enumerate() {
+        for (j, outcome) in ["new", "counted", "service", "denied", "mix"]
+            .iter()
+            .enumerate()
+        {
             let run = &runs[i * 5 + j];
             assert_eq!(run["label"], format!("service {load} {outcome}"));
             let batch = [1, 1, 10, 100][i];
