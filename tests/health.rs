@@ -220,6 +220,12 @@ async fn redis_down_is_unavailable_and_recovers_without_restart() {
         .await
         .expect_err("still down");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    // The answer names the store and its address, not just the socket's error.
+    let url = server.redis().expect("a standalone Redis").url();
+    assert!(
+        err.message().starts_with(&format!("Redis at {url}: ")),
+        "{err:?}"
+    );
 
     // Bring Redis back on the same port (empty: no persistence), without touching waquota.
     server.redis().expect("a standalone Redis").restart();

@@ -51,6 +51,8 @@ const ROUTE_CACHE_MAX: usize = 100_000;
 
 pub struct RedisLedger {
     conns: Conns,
+    /// Which Redis this is, for error messages: an outage names the store and its address.
+    store: String,
     scripts: Scripts,
     keys: Keys,
     defaults: Defaults,
@@ -162,9 +164,10 @@ impl From<RedisError> for Failure {
 }
 
 impl Failure {
-    fn into_ledger(self) -> LedgerError {
+    /// `store`: which Redis answered (or did not), named in the message.
+    fn into_ledger(self, store: &str) -> LedgerError {
         match self {
-            Failure::Redis(e) => store_error(e),
+            Failure::Redis(e) => store_error(e, store),
             Failure::NotReplicated { acked, wanted } => LedgerError::Unavailable(format!(
                 "Redis replicated the change to {acked} of the {wanted} replica(s) durability requires in time; it stands on the primary"
             )),
@@ -189,7 +192,7 @@ fn not_run(e: &RedisError, refused_counts: bool) -> bool {
 
 /// Transient trouble (the store is down, failing over, or slow) is `UNAVAILABLE`; anything else
 /// from a script is a bug and is `INTERNAL`.
-fn store_error(e: RedisError) -> LedgerError {
+fn store_error(e: RedisError, store: &str) -> LedgerError {
     let transient = e.is_io_error()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
@@ -210,9 +213,26 @@ fn store_error(e: RedisError) -> LedgerError {
                 )
         );
     if transient {
-        LedgerError::Unavailable(e.to_string())
+        LedgerError::Unavailable(format!("{store}: {e}"))
     } else {
-        LedgerError::Internal(e.to_string())
+        LedgerError::Internal(format!("{store}: {e}"))
+    }
+}
+
+/// The store as an error message names it: "Redis at redis://host:6379", credentials left out.
+fn describe(store: &Store) -> String {
+    use crate::config::redact_url;
+    match store {
+        Store::Redis { url } => format!("Redis at {}", redact_url(url)),
+        Store::Cluster { nodes } => {
+            let nodes: Vec<String> = nodes.iter().map(|n| redact_url(n)).collect();
+            format!("Redis Cluster at {}", nodes.join(","))
+        }
+        Store::Sentinel { sentinels, master } => {
+            let seeds: Vec<String> = sentinels.iter().map(|n| redact_url(n)).collect();
+            format!("Redis primary of {master} (Sentinel {})", seeds.join(","))
+        }
+        Store::Memory => "memory".to_owned(),
     }
 }
 
@@ -484,6 +504,7 @@ impl RedisLedger {
             .map_err(|e| LedgerError::Unavailable(format!("redis configuration: {e}")))?;
         let ledger = RedisLedger {
             conns,
+            store: describe(&settings.store),
             scripts: Scripts::new(),
             keys: match settings.store {
                 Store::Cluster { .. } => Keys::cluster(&settings.key_prefix),
@@ -548,7 +569,7 @@ impl RedisLedger {
                 Ok(r) => r,
                 Err(_) => Err(RedisError::from(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
-                    format!("Redis did not answer within {:?}", self.timeout),
+                    format!("did not answer within {:?}", self.timeout),
                 ))),
             };
             match result {
@@ -583,7 +604,7 @@ impl RedisLedger {
     async fn query(&self, cmd: &redis::Cmd) -> Result<Value> {
         self.query_raw(Sent::Cmd(cmd), false)
             .await
-            .map_err(Failure::into_ledger)
+            .map_err(|f| f.into_ledger(&self.store))
     }
 
     /// A command that changes the ledger: with `durability = replicated`, answered once
@@ -591,7 +612,7 @@ impl RedisLedger {
     async fn write(&self, cmd: &redis::Cmd) -> Result<Value> {
         self.query_raw(Sent::Cmd(cmd), true)
             .await
-            .map_err(Failure::into_ledger)
+            .map_err(|f| f.into_ledger(&self.store))
     }
 
     /// A pipeline of writes to one key (so it also runs on a Cluster), in one round trip, as
@@ -600,7 +621,7 @@ impl RedisLedger {
         self.query_raw(Sent::Pipe(pipe), true)
             .await
             .map(|_| ())
-            .map_err(Failure::into_ledger)
+            .map_err(|f| f.into_ledger(&self.store))
     }
 
     async fn run(&self, call: &Call<'_>) -> Result<Value> {
@@ -615,9 +636,9 @@ impl RedisLedger {
                 );
                 self.query_raw(Sent::Cmd(&call.by_source()), replicate)
                     .await
-                    .map_err(Failure::into_ledger)
+                    .map_err(|f| f.into_ledger(&self.store))
             }
-            r => r.map_err(Failure::into_ledger),
+            r => r.map_err(|f| f.into_ledger(&self.store)),
         };
         self.metrics
             .script_latency(call.script.name, start.elapsed());
