@@ -336,8 +336,8 @@ async fn the_anchor_runs_the_same_workload_beside_the_service() {
     }
 }
 
-/// `--cost` runs every load (single uncoalesced and coalesced, batches of 10 and 100) for every
-/// outcome alone and for the mix, and each run decides exactly what it asked.
+/// `--cost` runs every load (single Acquires and batches of 10 and 100, each uncoalesced and
+/// coalesced) for every outcome alone and for the mix, and each run decides every recipient.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_cost_matrix_runs_every_load_and_outcome() {
     let server = TestServer::start(Backend::Memory).await;
@@ -360,32 +360,28 @@ async fn the_cost_matrix_runs_every_load_and_outcome() {
     ]))
     .await;
     let runs = report["cost"].as_array().unwrap();
-    assert_eq!(runs.len(), 20, "{report}");
-    for (i, load) in [
-        "single uncoalesced",
-        "single coalesced",
-        "batch 10",
-        "batch 100",
-    ]
-    .iter()
-    .enumerate()
-    {
-        for (j, outcome) in ["new", "counted", "service", "denied", "mix"]
-            .iter()
-            .enumerate()
-        {
-            let run = &runs[i * 5 + j];
+    let loads = [
+        ("single uncoalesced", 1, true),
+        ("single coalesced", 1, false),
+        ("batch 10 uncoalesced", 10, true),
+        ("batch 10 coalesced", 10, false),
+        ("batch 100 uncoalesced", 100, true),
+        ("batch 100 coalesced", 100, false),
+    ];
+    let outcomes = ["new", "counted", "service", "denied", "mix"];
+    assert_eq!(runs.len(), loads.len() * outcomes.len(), "{report}");
+    for (i, (load, batch, pinned)) in loads.iter().enumerate() {
+        for (j, outcome) in outcomes.iter().enumerate() {
+            let run = &runs[i * outcomes.len() + j];
             assert_eq!(run["label"], format!("service {load} {outcome}"));
-            let batch = [1, 1, 10, 100][i];
+            assert_eq!(run["pinned"], *pinned, "{run}");
             // Every recipient decided, none failed (a batch of 100 drawn from a pool of 20 meets
             // a recipient twice, so the per-pair rate answers some: not checked one by one).
             assert_eq!(run["calls"], 20, "{run}");
             assert_eq!(sum(&run["errors"]), 0, "{run}");
             assert_eq!(sum(&run["decisions"]), 20 * batch, "{run}");
-            assert_eq!(run["pinned"], i == 0, "{run}");
-            let asked = &run["asked"];
             if *outcome != "mix" {
-                assert_eq!(count(asked, outcome), 20 * batch, "{run}");
+                assert_eq!(count(&run["asked"], outcome), 20 * batch, "{run}");
             }
         }
     }

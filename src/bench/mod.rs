@@ -130,9 +130,10 @@ pub struct BenchArgs {
     /// active senders (on the service, and on the ceiling when --ceiling-redis is given).
     #[arg(long)]
     pub growth: bool,
-    /// Cost: what a decision costs, in one invocation: single Acquires uncoalesced (each worker
-    /// its own sender) and coalesced (--senders), and batches of 10 and 100, each for every
-    /// outcome alone (new, counted, service window, denied) and for --mix; prints one table.
+    /// Cost: what a decision costs, in one invocation: single Acquires and batches of 10 and
+    /// 100, each uncoalesced (each worker its own sender) and coalesced (over --senders), each
+    /// for every outcome alone (new, counted, service window, denied) and for --mix; prints
+    /// one table.
     #[arg(long)]
     pub cost: bool,
     /// Key prefix of the Redis ledger the ceiling and memory runs write (as `serve --key-prefix`).
@@ -1902,11 +1903,13 @@ fn base_shape(args: &BenchArgs) -> Shape {
 }
 
 /// The loads of `--cost`: (name, batch, pinned).
-const COST_LOADS: [(&str, usize, bool); 4] = [
+const COST_LOADS: [(&str, usize, bool); 6] = [
     ("single uncoalesced", 1, true),
     ("single coalesced", 1, false),
-    ("batch 10", 10, false),
-    ("batch 100", 100, false),
+    ("batch 10 uncoalesced", 10, true),
+    ("batch 10 coalesced", 10, false),
+    ("batch 100 uncoalesced", 100, true),
+    ("batch 100 coalesced", 100, false),
 ];
 
 /// Every outcome alone, then the given mix.
@@ -2026,10 +2029,31 @@ async fn growth(driver: &Driver, args: &BenchArgs, ctx: &Ctx) -> Result<Vec<RunR
     Ok(out)
 }
 
+/// Runs whose new slots the server refused as a lost ledger: their figures measure refusals.
+fn lost_ledger_runs(r: &Report) -> Vec<&str> {
+    let runs = [&r.service, &r.ceiling, &r.anchor, &r.anchor_pipelined];
+    (runs.into_iter().flatten())
+        .chain(&r.growth)
+        .chain(&r.cost)
+        .filter(|run| run.decisions.contains_key("denied_ledger_lost"))
+        .map(|run| run.label.as_str())
+        .collect()
+}
+
 /// `waquota bench`: runs what the arguments ask for and prints the report.
 pub async fn run(args: BenchArgs) -> ExitCode {
     match run_report(&args).await {
         Ok(report) => {
+            let lost = lost_ledger_runs(&report);
+            if !lost.is_empty() {
+                eprintln!(
+                    "waquota bench: warning: the server refused new slots as a lost ledger \
+                     (DENIED_LEDGER_LOST) in {}: their figures measure refusals. Was Redis \
+                     emptied under a running server? Run `waquota ledger accept-loss`, or \
+                     restart the server on an empty Redis.",
+                    lost.join(", ")
+                );
+            }
             if args.json {
                 match serde_json::to_string_pretty(&report) {
                     Ok(s) => println!("{s}"),
