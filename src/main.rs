@@ -269,16 +269,15 @@ impl SettingsArgs {
 
     fn load(&self) -> Result<Settings, String> {
         let mut overrides = self.overrides();
-        if !self.webhook_waba.is_empty() {
-            let wabas = waquota::config::parse_pairs(&self.webhook_waba)
-                .map_err(|e| format!("invalid configuration: --webhook-waba: {e}"))?;
-            overrides.webhook_wabas = Some(wabas);
-        }
-        if !self.webhook_display.is_empty() {
-            let displays = waquota::config::parse_pairs(&self.webhook_display)
-                .map_err(|e| format!("invalid configuration: --webhook-display: {e}"))?;
-            overrides.webhook_displays = Some(displays);
-        }
+        // A repeatable KEY=VALUE flag: None when not given, its error naming the flag.
+        let pairs = |flag: &str, values: &[String]| {
+            (!values.is_empty())
+                .then(|| waquota::config::parse_pairs(values))
+                .transpose()
+                .map_err(|e| format!("invalid configuration: --{flag}: {e}"))
+        };
+        overrides.webhook_wabas = pairs("webhook-waba", &self.webhook_waba)?;
+        overrides.webhook_displays = pairs("webhook-display", &self.webhook_display)?;
         if !self.on_store_error_sender.is_empty() {
             let senders = waquota::config::parse_sender_policies(&self.on_store_error_sender)
                 .map_err(|e| format!("invalid configuration: --on-store-error-sender: {e}"))?;

@@ -142,15 +142,14 @@ async fn batch_runs_count_recipients() {
     check_run(&report["service"], 40, 5);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn ceiling_drives_the_same_script_on_redis() {
-    let mut server = TestServer::start(Backend::Redis).await;
-    let redis = server.redis().unwrap().url();
-    let report = bench(args(&[
+/// A short run of 200 calls through the service at `endpoint` and, with `flag` (a script-direct
+/// run: `--ceiling-redis` or `--anchor-redis`), straight on the Redis at `redis`.
+fn script_direct_run(endpoint: &str, flag: &str, redis: &str) -> Vec<String> {
+    args(&[
         "--addr",
-        &server.endpoint(),
-        "--ceiling-redis",
-        &redis,
+        endpoint,
+        flag,
+        redis,
         "--requests",
         "200",
         "--concurrency",
@@ -165,7 +164,18 @@ async fn ceiling_drives_the_same_script_on_redis() {
         "20",
         "--service-recipients",
         "5",
-    ]))
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ceiling_drives_the_same_script_on_redis() {
+    let mut server = TestServer::start(Backend::Redis).await;
+    let redis = server.redis().unwrap().url();
+    let report = bench(script_direct_run(
+        &server.endpoint(),
+        "--ceiling-redis",
+        &redis,
+    ))
     .await;
     check_run(&report["service"], 200, 1);
     check_run(&report["ceiling"], 200, 1);
@@ -288,26 +298,11 @@ async fn the_webhook_run_posts_bodies_the_bridge_applies() {
 async fn the_anchor_runs_the_same_workload_beside_the_service() {
     let mut server = TestServer::start(Backend::Redis).await;
     let redis = server.redis().unwrap().url();
-    let report = bench(args(&[
-        "--addr",
+    let report = bench(script_direct_run(
         &server.endpoint(),
         "--anchor-redis",
         &redis,
-        "--requests",
-        "200",
-        "--concurrency",
-        "4",
-        "--pipeline",
-        "4",
-        "--warmup",
-        "0",
-        "--senders",
-        "3",
-        "--recipients",
-        "20",
-        "--service-recipients",
-        "5",
-    ]))
+    ))
     .await;
     check_run(&report["service"], 200, 1);
     assert!(report["service_to_anchor"].as_f64().is_some(), "{report}");

@@ -534,12 +534,7 @@ async fn a_status_without_a_reservation_acts_on_an_untouched_slot_of_that_sender
 async fn tier_status_and_restrictions_reach_the_right_sender_and_portfolio(backend: Backend) {
     let b = start(backend).await;
     let mut admin = b.srv.admin().await;
-    put_policy(
-        &mut admin,
-        sender(SENDER),
-        policy(Tier::Tier1k, 0, WindowMode::Conversation),
-    )
-    .await;
+    at_tier_1k(&b, SENDER).await;
     // The display number and the WABA's senders are learned from a messages webhook.
     assert_eq!(signed(b.hooks, &sample("inbound-text", &[])).0, 200);
     assert_eq!(
@@ -593,6 +588,17 @@ async fn tier_status_and_restrictions_reach_the_right_sender_and_portfolio(backe
     );
 }
 
+/// Stores a tier-1K conversation-mode policy for sender `s`.
+async fn at_tier_1k(b: &Bridge, s: &str) {
+    let mut admin = b.srv.admin().await;
+    put_policy(
+        &mut admin,
+        sender(s),
+        policy(Tier::Tier1k, 0, WindowMode::Conversation),
+    )
+    .await;
+}
+
 /// A sender's own stored policy, or a portfolio's.
 async fn policy_of(b: &Bridge, target: Option<Target>) -> Policy {
     let i = b.inspect(target, "").await;
@@ -612,12 +618,7 @@ fn portfolio(id: &str) -> Option<Target> {
 async fn every_quality_capability_and_account_sample_sets_what_it_says(backend: Backend) {
     let b = start(backend).await;
     let mut admin = b.srv.admin().await;
-    put_policy(
-        &mut admin,
-        sender(SENDER),
-        policy(Tier::Tier1k, 0, WindowMode::Conversation),
-    )
-    .await;
+    at_tier_1k(&b, SENDER).await;
     // A quality event names only the display number: one no messages webhook taught finds no
     // sender and changes nothing.
     let unknown = String::from_utf8(sample("quality-legacy-upgrade", &[]))
@@ -686,14 +687,8 @@ async fn a_configured_display_number_wins_over_the_learned_one(backend: Backend)
             .insert("15550783881".into(), CONFIGURED.into());
     })
     .await;
-    let mut admin = b.srv.admin().await;
     for s in [SENDER, CONFIGURED] {
-        put_policy(
-            &mut admin,
-            sender(s),
-            policy(Tier::Tier1k, 0, WindowMode::Conversation),
-        )
-        .await;
+        at_tier_1k(&b, s).await;
     }
     // The messages webhook says display 15550783881 is SENDER; the configuration says it is
     // CONFIGURED, and the configuration wins.

@@ -3,10 +3,7 @@
 //! costs Redis, which does not move when waquota's own script changes (the script-direct run
 //! does move with it). It decides nothing in waquota.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-
-use super::{FULL_LIMIT, Job};
+use super::{ACTIVE_LIMIT, FULL_LIMIT, Job};
 use crate::proto::Decision;
 
 /// KEYS[1] a sorted set of the sender's recipients, scored by when each was counted;
@@ -31,8 +28,6 @@ pub(super) struct AnchorDriver {
     pub prefix: String,
     /// Calls each worker keeps in flight: 1 unpipelined, `--pipeline` pipelined.
     pub depth: usize,
-    /// Each sender's limit, from the workload's policies.
-    limits: Mutex<HashMap<String, u64>>,
 }
 
 fn now_ms() -> u64 {
@@ -62,27 +57,24 @@ impl AnchorDriver {
             sha,
             prefix: prefix.to_owned(),
             depth: depth.max(1),
-            limits: Mutex::new(HashMap::new()),
         })
     }
 
-    fn limit(&self, sender: &str) -> u64 {
-        let limits = self.limits.lock().unwrap_or_else(|e| e.into_inner());
-        limits.get(sender).copied().unwrap_or(FULL_LIMIT as u64)
-    }
-
-    /// The recipients of one call, one script call each, in one round trip.
+    /// The recipients of one call, one script call each, in one round trip; a full sender's
+    /// limit is the workload's FULL_LIMIT (its setup filled it), any other's ACTIVE_LIMIT.
     pub async fn decide(
         &self,
         slot: usize,
         sender: &str,
+        full: bool,
         recipients: &[String],
     ) -> Result<Vec<i32>, String> {
-        let (key, limit, now) = (
-            format!("{}:anchor:{sender}", self.prefix),
-            self.limit(sender),
-            now_ms(),
-        );
+        let limit = if full {
+            FULL_LIMIT as u64
+        } else {
+            ACTIVE_LIMIT
+        };
+        let (key, now) = (format!("{}:anchor:{sender}", self.prefix), now_ms());
         let mut pipe = redis::pipe();
         for r in recipients {
             pipe.cmd("EVALSHA")
@@ -110,22 +102,19 @@ impl AnchorDriver {
             .collect()
     }
 
-    /// The workload's state: its limits, and its counted (and service) recipients counted. The
-    /// anchor has no service windows: a "service" recipient is one already counted.
+    /// The workload's state: its counted (and service) recipients counted, a full sender's
+    /// FULL_LIMIT of them among them (under any limit as high). The anchor has no policies and no
+    /// service windows: a "service" recipient is one already counted.
     pub async fn setup(&self, job: &Job) -> Result<(), String> {
         match job {
-            Job::Policy { sender, limit } => {
-                let mut limits = self.limits.lock().unwrap_or_else(|e| e.into_inner());
-                limits.insert(sender.clone(), *limit);
-            }
+            Job::Policy { .. } | Job::Barrier => {}
             Job::Fill { sender, recipients } => {
-                self.decide(0, sender, recipients).await?;
+                self.decide(0, sender, false, recipients).await?;
             }
             Job::Inbound { sender, recipient } => {
-                self.decide(0, sender, std::slice::from_ref(recipient))
+                self.decide(0, sender, false, std::slice::from_ref(recipient))
                     .await?;
             }
-            Job::Barrier => {}
         }
         Ok(())
     }

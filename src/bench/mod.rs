@@ -640,7 +640,7 @@ impl Driver {
                     .map_err(|e| format!("redis {:?}", e.kind()))?;
                 script_decisions(&v, areq.recipients.len())
             }
-            Driver::Anchor(a) => a.decide(slot, sender, &req.recipients).await,
+            Driver::Anchor(a) => a.decide(slot, sender, req.full, &req.recipients).await,
         }
     }
 
