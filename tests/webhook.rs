@@ -33,11 +33,19 @@ fn now_s() -> i64 {
         .as_secs() as i64
 }
 
+/// How far the samples' times are moved: to the present, taken once per test process, so a
+/// test's expected times and the bodies it posts are shifted alike even when the clock's second
+/// turns between them.
+fn shift_s() -> i64 {
+    static SHIFT: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *SHIFT.get_or_init(|| now_s() - SAMPLES_AT)
+}
+
 /// A sample body, its times moved to the present (order kept), placeholders replaced.
 fn sample(name: &str, reservations: &[(&str, &str)]) -> Vec<u8> {
     let path = format!("{}/tests/webhooks/{name}.json", env!("CARGO_MANIFEST_DIR"));
     let mut v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    shift(&mut v, now_s() - SAMPLES_AT);
+    shift(&mut v, shift_s());
     let mut text = serde_json::to_string(&v).unwrap();
     for (placeholder, r) in reservations {
         text = text.replace(&format!("\"{placeholder}\""), &format!("\"{r}\""));
@@ -328,7 +336,7 @@ async fn every_sample_is_refused_unsigned_or_wrongly_signed_and_taken_with_eithe
 async fn inbound_messages_open_service_windows_at_their_time(backend: Backend) {
     let b = start(backend).await;
     let body = sample("inbound-text", &[]);
-    let sent_at = (1_767_261_600 + now_s() - SAMPLES_AT) * 1000;
+    let sent_at = (1_767_261_600 + shift_s()) * 1000;
     assert_eq!(signed(b.hooks, &body).0, 200);
     let i = b.inspect(sender(SENDER), "4915112345678").await;
     assert_eq!(
@@ -341,7 +349,7 @@ async fn inbound_messages_open_service_windows_at_their_time(backend: Backend) {
         signed(b.hooks, &sample("inbound-referral-ctwa", &[])).0,
         200
     );
-    let at = (1_767_261_660 + now_s() - SAMPLES_AT) * 1000;
+    let at = (1_767_261_660 + shift_s()) * 1000;
     let i = b.inspect(sender(SENDER), "5511999990000").await;
     assert_eq!(window_until(&i), Some(at + 72 * HOUR));
     // A user known only by a business-scoped id, and a batch of several users.
@@ -359,7 +367,7 @@ async fn inbound_messages_open_service_windows_at_their_time(backend: Backend) {
 async fn the_worker_path_delivered_moves_the_slot_and_failures_free_or_hold(backend: Backend) {
     let b = start(backend).await;
     // delivered: the slot's clock moves to delivery + 24 h (the send went out a minute before).
-    let delivered = (1_767_261_803 + now_s() - SAMPLES_AT) * 1000;
+    let delivered = (1_767_261_803 + shift_s()) * 1000;
     let a = b
         .acquire_at("4915112345678", None, delivered / 1000 - 60)
         .await;
@@ -436,7 +444,7 @@ async fn a_batch_of_mixed_statuses_is_applied_in_one_post_and_replaying_it_chang
     backend: Backend,
 ) {
     let b = start(backend).await;
-    let at = (1_767_262_000 + now_s() - SAMPLES_AT) - 60;
+    let at = (1_767_262_000 + shift_s()) - 60;
     let mut rs = Vec::new();
     for r in [
         "4915100000010",
@@ -457,7 +465,7 @@ async fn a_batch_of_mixed_statuses_is_applied_in_one_post_and_replaying_it_chang
         ],
     );
     assert_eq!(signed(b.hooks, &body).0, 200);
-    let shift = now_s() - SAMPLES_AT;
+    let shift = shift_s();
     // delivered and read (without a delivered before it) both confirm at their time.
     let i = b.inspect(sender(SENDER), "4915100000010").await;
     assert_eq!(
@@ -502,7 +510,7 @@ fn without_reservation(name: &str) -> Vec<u8> {
 
 async fn a_status_without_a_reservation_acts_on_an_untouched_slot_of_that_sender(backend: Backend) {
     let b = start(backend).await;
-    let delivered = (1_767_261_803 + now_s() - SAMPLES_AT) * 1000;
+    let delivered = (1_767_261_803 + shift_s()) * 1000;
     b.acquire_at("4915112345678", None, delivered / 1000 - 60)
         .await;
     assert_eq!(
@@ -548,7 +556,7 @@ async fn tier_status_and_restrictions_reach_the_right_sender_and_portfolio(backe
     let p = policy_of(&b, sender(SENDER)).await;
     assert_eq!(p.status(), SenderStatus::Restricted);
     // Until the restriction's expiration; a new user is refused for it, to retry then.
-    let expiration = (1_767_866_400 + now_s() - SAMPLES_AT) * 1000;
+    let expiration = (1_767_866_400 + shift_s()) * 1000;
     assert_eq!(p.status_until.as_ref().map(ms_of), Some(expiration));
     let r = b.acquire_at("4915199999999", None, now_s()).await;
     assert_eq!(r.decision(), Decision::DeniedSenderBlocked, "{r:?}");
