@@ -309,11 +309,11 @@ async fn serve(args: SettingsArgs) -> ExitCode {
         Err(e) => return fail(1, &e),
     };
     init_tracing(&settings);
-    let listener = match tokio::net::TcpListener::bind(settings.listen).await {
+    let listeners = match waquota::server::Listeners::bind(&settings).await {
         Ok(l) => l,
-        Err(e) => return fail(1, &format!("cannot listen on {}: {e}", settings.listen)),
+        Err(e) => return fail(1, &e.to_string()),
     };
-    match waquota::server::serve(settings, listener, waquota::server::shutdown_signal()).await {
+    match waquota::server::serve(settings, listeners, waquota::server::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(1, &e.to_string()),
     }

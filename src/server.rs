@@ -48,14 +48,63 @@ pub enum ServeError {
         addr: std::net::SocketAddr,
         error: std::io::Error,
     },
+    #[error("cannot listen on {addr}: {error}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        error: std::io::Error,
+    },
+}
+
+/// The sockets a server answers on, bound before it starts: a bind error is reported before
+/// anything serves, and a caller that binds port 0 learns the port without a race.
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub metrics: Option<TcpListener>,
+    pub webhook: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds `listen`, and `metrics_listen` and `webhook_listen` where they are set.
+    pub async fn bind(settings: &Settings) -> Result<Listeners, ServeError> {
+        let addr = settings.listen;
+        let grpc = TcpListener::bind(addr)
+            .await
+            .map_err(|error| ServeError::Listen { addr, error })?;
+        Ok(Listeners {
+            grpc,
+            metrics: bind_optional(settings.metrics_listen, |addr, error| ServeError::Metrics {
+                addr,
+                error,
+            })
+            .await?,
+            webhook: bind_optional(settings.webhook_listen, |addr, error| ServeError::Webhook {
+                addr,
+                error,
+            })
+            .await?,
+        })
+    }
+}
+
+async fn bind_optional(
+    addr: Option<std::net::SocketAddr>,
+    error: impl Fn(std::net::SocketAddr, std::io::Error) -> ServeError,
+) -> Result<Option<TcpListener>, ServeError> {
+    match addr {
+        None => Ok(None),
+        Some(a) => TcpListener::bind(a)
+            .await
+            .map(Some)
+            .map_err(|e| error(a, e)),
+    }
 }
 
 const HEALTH_SERVICES: [&str; 3] = ["", "waquota.v1.QuotaService", "waquota.v1.AdminService"];
 
-/// Runs the server on `listener` until `shutdown` resolves, then drains.
+/// Runs the server on `listeners` until `shutdown` resolves, then drains.
 pub async fn serve(
     settings: Settings,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let metrics = Arc::new(Metrics::new());
@@ -65,7 +114,7 @@ pub async fn serve(
                 Arc::new(MemoryLedger::new(settings.defaults)),
                 metrics,
                 settings,
-                listener,
+                listeners,
                 shutdown,
             )
             .await
@@ -75,7 +124,7 @@ pub async fn serve(
                 .await
                 .map_err(|e| ServeError::Store(e.to_string()))?
                 .with_metrics(metrics.clone());
-            serve_instrumented(Arc::new(ledger), metrics, settings, listener, shutdown).await
+            serve_instrumented(Arc::new(ledger), metrics, settings, listeners, shutdown).await
         }
     }
 }
@@ -83,14 +132,14 @@ pub async fn serve(
 pub async fn serve_with<L: Ledger>(
     ledger: Arc<L>,
     settings: Settings,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     serve_instrumented(
         ledger,
         Arc::new(Metrics::new()),
         settings,
-        listener,
+        listeners,
         shutdown,
     )
     .await
@@ -118,9 +167,14 @@ pub async fn serve_instrumented<L: Ledger>(
     ledger: Arc<L>,
     metrics: Arc<Metrics>,
     settings: Settings,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let Listeners {
+        grpc: listener,
+        metrics: metrics_listener,
+        webhook: webhook_listener,
+    } = listeners;
     let outage = Arc::new(OutagePolicy::new(&settings, metrics.clone()));
     let opts = ApiOptions {
         trust_client_clock: settings.trust_client_clock,
@@ -132,20 +186,14 @@ pub async fn serve_instrumented<L: Ledger>(
         store_timeout: settings.redis_timeout,
     };
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
-    if let Some(addr) = settings.metrics_listen {
-        let l = TcpListener::bind(addr)
-            .await
-            .map_err(|error| ServeError::Metrics { addr, error })?;
+    if let Some(l) = metrics_listener {
         tracing::info!(addr = ?l.local_addr().ok(), "metrics at /metrics");
         tokio::spawn(crate::metrics::serve(l, metrics.clone(), async {
             let _ = metrics_stopped.await;
         }));
     }
     let (webhook_stop, webhook_stopped) = tokio::sync::oneshot::channel::<()>();
-    if let Some(addr) = settings.webhook_listen {
-        let l = TcpListener::bind(addr)
-            .await
-            .map_err(|error| ServeError::Webhook { addr, error })?;
+    if let Some(l) = webhook_listener {
         let bridge = Arc::new(crate::webhook::Bridge::new(
             ledger.clone(),
             crate::webhook::BridgeSettings {

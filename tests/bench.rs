@@ -232,15 +232,13 @@ async fn memory_reports_bytes_per_slot_and_encodings() {
 /// and the server counted exactly the events the report says it sent.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_webhook_run_posts_bodies_the_bridge_applies() {
-    use std::net::SocketAddr;
-    let hooks = SocketAddr::from(([127, 0, 0, 1], common::free_port(false)));
-    let metrics = SocketAddr::from(([127, 0, 0, 1], common::free_port(false)));
     let server = TestServer::start_with(Backend::Redis, |s| {
-        s.webhook_listen = Some(hooks);
+        s.webhook_listen = Some(common::ANY_PORT);
         s.webhook_app_secrets = vec!["bench-secret".into()];
-        s.metrics_listen = Some(metrics);
+        s.metrics_listen = Some(common::ANY_PORT);
     })
     .await;
+    let (hooks, metrics) = (server.webhook.unwrap(), server.metrics.unwrap());
     common::ops::http_get_ready(metrics, "/metrics");
     let report = bench(args(&[
         "--addr",

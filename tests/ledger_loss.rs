@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::ops::{http_get, http_get_ready, metric};
 use common::{
-    DAY, MAX_ATTEMPTS, RETRY_PAUSE, RedisServer, TestServer, free_port, raw_command, ts, wait_until,
+    DAY, MAX_ATTEMPTS, RETRY_PAUSE, RedisServer, TestServer, raw_command, ts, wait_until,
 };
 use waquota::config::{Durability, OnLedgerLoss, Settings, Store};
 use waquota::proto::quota_service_client::QuotaServiceClient;
@@ -58,15 +58,15 @@ async fn server_on(
     redis: &RedisServer,
     tweak: impl FnOnce(&mut Settings),
 ) -> (TestServer, SocketAddr) {
-    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port(false)));
     let url = redis.url();
     let srv = TestServer::start_with(common::Backend::Memory, |s| {
         s.store = Store::Redis { url };
-        s.metrics_listen = Some(metrics);
+        s.metrics_listen = Some(common::ANY_PORT);
         s.redis_timeout = Duration::from_millis(500);
         tweak(s);
     })
     .await;
+    let metrics = srv.metrics.unwrap();
     http_get_ready(metrics, "/metrics");
     (srv, metrics)
 }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use common::dsl::{policy, put_policy, sender};
 use common::ops::{http_get, http_get_ready, metric};
-use common::{Backend, D, TestServer, free_port, raw_command, ts};
+use common::{Backend, D, TestServer, raw_command, ts};
 use waquota::proto::{AcquireRequest, Decision, Tier, WindowMode};
 
 const SENDER: &str = "sender-zq81";
@@ -31,9 +31,11 @@ async fn scrape(addr: SocketAddr) -> String {
 
 #[tokio::test]
 async fn metrics_show_decisions_latencies_and_store_trouble_without_ids() {
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port(false)));
-    let mut server =
-        TestServer::start_with(Backend::Redis, |s| s.metrics_listen = Some(addr)).await;
+    let mut server = TestServer::start_with(Backend::Redis, |s| {
+        s.metrics_listen = Some(common::ANY_PORT)
+    })
+    .await;
+    let addr = server.metrics.unwrap();
     let mut q = server.quota().await;
     let mut a = server.admin().await;
     put_policy(

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use common::dsl::sender;
 use common::ops::{connect, http_get_ready, metric, persistent_redis};
-use common::{Backend, D, HOUR, TestServer, free_port, ts};
+use common::{Backend, D, HOUR, TestServer, ts};
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
@@ -119,12 +119,12 @@ async fn allow_admits_when_redis_is_down_before_the_first_decision() {
 
 #[tokio::test]
 async fn allow_admits_acquires_and_counts_them_while_redis_is_down() {
-    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], free_port(false)));
     let server = server_with_killed_redis(|s| {
         s.on_store_error = OnStoreError::Allow;
-        s.metrics_listen = Some(metrics);
+        s.metrics_listen = Some(common::ANY_PORT);
     })
     .await;
+    let metrics = server.metrics.unwrap();
     let mut q = server.quota().await;
     let r = acquire(&mut q, "s1", "+49 151 0000-0002")
         .await

@@ -4,12 +4,11 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::dsl::users;
 use common::ops::{http_get_ready, metric, pause_writes, unpause};
-use common::{Backend, D, TestServer, free_port, ts};
+use common::{Backend, D, TestServer, ts};
 use tonic::Code;
 use waquota::proto::quota_service_client::QuotaServiceClient;
 use waquota::proto::{AcquireBatchRequest, AcquireRequest};
@@ -25,13 +24,13 @@ fn acquire_req(recipient: &str) -> AcquireRequest {
 
 #[tokio::test]
 async fn calls_beyond_max_in_flight_are_shed_at_once() {
-    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port(false)));
     let mut server = TestServer::start_with(Backend::Redis, |s| {
         s.max_in_flight = 4;
         s.redis_timeout = Duration::from_secs(30);
-        s.metrics_listen = Some(metrics);
+        s.metrics_listen = Some(common::ANY_PORT);
     })
     .await;
+    let metrics = server.metrics.unwrap();
     let mut q = server.quota().await;
     q.acquire(acquire_req("warm-up")).await.expect("warm-up");
     let port = server.redis().unwrap().port;
@@ -70,12 +69,12 @@ async fn calls_beyond_max_in_flight_are_shed_at_once() {
 
 #[tokio::test]
 async fn a_call_whose_deadline_passes_is_answered_and_stops_occupying_the_server() {
-    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port(false)));
     let mut server = TestServer::start_with(Backend::Redis, |s| {
         s.redis_timeout = Duration::from_secs(30);
-        s.metrics_listen = Some(metrics);
+        s.metrics_listen = Some(common::ANY_PORT);
     })
     .await;
+    let metrics = server.metrics.unwrap();
     let mut q = server.quota().await;
     q.acquire(acquire_req("warm-up")).await.expect("warm-up");
     let port = server.redis().unwrap().port;

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::dsl::{policy, put_policy, sender};
 use common::ops::{http_get, metric};
-use common::{Backend, DAY, HOUR, TestServer, free_port, ms_of, ts};
+use common::{Backend, DAY, HOUR, TestServer, ms_of, ts};
 use serde_json::Value;
 use waquota::config::Settings;
 use waquota::proto::{
@@ -126,17 +126,16 @@ async fn start(backend: Backend) -> Bridge {
 
 /// A server with the webhook listener (and `configure`'s changes to its settings).
 async fn start_with(backend: Backend, configure: impl FnOnce(&mut Settings)) -> Bridge {
-    let hooks = SocketAddr::from(([127, 0, 0, 1], free_port(false)));
-    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port(false)));
     let srv = TestServer::start_with(backend, |s| {
-        s.webhook_listen = Some(hooks);
+        s.webhook_listen = Some(common::ANY_PORT);
         s.webhook_verify_token = Some("verify-me".into());
         s.webhook_app_secrets = SECRETS.iter().map(|s| s.to_string()).collect();
-        s.metrics_listen = Some(metrics);
+        s.metrics_listen = Some(common::ANY_PORT);
         s.redis_timeout = Duration::from_millis(500);
         configure(s);
     })
     .await;
+    let (hooks, metrics) = (srv.webhook.unwrap(), srv.metrics.unwrap());
     common::ops::http_get_ready(metrics, "/metrics");
     common::wait_until("the webhook listener", || TcpStream::connect(hooks).ok());
     Bridge {

@@ -86,6 +86,11 @@ pub fn scratch_dir(what: &str) -> PathBuf {
     dir
 }
 
+/// Any free port on loopback, bound by the server itself (see `TestServer::metrics`).
+#[allow(dead_code)]
+pub const ANY_PORT: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+
 /// A free TCP port on loopback (and, with `bus`, port + 10000 free too, for cluster buses).
 pub fn free_port(bus: bool) -> u16 {
     loop {
@@ -389,6 +394,9 @@ enum Store_ {
 /// A waquota server running in this test process, trusting the client clock.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The metrics and webhook listeners, where the settings asked for them.
+    pub metrics: Option<SocketAddr>,
+    pub webhook: Option<SocketAddr>,
     pub backend: Backend,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -423,12 +431,21 @@ impl TestServer {
         // Quota scenarios send hundreds of messages at one instant of the trusted clock; the
         // default 80 messages/s would refuse most of them. Throughput tests set their own rate.
         settings.defaults.messages_per_second = 100_000;
+        settings.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         tweak(&mut settings);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        // Bound here, so a test that sets `metrics_listen`/`webhook_listen` to port 0 learns
+        // the port it got (no race for a port picked beforehand).
+        let listeners = waquota::server::Listeners::bind(&settings)
+            .await
+            .expect("listeners");
+        let bound = |l: &Option<tokio::net::TcpListener>| {
+            l.as_ref().map(|l| l.local_addr().expect("bound address"))
+        };
+        let addr = listeners.grpc.local_addr().unwrap();
+        let (metrics, webhook) = (bound(&listeners.metrics), bound(&listeners.webhook));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            waquota::server::serve(settings, listener, async {
+            waquota::server::serve(settings, listeners, async {
                 let _ = stopped.await;
             })
             .await
@@ -436,6 +453,8 @@ impl TestServer {
         });
         TestServer {
             addr,
+            metrics,
+            webhook,
             backend,
             stop: Some(stop),
             task: Some(task),
