@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use common::dsl::{Admin, Quota, portfolio, sender};
 use common::{Backend, D, DAY, HOUR, MINUTE, TestServer, ts};
 use tonic::Status;
+use waquota::bench::Rng;
 use waquota::proto::{
     AcquireBatchRequest, AcquireRequest, AcquireResponse, AssignSenderRequest, Category,
     ConfirmRequest, InspectRequest, ListWindowRequest, MessageKind, Policy, PutPolicyRequest,
@@ -28,29 +29,6 @@ use waquota::proto::{
 const SENDERS: usize = 3;
 const PORTFOLIOS: usize = 2;
 const RECIPIENTS: usize = 160;
-
-/// splitmix64: a seeded, reproducible stream (the sequence is the seed's, on every machine).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in 0..n.
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn range(&mut self, lo: i64, hi: i64) -> i64 {
-        lo + self.below((hi - lo + 1) as u64) as i64
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Tgt {
@@ -122,9 +100,9 @@ fn recipient(r: usize) -> String {
 fn pick_recipient(rng: &mut Rng) -> usize {
     // A hot few (counted again, pair rate, service windows) and a long tail (new users).
     if rng.chance(40) {
-        rng.below(12) as usize
+        rng.below(12)
     } else {
-        rng.below(RECIPIENTS as u64) as usize
+        rng.below(RECIPIENTS)
     }
 }
 
@@ -168,10 +146,10 @@ fn random_policy(rng: &mut Rng, now: i64) -> Policy {
     let status = if rng.chance(70) {
         SenderStatus::Connected
     } else {
-        statuses[rng.below(statuses.len() as u64) as usize]
+        statuses[rng.below(statuses.len())]
     };
     Policy {
-        tier: tiers[rng.below(tiers.len() as u64) as usize] as i32,
+        tier: tiers[rng.below(tiers.len())] as i32,
         // Small limits so windows fill, split into shards past the fill and merge as they empty.
         custom_limit: if rng.chance(60) {
             rng.range(1, 220) as u64
@@ -185,7 +163,7 @@ fn random_policy(rng: &mut Rng, now: i64) -> Policy {
             Quality::Green,
             Quality::Yellow,
             Quality::Red,
-        ][rng.below(4) as usize] as i32,
+        ][rng.below(4)] as i32,
         messages_per_second: if rng.chance(30) {
             rng.range(1, 20) as u32
         } else {
@@ -213,8 +191,7 @@ fn random_policy(rng: &mut Rng, now: i64) -> Policy {
             0
         },
         marketing_cap_period: rng.chance(20).then(|| dur(rng.range(1, 48) * HOUR / 2)),
-        rule_set: [RuleSet::Unspecified, RuleSet::Legacy, RuleSet::Portfolio][rng.below(3) as usize]
-            as i32,
+        rule_set: [RuleSet::Unspecified, RuleSet::Legacy, RuleSet::Portfolio][rng.below(3)] as i32,
         auto_tier: rng.chance(30),
         status_until: (status != SenderStatus::Connected
             && status != SenderStatus::Unspecified
@@ -225,9 +202,9 @@ fn random_policy(rng: &mut Rng, now: i64) -> Policy {
 
 fn random_target(rng: &mut Rng) -> Tgt {
     if rng.chance(65) {
-        Tgt::Sender(rng.below(SENDERS as u64) as usize)
+        Tgt::Sender(rng.below(SENDERS))
     } else {
-        Tgt::Portfolio(rng.below(PORTFOLIOS as u64) as usize)
+        Tgt::Portfolio(rng.below(PORTFOLIOS))
     }
 }
 
@@ -251,7 +228,7 @@ fn generate(seed: u64, steps: usize) -> Vec<Step> {
     let mut out = Vec::with_capacity(steps);
     for _ in 0..steps {
         now = advance(&mut rng, now);
-        let s = rng.below(SENDERS as u64) as usize;
+        let s = rng.below(SENDERS);
         let op = match rng.below(100) {
             0..=39 => Op::Acquire {
                 s,
@@ -287,7 +264,7 @@ fn generate(seed: u64, steps: usize) -> Vec<Step> {
                 s,
                 r: pick_recipient(&mut rng),
                 with_reservation: rng.chance(70),
-                code: [131049, 131026, 131047, 130429][rng.below(4) as usize],
+                code: [131049, 131026, 131047, 130429][rng.below(4)],
             },
             82..=91 => Op::PutPolicy {
                 t: random_target(&mut rng),
@@ -295,9 +272,7 @@ fn generate(seed: u64, steps: usize) -> Vec<Step> {
             },
             92..=97 => Op::Assign {
                 s,
-                p: rng
-                    .chance(70)
-                    .then(|| rng.below(PORTFOLIOS as u64) as usize),
+                p: rng.chance(70).then(|| rng.below(PORTFOLIOS)),
             },
             _ => Op::Reset {
                 t: random_target(&mut rng),
