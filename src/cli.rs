@@ -18,6 +18,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Request, Status};
 
+use crate::chart::{self, Chart};
 use crate::grpc::convert;
 use crate::model::{Defaults, Millis, Policy, Quality, RuleSet, SenderStatus, Tier, WindowMode};
 use crate::proto::{self, admin_service_client::AdminServiceClient, target};
@@ -102,7 +103,16 @@ pub enum Command {
         /// Also show this recipient's slot and service window.
         #[arg(long)]
         recipient: Option<String>,
+        /// Also draw the next 24 hours: the window's occupancy and the slots freeing each hour.
+        #[arg(long)]
+        chart: bool,
+        /// Write that chart as an SVG image to FILE.
+        #[arg(long, value_name = "FILE")]
+        svg: Option<PathBuf>,
     },
+    /// Plan a campaign on a copy of the live window: when it completes, hour by hour what goes
+    /// out and frees, and when the next tiers come. Changes nothing.
+    Plan(PlanArgs),
     /// List the recipients that hold a slot.
     #[command(subcommand)]
     Window(WindowCommand),
@@ -129,6 +139,40 @@ pub enum Command {
     /// Try the webhook bridge: sign and post a saved webhook body.
     #[command(subcommand)]
     Webhook(WebhookCommand),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+#[command(group(clap::ArgGroup::new("campaign").required(true).args(["new", "recipients"])))]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// A campaign to N users the window has never seen.
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    pub new: Option<String>,
+    /// A campaign to the users in FILE, one id per line, in sending order.
+    #[arg(long, value_name = "FILE")]
+    pub recipients: Option<PathBuf>,
+    /// When it starts (RFC 3339 or Unix milliseconds); default now.
+    #[arg(long, value_name = "TIME")]
+    pub start: Option<String>,
+    /// Messages per second; default the sender's throughput (a portfolio's senders together).
+    #[arg(long, value_name = "PER_SECOND", allow_hyphen_values = true)]
+    pub rate: Option<String>,
+    /// The template category: marketing, utility, authentication or service.
+    #[arg(long)]
+    pub category: Option<String>,
+    /// Messages each user gets.
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    pub deliveries_per_user: Option<String>,
+    /// Apply the projected tier upgrades at their moments (default: keep the tier in force).
+    #[arg(long)]
+    pub with_upgrades: bool,
+    /// How far ahead to plan, in days (default 30, at most 90).
+    #[arg(long, value_name = "DAYS", allow_hyphen_values = true)]
+    pub horizon_days: Option<String>,
+    /// Write the chart of the plan's first 24 hours as an SVG image to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<PathBuf>,
 }
 
 #[derive(clap::Subcommand, Debug, Clone)]
@@ -594,11 +638,33 @@ pub async fn run(command: Command, args: &ClientArgs) -> Result<(), CliError> {
     if let Command::Webhook(WebhookCommand::Replay { file, secret, url }) = &command {
         return write_stdout(&replay(file, secret, url).await?);
     }
+    let plan_request = match &command {
+        Command::Plan(p) => plan_request(p)?,
+        _ => proto::PlanRequest::default(),
+    };
     let mut s = connect(args).await?;
     let out = match command {
-        Command::Inspect { target, recipient } => {
-            inspect(&mut s, &proto_target(&target), recipient).await?
+        Command::Inspect {
+            target,
+            recipient,
+            chart,
+            svg,
+        } => {
+            let target = proto_target(&target);
+            let mut out = inspect(&mut s, &target, recipient).await?;
+            if chart || svg.is_some() {
+                let c = window_chart(&mut s, &target).await?;
+                if let Some(path) = &svg {
+                    write_svg(path, &c)?;
+                }
+                if chart && !s.json {
+                    out.push('\n');
+                    out.push_str(&c.terminal());
+                }
+            }
+            out
         }
+        Command::Plan(args) => plan(&mut s, &plan_request, &args).await?,
         Command::Window(WindowCommand::List {
             target,
             page_size,
@@ -1103,6 +1169,380 @@ async fn inspect(
     Ok(table(&rows))
 }
 
+/// The plan request from the flags, every value checked before connecting (one line each).
+fn plan_request(a: &PlanArgs) -> Result<proto::PlanRequest, CliError> {
+    let usage = |flag: &str, why: String| CliError::Usage(format!("{flag}: {why}"));
+    let number = |flag: &str, v: &Option<String>| -> Result<Option<u64>, CliError> {
+        v.as_deref()
+            .map(|t| {
+                t.trim()
+                    .parse::<u64>()
+                    .map_err(|_| usage(flag, format!("not a whole number of at least 0: {t:?}")))
+            })
+            .transpose()
+    };
+    let new_users = number("--new", &a.new)?.unwrap_or(0);
+    if a.new.is_some() && new_users == 0 {
+        return Err(usage(
+            "--new",
+            "the campaign is empty: give at least 1".into(),
+        ));
+    }
+    let mut recipients = Vec::new();
+    if let Some(path) = &a.recipients {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| usage("--recipients", format!("{}: {e}", path.display())))?;
+        for (n, line) in text.lines().enumerate() {
+            let id = line.trim();
+            if id.is_empty() {
+                continue;
+            }
+            crate::model::RecipientId::parse("recipient", id).map_err(|e| {
+                usage(
+                    "--recipients",
+                    format!("{} line {}: {:?}: {}", path.display(), n + 1, id, e.reason),
+                )
+            })?;
+            recipients.push(id.to_owned());
+        }
+        if recipients.is_empty() {
+            return Err(usage(
+                "--recipients",
+                format!("{}: no recipient ids in it (one per line)", path.display()),
+            ));
+        }
+    }
+    let rate = match a.rate.as_deref() {
+        None => 0.0,
+        Some(t) => match t.trim().parse::<f64>() {
+            Ok(r) if r.is_finite() && r > 0.0 && r <= crate::plan::MAX_RATE => r,
+            _ => {
+                return Err(usage(
+                    "--rate",
+                    format!(
+                        "messages per second above 0 and at most {}: {t:?}",
+                        crate::plan::MAX_RATE
+                    ),
+                ));
+            }
+        },
+    };
+    let deliveries = number("--deliveries-per-user", &a.deliveries_per_user)?.unwrap_or(1);
+    if !(1..=u64::from(crate::plan::MAX_DELIVERIES_PER_USER)).contains(&deliveries) {
+        return Err(usage(
+            "--deliveries-per-user",
+            format!("1 to {}", crate::plan::MAX_DELIVERIES_PER_USER),
+        ));
+    }
+    let max_days = crate::plan::MAX_HORIZON_MS / crate::model::DAY_MS;
+    let horizon = match number("--horizon-days", &a.horizon_days)? {
+        None => None,
+        Some(d) if (1..=max_days as u64).contains(&d) => {
+            Some(convert::duration(d as Millis * crate::model::DAY_MS))
+        }
+        Some(_) => return Err(usage("--horizon-days", format!("1 to {max_days}"))),
+    };
+    let category = match a.category.as_deref() {
+        None => proto::Category::Unspecified,
+        Some(c) => crate::model::Category::from_name(c)
+            .and_then(|c| {
+                proto::Category::from_str_name(&format!("CATEGORY_{}", c.name().to_uppercase()))
+            })
+            .ok_or_else(|| {
+                usage(
+                    "--category",
+                    format!("{c:?}: one of marketing, utility, authentication, service"),
+                )
+            })?,
+    };
+    let start = a
+        .start
+        .as_deref()
+        .map(|t| parse_time(t).map_err(|e| usage("--start", e)))
+        .transpose()?;
+    Ok(proto::PlanRequest {
+        target: Some(proto_target(&a.target)),
+        new_users,
+        recipients,
+        start: start.map(convert::timestamp),
+        rate,
+        category: category as i32,
+        deliveries_per_user: deliveries as u32,
+        with_upgrades: a.with_upgrades,
+        horizon,
+        at: None,
+    })
+}
+
+#[derive(Serialize)]
+struct PlanHourJson {
+    start: Option<String>,
+    sent: u64,
+    new_users: u64,
+    refused_limit: u64,
+    refused_other: u64,
+    freed: u64,
+    used: u64,
+    remaining: u64,
+    limit: u64,
+    tier: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct PlannedTierJson {
+    tier: Option<&'static str>,
+    at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    new_users: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct PlanJson<'a> {
+    target: TargetJson<'a>,
+    scope: &'static str,
+    senders: &'a [String],
+    now: Option<String>,
+    start: Option<String>,
+    rate: f64,
+    completes_at: Option<String>,
+    stalled: Option<&'a str>,
+    users: u64,
+    messages: u64,
+    new_users: u64,
+    free_users: u64,
+    skipped_users: u64,
+    used_at_start: u64,
+    remaining_at_start: u64,
+    hours: Vec<PlanHourJson>,
+    upgrades: Vec<PlannedTierJson>,
+    ladder: Vec<PlannedTierJson>,
+    ladder_note: &'a str,
+}
+
+/// The chart of a plan's first 24 hours: occupancy at each hour's end, slots freed within it.
+fn plan_chart(target: &proto::Target, p: &proto::PlanResponse) -> Chart {
+    let limit = p.hours.first().map_or(0, |h| h.limit);
+    Chart {
+        title: format!(
+            "plan for {} from {}: occupancy and slots freeing by hour",
+            describe(target),
+            time_or_dash(p.start.as_ref())
+        ),
+        limit,
+        hours: p
+            .hours
+            .iter()
+            .take(24)
+            .map(|h| chart::Hour {
+                start: h
+                    .start
+                    .as_ref()
+                    .and_then(|t| convert::ms_from_timestamp("start", t).ok())
+                    .unwrap_or_default(),
+                used: h.used,
+                freed: h.freed,
+            })
+            .collect(),
+    }
+}
+
+/// The most hours the text output lists (`--json` has them all).
+const PLAN_HOURS_SHOWN: usize = 48;
+
+async fn plan(
+    s: &mut Session,
+    req: &proto::PlanRequest,
+    args: &PlanArgs,
+) -> Result<String, CliError> {
+    let mut req = req.clone();
+    req.at = s.at;
+    let target = req.target.clone().unwrap_or_default();
+    let p = s.admin.plan(req).await?.into_inner();
+    let chart = plan_chart(&target, &p);
+    if let Some(path) = &args.svg {
+        write_svg(path, &chart)?;
+    }
+    let tier_json = |t: &proto::PlannedTier, ladder: bool| PlannedTierJson {
+        tier: tier_opt(t.tier),
+        at: time(t.at.as_ref()),
+        new_users: ladder.then_some(t.new_users),
+    };
+    if s.json {
+        return Ok(json_out(&PlanJson {
+            target: target_json(&target),
+            scope: scope_name(p.scope),
+            senders: &p.senders,
+            now: time(p.now.as_ref()),
+            start: time(p.start.as_ref()),
+            rate: p.rate,
+            completes_at: time(p.completes_at.as_ref()),
+            stalled: (!p.stalled.is_empty()).then_some(p.stalled.as_str()),
+            users: p.users,
+            messages: p.messages,
+            new_users: p.new_users,
+            free_users: p.free_users,
+            skipped_users: p.skipped_users,
+            used_at_start: p.used_at_start,
+            remaining_at_start: p.remaining_at_start,
+            hours: p
+                .hours
+                .iter()
+                .map(|h| PlanHourJson {
+                    start: time(h.start.as_ref()),
+                    sent: h.sent,
+                    new_users: h.new_users,
+                    refused_limit: h.refused_limit,
+                    refused_other: h.refused_other,
+                    freed: h.freed,
+                    used: h.used,
+                    remaining: h.remaining,
+                    limit: h.limit,
+                    tier: tier_opt(h.tier),
+                })
+                .collect(),
+            upgrades: p.upgrades.iter().map(|t| tier_json(t, false)).collect(),
+            ladder: p.ladder.iter().map(|t| tier_json(t, true)).collect(),
+            ladder_note: &p.ladder_note,
+        }));
+    }
+    let tier_at = |t: &proto::PlannedTier| {
+        format!(
+            "{} at {}",
+            tier_opt(t.tier).unwrap_or("?"),
+            time_or_dash(t.at.as_ref())
+        )
+    };
+    let least = p.hours.iter().min_by_key(|h| h.remaining);
+    let unlimited = p.hours.first().is_some_and(|h| h.limit == 0);
+    let mut rows = vec![
+        ("target", describe(&target)),
+        ("window", scope_name(p.scope).to_owned()),
+        ("senders", p.senders.join(", ")),
+        ("start", time_or_dash(p.start.as_ref())),
+        ("rate", format!("{} messages/s", p.rate)),
+        (
+            "users",
+            format!(
+                "{} ({} new, {} free: already counted or in a service window, {} skipped)",
+                p.users, p.new_users, p.free_users, p.skipped_users
+            ),
+        ),
+        ("messages", p.messages.to_string()),
+        (
+            "completes at",
+            match (&p.completes_at, p.stalled.as_str()) {
+                (Some(t), _) => time_or_dash(Some(t)),
+                (None, why) => format!("does not complete: {why}"),
+            },
+        ),
+        (
+            "window at start",
+            format!(
+                "{} used, {} remaining",
+                p.used_at_start,
+                count_or_unlimited(u64::from(!unlimited), p.remaining_at_start)
+            ),
+        ),
+    ];
+    if let Some(h) = least {
+        rows.push((
+            "capacity left",
+            format!(
+                "at least {} for other traffic (hour from {})",
+                count_or_unlimited(h.limit, h.remaining),
+                time_or_dash(h.start.as_ref())
+            ),
+        ));
+    }
+    rows.push((
+        "upgrades",
+        if p.upgrades.is_empty() {
+            "none projected".into()
+        } else {
+            let list: Vec<String> = p.upgrades.iter().map(tier_at).collect();
+            if args.with_upgrades {
+                format!("{} (applied)", list.join(", "))
+            } else {
+                format!(
+                    "{} (advisory: the plan keeps the tier in force; --with-upgrades applies it)",
+                    list.join(", ")
+                )
+            }
+        },
+    ));
+    let ladder: Vec<String> = p
+        .ladder
+        .iter()
+        .map(|t| format!("{} new users → {}", t.new_users, tier_at(t)))
+        .collect();
+    rows.push((
+        "fastest path up",
+        match (ladder.is_empty(), p.ladder_note.is_empty()) {
+            (true, _) => format!("- ({})", p.ladder_note),
+            (false, true) => ladder.join("; "),
+            (false, false) => format!("{}; then {}", ladder.join("; "), p.ladder_note),
+        },
+    ));
+    let mut out = table(&rows);
+    out.push_str("\nschedule by hour\n");
+    out.push_str(&format!(
+        "{:<24}  {:>7}  {:>7}  {:>13}  {:>6}  {:>7}  {:>9}  {}\n",
+        "HOUR FROM", "SENT", "NEW", "REFUSED LIMIT", "FREED", "USED", "REMAINING", "TIER"
+    ));
+    for h in p.hours.iter().take(PLAN_HOURS_SHOWN) {
+        out.push_str(&format!(
+            "{:<24}  {:>7}  {:>7}  {:>13}  {:>6}  {:>7}  {:>9}  {}\n",
+            time_or_dash(h.start.as_ref()),
+            h.sent,
+            h.new_users,
+            h.refused_limit,
+            h.freed,
+            h.used,
+            count_or_unlimited(h.limit, h.remaining),
+            tier_opt(h.tier).unwrap_or("?")
+        ));
+    }
+    if p.hours.len() > PLAN_HOURS_SHOWN {
+        out.push_str(&format!(
+            "… {} more hours (--json lists them all)\n",
+            p.hours.len() - PLAN_HOURS_SHOWN
+        ));
+    }
+    out.push('\n');
+    out.push_str(&chart.terminal());
+    Ok(out)
+}
+
+/// The next 24 hours of a live window, from its listing.
+async fn window_chart(s: &mut Session, target: &proto::Target) -> Result<Chart, CliError> {
+    let i = fetch_inspection(s, target, None).await?;
+    let now = i
+        .now
+        .as_ref()
+        .and_then(|t| convert::ms_from_timestamp("now", t).ok())
+        .unwrap_or_default();
+    let (entries, _) = fetch_window(s, target, 1000, String::new(), true).await?;
+    let expiries: Vec<Millis> = entries
+        .iter()
+        .filter_map(|e| e.expires_at.as_ref())
+        .filter_map(|t| convert::ms_from_timestamp("expires_at", t).ok())
+        .collect();
+    Ok(Chart {
+        title: format!(
+            "{} from {}: occupancy and slots freeing, next 24 hours",
+            describe(target),
+            rfc3339(now)
+        ),
+        limit: i.effective_limit,
+        hours: chart::window_hours(now, &expiries, 24),
+    })
+}
+
+fn write_svg(path: &std::path::Path, c: &Chart) -> Result<(), CliError> {
+    std::fs::write(path, c.svg())
+        .map_err(|e| CliError::Failed(format!("--svg {}: {e}", path.display())))
+}
+
 #[derive(Serialize)]
 struct EntryJson {
     recipient: String,
@@ -1116,13 +1556,15 @@ struct WindowJson {
     next_page_token: Option<String>,
 }
 
-async fn list_window(
+/// Window entries from `page_token` on: one page, or with `all` every page; and the next
+/// page's token when one is left.
+async fn fetch_window(
     s: &mut Session,
     target: &proto::Target,
     page_size: u32,
     mut page_token: String,
     all: bool,
-) -> Result<String, CliError> {
+) -> Result<(Vec<proto::WindowEntry>, Option<String>), CliError> {
     let mut entries = Vec::new();
     let next = loop {
         let page = s
@@ -1146,6 +1588,17 @@ async fn list_window(
         }
         page_token = page.next_page_token;
     };
+    Ok((entries, next))
+}
+
+async fn list_window(
+    s: &mut Session,
+    target: &proto::Target,
+    page_size: u32,
+    page_token: String,
+    all: bool,
+) -> Result<String, CliError> {
+    let (entries, next) = fetch_window(s, target, page_size, page_token, all).await?;
     if s.json {
         return Ok(json_out(&WindowJson {
             entries: entries

@@ -8,10 +8,12 @@
 //!   process) and Redis (one atomic Lua script per decision, shared by every instance).
 //! - [`config`]: the server's settings, layered: defaults, TOML file, environment, flags.
 //! - [`cli`]: the operator commands of the binary, a gRPC client of `AdminService`.
+//! - [`plan`]: the planner: a campaign simulated on a copy of one window's live state.
 //! - [`outage`]: what decisions answer while the store cannot be reached.
 //! - [`metrics`]: Prometheus metrics and their `/metrics` listener.
 //! - [`webhook`]: the WhatsApp webhook listener, which keeps the ledger true from WhatsApp's own
 //!   reports (docs/contract.md, "The webhook bridge").
+//! - [`chart`]: hour-by-hour charts of a window, as terminal bars and as SVG.
 //! - [`bench`]: `waquota bench`, the load generator and measurements behind BENCHMARKS.md.
 //! - [`server`]: wiring: services, auth, load shedding, TLS, health, reflection, graceful
 //!   shutdown.
@@ -19,6 +21,7 @@
 //! Lua scripts live in `lua/`, one per decision, each documenting its KEYS and ARGV.
 
 pub mod bench;
+pub mod chart;
 pub mod cli;
 pub mod config;
 pub mod grpc;
@@ -26,6 +29,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod model;
 pub mod outage;
+pub mod plan;
 pub mod server;
 pub mod webhook;
 

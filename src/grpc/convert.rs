@@ -458,6 +458,107 @@ pub fn window_entry(e: WindowEntry) -> proto::WindowEntry {
     }
 }
 
+/// A plan request in domain terms; `at` is the clock already resolved (trusted or not).
+pub fn plan_input(
+    r: proto::PlanRequest,
+    at: Option<Millis>,
+) -> Result<crate::plan::PlanInput, InvalidArgument> {
+    use crate::plan::{Campaign, DEFAULT_HORIZON_MS, MAX_HORIZON_MS, PlanInput};
+    let target = target(r.target.as_ref())?;
+    let campaign = match (r.new_users, r.recipients.is_empty()) {
+        (0, false) => Campaign::Recipients(
+            r.recipients
+                .iter()
+                .enumerate()
+                .map(|(i, s)| RecipientId::parse(&format!("recipients[{i}]"), s))
+                .collect::<Result<_, _>>()?,
+        ),
+        (n, true) => Campaign::New(n),
+        (_, false) => {
+            return Err(InvalidArgument::new(
+                "recipients",
+                "give new_users or recipients, not both",
+            ));
+        }
+    };
+    let horizon_ms = match r.horizon.as_ref() {
+        None => DEFAULT_HORIZON_MS,
+        d => duration_ms("horizon", d, MAX_HORIZON_MS)?,
+    };
+    let input = PlanInput {
+        target,
+        campaign,
+        start: r
+            .start
+            .as_ref()
+            .map(|t| ms_from_timestamp("start", t))
+            .transpose()?,
+        rate: (r.rate != 0.0).then_some(r.rate),
+        category: category(r.category)?,
+        deliveries_per_user: r.deliveries_per_user.max(1),
+        with_upgrades: r.with_upgrades,
+        horizon_ms,
+        at,
+    };
+    if r.rate < 0.0 || r.rate.is_nan() {
+        return Err(InvalidArgument::new(
+            "rate",
+            "messages per second must be above 0 (0 = the senders' throughput)",
+        ));
+    }
+    input.validate()?;
+    Ok(input)
+}
+
+fn planned_tier(t: &crate::plan::PlannedTier) -> proto::PlannedTier {
+    proto::PlannedTier {
+        tier: tier_to_proto(t.tier) as i32,
+        at: Some(timestamp(t.at)),
+        new_users: t.new_users,
+    }
+}
+
+pub fn plan(p: crate::plan::Plan) -> proto::PlanResponse {
+    proto::PlanResponse {
+        now: Some(timestamp(p.now)),
+        start: Some(timestamp(p.start)),
+        rate: p.rate,
+        completes_at: p.completes_at.map(timestamp),
+        stalled: p.stalled.unwrap_or_default(),
+        users: p.users,
+        messages: p.messages,
+        new_users: p.new_users,
+        free_users: p.free_users,
+        skipped_users: p.skipped_users,
+        used_at_start: p.used_at_start,
+        remaining_at_start: p.remaining_at_start,
+        hours: p
+            .hours
+            .iter()
+            .map(|h| proto::PlanHour {
+                start: Some(timestamp(h.start)),
+                sent: h.sent,
+                new_users: h.new_users,
+                refused_limit: h.refused_limit,
+                refused_other: h.refused_other,
+                freed: h.freed,
+                used: h.used,
+                remaining: h.remaining,
+                limit: h.limit,
+                tier: tier_to_proto(h.tier) as i32,
+            })
+            .collect(),
+        upgrades: p.upgrades.iter().map(planned_tier).collect(),
+        ladder: p.ladder.iter().map(planned_tier).collect(),
+        ladder_note: p.ladder_note,
+        senders: p.senders.iter().map(|s| s.to_string()).collect(),
+        scope: scope_to_proto(match p.owner {
+            Target::Sender(_) => Scope::Sender,
+            Target::Portfolio(_) => Scope::Portfolio,
+        }) as i32,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

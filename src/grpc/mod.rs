@@ -479,6 +479,18 @@ impl<L: Ledger> AdminService for AdminApi<L> {
         Ok(Response::new(proto::AssignWabaResponse {}))
     }
 
+    async fn plan(
+        &self,
+        req: Request<proto::PlanRequest>,
+    ) -> Result<Response<proto::PlanResponse>, Status> {
+        let at = self.opts.clock(&req, req.get_ref().at.as_ref())?;
+        let input = convert::plan_input(req.into_inner(), at).map_err(invalid)?;
+        let plan = crate::plan::plan(self.ledger.as_ref(), &self.opts.defaults, input)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(convert::plan(plan)))
+    }
+
     async fn accept_ledger_loss(
         &self,
         _req: Request<proto::AcceptLedgerLossRequest>,

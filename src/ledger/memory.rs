@@ -47,6 +47,8 @@ struct State {
     holds: HashMap<Target, HashMap<RecipientId, Millis>>,
     /// When each user last got a new (not released) slot, per window owner: tier projections.
     uniques: HashMap<Target, HashMap<RecipientId, Millis>>,
+    /// Per window owner, a time no later than its oldest entry in `uniques`.
+    uniques_floor: HashMap<Target, Millis>,
     progress: HashMap<Target, Progress>,
 }
 
@@ -266,11 +268,26 @@ impl State {
         now: Millis,
     ) -> Option<Millis> {
         let uniques = self.uniques.entry(home.clone()).or_default();
-        uniques.retain(|_, t| *t > now - MONTH_MS);
+        // Trimming walks the index: only when its oldest entry may have aged out (`floor` is at
+        // most the oldest time), so a long simulation (the planner) stays linear.
+        let floor = self
+            .uniques_floor
+            .entry(home.clone())
+            .or_insert(Millis::MIN);
+        if *floor <= now - MONTH_MS {
+            uniques.retain(|_, t| *t > now - MONTH_MS);
+            *floor = uniques.values().copied().min().unwrap_or(now);
+        }
+        *floor = (*floor).min(now);
         let prev = uniques.insert(r.clone(), now);
         let prog = self.progress.entry(home.clone()).or_default();
         let pending = prog.upgrade_at.is_some() && prog.upgrade_from == Some(policy.tier);
-        if !pending && policy.eligible_for_upgrade() && policy.tier.next(policy.rule_set).is_some()
+        // The counts are at most the index's size: when even that misses the bar, skip counting.
+        let size = uniques.len() as u64;
+        if !pending
+            && policy.eligible_for_upgrade()
+            && policy.tier.next(policy.rule_set).is_some()
+            && upgrade_threshold_met(policy.rule_set, policy.tier, size, size)
         {
             let u7 = count_since(Some(uniques), now - WEEK_MS);
             let u30 = uniques.len() as u64;
@@ -304,7 +321,11 @@ impl State {
             && u.get(r) == Some(&res.opened_at)
         {
             match slot.prev_unique {
-                Some(prev) => u.insert(r.clone(), prev),
+                Some(prev) => {
+                    let floor = self.uniques_floor.entry(home.clone()).or_insert(prev);
+                    *floor = (*floor).min(prev);
+                    u.insert(r.clone(), prev)
+                }
                 None => u.remove(r),
             };
             // A pending upgrade counted this user: re-derive when the bar was reached without it.
@@ -564,7 +585,82 @@ impl State {
     }
 }
 
+/// One window's state copied from a live ledger, so that decisions can be simulated on it
+/// without touching the original (the planner: docs/contract.md, "Planning"). Short-lived rate
+/// state (throughput, pair rates, marketing counts and holds) is not carried.
+#[derive(Debug, Clone)]
+pub struct Seed {
+    /// The window's owner: an unassigned sender, or a portfolio.
+    pub owner: Target,
+    /// The owner's policy, the tier in force.
+    pub policy: Policy,
+    /// Its pending tier changes.
+    pub projection: Projection,
+    /// For a portfolio: its senders with their own policies.
+    pub senders: Vec<(SenderId, Policy)>,
+    pub slots: Vec<WindowEntry>,
+    /// The projection index (`Ledger::uniques`).
+    pub uniques: Vec<(RecipientId, Millis)>,
+    /// Open service windows: (sender, recipient, until).
+    pub service_windows: Vec<(SenderId, RecipientId, Millis)>,
+}
+
 impl MemoryLedger {
+    /// A ledger holding `seed`'s window and nothing else.
+    pub fn seeded(defaults: Defaults, seed: Seed) -> Self {
+        let ledger = MemoryLedger::new(defaults);
+        {
+            let mut st = ledger.lock();
+            let owner = seed.owner;
+            st.store_policy(&owner, seed.policy);
+            if let Target::Portfolio(p) = &owner {
+                for (s, policy) in seed.senders {
+                    st.sender_policy.insert(s.clone(), policy);
+                    st.assigned.insert(s.clone(), p.clone());
+                    st.members.entry(p.clone()).or_default().insert(s);
+                }
+            }
+            let uniques: HashMap<RecipientId, Millis> = seed.uniques.into_iter().collect();
+            let mut window = Window::default();
+            for e in seed.slots {
+                window.seq += 1;
+                let opened_at = uniques
+                    .get(&e.recipient)
+                    .copied()
+                    .unwrap_or(e.expires_at - SLOT_MS);
+                let slot = Slot {
+                    expires_at: e.expires_at,
+                    sender: e.sender,
+                    reservation: Reservation {
+                        opened_at,
+                        seq: window.seq,
+                    },
+                    touched: false,
+                    prev_unique: None,
+                };
+                window.set(&e.recipient, slot);
+            }
+            st.windows.insert(owner.clone(), window);
+            st.uniques.insert(owner.clone(), uniques);
+            for (s, r, until) in seed.service_windows {
+                st.service_windows.entry(s).or_default().insert(r, until);
+            }
+            let upgrade_at = seed.projection.upgrade_at;
+            st.progress.insert(
+                owner,
+                Progress {
+                    upgrade_at,
+                    upgrade_from: upgrade_at.map(|_| seed.policy.tier),
+                    flagged_since: seed
+                        .projection
+                        .downgrade_at
+                        .map(|d| d - FLAGGED_DOWNGRADE_MS),
+                },
+            );
+        }
+        ledger
+    }
+
     pub fn new(defaults: Defaults) -> Self {
         MemoryLedger {
             defaults,
@@ -822,6 +918,27 @@ impl Ledger for MemoryLedger {
             service_window_until,
             recipient,
         })
+    }
+
+    async fn uniques(
+        &self,
+        owner: Target,
+        at: Option<Millis>,
+    ) -> Result<Vec<(RecipientId, Millis)>> {
+        let since = clock(at) - MONTH_MS;
+        let st = self.lock();
+        let mut out: Vec<(RecipientId, Millis)> = st
+            .uniques
+            .get(&owner)
+            .map(|u| {
+                u.iter()
+                    .filter(|(_, t)| **t > since)
+                    .map(|(r, t)| (r.clone(), *t))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort_unstable_by(|a, b| (a.1, a.0.as_str()).cmp(&(b.1, b.0.as_str())));
+        Ok(out)
     }
 
     async fn list_window(

@@ -116,6 +116,15 @@ pub trait Ledger: Send + Sync + 'static {
         at: Option<Millis>,
     ) -> impl Future<Output = Result<Inspection>> + Send;
 
+    /// The projection index of a window: each user that got a new (not released) slot in the
+    /// trailing 30 days, with when. `owner` is the window's owner (a sender that is not in a
+    /// portfolio, or a portfolio). Read by the planner (docs/contract.md, "Planning").
+    fn uniques(
+        &self,
+        owner: Target,
+        at: Option<Millis>,
+    ) -> impl Future<Output = Result<Vec<(RecipientId, Millis)>>> + Send;
+
     /// Live slots of the target's deciding window, by expiry then recipient.
     fn list_window(
         &self,

@@ -22,8 +22,8 @@ use crate::config::{Durability, OnLedgerLoss, Settings, Store};
 use crate::metrics::{Metrics, PoolStatus, RedisErrorKind};
 use crate::model::{
     AcquireRequest, Category, Cursor, Decision, Defaults, ERROR_MARKETING_CAP, FREE_ENTRY_POINT_MS,
-    FailureOutcome, HOUR_MS, Inspection, MARKETING_HOLD_MS, MessageKind, Millis, Outcome, Policy,
-    PortfolioId, Projection, Quality, RecipientId, Reservation, RuleSet, SERVICE_WINDOW_MS,
+    FailureOutcome, HOUR_MS, Inspection, MARKETING_HOLD_MS, MONTH_MS, MessageKind, Millis, Outcome,
+    Policy, PortfolioId, Projection, Quality, RecipientId, Reservation, RuleSet, SERVICE_WINDOW_MS,
     SLOT_MS, Scope, SenderId, SenderStatus, Target, Tier, WindowEntry, WindowMode, WindowPage,
     remaining,
 };
@@ -1266,6 +1266,60 @@ impl Ledger for RedisLedger {
             service_window_until: opt_ms(&f[6]),
             recipient,
         })
+    }
+
+    async fn uniques(
+        &self,
+        owner: Target,
+        at: Option<Millis>,
+    ) -> Result<Vec<(RecipientId, Millis)>> {
+        let home = match owner {
+            Target::Sender(s) => Home::Sender(s),
+            Target::Portfolio(p) => Home::Portfolio(p),
+        };
+        // Without a trusted clock, this instance's: a read for planning, not a decision.
+        let now = at.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as Millis)
+        });
+        let since = now - MONTH_MS;
+        let v = self
+            .query(
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(self.keys.home(&home).uniques())
+                    .arg(format!("({since}"))
+                    .arg("+inf")
+                    .arg("WITHSCORES"),
+            )
+            .await?;
+        let bad = |v: &Value| bad_reply("uniques", v);
+        // RESP2 answers member, score, member, score…; RESP3 pairs [member, score].
+        let flat: Vec<Value> = items(v)
+            .map_err(|v| bad(&v))?
+            .into_iter()
+            .flat_map(|v| match v {
+                Value::Array(pair) => pair,
+                other => vec![other],
+            })
+            .collect();
+        let mut out = Vec::with_capacity(flat.len() / 2);
+        for pair in flat.chunks(2) {
+            let [m, t] = pair else {
+                return Err(bad(&Value::Array(flat.clone())));
+            };
+            let time = match t {
+                Value::Double(d) => Some(*d as Millis),
+                other => int(other),
+            };
+            let (Some(r), Some(time)) = (text(m), time) else {
+                return Err(bad(&Value::Array(flat.clone())));
+            };
+            let r = RecipientId::parse("recipient", &r)
+                .map_err(|_| bad(&Value::Array(flat.clone())))?;
+            out.push((r, time));
+        }
+        Ok(out)
     }
 
     async fn list_window(
