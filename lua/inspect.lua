@@ -20,7 +20,8 @@
 -- Returns {"moved", portfolio|""}, or {now, used, next_free|-1, freeing_next_hour,
 -- open_service_windows, counted_until|-1, service_window_until|-1, unique_7d, unique_30d,
 -- limit, effective, next_tier|"", upgrade_at|-1, downgrade_at|-1, hour_next (-1, or the listing
--- position from which list.lua counts the rest of freeing_next_hour), <14 window policy fields>,
+-- position from which list.lua counts the rest of freeing_next_hour), known (1|0),
+-- <14 window policy fields>,
 -- <14 sender policy fields, or none for a portfolio target>, then for a portfolio: its members}
 
 -- Shards whose slots one call counts for slots_freeing_next_hour (about 3,000 slots).
@@ -86,8 +87,15 @@ if W.rules == 'legacy' and W.status == 'flagged' and W.flagged and TIER_PREV[W.t
     next_tier = TIER_PREV[W.tier]
   end
 end
+-- Known: the ledger holds something of the target (docs/contract.md, "Inspecting a target").
+local known = used > 0 or u30 > 0 or open > 0 or redis.call('EXISTS', KEYS[2]) == 1
+if sender ~= '' then
+  known = known or ARGV[2] == 'p' or redis.call('EXISTS', KEYS[5]) == 1
+else
+  known = known or #senders > 0
+end
 local out = { now, used, next_free, hour, open, counted, sw_until, u7, u30, limit_of(W), effective_of(W), next_tier, up, down,
-  fmt(hour_next) }
+  fmt(hour_next), known and 1 or 0 }
 policy_out(W, out)
 if sender ~= '' then
   if ARGV[2] == 's' then

@@ -1014,6 +1014,7 @@ fn projection_json(p: Option<&proto::Projection>) -> ProjectionJson {
 #[derive(Serialize)]
 struct InspectJson<'a> {
     target: TargetJson<'a>,
+    known: bool,
     now: Option<String>,
     scope: &'static str,
     portfolio: Option<String>,
@@ -1066,6 +1067,7 @@ async fn inspect(
     if s.json {
         return Ok(json_out(&InspectJson {
             target: target_json(target),
+            known: i.known,
             now: time(i.now.as_ref()),
             scope: scope_name(i.scope),
             portfolio: (!i.portfolio.is_empty()).then(|| i.portfolio.clone()),
@@ -1103,6 +1105,16 @@ async fn inspect(
         }
     };
     let mut rows = vec![("target", describe(target))];
+    if !i.known {
+        rows.push((
+            "known",
+            format!(
+                "no: the ledger holds nothing for this {} (no policy, slot or history); \
+                 the figures below are the defaults",
+                if is_portfolio { "portfolio" } else { "sender" }
+            ),
+        ));
+    }
     if is_portfolio {
         rows.push(("senders", or_dash(&i.senders.join(", "))));
     } else {

@@ -997,6 +997,9 @@ pub struct Inspection {
     pub recipient: Option<RecipientId>,
     pub counted_until: Option<Millis>,
     pub service_window_until: Option<Millis>,
+    /// The ledger holds something of the target: a stored policy or projection state, an
+    /// assignment or members, a live slot, a user in the 30-day index or an open service window.
+    pub known: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

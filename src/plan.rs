@@ -186,6 +186,16 @@ async fn snapshot<L: Ledger>(
     input: &PlanInput,
 ) -> Result<Snapshot> {
     let i = ledger.inspect(input.target.clone(), None, input.at).await?;
+    if !i.known {
+        return Err(LedgerError::FailedPrecondition(format!(
+            "{} is unknown: the ledger holds no policy, slot or history for it \
+             (set its policy first: waquota policy set)",
+            match &input.target {
+                Target::Sender(s) => format!("sender {s}"),
+                Target::Portfolio(p) => format!("portfolio {p}"),
+            }
+        )));
+    }
     let now = i.now;
     let at = Some(now);
     let owner = match (&input.target, &i.portfolio) {

@@ -20,6 +20,7 @@ on_every_ledger!(
     with_upgrades_the_plan_applies_the_projected_tier_at_its_moment,
     bad_plan_requests_are_refused_naming_the_field,
     the_cli_prints_the_plan_and_refuses_bad_input_in_one_line,
+    inspect_chart_draws_the_next_24_hours_of_the_live_window,
 );
 
 /// Day `n` (day 1 = the test day D) at `h`:`m`:`s`.
@@ -392,6 +393,17 @@ async fn bad_plan_requests_are_refused_naming_the_field(backend: Backend) {
     for (req, field) in cases {
         assert_invalid(a.plan(req).await, field);
     }
+    // A target the ledger has never seen is unknown: nothing to plan from.
+    let ghost = inspect(&mut a, sender("ghost"), now).await;
+    assert!(!ghost.known);
+    let err = a
+        .plan(new_users("ghost", 10, now, 1.0, now))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("sender ghost is unknown"), "{err:?}");
+    put_policy_at(&mut a, sender("ghost"), tier1k(), now).await;
+    assert!(inspect(&mut a, sender("ghost"), now).await.known);
     // A portfolio with no senders has no one to send the campaign.
     let err = a
         .plan(PlanRequest {
@@ -403,7 +415,7 @@ async fn bad_plan_requests_are_refused_naming_the_field(backend: Backend) {
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("p-empty"), "{err:?}");
     // Nothing was written.
-    let i = inspect(&mut a, sender("s1"), now).await;
+    let i = inspect(&mut a, sender("ghost"), now).await;
     assert_eq!((i.used, i.unique_30d), (0, 0));
     server.stop().await;
 }
@@ -529,5 +541,112 @@ async fn the_cli_prints_the_plan_and_refuses_bad_input_in_one_line(backend: Back
         );
         assert!(err.contains(says), "{args:?}: {err}");
     }
+    server.stop().await;
+}
+
+async fn inspect_chart_draws_the_next_24_hours_of_the_live_window(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (mut q, mut a) = (server.quota().await, server.admin().await);
+    half_full(&mut a, &mut q).await;
+    // At 10:00 the 600 slots of the day before free from 12:00 to 18:00, 100 an hour.
+    let now = day(1, 10, 0, 0);
+    let (code, out, err) = cli(&server, now, &["inspect", "s1", "--chart"]).await;
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<&str> = out
+        .lines()
+        .skip_while(|l| !l.starts_with("hour"))
+        .skip(1)
+        .collect();
+    assert_eq!(rows.len(), 24, "{out}");
+    let freed = |l: &str| l.rsplit('│').next().unwrap().trim().parse::<u64>().unwrap();
+    let used = |l: &str| {
+        l.split('│')
+            .nth(1)
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    assert!(rows[0].starts_with("10:00"), "{out}");
+    assert_eq!(
+        rows.iter().map(|l| freed(l)).collect::<Vec<_>>()[..10],
+        [0, 1, 100, 100, 100, 100, 100, 99, 0, 0],
+        "{out}"
+    );
+    assert_eq!(used(rows[0]), "600");
+    assert_eq!(used(rows[3]), "499", "{out}");
+    assert!(rows[0].contains("███"), "{out}");
+    server.stop().await;
+}
+
+/// The SVG chart of a plan, opened in headless Chromium: the picture holds the occupancy bars
+/// (blue) and the freeing bars (green) on white.
+#[tokio::test]
+async fn the_svg_chart_renders_in_a_browser() {
+    let browser = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|b| Command::new(b).arg("--version").output().is_ok())
+        .expect("a Chromium browser (apt-get install chromium; scripts/test installs it)");
+    let server = TestServer::start(Backend::Memory).await;
+    let (mut q, mut a) = (server.quota().await, server.admin().await);
+    half_full(&mut a, &mut q).await;
+    let dir = scratch_dir("plan-svg");
+    let svg = dir.join("plan.svg");
+    let png = dir.join("plan.png");
+    let now = day(1, 10, 0, 0);
+    let (code, _, err) = cli(
+        &server,
+        now,
+        &[
+            "plan",
+            "s1",
+            "--new",
+            "1000",
+            "--rate",
+            "2",
+            "--svg",
+            svg.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let (svg_arg, png_arg) = (format!("file://{}", svg.display()), png.clone());
+    let shot = tokio::task::spawn_blocking(move || {
+        Command::new(browser)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+            ])
+            .arg(format!("--screenshot={}", png_arg.display()))
+            .args(["--window-size=960,480", &svg_arg])
+            .output()
+            .expect("run chromium")
+    })
+    .await
+    .unwrap();
+    assert!(
+        png.exists(),
+        "no screenshot: {}",
+        String::from_utf8_lossy(&shot.stderr)
+    );
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let px = info.color_type.samples();
+    let pixels: Vec<&[u8]> = buf[..info.buffer_size()].chunks(px).collect();
+    let share = |f: &dyn Fn(&[u8]) -> bool| {
+        pixels.iter().filter(|p| f(p)).count() as f64 / pixels.len() as f64
+    };
+    let blue = share(&|p| p[2] > 150 && p[0] < 90 && p[1] > 80 && p[1] < 140);
+    let green = share(&|p| p[1] > 130 && p[0] < 90 && p[2] < 120);
+    let white = share(&|p| p[0] > 240 && p[1] > 240 && p[2] > 240);
+    assert!(blue > 0.05, "occupancy bars: {blue}");
+    assert!(green > 0.005, "freeing bars: {green}");
+    assert!(white > 0.3, "background: {white}");
     server.stop().await;
 }

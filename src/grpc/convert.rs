@@ -447,6 +447,7 @@ pub fn inspection(i: Inspection) -> proto::InspectResponse {
         unique_30d: i.unique_30d,
         projection: projection_to_proto(&i.projection),
         sender_policy: i.sender_policy.as_ref().map(policy_to_proto),
+        known: i.known,
     }
 }
 

@@ -877,7 +877,24 @@ impl Ledger for MemoryLedger {
                 .max()
         });
         let uniques = st.uniques.get(&home);
+        let unique_30d = count_since(uniques, now - MONTH_MS);
+        let projecting = |t: &Target| {
+            st.progress
+                .get(t)
+                .is_some_and(|p| p.upgrade_at.is_some() || p.flagged_since.is_some())
+        };
+        let known = used > 0
+            || unique_30d > 0
+            || open_service_windows > 0
+            || projecting(&home)
+            || match &target {
+                Target::Sender(s) => {
+                    st.sender_policy.contains_key(s) || st.assigned.contains_key(s)
+                }
+                Target::Portfolio(p) => st.portfolio_policy.contains_key(p) || !senders.is_empty(),
+            };
         Ok(Inspection {
+            known,
             now,
             policy,
             // A sender's own policy is the deciding one while it is unassigned (settled above).
@@ -893,7 +910,7 @@ impl Ledger for MemoryLedger {
             limit,
             effective_limit: if limit == 0 { 0 } else { effective },
             unique_7d: count_since(uniques, now - WEEK_MS),
-            unique_30d: count_since(uniques, now - MONTH_MS),
+            unique_30d,
             projection: projection(&policy, &prog),
             used,
             remaining: remaining(limit, effective, used),

@@ -1203,7 +1203,7 @@ impl Ledger for RedisLedger {
         };
         let f = items(v).map_err(|v| bad_reply("inspect", &v))?;
         let bad = || bad_reply("inspect", &Value::Array(f.clone()));
-        const HEAD: usize = 15;
+        const HEAD: usize = 16;
         if f.len() < HEAD + POLICY_FIELDS {
             return Err(bad());
         }
@@ -1265,6 +1265,7 @@ impl Ledger for RedisLedger {
             counted_until: opt_ms(&f[5]),
             service_window_until: opt_ms(&f[6]),
             recipient,
+            known: num(15)? == 1,
         })
     }
 
