@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 #
-# waquota: a release build in the Rust image, run from a slim Debian as a non-root user.
+# waquota: a release build in the Rust image (stripped of debug symbols), run from a slim Debian
+# as a non-root user, with a HEALTHCHECK through the gRPC health service.
 #   docker build -t waquota .
 #   docker run --rm -p 50051:50051 waquota                                   # in-memory ledger
 #   docker run --rm -p 50051:50051 waquota serve --redis redis://host:6379  # shared ledger
@@ -14,7 +15,7 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked \
-    && install -m 0755 target/release/waquota /usr/local/bin/waquota
+    && install -s -m 0755 target/release/waquota /usr/local/bin/waquota
 
 FROM debian:bookworm-slim
 RUN apt-get update \
@@ -24,5 +25,9 @@ RUN apt-get update \
 COPY --from=builder /usr/local/bin/waquota /usr/local/bin/waquota
 USER waquota
 EXPOSE 50051
+# The gRPC health service, asked by the binary itself (exit 0 only when SERVING; NOT_SERVING
+# while the store does not answer or during shutdown).
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+    CMD ["/usr/local/bin/waquota", "--addr", "http://127.0.0.1:50051", "health"]
 ENTRYPOINT ["/usr/local/bin/waquota"]
 CMD ["serve"]

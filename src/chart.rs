@@ -161,6 +161,11 @@ impl Chart {
                 );
             }
         }
+        let _ = writeln!(
+            s,
+            "<text x=\"4\" y=\"{:.1}\" fill=\"#2e9e5b\">{most_freed}</text>",
+            low_y + 4.0
+        );
         if self.limit > 0 {
             let _ = writeln!(
                 s,

@@ -110,6 +110,14 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         svg: Option<PathBuf>,
     },
+    /// Ask the server's gRPC health service: exit 0 when it is SERVING, 1 otherwise (for a
+    /// container HEALTHCHECK or a script).
+    Health {
+        /// The service to ask for ("" = the server as a whole, or waquota.v1.QuotaService,
+        /// waquota.v1.AdminService).
+        #[arg(long, default_value = "")]
+        service: String,
+    },
     /// Plan a campaign on a copy of the live window: when it completes, hour by hour what goes
     /// out and frees, and when the next tiers come. Changes nothing.
     Plan(PlanArgs),
@@ -426,6 +434,10 @@ pub enum SenderCommand {
         sender: String,
         #[arg(long, value_name = "ID")]
         portfolio: String,
+        /// Allow a portfolio the ledger does not know yet (it starts with the default policy);
+        /// without it an unknown portfolio is refused, as a mistyped id would be.
+        #[arg(long)]
+        create: bool,
     },
     /// Detach a sender from its portfolio: it is limited by its own window again.
     Detach { sender: String },
@@ -533,6 +545,7 @@ type Admin = AdminServiceClient<InterceptedService<Channel, Bearer>>;
 /// What every command needs: a connected client, the `at` to send, the output format.
 struct Session {
     admin: Admin,
+    health: tonic_health::pb::health_client::HealthClient<Channel>,
     at: Option<prost_types::Timestamp>,
     json: bool,
 }
@@ -613,6 +626,7 @@ async fn connect(args: &ClientArgs) -> Result<Session, CliError> {
         .await
         .map_err(|e| CliError::Failed(format!("cannot reach {addr}: {}", root_cause(&e))))?;
     Ok(Session {
+        health: tonic_health::pb::health_client::HealthClient::new(channel.clone()),
         admin: AdminServiceClient::with_interceptor(channel, Bearer(bearer)),
         at: args.at.map(convert::timestamp),
         json: args.json,
@@ -665,6 +679,7 @@ pub async fn run(command: Command, args: &ClientArgs) -> Result<(), CliError> {
             out
         }
         Command::Plan(args) => plan(&mut s, &plan_request, &args).await?,
+        Command::Health { service } => health(&mut s, service).await?,
         Command::Window(WindowCommand::List {
             target,
             page_size,
@@ -686,10 +701,14 @@ pub async fn run(command: Command, args: &ClientArgs) -> Result<(), CliError> {
         Command::Policy(PolicyCommand::Set { target, .. }) => {
             policy_set(&mut s, &proto_target(&target), &changes).await?
         }
-        Command::Sender(SenderCommand::Assign { sender, portfolio }) => {
-            assign(&mut s, sender, Some(portfolio)).await?
+        Command::Sender(SenderCommand::Assign {
+            sender,
+            portfolio,
+            create,
+        }) => assign(&mut s, sender, Some(portfolio), create).await?,
+        Command::Sender(SenderCommand::Detach { sender }) => {
+            assign(&mut s, sender, None, false).await?
         }
-        Command::Sender(SenderCommand::Detach { sender }) => assign(&mut s, sender, None).await?,
         Command::Reset { target, yes } => reset(&mut s, &proto_target(&target), yes).await?,
         Command::Ledger(LedgerCommand::AcceptLoss) => accept_loss(&mut s).await?,
         Command::Waba(WabaCommand::Assign { waba, portfolio }) => {
@@ -1525,6 +1544,31 @@ async fn plan(
     Ok(out)
 }
 
+async fn health(s: &mut Session, service: String) -> Result<String, CliError> {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+    let r = s
+        .health
+        .check(HealthCheckRequest {
+            service: service.clone(),
+        })
+        .await?
+        .into_inner();
+    let status = ServingStatus::try_from(r.status).unwrap_or(ServingStatus::Unknown);
+    let name = if service.is_empty() {
+        "server"
+    } else {
+        &service
+    };
+    match status {
+        ServingStatus::Serving => Ok(if s.json {
+            json_out(&serde_json::json!({"service": service, "status": "SERVING"}))
+        } else {
+            format!("{name}: SERVING\n")
+        }),
+        other => Err(CliError::Failed(format!("{name}: {}", other.as_str_name()))),
+    }
+}
+
 /// The next 24 hours of a live window, from its listing.
 async fn window_chart(s: &mut Session, target: &proto::Target) -> Result<Chart, CliError> {
     let i = fetch_inspection(s, target, None).await?;
@@ -1779,12 +1823,14 @@ async fn assign(
     s: &mut Session,
     sender: String,
     portfolio: Option<String>,
+    create: bool,
 ) -> Result<String, CliError> {
     s.admin
         .assign_sender(proto::AssignSenderRequest {
             sender: sender.clone(),
             portfolio: portfolio.clone().unwrap_or_default(),
             at: s.at,
+            create,
         })
         .await?;
     if s.json {

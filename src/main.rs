@@ -296,7 +296,10 @@ fn fail(code: u8, message: &str) -> ExitCode {
 fn init_tracing(settings: &Settings) {
     let filter = tracing_subscriber::EnvFilter::try_new(&settings.log_level)
         .unwrap_or_else(|_| "info".into());
-    let fmt = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colours only on a terminal: redirected logs (files, journald, containers) stay plain text.
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     match settings.log_format {
         LogFormat::Text => fmt.init(),
         LogFormat::Json => fmt.json().init(),

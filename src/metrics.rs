@@ -25,7 +25,7 @@ const BUCKETS: [f64; 14] = [
 ];
 
 /// RPCs that get their own latency series; anything else is `other`.
-pub const RPCS: [&str; 14] = [
+pub const RPCS: [&str; 15] = [
     "Acquire",
     "AcquireBatch",
     "Release",
@@ -39,6 +39,7 @@ pub const RPCS: [&str; 14] = [
     "Reset",
     "AcceptLedgerLoss",
     "AssignWaba",
+    "Plan",
     "other",
 ];
 

@@ -192,6 +192,7 @@ impl Clients {
             Rpc::AssignSender => a
                 .assign_sender(with_token(
                     AssignSenderRequest {
+                        create: true,
                         sender: "s1".into(),
                         portfolio: "p1".into(),
                         at,
@@ -308,6 +309,7 @@ async fn setup(server: &TestServer) -> Clients {
         c.admin
             .assign_sender(with_token(
                 AssignSenderRequest {
+                    create: true,
                     sender: who.into(),
                     portfolio: "p9".into(),
                     at: None,

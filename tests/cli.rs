@@ -248,7 +248,7 @@ async fn inspect_a_recipient_and_a_portfolio(backend: Backend) {
     cli(
         &server,
         NOON,
-        &["sender", "assign", "s2", "--portfolio", "p1"],
+        &["sender", "assign", "s2", "--portfolio", "p1", "--create"],
     )
     .await
     .ok();
@@ -433,10 +433,46 @@ async fn policy_set_changes_only_what_is_given(backend: Backend) {
 
 async fn sender_assign_and_detach(backend: Backend) {
     let server = TestServer::start(backend).await;
+    // A portfolio the ledger does not know is refused, as a mistyped id would be: "P1" is not
+    // "p1". Nothing changes.
     let out = cli(
         &server,
         NOON,
-        &["sender", "assign", "s1", "--portfolio", "p1"],
+        &["sender", "assign", "s1", "--portfolio", "P1"],
+    )
+    .await;
+    assert!(
+        out.failed(1)
+            .starts_with("waquota: FAILED_PRECONDITION: portfolio P1 is unknown"),
+        "{}",
+        out.stderr
+    );
+    let j = cli(&server, NOON, &["inspect", "s1", "--json"])
+        .await
+        .json();
+    assert_eq!(
+        (j["portfolio"].clone(), j["known"].clone()),
+        (Value::Null, Value::Bool(false))
+    );
+    // A portfolio with a stored policy is known: no --create needed.
+    cli(
+        &server,
+        NOON,
+        &["policy", "set", "--portfolio", "p2", "--tier", "2k"],
+    )
+    .await
+    .ok();
+    let out = cli(
+        &server,
+        NOON,
+        &["sender", "assign", "s3", "--portfolio", "p2"],
+    )
+    .await;
+    assert_eq!(out.ok().trim(), "sender s3 assigned to portfolio p2");
+    let out = cli(
+        &server,
+        NOON,
+        &["sender", "assign", "s1", "--portfolio", "p1", "--create"],
     )
     .await;
     assert_eq!(out.ok().trim(), "sender s1 assigned to portfolio p1");
@@ -521,7 +557,7 @@ async fn server_errors_are_one_line_with_the_status_code(backend: Backend) {
     cli(
         &server,
         NOON,
-        &["sender", "assign", "s1", "--portfolio", "p1"],
+        &["sender", "assign", "s1", "--portfolio", "p1", "--create"],
     )
     .await
     .ok();
@@ -944,7 +980,7 @@ async fn inspect_shows_an_upgrade_projection_and_the_portfolio_status(backend: B
     cli(
         &server,
         NOON,
-        &["sender", "assign", "s2", "--portfolio", "p1"],
+        &["sender", "assign", "s2", "--portfolio", "p1", "--create"],
     )
     .await
     .ok();
@@ -1132,7 +1168,7 @@ async fn policy_get_shows_the_portfolio_policy_and_the_sender_own(backend: Backe
     cli(
         &server,
         NOON,
-        &["sender", "assign", "s2", "--portfolio", "p1"],
+        &["sender", "assign", "s2", "--portfolio", "p1", "--create"],
     )
     .await
     .ok();

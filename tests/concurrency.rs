@@ -387,6 +387,7 @@ async fn portfolio_of_three_two_instances_64_clients_exactly_250_new() {
     for s in &senders {
         admin
             .assign_sender(AssignSenderRequest {
+                create: true,
                 sender: s.clone(),
                 portfolio: portfolio.into(),
                 at: None,
@@ -586,6 +587,7 @@ async fn concurrent_reassignments_leave_a_sender_in_one_portfolio_with_its_polic
                 tokio::spawn(async move {
                     let mut a = AdminServiceClient::new(channel(&endpoint).await);
                     a.assign_sender(AssignSenderRequest {
+                        create: true,
                         sender,
                         portfolio: p.into(),
                         at: None,
@@ -653,6 +655,7 @@ async fn an_interrupted_reassignment_is_completed_by_the_next_one() {
     assert!(set.starts_with("+OK"), "{set}");
     admin
         .assign_sender(AssignSenderRequest {
+            create: true,
             sender: sender.into(),
             portfolio: "P2".into(),
             at: None,

@@ -297,36 +297,26 @@ async fn serve_reads_its_configuration_file() {
     assert_eq!(j["now"], "2026-03-02T12:00:00Z", "the file's trusted clock");
 }
 
-#[test]
-fn serve_logs_json_lines_when_asked() {
+/// Starts `waquota serve` with `args` and its stdout piped: the first line of its output that
+/// `wanted` accepts (within the first 50), then stops it.
+fn first_log_line(args: &[&str], wanted: impl Fn(&str) -> bool) -> String {
     let port = free_port(false);
     let listen = format!("127.0.0.1:{port}");
-    let mut child = waquota(
-        &[
-            "serve",
-            "--listen",
-            &listen,
-            "--log-format",
-            "json",
-            "--log",
-            "info",
-        ],
-        &[],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null())
-    .spawn()
-    .expect("spawn waquota serve");
-    // Every line is one JSON object; read up to the start-up line.
+    let mut all = vec!["serve", "--listen", &listen];
+    all.extend(args);
+    let mut child = waquota(&all, &[])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn waquota serve");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut seen = Vec::new();
-    let serving = loop {
+    let found = loop {
         let Some(Ok(line)) = lines.next() else {
             break None;
         };
-        let j: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
-        if j["fields"]["message"] == "waquota serving" {
-            break Some(j);
+        if wanted(&line) {
+            break Some(line);
         }
         seen.push(line);
         if seen.len() > 50 {
@@ -335,9 +325,29 @@ fn serve_logs_json_lines_when_asked() {
     };
     let _ = child.kill();
     let _ = child.wait();
-    let j = serving.unwrap_or_else(|| panic!("no start-up line among {seen:?}"));
+    found.unwrap_or_else(|| panic!("no such line among {seen:?}"))
+}
+
+#[test]
+fn serve_logs_json_lines_when_asked() {
+    // Every line is one JSON object; read up to the start-up line.
+    let line = first_log_line(&["--log-format", "json", "--log", "info"], |line| {
+        let j: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        j["fields"]["message"] == "waquota serving"
+    });
+    let j: Value = serde_json::from_str(&line).unwrap();
     assert_eq!(j["level"], "INFO", "{j}");
     assert!(j["timestamp"].is_string(), "{j}");
+}
+
+#[test]
+fn serve_logs_plain_text_without_colours_when_not_on_a_terminal() {
+    let line = first_log_line(&["--log", "info"], |l| l.contains("waquota serving"));
+    assert!(
+        !line.contains('\u{1b}'),
+        "no ANSI escapes in a pipe: {line:?}"
+    );
+    assert!(line.contains(" INFO "), "{line:?}");
 }
 
 // ------------------------------------------------------------------------------ Redis URLs

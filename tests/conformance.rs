@@ -639,6 +639,7 @@ async fn bad_admin_requests_are_refused_naming_the_field_and_change_nothing(b: B
     );
 
     let assign_req = |sender: &str, portfolio: &str| AssignSenderRequest {
+        create: true,
         sender: sender.into(),
         portfolio: portfolio.into(),
         at: None,
@@ -751,6 +752,7 @@ async fn untrusted_clock_refuses_at_and_decides_on_the_real_clock(b: Backend) {
     };
     assert_invalid(a.put_policy(put).await, "at");
     let asg = AssignSenderRequest {
+        create: true,
         sender: s.into(),
         portfolio: "P".into(),
         at: when(),

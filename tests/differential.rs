@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use common::dsl::{Admin, Quota, portfolio, sender};
+use common::dsl::{Admin, Quota, portfolio, sender, window_only};
 use common::{Backend, D, DAY, HOUR, MINUTE, TestServer, ts};
 use tonic::Status;
 use waquota::bench::Rng;
@@ -266,10 +266,15 @@ fn generate(seed: u64, steps: usize) -> Vec<Step> {
                 with_reservation: rng.chance(70),
                 code: [131049, 131026, 131047, 130429][rng.below(4)],
             },
-            82..=91 => Op::PutPolicy {
-                t: random_target(&mut rng),
-                policy: random_policy(&mut rng, now),
-            },
+            82..=91 => {
+                let t = random_target(&mut rng);
+                let mut policy = random_policy(&mut rng, now);
+                if let Tgt::Portfolio(_) = t {
+                    // A sender's own settings are refused on a portfolio (they have no effect).
+                    policy = window_only(policy);
+                }
+                Op::PutPolicy { t, policy }
+            }
             92..=97 => Op::Assign {
                 s,
                 p: rng.chance(70).then(|| rng.below(PORTFOLIOS)),
@@ -488,6 +493,7 @@ impl Runner {
             Op::Assign { s, p } => answer(
                 self.a
                     .assign_sender(AssignSenderRequest {
+                        create: true,
                         sender: n.sender(*s),
                         portfolio: p.map(|p| n.portfolio(p)).unwrap_or_default(),
                         at,

@@ -335,3 +335,36 @@ async fn real_binary_health_and_reflection() {
         "{names:?}"
     );
 }
+
+/// `waquota health`, as the Docker image's HEALTHCHECK runs it: exit 0 and SERVING from a
+/// serving server; an unknown service is one line and exit 1.
+#[tokio::test]
+async fn the_health_command_exits_0_only_when_serving() {
+    let server = TestServer::start(Backend::Memory).await;
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_waquota"))
+                .args(&args)
+                .env_remove("WAQUOTA_ADDR")
+                .env_remove("WAQUOTA_TOKEN")
+                .output()
+                .expect("run waquota")
+        })
+    };
+    let base = vec!["--addr".to_owned(), server.endpoint(), "health".to_owned()];
+    let out = run(base.clone()).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "server: SERVING\n");
+    let mut quota = base.clone();
+    quota.extend(["--service".to_owned(), "waquota.v1.QuotaService".to_owned()]);
+    let out = run(quota).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let mut unknown = base;
+    unknown.extend(["--service".to_owned(), "nope".to_owned()]);
+    let out = run(unknown).await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("NOT_FOUND"), "{err}");
+    server.stop().await;
+}

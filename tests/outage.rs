@@ -367,6 +367,7 @@ async fn a_move_interrupted_by_a_store_hiccup_is_resumed_at_once_by_its_instance
         .expect("a slot to move");
     let port = server.redis().unwrap().port;
     let assign = || waquota::proto::AssignSenderRequest {
+        create: true,
         sender: "s1".into(),
         portfolio: "p1".into(),
         at: None,

@@ -338,13 +338,17 @@ async fn throughput_admits_one_seconds_worth_at_once_then_one_message_per_interv
     // Throughput is the sender's: another sender is unaffected.
     assert_decision(&acquire(&mut q, "other", "a-0000", t0).await, NEW);
 
-    // In a portfolio the member's own rate decides (the portfolio's policy has no say), or the
-    // configured default.
+    // In a portfolio the member's own rate decides, or the configured default: a portfolio's
+    // policy has no say, so a rate given to it is refused.
     let slow = Policy {
         messages_per_second: 5,
         ..tier(Tier::Unlimited)
     };
-    put_policy_at(&mut a, portfolio("tp"), slow, t0).await;
+    assert_invalid(
+        try_put_policy_at(&mut a, portfolio("tp"), slow, t0).await,
+        "policy.messages_per_second",
+    );
+    put_policy_at(&mut a, portfolio("tp"), tier(Tier::Unlimited), t0).await;
     assign_at(&mut a, "tm", "tp", t0).await;
     assign_at(&mut a, "tn", "tp", t0).await;
     put_policy_at(&mut a, sender("tm"), mps(20), t0).await;
@@ -1680,13 +1684,78 @@ async fn bad_policy_fields_are_refused_naming_the_field_and_change_nothing(b: Ba
             },
         ),
     ];
+    // On a portfolio, a sender's own settings are refused: they would never be read.
+    let sender_only = [
+        "policy.messages_per_second",
+        "policy.pair_burst",
+        "policy.marketing_cap",
+        "policy.pair_interval",
+        "policy.marketing_cap_period",
+    ];
     for (field, p) in bad {
         assert_invalid(try_put_policy_at(&mut a, sender(s), p, t).await, field);
-        assert_invalid(
-            try_put_policy_at(&mut a, portfolio("pf"), p, t).await,
-            field,
-        );
+        if !sender_only.contains(&field) {
+            assert_invalid(
+                try_put_policy_at(&mut a, portfolio("pf"), window_only(p), t).await,
+                field,
+            );
+        }
     }
+    let base = window_only(good);
+    for (field, p) in [
+        (
+            "policy.messages_per_second",
+            Policy {
+                messages_per_second: 5,
+                ..base
+            },
+        ),
+        (
+            "policy.pair_interval",
+            Policy {
+                pair_interval: secs(60),
+                ..base
+            },
+        ),
+        (
+            "policy.pair_burst",
+            Policy {
+                pair_burst: 3,
+                ..base
+            },
+        ),
+        (
+            "policy.sender_cap",
+            Policy {
+                sender_cap: 10,
+                ..base
+            },
+        ),
+        (
+            "policy.marketing_cap",
+            Policy {
+                marketing_cap: 2,
+                ..base
+            },
+        ),
+        (
+            "policy.marketing_cap_period",
+            Policy {
+                marketing_cap_period: secs(3600),
+                ..base
+            },
+        ),
+    ] {
+        let err = try_put_policy_at(&mut a, portfolio("pf"), p, t)
+            .await
+            .unwrap_err();
+        assert!(
+            err.message().contains("has no effect on a portfolio"),
+            "{err:?}"
+        );
+        assert_invalid(Err::<(), _>(err), field);
+    }
+    put_policy_at(&mut a, portfolio("pf-ok"), base, t).await;
     let i = inspect(&mut a, sender(s), t + 1).await;
     assert_eq!(i.sender_policy.as_ref(), Some(&stored), "nothing changed");
     let i = inspect(&mut a, portfolio("pf"), t + 1).await;

@@ -412,6 +412,7 @@ async fn acquire_for_a_portfolio_sender_is_one_evalsha() {
     let mut admin = server.admin().await;
     admin
         .assign_sender(AssignSenderRequest {
+            create: true,
             sender: "rt-pf-sender".into(),
             portfolio: "rt-portfolio".into(),
             at: None,

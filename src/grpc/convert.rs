@@ -249,6 +249,25 @@ pub fn policy(
         Ok(proto::RuleSet::Portfolio) => RuleSet::Portfolio,
         Err(_) => return Err(unknown("policy.rule_set", "RuleSet", p.rule_set)),
     };
+    // A sender's own settings decide per sender, from the sender's policy, wherever its window
+    // is (docs/contract.md, "Policies"): on a portfolio they would be stored and never used.
+    if let Target::Portfolio(_) = target {
+        let set = [
+            ("messages_per_second", p.messages_per_second != 0),
+            ("pair_interval", p.pair_interval.is_some()),
+            ("pair_burst", p.pair_burst != 0),
+            ("sender_cap", p.sender_cap != 0),
+            ("marketing_cap", p.marketing_cap != 0),
+            ("marketing_cap_period", p.marketing_cap_period.is_some()),
+        ];
+        if let Some((field, _)) = set.iter().find(|(_, given)| *given) {
+            return Err(InvalidArgument::new(
+                format!("policy.{field}"),
+                "has no effect on a portfolio: it is a sender's own setting; set it on each \
+                 sender (waquota policy set <sender>)",
+            ));
+        }
+    }
     if p.custom_limit > 1_000_000_000 {
         return Err(InvalidArgument::new(
             "policy.custom_limit",

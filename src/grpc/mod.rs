@@ -386,6 +386,23 @@ impl<L: Ledger> AdminService for AdminApi<L> {
         } else {
             Some(PortfolioId::parse("portfolio", &r.portfolio).map_err(invalid)?)
         };
+        // An unknown portfolio is most often a mistyped one: refused unless asked to create it
+        // (docs/contract.md, "Inspecting a target").
+        if let Some(p) = &portfolio
+            && !r.create
+            && !self
+                .ledger
+                .inspect(crate::model::Target::Portfolio(p.clone()), None, None)
+                .await
+                .map_err(status)?
+                .known
+        {
+            return Err(Status::failed_precondition(format!(
+                "portfolio {p} is unknown: it has no policy, senders or history (ids are \
+                 case-sensitive); set its policy first, or pass create to start it with the \
+                 default portfolio policy"
+            )));
+        }
         self.ledger
             .assign_sender(sender, portfolio)
             .await

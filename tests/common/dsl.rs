@@ -240,6 +240,7 @@ pub async fn put_policy(a: &mut Admin, target: Option<Target>, p: Policy) -> Pol
 /// Assigns `sender` to `portfolio` ("" detaches).
 pub async fn assign(a: &mut Admin, sender: &str, portfolio: &str) {
     a.assign_sender(AssignSenderRequest {
+        create: true,
         sender: sender.into(),
         portfolio: portfolio.into(),
         at: None,
@@ -410,6 +411,19 @@ pub fn assert_invalid<T: std::fmt::Debug>(res: Result<T, Status>, field: &str) {
 // ------------------------------------------------------------------ policy engine
 // (docs/contract.md, "Policies")
 
+/// `p` without the sender-only fields (rates and caps), which a portfolio's policy refuses.
+pub fn window_only(p: Policy) -> Policy {
+    Policy {
+        messages_per_second: 0,
+        pair_interval: None,
+        pair_burst: 0,
+        sender_cap: 0,
+        marketing_cap: 0,
+        marketing_cap_period: None,
+        ..p
+    }
+}
+
 /// Stores a policy on the trusted clock (`at` matters: setting FLAGGED starts the downgrade clock).
 pub async fn put_policy_at(a: &mut Admin, target: Option<Target>, p: Policy, at_ms: i64) -> Policy {
     try_put_policy_at(a, target, p, at_ms)
@@ -435,6 +449,7 @@ pub async fn try_put_policy_at(
 /// Assigns `sender` to `portfolio` ("" detaches) on the trusted clock.
 pub async fn assign_at(a: &mut Admin, sender: &str, portfolio: &str, at_ms: i64) {
     a.assign_sender(AssignSenderRequest {
+        create: true,
         sender: sender.into(),
         portfolio: portfolio.into(),
         at: Some(ts(at_ms)),
