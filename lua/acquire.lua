@@ -125,6 +125,7 @@ local mtimes = {} -- recipient -> marketing send times to write
 local uniques = {} -- recipient -> true for users counted new in this batch
 local opened = false
 local tat_changed = false
+local throttled = 0 -- throughput refusals so far in this batch
 
 local function set_slot(r, until_ms)
   if not moved[r] then
@@ -290,8 +291,11 @@ local function decide(r)
   if not new_pt then
     refuse(7, now + pair_wait)
   end
-  local new_tat, wait = gcra(tat, now_us, interval, burst)
+  -- Throughput refusals are staggered in batch order: the k-th passes when it would after the k
+  -- before it (docs/contract.md, "Retrying a refusal").
+  local new_tat, wait = gcra(math.max(tat, now_us) + throttled * interval, now_us, interval, burst)
   if not new_tat then
+    throttled = throttled + 1
     refuse(6, now + wait)
   end
   if refused then

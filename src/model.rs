@@ -966,6 +966,9 @@ pub struct Outcome {
     pub decision: Decision,
     pub expires_at: Option<Millis>,
     pub retry_after_ms: Option<Millis>,
+    /// The moment the decision was made at (the ledger's clock): `retry_at` is it plus
+    /// `retry_after_ms`.
+    pub decided_at: Millis,
     pub limit: u64,
     pub used: u64,
     pub remaining: u64,

@@ -241,7 +241,13 @@ async fn with_tokens_only_an_operator_may_set_the_clock() {
 async fn room_for(server: &TestServer, target: Option<waquota::proto::Target>, n: u64) {
     let mut a = server.admin().await;
     let mut p = policy(Tier::Tier250, n, WindowMode::Conversation);
-    p.messages_per_second = 100_000;
+    // A rate is a sender's own: a portfolio's policy refuses it.
+    if matches!(
+        target.as_ref().and_then(|t| t.target.as_ref()),
+        Some(waquota::proto::target::Target::Sender(_))
+    ) {
+        p.messages_per_second = 100_000;
+    }
     put_policy(&mut a, target, p).await;
 }
 

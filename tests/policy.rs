@@ -285,18 +285,27 @@ async fn throughput_admits_one_seconds_worth_at_once_then_one_message_per_interv
     // A dry run answers the same and consumes nothing.
     let dry = dry_batch(&mut q, s, &users("a", 100), t0).await;
     assert_all(&dry[..80], NEW);
-    for r in &dry[80..] {
-        assert_denied(r, THROUGHPUT, 13);
+    // The refusals are staggered by position: the k-th passes after the k before it, 12.5 ms
+    // apart (rounded up), and retry_at is that moment on the ledger's clock.
+    let staggered = |k: usize| (12_500 * (k as i64 + 1) + 999) / 1000;
+    for (k, r) in dry[80..].iter().enumerate() {
+        assert_denied(r, THROUGHPUT, staggered(k));
+        assert_eq!(opt_ms(&r.retry_at), Some(t0 + staggered(k)), "{r:?}");
     }
     let rs = batch(&mut q, s, &users("a", 100), t0).await;
     assert_all(&rs[..80], NEW);
     for (i, r) in rs[..80].iter().enumerate() {
         assert_eq!(r.used, i as u64 + 1);
     }
-    for r in &rs[80..] {
-        assert_denied(r, THROUGHPUT, 13);
+    for (k, r) in rs[80..].iter().enumerate() {
+        assert_denied(r, THROUGHPUT, staggered(k));
         assert_eq!(r.used, 80, "a refusal opens no slot: {r:?}");
     }
+    assert_eq!(
+        staggered(19),
+        250,
+        "the 20th refusal waits for 20 intervals"
+    );
     assert_denied(&acquire(&mut q, s, "b", t0 + 12).await, THROUGHPUT, 1);
     assert_answer(&acquire(&mut q, s, "b", t0 + 13).await, NEW, 81, 0);
     assert_denied(&acquire(&mut q, s, "c", t0 + 13).await, THROUGHPUT, 12);

@@ -419,6 +419,7 @@ pub fn outcome(
         allowed: o.decision.allowed(),
         expires_at: o.expires_at.map(timestamp),
         retry_after: o.retry_after_ms.map(duration),
+        retry_at: o.retry_after_ms.map(|w| timestamp(o.decided_at + w)),
         limit: o.limit,
         used: o.used,
         remaining: o.remaining,

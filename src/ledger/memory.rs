@@ -408,6 +408,8 @@ impl State {
         };
 
         let mut out = Vec::with_capacity(req.recipients.len());
+        // Throughput refusals so far in this batch.
+        let mut throttled: i64 = 0;
         for r in &req.recipients {
             let mut expires_at = None;
             let mut retry_after_ms = None;
@@ -491,9 +493,15 @@ impl State {
                     .unwrap_or(now_us);
                 let new_pair = gcra(pair_tat, now_us, rates.pair_interval_us, rates.pair_burst)
                     .inspect_err(|wait| refuse(Decision::DeniedPairRate, Some(now + wait)));
+                // Refusals for throughput are staggered in batch order: the k-th one passes when
+                // it would after the k before it (docs/contract.md, "Retrying a refusal").
                 let tat = self.throughput.get(sender).copied().unwrap_or(now_us);
-                let new_tat = gcra(tat, now_us, rates.interval_us, rates.burst)
-                    .inspect_err(|wait| refuse(Decision::DeniedThroughput, Some(now + wait)));
+                let queued = tat.max(now_us) + throttled * rates.interval_us;
+                let new_tat =
+                    gcra(queued, now_us, rates.interval_us, rates.burst).inspect_err(|wait| {
+                        throttled += 1;
+                        refuse(Decision::DeniedThroughput, Some(now + wait))
+                    });
                 let (Ok(new_pair), Ok(new_tat), None) = (new_pair, new_tat, refused) else {
                     retry_after_ms = passes_at.map(|t| t - now);
                     break 'decide refused.unwrap_or(Decision::DeniedThroughput);
@@ -573,6 +581,7 @@ impl State {
                 decision,
                 expires_at,
                 retry_after_ms,
+                decided_at: now,
                 limit,
                 used,
                 remaining: remaining(limit, effective, used),

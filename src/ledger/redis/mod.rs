@@ -844,7 +844,12 @@ impl Ledger for RedisLedger {
         let limit = int(&items[1]).ok_or_else(bad)? as u64;
         let tier = tier_named(&text(&items[2]).ok_or_else(bad)?)?;
         let effective = int(&items[3]).ok_or_else(bad)? as u64;
-        self.saw_ledger(int(&items[0]), int(&items[4]) == Some(1), opt_ms(&items[5]));
+        let decided_at = int(&items[0]).ok_or_else(bad)?;
+        self.saw_ledger(
+            Some(decided_at),
+            int(&items[4]) == Some(1),
+            opt_ms(&items[5]),
+        );
         let scope = scope_of(&home);
         req.recipients
             .iter()
@@ -863,6 +868,7 @@ impl Ledger for RedisLedger {
                     decision,
                     expires_at: opt_ms(&f[1]),
                     retry_after_ms: opt_ms(&f[2]),
+                    decided_at,
                     limit,
                     used,
                     remaining: remaining(limit, effective, used),
