@@ -1074,6 +1074,9 @@ impl Ledger for RedisLedger {
             .as_ref()
             .map(|p| p.to_string())
             .unwrap_or_default();
+        // A membership this request restored (see "same"), to take back if the sender turns
+        // out to be moving elsewhere.
+        let mut restored: Option<String> = None;
         for _ in 0..3 {
             let begin = Call::new(&self.scripts.move_journal, journal_keys())
                 .arg("begin")
@@ -1083,10 +1086,23 @@ impl Ledger for RedisLedger {
             let bad = || bad_reply("move", &Value::Array(v.clone()));
             match text(v.first().ok_or_else(bad)?).as_deref() {
                 Some("same") => {
-                    if let Some(p) = &portfolio {
+                    // Already there. A missing membership (a members set lost on its own) is
+                    // restored, then checked again: a move away that raced this request is
+                    // then seen and redone toward this target, so the sender never ends up a
+                    // member of two portfolios. Nothing is written when it is a member.
+                    if let Some(p) = &portfolio
+                        && restored.is_none()
+                    {
                         let members = self.keys.home(&Home::Portfolio(p.clone())).residency();
-                        self.write(redis::cmd("SADD").arg(members).arg(sender.as_str()))
+                        let member = self
+                            .query(redis::cmd("SISMEMBER").arg(&members).arg(sender.as_str()))
                             .await?;
+                        if int(&member) != Some(1) {
+                            self.write(redis::cmd("SADD").arg(&members).arg(sender.as_str()))
+                                .await?;
+                            restored = Some(members);
+                            continue;
+                        }
                     }
                     self.learn(&sender, portfolio);
                     return Ok(());
@@ -1113,6 +1129,13 @@ impl Ledger for RedisLedger {
                         parts.next().ok_or_else(bad)?,
                     );
                     let mover = parts.nth(1).unwrap_or_default();
+                    // The sender is moving elsewhere: the membership restored above is stale.
+                    if let Some(members) = restored.take()
+                        && to != target
+                    {
+                        self.write(redis::cmd("SREM").arg(members).arg(sender.as_str()))
+                            .await?;
+                    }
                     // Another request is moving this sender: wait for it (the caller retries).
                     // Two movers of one sender must never run at once, so a move is completed
                     // here only when nobody can be running it: this instance began it and is
