@@ -150,6 +150,7 @@ pub struct Plan {
     pub completes_at: Option<Millis>,
     /// Why the campaign cannot complete, when it cannot.
     pub stalled: Option<String>,
+    /// The campaign's users (all of them, sent or not).
     pub users: u64,
     pub messages: u64,
     /// Users given a new slot.
@@ -307,7 +308,10 @@ pub async fn plan<L: Ledger>(ledger: &L, defaults: &Defaults, input: PlanInput) 
         senders: snap.senders.clone(),
         completes_at: None,
         stalled: None,
-        users: 0,
+        users: match &input.campaign {
+            Campaign::New(n) => *n,
+            Campaign::Recipients(rs) => rs.len() as u64,
+        },
         messages: 0,
         new_users: 0,
         free_users: 0,
@@ -334,7 +338,6 @@ pub async fn plan<L: Ledger>(ledger: &L, defaults: &Defaults, input: PlanInput) 
     };
     let mut clock = start as f64;
     'users: for r in recipients {
-        plan.users += 1;
         let s = sender.next().expect("at least one sender").clone();
         for d in 0..input.deliveries_per_user {
             match worker.send(&mut sim, &s, &r, &mut clock).await? {
