@@ -129,6 +129,25 @@ pub struct PlanHour {
     pub tier: Tier,
 }
 
+impl PlanHour {
+    /// An hour from `start` with nothing counted yet; its end-of-hour figures are filled in
+    /// when it closes.
+    fn opening(start: Millis, freed: u64, tier: Tier) -> Self {
+        PlanHour {
+            start,
+            sent: 0,
+            new_users: 0,
+            refused_limit: 0,
+            refused_other: 0,
+            freed,
+            used: 0,
+            remaining: 0,
+            limit: 0,
+            tier,
+        }
+    }
+}
+
 /// A tier change the plan projects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PlannedTier {
@@ -410,18 +429,8 @@ impl Simulation {
             ledger,
             owner,
             hours: Vec::new(),
-            open: PlanHour {
-                start,
-                sent: 0,
-                new_users: 0,
-                refused_limit: 0,
-                refused_other: 0,
-                freed: 0,
-                used: 0,
-                remaining: 0,
-                limit: 0,
-                tier: Tier::T250,
-            },
+            // Its freed count and tier come from the first Inspect (`plan`).
+            open: PlanHour::opening(start, 0, Tier::T250),
             upgrades: Vec::new(),
         }
     }
@@ -452,18 +461,7 @@ impl Simulation {
         while self.open.start + HOUR_MS <= t {
             let end = self.open.start + HOUR_MS;
             let i = self.inspect(end).await?;
-            let next = PlanHour {
-                start: end,
-                sent: 0,
-                new_users: 0,
-                refused_limit: 0,
-                refused_other: 0,
-                freed: i.slots_freeing_next_hour,
-                used: 0,
-                remaining: 0,
-                limit: 0,
-                tier: i.policy.tier,
-            };
+            let next = PlanHour::opening(end, i.slots_freeing_next_hour, i.policy.tier);
             let mut h = std::mem::replace(&mut self.open, next);
             h.used = i.used;
             h.remaining = i.remaining;
