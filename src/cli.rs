@@ -7,6 +7,8 @@
 //! Nothing is printed with `println!`: output to a reader that stopped early (`| head -c1`) ends
 //! quietly instead of panicking ([`write_stdout`]).
 
+mod targets;
+
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -147,6 +149,11 @@ pub enum Command {
     /// Try the webhook bridge: sign and post a saved webhook body.
     #[command(subcommand)]
     Webhook(WebhookCommand),
+    /// The senders and portfolios the ledger knows.
+    #[command(subcommand)]
+    Targets(targets::TargetsCommand),
+    /// The latest changes made to a sender, a portfolio or the ledger (who, when, what).
+    Audit(targets::AuditArgs),
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -717,6 +724,12 @@ pub async fn run(command: Command, args: &ClientArgs) -> Result<(), CliError> {
         Command::Waba(WabaCommand::Detach { waba }) => {
             assign_waba(&mut s, waba, String::new()).await?
         }
+        Command::Targets(targets::TargetsCommand::List {
+            kind,
+            page_size,
+            page_token,
+        }) => targets::list(&mut s, kind, page_size.unwrap_or(0), page_token).await?,
+        Command::Audit(args) => targets::audit(&mut s, &args).await?,
         Command::Webhook(_) => unreachable!("answered before connecting"),
     };
     write_stdout(&out)

@@ -266,6 +266,104 @@ pub enum Target {
     Portfolio(PortfolioId),
 }
 
+/// Senders or portfolios, for listings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TargetKind {
+    Sender,
+    Portfolio,
+}
+
+impl TargetKind {
+    /// The prefix of its [`Target::member`]s.
+    pub fn tag(self) -> &'static str {
+        match self {
+            TargetKind::Sender => "s:",
+            TargetKind::Portfolio => "p:",
+        }
+    }
+}
+
+impl Target {
+    pub fn kind(&self) -> TargetKind {
+        match self {
+            Target::Sender(_) => TargetKind::Sender,
+            Target::Portfolio(_) => TargetKind::Portfolio,
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        match self {
+            Target::Sender(s) => s.as_str(),
+            Target::Portfolio(p) => p.as_str(),
+        }
+    }
+
+    /// `p:<id>` or `s:<id>`: how the registry of targets names it, and the order listings
+    /// follow (portfolios first, then by id).
+    pub fn member(&self) -> String {
+        format!("{}{}", self.kind().tag(), self.id())
+    }
+
+    /// The target a [`Target::member`] names; `field` is named when it names none.
+    pub fn from_member(field: &str, member: &str) -> Result<Target, InvalidArgument> {
+        match member.split_once(':') {
+            Some(("s", id)) => Ok(Target::Sender(SenderId::parse(field, id)?)),
+            Some(("p", id)) => Ok(Target::Portfolio(PortfolioId::parse(field, id)?)),
+            _ => Err(InvalidArgument::new(
+                field,
+                format!("{member:?} is not a listing position (s:<sender> or p:<portfolio>)"),
+            )),
+        }
+    }
+}
+
+/// One AdminService change, as the audit log keeps it (docs/contract.md, "The audit log").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub at: Millis,
+    /// The RPC that made it.
+    pub rpc: String,
+    /// Who: the caller's role and address.
+    pub actor: String,
+    /// What changed, in words.
+    pub change: String,
+    /// `None` for ledger-wide changes.
+    pub target: Option<Target>,
+}
+
+/// Entries kept per target (and ledger-wide): the newest, the oldest dropped first.
+pub const AUDIT_KEEP: usize = 100;
+
+impl AuditEntry {
+    /// One line of JSON: how both ledgers store an entry.
+    pub fn encode(&self) -> String {
+        serde_json::json!({
+            "at": self.at,
+            "rpc": self.rpc,
+            "actor": self.actor,
+            "change": self.change,
+            "target": self.target.as_ref().map(Target::member),
+        })
+        .to_string()
+    }
+
+    /// An entry [`AuditEntry::encode`] wrote; None for anything else.
+    pub fn decode(s: &str) -> Option<AuditEntry> {
+        let v: serde_json::Value = serde_json::from_str(s).ok()?;
+        let text = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_owned);
+        Some(AuditEntry {
+            at: v.get("at")?.as_i64()?,
+            rpc: text("rpc")?,
+            actor: text("actor")?,
+            change: text("change")?,
+            target: match v.get("target")?.as_str() {
+                Some(m) => Some(Target::from_member("target", m).ok()?),
+                None => None,
+            },
+        })
+    }
+}
+
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -7,9 +7,10 @@ use tonic::Status;
 use super::guard::Refused;
 use crate::ledger::LedgerError;
 use crate::model::{
-    Category, DAY_MS, Decision, Defaults, Inspection, InvalidArgument, MAX_ABS_MS, MessageKind,
-    Millis, Outcome, Policy, PortfolioId, Projection, Quality, RecipientId, ReservationSigner,
-    RuleSet, Scope, SenderId, SenderStatus, Target, Tier, WindowEntry, WindowMode,
+    AuditEntry, Category, DAY_MS, Decision, Defaults, Inspection, InvalidArgument, MAX_ABS_MS,
+    MessageKind, Millis, Outcome, Policy, PortfolioId, Projection, Quality, RecipientId,
+    ReservationSigner, RuleSet, Scope, SenderId, SenderStatus, Target, TargetKind, Tier,
+    WindowEntry, WindowMode,
 };
 use crate::proto;
 
@@ -468,6 +469,113 @@ pub fn inspection(i: Inspection) -> proto::InspectResponse {
         projection: projection_to_proto(&i.projection),
         sender_policy: i.sender_policy.as_ref().map(policy_to_proto),
         known: i.known,
+    }
+}
+
+pub fn target_to_proto(t: &Target) -> proto::Target {
+    proto::Target {
+        target: Some(match t {
+            Target::Sender(s) => proto::target::Target::Sender(s.to_string()),
+            Target::Portfolio(p) => proto::target::Target::Portfolio(p.to_string()),
+        }),
+    }
+}
+
+/// `ListTargetsRequest.kind`: None for both.
+pub fn target_kind(kind: i32) -> Result<Option<TargetKind>, InvalidArgument> {
+    match proto::TargetKind::try_from(kind) {
+        Ok(proto::TargetKind::Unspecified) => Ok(None),
+        Ok(proto::TargetKind::Sender) => Ok(Some(TargetKind::Sender)),
+        Ok(proto::TargetKind::Portfolio) => Ok(Some(TargetKind::Portfolio)),
+        Err(_) => Err(InvalidArgument::new(
+            "kind",
+            format!("unknown target kind {kind}"),
+        )),
+    }
+}
+
+/// One line of a target listing, from its Inspect: the status is the one in force (a status
+/// whose `status_until` passed reads CONNECTED).
+pub fn target_summary(t: &Target, i: &Inspection) -> proto::TargetSummary {
+    let own = i.sender_policy.as_ref().unwrap_or(&i.policy);
+    let in_force = Policy {
+        status: own.status_at(i.now),
+        ..*own
+    };
+    proto::TargetSummary {
+        target: Some(target_to_proto(t)),
+        scope: scope_to_proto(i.scope) as i32,
+        tier: tier_to_proto(i.policy.tier) as i32,
+        limit: i.limit,
+        used: i.used,
+        remaining: i.remaining,
+        status: policy_to_proto(&in_force).status,
+        portfolio: i
+            .portfolio
+            .as_ref()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
+        senders: i.senders.len() as u64,
+    }
+}
+
+/// A stored policy in words, for the audit log: what always matters, and each other field
+/// that is set.
+pub fn policy_summary(p: &Policy) -> String {
+    let mut out = format!(
+        "tier {}, {} window, status {}",
+        p.tier.name(),
+        p.window_mode.name(),
+        p.status.name()
+    );
+    let mut add = |what: &str, value: String| out.push_str(&format!(", {what} {value}"));
+    if p.custom_limit > 0 {
+        add("custom limit", p.custom_limit.to_string());
+    }
+    if let Some(q) = p.quality {
+        add("quality", q.name().to_owned());
+    }
+    if let Some(until) = p.status_until {
+        add("status until", crate::cli::rfc3339(until));
+    }
+    if p.messages_per_second > 0 {
+        add("messages per second", p.messages_per_second.to_string());
+    }
+    if p.pair_interval_ms > 0 {
+        add("pair interval", format!("{} ms", p.pair_interval_ms));
+    }
+    if p.pair_burst > 0 {
+        add("pair burst", p.pair_burst.to_string());
+    }
+    if p.headroom_percent > 0 {
+        add("headroom", format!("{}%", p.headroom_percent));
+    }
+    if p.sender_cap > 0 {
+        add("sender cap", p.sender_cap.to_string());
+    }
+    if p.marketing_cap > 0 {
+        add("marketing cap", p.marketing_cap.to_string());
+    }
+    if p.marketing_cap_period_ms > 0 {
+        add(
+            "marketing period",
+            format!("{} ms", p.marketing_cap_period_ms),
+        );
+    }
+    if p.auto_tier {
+        add("auto tier", "on".to_owned());
+    }
+    out.push_str(&format!(", rules {}", p.rule_set.name()));
+    out
+}
+
+pub fn audit_entry(e: AuditEntry) -> proto::AuditEntry {
+    proto::AuditEntry {
+        at: Some(timestamp(e.at)),
+        rpc: e.rpc,
+        actor: e.actor,
+        change: e.change,
+        target: e.target.as_ref().map(target_to_proto),
     }
 }
 

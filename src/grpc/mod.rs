@@ -14,8 +14,8 @@ use crate::ledger::coalesce::Coalescer;
 use crate::ledger::{Ledger, LedgerError};
 use crate::metrics::Metrics;
 use crate::model::{
-    AcquireRequest, Cursor, Defaults, Millis, PortfolioId, RecipientId, Reservation,
-    ReservationSigner, SenderId,
+    AcquireRequest, AuditEntry, Cursor, Defaults, Millis, PortfolioId, RecipientId, Reservation,
+    ReservationSigner, SenderId, Target,
 };
 use crate::outage::{OUTAGE_HEADER, OutagePolicy};
 use crate::proto::{self, admin_service_server::AdminService, quota_service_server::QuotaService};
@@ -85,6 +85,63 @@ impl<L: Ledger> QuotaApi<L> {
 impl<L> AdminApi<L> {
     pub fn new(ledger: Arc<L>, opts: ApiOptions) -> Self {
         AdminApi { ledger, opts }
+    }
+}
+
+/// Who made a change, for the audit log: the caller's role (with tokens configured, only an
+/// operator reaches AdminService) and address. Tokens themselves are never written anywhere.
+fn actor<T>(req: &Request<T>) -> String {
+    let role = match req.extensions().get::<guard::Role>() {
+        Some(guard::Role::Operator) => "operator",
+        Some(guard::Role::Sender) => "sender",
+        None => "anonymous",
+    };
+    match req.remote_addr() {
+        Some(addr) => format!("{role} at {addr}"),
+        None => role.to_owned(),
+    }
+}
+
+/// Targets inspected at once while a listing page is filled.
+const LISTING_IN_FLIGHT: usize = 32;
+/// Audit entries returned when the request names no limit.
+const DEFAULT_AUDIT: usize = 20;
+
+impl<L: Ledger> AdminApi<L> {
+    /// Writes a change that was made to the audit log: a structured log event, and an entry in
+    /// the ledger for `waquota audit`. The change is done by then, so a failure to keep the
+    /// entry is logged and not answered as the call's failure (a retry would repeat the change).
+    async fn audit(
+        &self,
+        actor: &str,
+        at: Option<Millis>,
+        rpc: &str,
+        targets: &[Option<Target>],
+        change: &str,
+    ) {
+        let at = at.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as Millis)
+                .unwrap_or_default()
+        });
+        for target in targets {
+            let shown = target
+                .as_ref()
+                .map(|t| t.to_string())
+                .unwrap_or_else(|| "the ledger".into());
+            tracing::info!(target: "waquota::audit", rpc, target = %shown, actor, change, "admin change");
+            let entry = AuditEntry {
+                at,
+                rpc: rpc.to_owned(),
+                actor: actor.to_owned(),
+                change: change.to_owned(),
+                target: target.clone(),
+            };
+            if let Err(e) = self.ledger.append_audit(entry).await {
+                tracing::warn!(target: "waquota::audit", rpc, target = %shown, error = %e, "audit entry not kept");
+            }
+        }
     }
 }
 
@@ -359,15 +416,19 @@ impl<L: Ledger> AdminService for AdminApi<L> {
         req: Request<proto::PutPolicyRequest>,
     ) -> Result<Response<proto::PutPolicyResponse>, Status> {
         let at = self.opts.clock(&req, req.get_ref().at.as_ref())?;
+        let who = actor(&req);
         let r = req.into_inner();
         let target = convert::target(r.target.as_ref()).map_err(invalid)?;
         let policy =
             convert::policy(r.policy.as_ref(), &target, &self.opts.defaults).map_err(invalid)?;
         let stored = self
             .ledger
-            .put_policy(target, policy, at)
+            .put_policy(target.clone(), policy, at)
             .await
             .map_err(status)?;
+        let change = format!("policy set: {}", convert::policy_summary(&stored));
+        self.audit(&who, at, "PutPolicy", &[Some(target)], &change)
+            .await;
         Ok(Response::new(proto::PutPolicyResponse {
             policy: Some(convert::policy_to_proto(&stored)),
         }))
@@ -377,8 +438,9 @@ impl<L: Ledger> AdminService for AdminApi<L> {
         &self,
         req: Request<proto::AssignSenderRequest>,
     ) -> Result<Response<proto::AssignSenderResponse>, Status> {
-        // Validated, though a move has no clock of its own.
-        self.opts.clock(&req, req.get_ref().at.as_ref())?;
+        // Validated, though a move has no clock of its own (the audit entry is dated by it).
+        let at = self.opts.clock(&req, req.get_ref().at.as_ref())?;
+        let who = actor(&req);
         let r = req.into_inner();
         let sender = SenderId::parse("sender", &r.sender).map_err(invalid)?;
         let portfolio = if r.portfolio.is_empty() {
@@ -404,9 +466,27 @@ impl<L: Ledger> AdminService for AdminApi<L> {
             )));
         }
         self.ledger
-            .assign_sender(sender, portfolio)
+            .assign_sender(sender.clone(), portfolio.clone())
             .await
             .map_err(status)?;
+        let (change, targets) = match &portfolio {
+            Some(p) => (
+                format!(
+                    "sender {sender} assigned to portfolio {p}{}",
+                    if r.create { " (create)" } else { "" }
+                ),
+                vec![
+                    Some(Target::Sender(sender)),
+                    Some(Target::Portfolio(p.clone())),
+                ],
+            ),
+            None => (
+                format!("sender {sender} detached from its portfolio"),
+                vec![Some(Target::Sender(sender))],
+            ),
+        };
+        self.audit(&who, at, "AssignSender", &targets, &change)
+            .await;
         Ok(Response::new(proto::AssignSenderResponse {}))
     }
 
@@ -461,11 +541,19 @@ impl<L: Ledger> AdminService for AdminApi<L> {
         &self,
         req: Request<proto::ResetRequest>,
     ) -> Result<Response<proto::ResetResponse>, Status> {
-        self.opts.clock(&req, req.get_ref().at.as_ref())?;
+        let at = self.opts.clock(&req, req.get_ref().at.as_ref())?;
+        let who = actor(&req);
         let r = req.into_inner();
         let target = convert::target(r.target.as_ref()).map_err(invalid)?;
-        self.ledger.reset(target).await.map_err(status)?;
-        tracing::info!(target: "waquota::admin", "window reset");
+        self.ledger.reset(target.clone()).await.map_err(status)?;
+        self.audit(
+            &who,
+            at,
+            "Reset",
+            &[Some(target)],
+            "window reset: every slot freed",
+        )
+        .await;
         Ok(Response::new(proto::ResetResponse {}))
     }
 
@@ -473,6 +561,7 @@ impl<L: Ledger> AdminService for AdminApi<L> {
         &self,
         req: Request<proto::AssignWabaRequest>,
     ) -> Result<Response<proto::AssignWabaResponse>, Status> {
+        let who = actor(&req);
         let r = req.into_inner();
         let waba = crate::model::PortfolioId::parse("waba", &r.waba).map_err(invalid)?;
         let portfolio = if r.portfolio.is_empty() {
@@ -492,7 +581,20 @@ impl<L: Ledger> AdminService for AdminApi<L> {
             )
             .await
             .map_err(status)?;
-        tracing::info!(target: "waquota::admin", waba = waba.as_str(), portfolio = %portfolio, "WABA assigned");
+        let (change, targets) = if portfolio.is_empty() {
+            (
+                format!("WABA {waba} detached from its portfolio"),
+                vec![None],
+            )
+        } else {
+            let p = PortfolioId::parse("portfolio", &portfolio).map_err(invalid)?;
+            (
+                format!("WABA {waba} assigned to portfolio {p}"),
+                vec![None, Some(Target::Portfolio(p))],
+            )
+        };
+        self.audit(&who, None, "AssignWaba", &targets, &change)
+            .await;
         Ok(Response::new(proto::AssignWabaResponse {}))
     }
 
@@ -510,13 +612,101 @@ impl<L: Ledger> AdminService for AdminApi<L> {
 
     async fn accept_ledger_loss(
         &self,
-        _req: Request<proto::AcceptLedgerLossRequest>,
+        req: Request<proto::AcceptLedgerLossRequest>,
     ) -> Result<Response<proto::AcceptLedgerLossResponse>, Status> {
+        let who = actor(&req);
         let since = self.ledger.accept_ledger_loss().await.map_err(status)?;
-        tracing::info!(target: "waquota::admin", was_lost = since.is_some(), "ledger loss accepted");
+        let change = match since {
+            Some(t) => format!(
+                "ledger loss accepted: lost since {}",
+                crate::cli::rfc3339(t)
+            ),
+            None => "ledger loss accepted: the ledger was not lost".to_owned(),
+        };
+        self.audit(&who, None, "AcceptLedgerLoss", &[None], &change)
+            .await;
         Ok(Response::new(proto::AcceptLedgerLossResponse {
             was_lost: since.is_some(),
             lost_since: since.map(convert::timestamp),
+        }))
+    }
+
+    async fn list_targets(
+        &self,
+        req: Request<proto::ListTargetsRequest>,
+    ) -> Result<Response<proto::ListTargetsResponse>, Status> {
+        let at = self.opts.clock(&req, req.get_ref().at.as_ref())?;
+        let r = req.into_inner();
+        let kind = convert::target_kind(r.kind).map_err(invalid)?;
+        let page_size = match r.page_size as usize {
+            0 => DEFAULT_PAGE,
+            n => n.min(MAX_PAGE),
+        };
+        let after = if r.page_token.is_empty() {
+            None
+        } else {
+            // A token is the last position listed; one of another kind is refused too.
+            let t = Target::from_member("page_token", &r.page_token).map_err(invalid)?;
+            if kind.is_some_and(|k| k != t.kind()) {
+                return Err(Status::invalid_argument(
+                    "page_token: it belongs to a listing of another kind",
+                ));
+            }
+            Some(r.page_token)
+        };
+        let (candidates, more) = self
+            .ledger
+            .targets(kind, after, page_size)
+            .await
+            .map_err(status)?;
+        use futures_util::{StreamExt, TryStreamExt};
+        let inspected: Vec<_> = futures_util::stream::iter(candidates.iter().cloned())
+            .map(|t| async move {
+                self.ledger
+                    .inspect(t.clone(), None, at)
+                    .await
+                    .map(|i| (t, i))
+            })
+            .buffered(LISTING_IN_FLIGHT)
+            .try_collect()
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::ListTargetsResponse {
+            targets: inspected
+                .iter()
+                .filter(|(_, i)| i.known)
+                .map(|(t, i)| convert::target_summary(t, i))
+                .collect(),
+            next_page_token: if more {
+                candidates.last().map(Target::member).unwrap_or_default()
+            } else {
+                String::new()
+            },
+        }))
+    }
+
+    async fn list_audit(
+        &self,
+        req: Request<proto::ListAuditRequest>,
+    ) -> Result<Response<proto::ListAuditResponse>, Status> {
+        let r = req.into_inner();
+        let target = match &r.target {
+            Some(t) if t.target.is_some() => Some(convert::target(Some(t)).map_err(invalid)?),
+            _ => None,
+        };
+        let limit = match r.limit as usize {
+            0 => DEFAULT_AUDIT,
+            n if n > crate::model::AUDIT_KEEP => {
+                return Err(Status::invalid_argument(format!(
+                    "limit: at most {} (what is kept per target)",
+                    crate::model::AUDIT_KEEP
+                )));
+            }
+            n => n,
+        };
+        let entries = self.ledger.audit(target, limit).await.map_err(status)?;
+        Ok(Response::new(proto::ListAuditResponse {
+            entries: entries.into_iter().map(convert::audit_entry).collect(),
         }))
     }
 }

@@ -4,17 +4,17 @@
 //! A dry run decides on a copy of the state, so it runs the very same code and changes nothing.
 //! Expired entries are trimmed when their target is next touched.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Mutex;
 
 use super::{Ledger, LedgerError, Result};
 use crate::model::{
-    AcquireRequest, Category, Cursor, Decision, Defaults, ERROR_MARKETING_CAP,
-    FLAGGED_DOWNGRADE_MS, FREE_ENTRY_POINT_MS, FailureOutcome, HOUR_MS, Inspection,
-    MARKETING_HOLD_MS, MONTH_MS, MessageKind, Millis, Outcome, Policy, PortfolioId, Projection,
-    Rates, RecipientId, Reservation, RuleSet, SERVICE_WINDOW_MS, SLOT_MS, Scope, SenderId,
-    SenderStatus, Target, Tier, WEEK_MS, WindowEntry, WindowMode, WindowPage, crossing_time, gcra,
-    listing_position, remaining, upgrade_delay, upgrade_threshold_met,
+    AUDIT_KEEP, AcquireRequest, AuditEntry, Category, Cursor, Decision, Defaults,
+    ERROR_MARKETING_CAP, FLAGGED_DOWNGRADE_MS, FREE_ENTRY_POINT_MS, FailureOutcome, HOUR_MS,
+    Inspection, MARKETING_HOLD_MS, MONTH_MS, MessageKind, Millis, Outcome, Policy, PortfolioId,
+    Projection, Rates, RecipientId, Reservation, RuleSet, SERVICE_WINDOW_MS, SLOT_MS, Scope,
+    SenderId, SenderStatus, Target, TargetKind, Tier, WEEK_MS, WindowEntry, WindowMode, WindowPage,
+    crossing_time, gcra, listing_position, remaining, upgrade_delay, upgrade_threshold_met,
 };
 
 pub struct MemoryLedger {
@@ -26,6 +26,8 @@ pub struct MemoryLedger {
     events: Mutex<HashMap<u64, Millis>>,
     /// What the webhook bridge learned: (kind, key) -> values.
     identities: Mutex<HashMap<(String, String), Vec<String>>>,
+    /// Audit logs by target member ("" = ledger-wide), newest last.
+    audit: Mutex<HashMap<String, VecDeque<AuditEntry>>>,
 }
 
 #[derive(Clone, Default)]
@@ -677,6 +679,7 @@ impl MemoryLedger {
             state: Mutex::new(State::default()),
             events: Mutex::new(HashMap::new()),
             identities: Mutex::new(HashMap::new()),
+            audit: Mutex::new(HashMap::new()),
         }
     }
 
@@ -1086,6 +1089,77 @@ impl Ledger for MemoryLedger {
     }
 
     /// A ledger in this process is never lost behind its back.
+    async fn targets(
+        &self,
+        kind: Option<TargetKind>,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<(Vec<Target>, bool)> {
+        // Every owner of any state: a superset of the known targets, as the Redis registry is.
+        let members: BTreeSet<String> = {
+            let st = self.lock();
+            let senders = st
+                .sender_policy
+                .keys()
+                .chain(st.assigned.keys())
+                .chain(st.service_windows.keys())
+                .chain(st.throughput.keys())
+                .map(|s| Target::Sender(s.clone()));
+            let portfolios = st
+                .portfolio_policy
+                .keys()
+                .chain(st.members.keys())
+                .chain(st.assigned.values())
+                .map(|p| Target::Portfolio(p.clone()));
+            let owners = st
+                .windows
+                .keys()
+                .chain(st.uniques.keys())
+                .chain(st.progress.keys())
+                .chain(st.holds.keys())
+                .cloned();
+            senders
+                .chain(portfolios)
+                .chain(owners)
+                .filter(|t| kind.is_none_or(|k| t.kind() == k))
+                .map(|t| t.member())
+                .collect()
+        };
+        let mut page = members
+            .into_iter()
+            .filter(|m| after.as_ref().is_none_or(|a| m > a));
+        let targets = page
+            .by_ref()
+            .take(limit)
+            .map(|m| Target::from_member("member", &m))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok((targets, page.next().is_some()))
+    }
+
+    async fn append_audit(&self, entry: AuditEntry) -> Result<()> {
+        let key = entry
+            .target
+            .as_ref()
+            .map(Target::member)
+            .unwrap_or_default();
+        let mut logs = self.audit.lock().unwrap_or_else(|e| e.into_inner());
+        let log = logs.entry(key).or_default();
+        log.push_back(entry);
+        while log.len() > AUDIT_KEEP {
+            log.pop_front();
+        }
+        Ok(())
+    }
+
+    async fn audit(&self, target: Option<Target>, limit: usize) -> Result<Vec<AuditEntry>> {
+        let key = target.as_ref().map(Target::member).unwrap_or_default();
+        let logs = self.audit.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(logs
+            .get(&key)
+            .map(|log| log.iter().rev().take(limit).cloned().collect())
+            .unwrap_or_default())
+    }
+
     async fn accept_ledger_loss(&self) -> Result<Option<Millis>> {
         Ok(None)
     }

@@ -11,8 +11,9 @@ pub mod redis;
 use std::future::Future;
 
 use crate::model::{
-    AcquireRequest, Cursor, FailureOutcome, Inspection, InvalidArgument, Millis, Outcome, Policy,
-    PortfolioId, RecipientId, Reservation, SenderId, Target, WindowPage,
+    AcquireRequest, AuditEntry, Cursor, FailureOutcome, Inspection, InvalidArgument, Millis,
+    Outcome, Policy, PortfolioId, RecipientId, Reservation, SenderId, Target, TargetKind,
+    WindowPage,
 };
 
 /// What a ledger can fail with. Transient store trouble is kept apart from bad input. Clone:
@@ -176,6 +177,28 @@ pub trait Ledger: Send + Sync + 'static {
     /// The values recorded for an identity.
     fn identities(&self, kind: &str, key: &str)
     -> impl Future<Output = Result<Vec<String>>> + Send;
+
+    /// Targets that may be known, in [`Target::member`] order after `after` (a member), at most
+    /// `limit` of them, and whether more follow. A superset of the known ones: the listing keeps
+    /// those Inspect calls known (docs/contract.md, "Listing targets").
+    fn targets(
+        &self,
+        kind: Option<TargetKind>,
+        after: Option<String>,
+        limit: usize,
+    ) -> impl Future<Output = Result<(Vec<Target>, bool)>> + Send;
+
+    /// Adds an AdminService change to its target's audit log (or the ledger-wide one), keeping
+    /// the newest [`crate::model::AUDIT_KEEP`].
+    fn append_audit(&self, entry: AuditEntry) -> impl Future<Output = Result<()>> + Send;
+
+    /// The newest `limit` entries of a target's audit log (None: the ledger-wide one), newest
+    /// first.
+    fn audit(
+        &self,
+        target: Option<Target>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<AuditEntry>>> + Send;
 
     /// An operator's word that a lost ledger may be trusted again (docs/contract.md, "A lost
     /// ledger"): since when it was lost, or None when it was not.

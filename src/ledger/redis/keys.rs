@@ -7,7 +7,7 @@
 //! slot as the window that decides. Ids never contain `{` or `}` (see `model`), so no id can
 //! change a tag.
 
-use crate::model::{PortfolioId, SenderId};
+use crate::model::{PortfolioId, SenderId, Target};
 
 /// Where a sender's state lives, and whose window decides for it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -137,6 +137,25 @@ impl Keys {
     /// Persistent (configuration learned from WhatsApp).
     pub fn identity(&self, kind: &str, key: &str) -> String {
         format!("{}:id:{kind}:{key}", self.prefix)
+    }
+
+    /// zset of every target some call wrote state for, as [`Target::member`] (`p:<id>`,
+    /// `s:<id>`) with score 0, so `ZRANGE BYLEX` pages it in listing order. Each instance adds
+    /// a target once per process lifetime (redis::registry); persistent. A superset of the
+    /// known targets: the listing keeps those Inspect calls known.
+    pub fn targets(&self) -> String {
+        format!("{}:targets", self.prefix)
+    }
+
+    /// list of a target's audit entries (JSON), newest first, trimmed to `model::AUDIT_KEEP`:
+    /// at the target's own hash tag, `<prefix>:{s:<id>}:audit` (it stays there when a sender
+    /// moves), or `<prefix>:audit` for the ledger-wide log. Persistent.
+    pub fn audit(&self, target: Option<&Target>) -> String {
+        match target {
+            Some(Target::Sender(s)) => format!("{}:{{s:{s}}}:audit", self.prefix),
+            Some(Target::Portfolio(p)) => format!("{}:{{p:{p}}}:audit", self.prefix),
+            None => format!("{}:audit", self.prefix),
+        }
     }
 
     pub fn reservation_secret(&self) -> String {

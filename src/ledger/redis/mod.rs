@@ -9,6 +9,7 @@
 
 mod conn;
 pub mod keys;
+mod registry;
 pub mod scripts;
 
 use std::collections::HashMap;
@@ -21,11 +22,11 @@ use super::{Ledger, LedgerError, Result};
 use crate::config::{Durability, OnLedgerLoss, Settings, Store};
 use crate::metrics::{Metrics, PoolStatus, RedisErrorKind};
 use crate::model::{
-    AcquireRequest, Category, Cursor, Decision, Defaults, ERROR_MARKETING_CAP, FREE_ENTRY_POINT_MS,
-    FailureOutcome, HOUR_MS, Inspection, MARKETING_HOLD_MS, MONTH_MS, MessageKind, Millis, Outcome,
-    Policy, PortfolioId, Projection, Quality, RecipientId, Reservation, RuleSet, SERVICE_WINDOW_MS,
-    SLOT_MS, Scope, SenderId, SenderStatus, Target, Tier, WindowEntry, WindowMode, WindowPage,
-    remaining,
+    AcquireRequest, AuditEntry, Category, Cursor, Decision, Defaults, ERROR_MARKETING_CAP,
+    FREE_ENTRY_POINT_MS, FailureOutcome, HOUR_MS, Inspection, MARKETING_HOLD_MS, MONTH_MS,
+    MessageKind, Millis, Outcome, Policy, PortfolioId, Projection, Quality, RecipientId,
+    Reservation, RuleSet, SERVICE_WINDOW_MS, SLOT_MS, Scope, SenderId, SenderStatus, Target,
+    TargetKind, Tier, WindowEntry, WindowMode, WindowPage, remaining,
 };
 use conn::{Conns, Sent};
 use keys::{Home, HomeKeys, Keys};
@@ -72,6 +73,8 @@ pub struct RedisLedger {
     instance: String,
     /// Senders this instance is moving right now.
     moving: std::sync::Mutex<std::collections::HashSet<SenderId>>,
+    /// Targets this instance has written to the registry of targets.
+    registered: registry::Registered,
 }
 
 /// Marks a sender as being moved by this instance while it lives.
@@ -520,6 +523,7 @@ impl RedisLedger {
             metrics: Arc::new(Metrics::new()),
             instance: crate::model::hex(&super::random_bytes(8)),
             moving: std::sync::Mutex::new(std::collections::HashSet::new()),
+            registered: Default::default(),
         };
         if let Err(e) = ledger.ping().await {
             tracing::warn!(error = %e, "Redis does not answer yet; serving UNAVAILABLE until it does");
@@ -830,6 +834,9 @@ fn tier_named(s: &str) -> Result<Tier> {
 impl Ledger for RedisLedger {
     async fn acquire(&self, req: AcquireRequest) -> Result<Vec<Outcome>> {
         self.ensure_marker().await?;
+        if !req.dry_run {
+            self.register(&[Target::Sender(req.sender.clone())]).await;
+        }
         let s = &self.scripts.acquire;
         let (home, v) = self
             .at_home(&req.sender, |home, k| {
@@ -921,6 +928,7 @@ impl Ledger for RedisLedger {
         free_entry_point: bool,
         at: Option<Millis>,
     ) -> Result<Millis> {
+        self.register(&[Target::Sender(sender.clone())]).await;
         let s = &self.scripts.inbound;
         let span = if free_entry_point {
             FREE_ENTRY_POINT_MS
@@ -1032,6 +1040,7 @@ impl Ledger for RedisLedger {
         policy: Policy,
         at: Option<Millis>,
     ) -> Result<Policy> {
+        self.register(std::slice::from_ref(&target)).await;
         let s = &self.scripts.policy;
         let make = |home: &Home, key: String, residency: String, sender: &str| {
             let mut call = Call::new(s, vec![key, residency])
@@ -1066,6 +1075,9 @@ impl Ledger for RedisLedger {
     }
 
     async fn assign_sender(&self, sender: SenderId, portfolio: Option<PortfolioId>) -> Result<()> {
+        let mut named = vec![Target::Sender(sender.clone())];
+        named.extend(portfolio.clone().map(Target::Portfolio));
+        self.register(&named).await;
         // A journaled move (lua/move.lua): moves of one sender never interleave, no step loses
         // the sender's state, and a move interrupted half-way is completed here first.
         let own = self.keys.home(&Home::Sender(sender.clone()));
@@ -1578,6 +1590,23 @@ impl Ledger for RedisLedger {
             .collect();
         out.sort();
         Ok(out)
+    }
+
+    async fn targets(
+        &self,
+        kind: Option<TargetKind>,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<(Vec<Target>, bool)> {
+        self.registered_page(kind, after, limit).await
+    }
+
+    async fn append_audit(&self, entry: AuditEntry) -> Result<()> {
+        self.push_audit(&entry).await
+    }
+
+    async fn audit(&self, target: Option<Target>, limit: usize) -> Result<Vec<AuditEntry>> {
+        self.audit_log(target.as_ref(), limit).await
     }
 
     async fn accept_ledger_loss(&self) -> Result<Option<Millis>> {

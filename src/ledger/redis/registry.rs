@@ -1,0 +1,131 @@
+//! The registry of targets and the audit log: what the listing and `waquota audit` read.
+//!
+//! Why a registry instead of `SCAN`: a listing by `SCAN` walks every key of the ledger (each
+//! window is many keys) on every node, and cannot page in a stable order. The registry is one
+//! sorted set written once per target per process (a set of members seen is kept here), so the
+//! decision scripts stay as they are and the decision path pays one `ZADD` per new target per
+//! instance, nothing after (docs/internals.md, "Listing targets and the audit log").
+
+use std::collections::HashSet;
+
+use super::{RedisLedger, bad_reply, items, text};
+use crate::ledger::Result;
+use crate::model::{AUDIT_KEEP, AuditEntry, Target, TargetKind};
+
+/// Registered members this process remembers; past this it starts over (a repeated `ZADD` of
+/// a member is harmless, it only costs a round trip).
+const REGISTERED_MAX: usize = 1_000_000;
+
+/// Members this instance has written to the registry.
+#[derive(Default)]
+pub(super) struct Registered(std::sync::Mutex<HashSet<String>>);
+
+impl RedisLedger {
+    /// Writes the targets this instance has not registered yet (a no-op after the first call
+    /// for each). A failure is not the caller's: the call goes on, and the next one tries again.
+    pub(super) async fn register(&self, targets: &[Target]) {
+        let new: Vec<String> = {
+            let mut seen = self.registered.0.lock().unwrap_or_else(|e| e.into_inner());
+            if seen.len() >= REGISTERED_MAX {
+                seen.clear();
+            }
+            targets
+                .iter()
+                .map(Target::member)
+                .filter(|m| seen.insert(m.clone()))
+                .collect()
+        };
+        if new.is_empty() {
+            return;
+        }
+        let mut cmd = redis::cmd("ZADD");
+        cmd.arg(self.keys.targets());
+        for m in &new {
+            cmd.arg(0).arg(m);
+        }
+        if let Err(e) = self.write(&cmd).await {
+            tracing::debug!(error = %e, "target registry not written; the next call retries");
+            let mut seen = self.registered.0.lock().unwrap_or_else(|e| e.into_inner());
+            new.iter().for_each(|m| {
+                seen.remove(m);
+            });
+        }
+    }
+
+    pub(super) async fn registered_page(
+        &self,
+        kind: Option<TargetKind>,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<(Vec<Target>, bool)> {
+        // Members sort bytewise ("p:" before "s:"); a kind bounds the range by its tag, the
+        // upper bound being the tag with ':' raised to ';'.
+        let lower = match (&after, kind) {
+            (Some(a), _) => format!("({a}"),
+            (None, Some(k)) => format!("[{}", k.tag()),
+            (None, None) => "-".to_owned(),
+        };
+        let upper = match kind {
+            Some(k) => format!("({};", &k.tag()[..1]),
+            None => "+".to_owned(),
+        };
+        let v = self
+            .query(
+                redis::cmd("ZRANGE")
+                    .arg(self.keys.targets())
+                    .arg(lower)
+                    .arg(upper)
+                    .arg("BYLEX")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit + 1),
+            )
+            .await?;
+        let mut members: Vec<String> = items(v)
+            .map_err(|v| bad_reply("targets", &v))?
+            .iter()
+            .filter_map(text)
+            .collect();
+        let more = members.len() > limit;
+        members.truncate(limit);
+        let targets = members
+            .iter()
+            .map(|m| Target::from_member("member", m))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok((targets, more))
+    }
+
+    pub(super) async fn push_audit(&self, entry: &AuditEntry) -> Result<()> {
+        let key = self.keys.audit(entry.target.as_ref());
+        let mut pipe = redis::pipe();
+        pipe.cmd("LPUSH").arg(&key).arg(entry.encode()).ignore();
+        pipe.cmd("LTRIM")
+            .arg(&key)
+            .arg(0)
+            .arg(AUDIT_KEEP as i64 - 1)
+            .ignore();
+        self.write_pipe(&pipe).await
+    }
+
+    pub(super) async fn audit_log(
+        &self,
+        target: Option<&Target>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>> {
+        let v = self
+            .query(
+                redis::cmd("LRANGE")
+                    .arg(self.keys.audit(target))
+                    .arg(0)
+                    .arg(limit.max(1) as i64 - 1),
+            )
+            .await?;
+        let lines = items(v).map_err(|v| bad_reply("audit", &v))?;
+        Ok(lines
+            .iter()
+            .filter_map(text)
+            .filter_map(|l| AuditEntry::decode(&l))
+            .take(limit)
+            .collect())
+    }
+}
