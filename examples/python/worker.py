@@ -135,6 +135,7 @@ def post(url: str, body: dict[str, Any], timeout: float) -> None:
 
 def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> Summary:
     clock: Callable[[], datetime]
+    sleep: Callable[[float], None]
     if args.at:
         sim = SimulatedClock(datetime.fromisoformat(args.at.replace("Z", "+00:00")))
         clock, sleep = sim, sim.sleep

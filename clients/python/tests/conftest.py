@@ -98,15 +98,20 @@ class WaquotaServer:
             stderr=subprocess.STDOUT,
         )
         self.channel = grpc.insecure_channel(self.addr)
-        _wait("waquota serve", self._ready, self.proc, self.log)
-        self.admin = pb_grpc.AdminServiceStub(self.channel)
+        ready = grpc.channel_ready_future(self.channel)
 
-    def _ready(self) -> bool:
+        def connected() -> bool:
+            try:
+                ready.result(timeout=0.2)
+                return True
+            except grpc.FutureTimeoutError:
+                return False
+
         try:
-            grpc.channel_ready_future(self.channel).result(timeout=0.2)
-            return True
-        except grpc.FutureTimeoutError:
-            return False
+            _wait("waquota serve", connected, self.proc, self.log)
+        finally:
+            ready.cancel()
+        self.admin = pb_grpc.AdminServiceStub(self.channel)
 
     def put_policy(self, sender: str, at: datetime = T0, **policy: object) -> None:
         """Stores a sender's whole policy (admin setup for a test)."""

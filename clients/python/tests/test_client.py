@@ -206,20 +206,21 @@ def test_other_calls_map_to_dataclasses(server, client, sender):
     assert until == T0 + 24 * H
     d = client.acquire(sender, "4915112345678", kind=MessageKind.FREE_FORM, at=T0 + H)
     assert d.decision is DecisionCode.ALLOWED_SERVICE_WINDOW and d.expires_at == until
-    assert client.acquire(sender, "other", kind="free_form", at=T0).decision is (
+    assert client.acquire(sender, "other", kind="free_form", at=T0 + H).decision is (
         DecisionCode.DENIED_OUTSIDE_SERVICE_WINDOW
     )
 
-    m = client.acquire(sender, "m1", category=Category.MARKETING, at=T0)
+    # Time only moves forward within a window, as on a live ledger.
+    m = client.acquire(sender, "m1", category=Category.MARKETING, at=T0 + 2 * H)
     assert m.tier is Tier.T_250 and m.limit == 250
-    report = client.report_failure(sender, "m1", m.reservation, 131049, at=T0)
-    assert report.released is True and report.hold_until == T0 + 24 * H
-    held = client.acquire(sender, "m1", category="marketing", at=T0 + H)
-    assert held.decision is DecisionCode.DENIED_MARKETING_CAP and held.retry_at == T0 + 24 * H
+    report = client.report_failure(sender, "m1", m.reservation, 131049, at=T0 + 2 * H)
+    assert report.released is True and report.hold_until == T0 + 26 * H
+    held = client.acquire(sender, "m1", category="marketing", at=T0 + 3 * H)
+    assert held.decision is DecisionCode.DENIED_MARKETING_CAP and held.retry_at == T0 + 26 * H
 
     with pytest.raises(waquota.NotFound):
-        client.confirm(sender, "m1", m.reservation, at=T0 + H)
-    dry = client.acquire(sender, "dry", at=T0, dry_run=True)
+        client.confirm(sender, "m1", m.reservation, at=T0 + 3 * H)
+    dry = client.acquire(sender, "dry", at=T0 + 3 * H, dry_run=True)
     assert dry.allowed and dry.reservation is None
 
 

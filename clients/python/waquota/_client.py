@@ -58,7 +58,7 @@ class Client:
         else:
             self._owns_channel = False
         self._channel = channel
-        self._stub = pb_grpc.QuotaServiceStub(channel)
+        self._stub: Any = pb_grpc.QuotaServiceStub(channel)  # type: ignore[no-untyped-call]
         self._metadata = metadata(token)
         self._timeout = timeout
         self._on_store_outage = on_store_outage

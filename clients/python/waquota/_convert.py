@@ -49,21 +49,24 @@ def opt_datetime(msg: Any, field: str) -> Optional[datetime]:
     if not msg.HasField(field):
         return None
     ts: Timestamp = getattr(msg, field)
-    return ts.ToDatetime(tzinfo=timezone.utc)
+    t: datetime = ts.ToDatetime(tzinfo=timezone.utc)
+    return t
 
 
 def opt_timedelta(msg: Any, field: str) -> Optional[timedelta]:
     if not msg.HasField(field):
         return None
     d: Duration = getattr(msg, field)
-    return d.ToTimedelta()
+    td: timedelta = d.ToTimedelta()
+    return td
 
 
-def kind(value: KindLike) -> int:
+# Any: the proto's enum fields take its own enum value type, which a plain int is at run time.
+def kind(value: KindLike) -> Any:
     return int(_coerce(MessageKind, "kind", value))
 
 
-def category(value: CategoryLike) -> int:
+def category(value: CategoryLike) -> Any:
     if value is None:
         return int(Category.UNSPECIFIED)
     return int(_coerce(Category, "category", value))
