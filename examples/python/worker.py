@@ -29,7 +29,7 @@ except ImportError:  # run from a checkout without `pip install ./clients/python
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "clients" / "python"))
     import waquota
 
-from waquota import Client, Decision, StoreOutage, Unavailable
+from waquota import Client, Decision, StoreOutage, Unavailable, WaquotaError
 
 GRAPH_URL = "https://graph.facebook.com/v21.0/{sender}/messages"
 
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> Summary
 
     def on_outage(o: StoreOutage) -> Optional[Decision]:
         # Waiting for the store is the safe side: nothing goes out that the ledger did not count.
-        out(f"store outage on {o.method} for {', '.join(o.recipients)}: {o.message}")
+        out(f"waquota unavailable on {o.method} for {', '.join(o.recipients)}: {o.message}")
         return None
 
     with Client(args.addr, token=args.token, on_store_outage=on_outage) as wq:
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> Summary
                 )
             except Unavailable:
                 summary.unavailable += 1
-                out(f"job {job.id} -> {job.to}: not sent, the store is unavailable")
+                out(f"job {job.id} -> {job.to}: not sent, waquota is unavailable")
                 continue
             waited = summary.waited - waited_before
             if waited:
@@ -198,7 +198,12 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> Summary
                 # The message never left: give the slot back so that it does not count for 24 h
                 # (README, "Reservations"). A counted user or a service window opened no slot.
                 if d.reservation:
-                    freed = wq.release(args.sender, job.to, d.reservation, at=clock() if args.at else None)
+                    try:
+                        freed = wq.release(args.sender, job.to, d.reservation, at=clock() if args.at else None)
+                    except WaquotaError as err:
+                        # The slot then keeps counting until it ends: the safe side.
+                        out(f"job {job.id} -> {d.recipient}: send failed ({e}), release failed: {err}")
+                        continue
                     summary.released += int(freed)
                     out(f"job {job.id} -> {d.recipient}: send failed ({e}), released={freed}")
                 else:

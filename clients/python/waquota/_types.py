@@ -118,7 +118,9 @@ class StoreOutage:
 
     `method` is the client method's name ("acquire", "acquire_batch", "release", "confirm",
     "report_failure", "record_inbound"); `recipients` holds the call's recipients (one, or a
-    batch's in order); `message` is the server's status message.
+    batch's in order); `message` is the status message. gRPC reports a server that cannot be
+    reached at all (connection refused) as UNAVAILABLE too, so the hook sees that case as well;
+    `message` tells the two apart ("failed to connect to all addresses" for the latter).
     """
 
     method: str
