@@ -22,6 +22,15 @@ PROTO = "waquota/v1/waquota.proto"
 # proto's own path (`from waquota.v1 import ...`) must point into the package instead.
 PACKAGE_PREFIX = "waquota._proto"
 GENERATED = ("waquota_pb2.py", "waquota_pb2.pyi", "waquota_pb2_grpc.py")
+# The generator the checked-in stubs were made with (pinned in pyproject.toml's `test` extra):
+# another version writes other version checks into them.
+GRPCIO_TOOLS_VERSION = "1.85.4"
+
+
+def installed_grpcio_tools() -> str:
+    from importlib.metadata import version
+
+    return version("grpcio-tools")
 
 
 def generate(out: Path) -> list[Path]:
@@ -75,6 +84,14 @@ def main(argv: list[str] | None = None) -> int:
         help="directory to write waquota/v1/*.py into (default: the package's _proto)",
     )
     args = parser.parse_args(argv)
+    if installed_grpcio_tools() != GRPCIO_TOOLS_VERSION:
+        print(
+            f"generate.py: grpcio-tools {installed_grpcio_tools()} is installed; the stubs are made "
+            f"with {GRPCIO_TOOLS_VERSION} (pip install 'grpcio-tools=={GRPCIO_TOOLS_VERSION}', or "
+            "change the pin here and in pyproject.toml together)",
+            file=sys.stderr,
+        )
+        return 1
     for path in generate(args.out):
         print(path)
     return 0
