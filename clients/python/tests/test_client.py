@@ -97,6 +97,15 @@ def test_reserve_releases_on_exception(server, client, sender):
     assert exc.value.decision.retry_at == T0 + 24 * H
 
 
+def test_reserve_leaves_an_interrupted_send_counting(server, client, sender):
+    # The send may have gone out before the interruption: the slot must keep counting.
+    with pytest.raises(KeyboardInterrupt):
+        with client.reserve(sender, "first", at=T0) as d:
+            raise KeyboardInterrupt()
+    assert server.used(sender, T0) == 1
+    assert client.release(sender, "first", d.reservation, at=T0) is True  # neither confirmed
+
+
 def test_reserve_confirms_on_success(server, client, sender):
     server.put_policy(sender, custom_limit=1)
     with client.reserve(sender, "first", at=T0) as d:

@@ -208,7 +208,7 @@ class AsyncClient:
             raise Denied(d)
         try:
             yield d
-        except BaseException as body_error:
+        except Exception as body_error:
             if d.reservation:
                 try:
                     await self.release(sender, recipient, d.reservation, at=at)

@@ -212,8 +212,12 @@ class Client:
         """Acquire, run the body (the send), then settle the slot.
 
         Yields the admitted Decision; raises `Denied` (carrying the refusal) when it is refused.
-        When the body raises, the slot the Acquire opened is released and the exception goes on;
-        when it returns, the slot is confirmed as delivered now (`at` when given). A Decision
+        When the body raises an Exception, the slot the Acquire opened is released and the
+        exception goes on; when it returns, the slot is confirmed as delivered now (`at` when
+        given). An interruption (KeyboardInterrupt, asyncio.CancelledError: not an Exception)
+        leaves the slot counting, neither released nor confirmed: the send may have gone out,
+        and an uncounted delivery is the one error the ledger must not make (README,
+        "Reservations"). Keep only the send in the body, for the same reason. A Decision
         with no reservation (a counted user, a service window, a store-outage admission) has
         nothing to settle. With the webhook bridge confirming deliveries, prefer acquire() and
         release() on a failed send: the bridge confirms at the real delivery time.
@@ -223,7 +227,7 @@ class Client:
             raise Denied(d)
         try:
             yield d
-        except BaseException as body_error:
+        except Exception as body_error:
             if d.reservation:
                 try:
                     self.release(sender, recipient, d.reservation, at=at)
