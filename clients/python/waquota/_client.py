@@ -257,7 +257,9 @@ class Client:
         [0, jitter] (never past the deadline). Returns the first admission, or the last refusal:
         at once for one without `retry_at` (docs/contract.md, "Retrying a refusal": never retry
         it on a timer), or when the next `retry_at` falls past `deadline` (a datetime, or a
-        timedelta from the first attempt). `clock` and `sleep` are the time source; with
+        timedelta from the first attempt). A `retry_at` already past on `clock` (a clock ahead of
+        the ledger's) waits `retry_after` from now instead. `clock` and `sleep` are the time
+        source; with
         `clock_as_at` every Acquire carries `at=clock()` (a --trust-client-clock server).
         """
         rng = rng or random.Random()

@@ -224,5 +224,11 @@ def next_attempt(
     if d.retry_at > deadline:
         return None
     spread = jitter.total_seconds()
-    at = d.retry_at + timedelta(seconds=rng.uniform(0.0, spread) if spread > 0 else 0.0)
-    return max(min(at, deadline), now)
+    delay = timedelta(seconds=rng.uniform(0.0, spread) if spread > 0 else 0.0)
+    at = d.retry_at
+    if at <= now and d.retry_after is not None:
+        # retry_at is on the ledger's clock; one already past on ours means the clocks disagree
+        # by more than retry_after. Waiting retry_after from now keeps a skewed worker from
+        # asking again and again until the ledger's clock catches up.
+        at = now + max(d.retry_after, timedelta(milliseconds=1))
+    return max(min(at + delay, deadline), now)
