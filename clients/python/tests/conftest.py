@@ -41,6 +41,25 @@ def free_port() -> int:
         return port
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    _STARTED.append(proc)
+    return proc
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _reap() -> Iterator[None]:
+    """Kills whatever a fixture started and could not stop itself (it failed half-way)."""
+    yield
+    for proc in _STARTED:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _wait(what: str, ready, proc: subprocess.Popen, log: Path, timeout: float = 30.0) -> None:
     # Readiness polling, not a sleep through time: it returns as soon as the process answers.
     end = time.monotonic() + timeout
@@ -61,11 +80,10 @@ class RedisServer:
             pytest.fail("redis-server is not installed: the Redis ledger tests need it (apt-get install redis-server)")
         self.port = free_port()
         self.log = workdir / f"redis-{self.port}.log"
-        self.proc = subprocess.Popen(
+        self.proc = _start(
             [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(workdir)],
-            stdout=self.log.open("wb"),
-            stderr=subprocess.STDOUT,
+            self.log,
         )
         _wait("redis-server", self.ping, self.proc, self.log)
 
@@ -92,10 +110,9 @@ class WaquotaServer:
         self.port = free_port()
         self.addr = f"127.0.0.1:{self.port}"
         self.log = workdir / f"waquota-{self.port}.log"
-        self.proc = subprocess.Popen(
+        self.proc = _start(
             [waquota_bin(), "serve", "--listen", self.addr, "--trust-client-clock", *extra],
-            stdout=self.log.open("wb"),
-            stderr=subprocess.STDOUT,
+            self.log,
         )
         self.channel = grpc.insecure_channel(self.addr)
         ready = grpc.channel_ready_future(self.channel)
@@ -149,11 +166,13 @@ def server(request: pytest.FixtureRequest, workdir: Path) -> Iterator[WaquotaSer
     if request.param == "redis":
         redis = RedisServer(workdir)
         extra = ["--redis", redis.url]
-    srv = WaquotaServer(workdir, *extra)
-    yield srv
-    srv.stop()
-    if redis is not None:
-        redis.kill()
+    try:
+        srv = WaquotaServer(workdir, *extra)
+        yield srv
+        srv.stop()
+    finally:
+        if redis is not None:
+            redis.kill()
 
 
 @dataclass
@@ -167,11 +186,13 @@ class Outage:
 @pytest.fixture
 def outage_server(workdir: Path) -> Iterator[Outage]:
     redis = RedisServer(workdir)
-    # A short redis_timeout so that calls during the outage answer quickly.
-    srv = WaquotaServer(workdir, "--redis", redis.url, "--redis-timeout-ms", "500")
-    yield Outage(srv, redis)
-    srv.stop()
-    redis.kill()
+    try:
+        # A short redis_timeout so that calls during the outage answer quickly.
+        srv = WaquotaServer(workdir, "--redis", redis.url, "--redis-timeout-ms", "500")
+        yield Outage(srv, redis)
+        srv.stop()
+    finally:
+        redis.kill()
 
 
 @pytest.fixture
