@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -18,10 +19,14 @@ from typing import Iterator, Optional
 import grpc
 import pytest
 
-from waquota._proto.waquota.v1 import waquota_pb2 as pb
-from waquota._proto.waquota.v1 import waquota_pb2_grpc as pb_grpc
-
 REPO = Path(__file__).resolve().parents[3]
+# The source tree, not whatever copy of waquota-client pip installed last: the tests are of
+# this checkout.
+sys.path.insert(0, str(REPO / "clients" / "python"))
+
+from waquota._proto.waquota.v1 import waquota_pb2 as pb  # noqa: E402
+from waquota._proto.waquota.v1 import waquota_pb2_grpc as pb_grpc  # noqa: E402
+
 # A fixed trusted clock (the server runs with --trust-client-clock), so that every figure is
 # exact; each test uses its own sender, so tests sharing a server do not see each other.
 T0 = datetime(2026, 3, 2, 7, 0, tzinfo=timezone.utc)

@@ -3,6 +3,7 @@ send (it fails one recipient), and the worker run as its own process."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -56,8 +57,11 @@ def endpoint() -> Iterator[SendEndpoint]:
 
 
 def run_worker(*args: str) -> subprocess.CompletedProcess:
+    # The worker imports this checkout's client, as the tests do.
+    path = os.pathsep.join(p for p in (str(REPO / "clients" / "python"), os.environ.get("PYTHONPATH")) if p)
     return subprocess.run(
-        [sys.executable, str(WORKER), *args], capture_output=True, text=True, timeout=60
+        [sys.executable, str(WORKER), *args], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": path},
     )
 
 
