@@ -138,76 +138,70 @@ fn without_code_spans(line: &str) -> String {
     out
 }
 
-/// Every inline link and image of a document, outside code.
+/// Every inline link and image of a document, outside code. A link's text may run over
+/// several lines of one paragraph; its line is the one where it starts.
 fn links(text: &str) -> Vec<Link> {
-    let mut found = Vec::new();
-    for (n, line) in prose_lines(text).iter().enumerate() {
-        let line = without_code_spans(line);
-        let chars: Vec<char> = line.chars().collect();
-        let mut i = 0;
-        while i < chars.len() {
-            if chars[i] != '[' {
-                i += 1;
-                continue;
+    let prose: Vec<String> = prose_lines(text)
+        .iter()
+        .map(|l| without_code_spans(l))
+        .collect();
+    let chars: Vec<char> = prose.join("\n").chars().collect();
+    let line_of: Vec<usize> = chars
+        .iter()
+        .scan(1, |line, c| {
+            let here = *line;
+            if *c == '\n' {
+                *line += 1;
             }
-            // The matching `]`, brackets nesting.
-            let mut depth = 0;
-            let mut close = None;
-            for (j, c) in chars.iter().enumerate().skip(i) {
-                match c {
-                    '[' => depth += 1,
-                    ']' => {
-                        depth -= 1;
-                        if depth == 0 {
-                            close = Some(j);
-                            break;
-                        }
-                    }
-                    _ => {}
+            Some(here)
+        })
+        .collect();
+    // The index of the bracket that closes the one at `open`, within one paragraph.
+    let closing = |open: usize, o: char, c: char| {
+        let mut depth = 0;
+        for (j, ch) in chars.iter().enumerate().skip(open) {
+            if *ch == '\n' && chars.get(j + 1) == Some(&'\n') {
+                return None;
+            }
+            if *ch == o {
+                depth += 1;
+            } else if *ch == c {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(j);
                 }
             }
-            let Some(close) = close else {
-                break;
-            };
-            if chars.get(close + 1) != Some(&'(') {
-                i += 1;
-                continue;
-            }
-            let mut depth = 0;
-            let mut end = None;
-            for (j, c) in chars.iter().enumerate().skip(close + 1) {
-                match c {
-                    '(' => depth += 1,
-                    ')' => {
-                        depth -= 1;
-                        if depth == 0 {
-                            end = Some(j);
-                            break;
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            let Some(end) = end else {
-                i += 1;
-                continue;
-            };
-            let inner: String = chars[close + 2..end].iter().collect();
-            // A title ("…") may follow the destination; `<…>` may wrap it.
-            let target = inner
-                .split_whitespace()
-                .next()
-                .unwrap_or("")
-                .trim_start_matches('<')
-                .trim_end_matches('>')
-                .to_string();
-            found.push(Link {
-                line: n + 1,
-                target,
-            });
-            // Link text may itself hold an image: look inside it too.
-            i += 1;
         }
+        None
+    };
+    let mut found = Vec::new();
+    for i in 0..chars.len() {
+        if chars[i] != '[' {
+            continue;
+        }
+        let Some(close) = closing(i, '[', ']') else {
+            continue;
+        };
+        if chars.get(close + 1) != Some(&'(') {
+            continue;
+        }
+        let Some(end) = closing(close + 1, '(', ')') else {
+            continue;
+        };
+        let inner: String = chars[close + 2..end].iter().collect();
+        // A title ("…") may follow the destination; `<…>` may wrap it.
+        let target = inner
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .trim_start_matches('<')
+            .trim_end_matches('>')
+            .to_string();
+        // Link text may itself hold an image: the scan goes on inside it.
+        found.push(Link {
+            line: line_of[i],
+            target,
+        });
     }
     found
 }
@@ -241,7 +235,8 @@ fn heading_text(raw: &str) -> String {
                     None => i += 1,
                 }
             }
-            '[' | ']' | '!' if chars.get(i + 1) == Some(&'[') || chars[i] != '!' => i += 1,
+            '[' | ']' => i += 1,
+            '!' if chars.get(i + 1) == Some(&'[') => i += 1,
             c => {
                 out.push(c);
                 i += 1;
@@ -345,9 +340,12 @@ fn check(root: &Path, doc: &Path, cache: &mut HashMap<PathBuf, Vec<String>>) -> 
             continue;
         }
         // http(s), mailto and any other scheme: not a file of this repository.
-        let scheme = t
-            .split_once(':')
-            .is_some_and(|(s, _)| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c)) && s.chars().next().is_some_and(|c| c.is_ascii_alphabetic()));
+        let scheme = t.split_once(':').is_some_and(|(s, _)| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
+                && s.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        });
         if scheme {
             continue;
         }
@@ -381,9 +379,9 @@ fn check(root: &Path, doc: &Path, cache: &mut HashMap<PathBuf, Vec<String>>) -> 
             // Line anchors of source files (#L10) are GitHub's, not headings.
             continue;
         }
-        let known = cache.entry(rel.clone()).or_insert_with(|| {
-            anchors(&fs::read_to_string(&abs).unwrap_or_default())
-        });
+        let known = cache
+            .entry(rel.clone())
+            .or_insert_with(|| anchors(&fs::read_to_string(&abs).unwrap_or_default()));
         if !known.iter().any(|a| a == anchor) {
             problems.push(format!(
                 "{where_}: {t}: {} has no heading with anchor #{anchor}",
@@ -433,7 +431,10 @@ fn readme_is_a_front_door() {
 
 #[test]
 fn slugs_follow_github() {
-    assert_eq!(slug(&heading_text("`policy get` / `policy set`")), "policy-get--policy-set");
+    assert_eq!(
+        slug(&heading_text("`policy get` / `policy set`")),
+        "policy-get--policy-set"
+    );
     assert_eq!(
         slug(&heading_text("Failover, durability and a lost ledger")),
         "failover-durability-and-a-lost-ledger"
@@ -443,10 +444,15 @@ fn slugs_follow_github() {
         "tier-projections-and-auto_tier"
     );
     assert_eq!(
-        slug(&heading_text("Reservations: Confirm, Release, ReportFailure")),
+        slug(&heading_text(
+            "Reservations: Confirm, Release, ReportFailure"
+        )),
         "reservations-confirm-release-reportfailure"
     );
-    assert_eq!(slug(&heading_text("Why p99 ≤ 5 ms at 64 clients is not met")), "why-p99--5-ms-at-64-clients-is-not-met");
+    assert_eq!(
+        slug(&heading_text("Why p99 ≤ 5 ms at 64 clients is not met")),
+        "why-p99--5-ms-at-64-clients-is-not-met"
+    );
     assert_eq!(
         anchors("# A\n\n## A\n\n```\n# not a heading\n```\n\nB\n---\n\n## A ##\n"),
         ["a", "a-1", "b", "a-2"]
@@ -456,7 +462,10 @@ fn slugs_follow_github() {
 #[test]
 fn links_outside_code_only() {
     let text = "See [a](x.md#y) and `[b](nope.md)`.\n\n```\n[c](nope.md)\n```\n[`d` e](#f \"t\") ![i](img.png)\n";
-    let found: Vec<(usize, String)> = links(text).into_iter().map(|l| (l.line, l.target)).collect();
+    let found: Vec<(usize, String)> = links(text)
+        .into_iter()
+        .map(|l| (l.line, l.target))
+        .collect();
     assert_eq!(
         found,
         [
@@ -465,4 +474,10 @@ fn links_outside_code_only() {
             (6, "img.png".to_string())
         ]
     );
+    let wrapped = "A [link over\ntwo lines](a.md#b).\n\n[not\n\na link](c.md)\n";
+    let found: Vec<(usize, String)> = links(wrapped)
+        .into_iter()
+        .map(|l| (l.line, l.target))
+        .collect();
+    assert_eq!(found, [(1, "a.md#b".to_string())]);
 }
