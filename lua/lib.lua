@@ -86,7 +86,8 @@ local function chunked(cmd, key, args, step)
 end
 
 -- The window of a home is sharded so that every piece stays in Redis's compact listpack encoding
--- (a plain zset leaves it at 128 members and then costs ~100 B per slot; README "Key schema"):
+-- (a plain zset leaves it at 128 members and then costs ~100 B per slot; docs/internals.md,
+-- "Redis key schema"):
 --   header  hash  <base>:w      n (slots stored), lvl, sp (linear-hashing level and split
 --                                pointer), seq (last reservation sequence), sb (the first one),
 --                                last (latest expiry), tr (real time until which every key of

@@ -72,7 +72,7 @@ impl fmt::Debug for Store {
 #[serde(rename_all = "lowercase")]
 pub enum Durability {
     /// As soon as the primary ran it; Redis replicates afterwards, so a failover can lose the
-    /// last admissions (README, "Durability").
+    /// last admissions (docs/contract.md, "Durability").
     #[default]
     Async,
     /// Only once `durability_replicas` replicas acknowledged it (`WAIT`, in the same pipeline).

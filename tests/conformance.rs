@@ -1,4 +1,4 @@
-//! The conformance suite: every behaviour of the core (docs/contract.md, README "Semantics"),
+//! The conformance suite: every behaviour of the core (docs/contract.md, "Semantics"),
 //! written once and run against every ledger (in memory, Redis, Redis Cluster) through the public
 //! gRPC contract, on the trusted clock. Times are on the test day D; every decision, count, expiry
 //! and retry_after is checked to the millisecond.

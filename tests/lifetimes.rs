@@ -1,8 +1,8 @@
-//! Key lifetimes on Redis (README "Lifetimes"): every key of ledger state the scripts write
-//! carries a TTL covering what it holds, so an idle target leaves nothing behind; configuration
-//! keys (policies, assignments) persist. Checked over every key after a workload that grows a
-//! window to many shards, releases, confirms, expires and shrinks it, and exercises every other
-//! script.
+//! Key lifetimes on Redis (docs/internals.md, "Lifetimes"): every key of ledger state the
+//! scripts write carries a TTL covering what it holds, so an idle target leaves nothing behind;
+//! configuration keys (policies, assignments) persist. Checked over every key after a workload
+//! that grows a window to many shards, releases, confirms, expires and shrinks it, and
+//! exercises every other script.
 
 mod common;
 

@@ -2,9 +2,9 @@
 //! restart. Under load (16 clients, one sender at limit 250, 1,000 distinct recipients), the
 //! primary is killed with SIGKILL; the sentinels promote the replica and the service carries on.
 //! With `durability = replicated` no admission is lost in the failover, so the run admits at
-//! most the limit; with `async` the over-admission is measured (README, "Durability"). With TLS
-//! on the sentinels and the data nodes, waquota finds and uses the primary over `rediss://`
-//! (a test CA as `redis_ca`), before and after a failover.
+//! most the limit; with `async` the over-admission is measured (docs/contract.md,
+//! "Durability"). With TLS on the sentinels and the data nodes, waquota finds and uses the
+//! primary over `rediss://` (a test CA as `redis_ca`), before and after a failover.
 //!
 //! Figures are printed as `FAULT <name>: ...` lines (FAULTS.md).
 

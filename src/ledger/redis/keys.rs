@@ -1,4 +1,4 @@
-//! The key schema, in one place (documented in the README, "Key schema").
+//! The key schema, in one place (documented in docs/internals.md, "Redis key schema").
 //!
 //! Every key of one *home* shares the hash tag `{s:<sender>}` (a sender's own home) or
 //! `{p:<portfolio>}` (a portfolio's home), so each script touches a single cluster slot. A
@@ -194,8 +194,8 @@ impl HomeKeys {
     /// `tr` when the window's TTLs run out). Its shards, `<window>:<i>` (zset recipient ->
     /// expiry) and `<base>:wm:<i>` (hash recipient -> slot value), are named by the scripts
     /// (lua/lib.lua, `win_open`) and share the hash tag; sharding keeps every piece in Redis's
-    /// compact listpack encoding (README "Key schema"). TTL: latest expiry + slack, renewed for
-    /// every key of the window at once.
+    /// compact listpack encoding (docs/internals.md, "Redis key schema"). TTL: latest expiry +
+    /// slack, renewed for every key of the window at once.
     pub fn window(&self) -> String {
         self.key("w")
     }
