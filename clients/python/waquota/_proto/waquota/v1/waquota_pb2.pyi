@@ -84,6 +84,12 @@ class Category(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CATEGORY_UTILITY: _ClassVar[Category]
     CATEGORY_AUTHENTICATION: _ClassVar[Category]
     CATEGORY_SERVICE: _ClassVar[Category]
+
+class TargetKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TARGET_KIND_UNSPECIFIED: _ClassVar[TargetKind]
+    TARGET_KIND_SENDER: _ClassVar[TargetKind]
+    TARGET_KIND_PORTFOLIO: _ClassVar[TargetKind]
 MESSAGE_KIND_UNSPECIFIED: MessageKind
 MESSAGE_KIND_TEMPLATE: MessageKind
 MESSAGE_KIND_FREE_FORM: MessageKind
@@ -131,6 +137,9 @@ CATEGORY_MARKETING: Category
 CATEGORY_UTILITY: Category
 CATEGORY_AUTHENTICATION: Category
 CATEGORY_SERVICE: Category
+TARGET_KIND_UNSPECIFIED: TargetKind
+TARGET_KIND_SENDER: TargetKind
+TARGET_KIND_PORTFOLIO: TargetKind
 
 class AcquireRequest(_message.Message):
     __slots__ = ("sender", "recipient", "kind", "dry_run", "at", "category")
@@ -579,3 +588,73 @@ class PlanResponse(_message.Message):
     senders: _containers.RepeatedScalarFieldContainer[str]
     scope: Scope
     def __init__(self, now: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rate: _Optional[float] = ..., completes_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stalled: _Optional[str] = ..., users: _Optional[int] = ..., messages: _Optional[int] = ..., new_users: _Optional[int] = ..., free_users: _Optional[int] = ..., skipped_users: _Optional[int] = ..., used_at_start: _Optional[int] = ..., remaining_at_start: _Optional[int] = ..., hours: _Optional[_Iterable[_Union[PlanHour, _Mapping]]] = ..., upgrades: _Optional[_Iterable[_Union[PlannedTier, _Mapping]]] = ..., ladder: _Optional[_Iterable[_Union[PlannedTier, _Mapping]]] = ..., ladder_note: _Optional[str] = ..., senders: _Optional[_Iterable[str]] = ..., scope: _Optional[_Union[Scope, str]] = ...) -> None: ...
+
+class ListTargetsRequest(_message.Message):
+    __slots__ = ("kind", "page_size", "page_token", "at")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    kind: TargetKind
+    page_size: int
+    page_token: str
+    at: _timestamp_pb2.Timestamp
+    def __init__(self, kind: _Optional[_Union[TargetKind, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class TargetSummary(_message.Message):
+    __slots__ = ("target", "scope", "tier", "limit", "used", "remaining", "status", "portfolio", "senders")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    PORTFOLIO_FIELD_NUMBER: _ClassVar[int]
+    SENDERS_FIELD_NUMBER: _ClassVar[int]
+    target: Target
+    scope: Scope
+    tier: Tier
+    limit: int
+    used: int
+    remaining: int
+    status: SenderStatus
+    portfolio: str
+    senders: int
+    def __init__(self, target: _Optional[_Union[Target, _Mapping]] = ..., scope: _Optional[_Union[Scope, str]] = ..., tier: _Optional[_Union[Tier, str]] = ..., limit: _Optional[int] = ..., used: _Optional[int] = ..., remaining: _Optional[int] = ..., status: _Optional[_Union[SenderStatus, str]] = ..., portfolio: _Optional[str] = ..., senders: _Optional[int] = ...) -> None: ...
+
+class ListTargetsResponse(_message.Message):
+    __slots__ = ("targets", "next_page_token")
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    targets: _containers.RepeatedCompositeFieldContainer[TargetSummary]
+    next_page_token: str
+    def __init__(self, targets: _Optional[_Iterable[_Union[TargetSummary, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ListAuditRequest(_message.Message):
+    __slots__ = ("target", "limit")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    target: Target
+    limit: int
+    def __init__(self, target: _Optional[_Union[Target, _Mapping]] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class AuditEntry(_message.Message):
+    __slots__ = ("at", "rpc", "actor", "change", "target")
+    AT_FIELD_NUMBER: _ClassVar[int]
+    RPC_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    at: _timestamp_pb2.Timestamp
+    rpc: str
+    actor: str
+    change: str
+    target: Target
+    def __init__(self, at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rpc: _Optional[str] = ..., actor: _Optional[str] = ..., change: _Optional[str] = ..., target: _Optional[_Union[Target, _Mapping]] = ...) -> None: ...
+
+class ListAuditResponse(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[AuditEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ...) -> None: ...

@@ -375,6 +375,16 @@ class AdminServiceStub:
                 request_serializer=waquota_dot_v1_dot_waquota__pb2.PlanRequest.SerializeToString,
                 response_deserializer=waquota_dot_v1_dot_waquota__pb2.PlanResponse.FromString,
                 _registered_method=True)
+        self.ListTargets = channel.unary_unary(
+                '/waquota.v1.AdminService/ListTargets',
+                request_serializer=waquota_dot_v1_dot_waquota__pb2.ListTargetsRequest.SerializeToString,
+                response_deserializer=waquota_dot_v1_dot_waquota__pb2.ListTargetsResponse.FromString,
+                _registered_method=True)
+        self.ListAudit = channel.unary_unary(
+                '/waquota.v1.AdminService/ListAudit',
+                request_serializer=waquota_dot_v1_dot_waquota__pb2.ListAuditRequest.SerializeToString,
+                response_deserializer=waquota_dot_v1_dot_waquota__pb2.ListAuditResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -439,6 +449,22 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTargets(self, request, context):
+        """The senders and portfolios the ledger knows (Inspect.known), portfolios first, each by id,
+        with its tier, window and status; paged (docs/contract.md, "Listing targets").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAudit(self, request, context):
+        """The latest AdminService changes to a target, newest first; with no target, the changes to
+        the ledger as a whole (AcceptLedgerLoss, AssignWaba) (docs/contract.md, "The audit log").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -481,6 +507,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.Plan,
                     request_deserializer=waquota_dot_v1_dot_waquota__pb2.PlanRequest.FromString,
                     response_serializer=waquota_dot_v1_dot_waquota__pb2.PlanResponse.SerializeToString,
+            ),
+            'ListTargets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTargets,
+                    request_deserializer=waquota_dot_v1_dot_waquota__pb2.ListTargetsRequest.FromString,
+                    response_serializer=waquota_dot_v1_dot_waquota__pb2.ListTargetsResponse.SerializeToString,
+            ),
+            'ListAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudit,
+                    request_deserializer=waquota_dot_v1_dot_waquota__pb2.ListAuditRequest.FromString,
+                    response_serializer=waquota_dot_v1_dot_waquota__pb2.ListAuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -701,6 +737,60 @@ class AdminService:
             '/waquota.v1.AdminService/Plan',
             waquota_dot_v1_dot_waquota__pb2.PlanRequest.SerializeToString,
             waquota_dot_v1_dot_waquota__pb2.PlanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTargets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/waquota.v1.AdminService/ListTargets',
+            waquota_dot_v1_dot_waquota__pb2.ListTargetsRequest.SerializeToString,
+            waquota_dot_v1_dot_waquota__pb2.ListTargetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/waquota.v1.AdminService/ListAudit',
+            waquota_dot_v1_dot_waquota__pb2.ListAuditRequest.SerializeToString,
+            waquota_dot_v1_dot_waquota__pb2.ListAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,
