@@ -196,7 +196,7 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> Summary
             except SendError as e:
                 summary.send_failed += 1
                 # The message never left: give the slot back so that it does not count for 24 h
-                # (README, "Reservations"). A counted user or a service window opened no slot.
+                # (docs/contract.md, "Reservations"). A counted user or a service window opened no slot.
                 if d.reservation:
                     try:
                         freed = wq.release(args.sender, job.to, d.reservation, at=clock() if args.at else None)

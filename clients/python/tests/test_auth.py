@@ -1,4 +1,4 @@
-"""The bearer token reaches the server on every call (README, "Authentication and roles")."""
+"""The bearer token reaches the server on every call (docs/operations.md, "Authentication and roles")."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -35,5 +35,5 @@ def credentials(
 
 
 def metadata(token: Optional[str]) -> tuple[tuple[str, str], ...]:
-    # README, "Authentication and roles": every QuotaService call carries the bearer token.
+    # docs/operations.md, "Authentication and roles": every QuotaService call carries the bearer token.
     return (("authorization", f"Bearer {token}"),) if token else ()

@@ -24,7 +24,7 @@ class Client:
     """A blocking client of `waquota.v1.QuotaService`.
 
     addr: "host:port" of a waquota server (or of a balancer in front of several).
-    token: a bearer token (README, "Authentication and roles"), sent with every call.
+    token: a bearer token (docs/operations.md, "Authentication and roles"), sent with every call.
     tls / ca / cert / key: TLS (with `tls=True` alone, the system's roots); `ca` a PEM CA to
         verify the server against; `cert` and `key` a client certificate for mutual TLS. PEM
         values are bytes or a file path.
@@ -216,7 +216,7 @@ class Client:
         exception goes on; when it returns, the slot is confirmed as delivered now (`at` when
         given). An interruption (KeyboardInterrupt, asyncio.CancelledError: not an Exception)
         leaves the slot counting, neither released nor confirmed: the send may have gone out,
-        and an uncounted delivery is the one error the ledger must not make (README,
+        and an uncounted delivery is the one error the ledger must not make (docs/contract.md,
         "Reservations"). Keep only the send in the body, for the same reason. A Decision
         with no reservation (a counted user, a service window, a store-outage admission) has
         nothing to settle. With the webhook bridge confirming deliveries, prefer acquire() and

@@ -199,7 +199,7 @@ def outage_decisions(result: object, recipients: Sequence[str]) -> list[Decision
 
 def allow_on_outage(outage: object) -> Decision:
     """An `on_store_outage` hook that admits, as the server's `on_store_error = allow` does:
-    ALLOWED_NEW with `store_outage` set and no reservation (README, "Store-outage policy")."""
+    ALLOWED_NEW with `store_outage` set and no reservation (docs/operations.md, "Store-outage policy")."""
     return Decision(allowed=True, decision=DecisionCode.ALLOWED_NEW, recipient="", store_outage=True)
 
 

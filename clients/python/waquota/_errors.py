@@ -1,4 +1,4 @@
-"""Typed exceptions for the gRPC status codes waquota answers (README, "Errors")."""
+"""Typed exceptions for the gRPC status codes waquota answers (docs/contract.md, "Errors")."""
 from __future__ import annotations
 
 import re

@@ -77,7 +77,7 @@ CategoryLike = Union[Category, str, None]
 
 @dataclass(frozen=True)
 class Decision:
-    """One recipient's answer to Acquire / AcquireBatch (README, "Decisions").
+    """One recipient's answer to Acquire / AcquireBatch (docs/contract.md, "Decisions").
 
     `retry_after` and `retry_at` are set together on a refusal that waiting cures, and both are
     None on one it does not: such a refusal must not be retried on a timer (docs/contract.md,
