@@ -18,6 +18,7 @@ use deadpool_redis::{Runtime, Timeouts};
 use futures_util::StreamExt;
 use redis::{ConnectionAddr, ConnectionInfo, ErrorKind, RedisError, RedisResult, Value};
 
+use super::errors::Trouble;
 use crate::config::{Settings, Store};
 
 /// Retries of one command inside the cluster client (MOVED, ASK, TRYAGAIN, ...); the command's
@@ -228,12 +229,9 @@ impl Conns {
     /// The handle of slot `i` failed with `e`: on a connection error it is dropped (and replaced
     /// on next use); on Sentinel, a connection error or `READONLY` also looks the primary up
     /// again.
-    pub(super) async fn failed(&self, i: usize, e: &RedisError) {
-        let broken = e.is_io_error()
-            || e.is_connection_dropped()
-            || e.is_connection_refusal()
-            || e.is_timeout();
-        let demoted = e.kind() == ErrorKind::Server(redis::ServerErrorKind::ReadOnly);
+    pub(super) async fn failed(&self, i: usize, trouble: Trouble) {
+        let broken = trouble.broke_connection();
+        let demoted = trouble == Trouble::Demoted;
         if let Pool::Sentinel(s) = &self.pool
             && (broken || demoted)
         {

@@ -7,8 +7,11 @@
 //! so a reassignment takes effect on the next request on every instance, at the cost of one
 //! extra round trip once.
 
+mod codec;
 mod conn;
+mod errors;
 pub mod keys;
+mod moves;
 mod registry;
 pub mod scripts;
 
@@ -20,17 +23,22 @@ use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 
 use super::{Ledger, LedgerError, Result};
 use crate::config::{Durability, OnLedgerLoss, Settings, Store};
-use crate::metrics::{Metrics, PoolStatus, RedisErrorKind};
+use crate::metrics::{Metrics, PoolStatus};
 use crate::model::{
-    AcquireRequest, AuditEntry, Category, Cursor, Decision, Defaults, ERROR_MARKETING_CAP,
-    FREE_ENTRY_POINT_MS, FailureOutcome, HOUR_MS, Inspection, MARKETING_HOLD_MS, MONTH_MS,
-    MessageKind, Millis, Outcome, Policy, PortfolioId, Projection, Quality, RecipientId,
-    Reservation, RuleSet, SERVICE_WINDOW_MS, SLOT_MS, Scope, SenderId, SenderStatus, Target,
-    TargetKind, Tier, WindowEntry, WindowMode, WindowPage, remaining,
+    AcquireRequest, AuditEntry, Cursor, Decision, Defaults, ERROR_MARKETING_CAP,
+    FREE_ENTRY_POINT_MS, FailureOutcome, HOUR_MS, Inspection, MARKETING_HOLD_MS, MONTH_MS, Millis,
+    Outcome, Policy, PortfolioId, Projection, RecipientId, Reservation, SERVICE_WINDOW_MS, SLOT_MS,
+    SenderId, Target, TargetKind, WindowEntry, WindowPage, remaining,
+};
+use codec::{
+    POLICY_FIELDS, bad_reply, int, items, moved, opt_ms, parse_policy, policy_fields, scope_of,
+    text, tier_named,
 };
 use conn::{Conns, Sent};
+use errors::{Failure, Trouble, describe};
 use keys::{Home, HomeKeys, Keys};
-use scripts::{Script, Scripts};
+pub use scripts::{ACQUIRE_REPLY_FIELDS, ACQUIRE_REPLY_HEAD, acquire_cmd};
+use scripts::{Call, Scripts, acquire_call, loss_mode, slot_call};
 
 /// Keys outlive their latest expiry by this much, so a key never vanishes while logically live.
 const TTL_SLACK_MS: Millis = 3_600_000;
@@ -77,427 +85,12 @@ pub struct RedisLedger {
     registered: registry::Registered,
 }
 
-/// Marks a sender as being moved by this instance while it lives.
-struct Moving<'a> {
-    set: &'a std::sync::Mutex<std::collections::HashSet<SenderId>>,
-    sender: SenderId,
-}
-
-impl<'a> Moving<'a> {
-    /// None when this instance is already moving the sender.
-    fn claim(
-        set: &'a std::sync::Mutex<std::collections::HashSet<SenderId>>,
-        sender: &SenderId,
-    ) -> Option<Moving<'a>> {
-        let mut s = set.lock().unwrap_or_else(|e| e.into_inner());
-        s.insert(sender.clone()).then(|| Moving {
-            set,
-            sender: sender.clone(),
-        })
-    }
-}
-
-impl Drop for Moving<'_> {
-    fn drop(&mut self) {
-        let mut s = self.set.lock().unwrap_or_else(|e| e.into_inner());
-        s.remove(&self.sender);
-    }
-}
-
-/// One script call: the EVALSHA command itself, built once as keys and arguments are added
-/// (every recipient of a batch is copied into it once, not into a list first).
-struct Call<'a> {
-    script: &'a Script,
-    cmd: redis::Cmd,
-}
-
-impl<'a> Call<'a> {
-    fn new(script: &'a Script, keys: Vec<String>) -> Self {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(script.sha.as_str()).arg(keys.len()).arg(keys);
-        Call { script, cmd }
-    }
-
-    fn arg(mut self, a: impl AsRef<[u8]>) -> Self {
-        self.cmd.arg(a.as_ref());
-        self
-    }
-
-    fn num(mut self, n: impl redis::ToRedisArgs) -> Self {
-        self.cmd.arg(n);
-        self
-    }
-
-    fn clock(self, at: Option<Millis>) -> Self {
-        match at {
-            Some(ms) => self.num(ms),
-            None => self.arg(""),
-        }
-    }
-
-    /// The same call sending the script's source (EVAL), for when Redis answered NOSCRIPT: the
-    /// command name and the SHA give way to EVAL and the source, the rest is copied.
-    fn by_source(&self) -> redis::Cmd {
-        let mut c = redis::cmd("EVAL");
-        c.arg(self.script.source.as_str());
-        for a in self.cmd.args_iter().skip(2) {
-            if let redis::Arg::Simple(bytes) = a {
-                c.arg(bytes);
-            }
-        }
-        c
-    }
-}
-
-/// Why a Redis call failed.
-enum Failure {
-    Redis(RedisError),
-    /// `durability = replicated`: the call ran on the primary, but fewer replicas than wanted
-    /// acknowledged it in time. Its change stands (the safe side: a slot stays consumed).
-    NotReplicated {
-        acked: i64,
-        wanted: u32,
-    },
-}
-
-impl From<RedisError> for Failure {
-    fn from(e: RedisError) -> Self {
-        Failure::Redis(e)
-    }
-}
-
-impl Failure {
-    /// `store`: which Redis answered (or did not), named in the message.
-    fn into_ledger(self, store: &str) -> LedgerError {
-        match self {
-            Failure::Redis(e) => store_error(e, store),
-            Failure::NotReplicated { acked, wanted } => LedgerError::Unavailable(format!(
-                "Redis replicated the change to {acked} of the {wanted} replica(s) durability requires in time; it stands on the primary"
-            )),
-        }
-    }
-}
-
-/// The command surely did not run: the server said "not now", or (on Sentinel, where another
-/// primary may take over) the connection was refused before anything was sent.
-fn not_run(e: &RedisError, refused_counts: bool) -> bool {
-    matches!(
-        e.kind(),
-        ErrorKind::Server(
-            ServerErrorKind::ReadOnly
-                | ServerErrorKind::TryAgain
-                | ServerErrorKind::ClusterDown
-                | ServerErrorKind::MasterDown
-                | ServerErrorKind::BusyLoading
-        )
-    ) || (refused_counts && e.is_connection_refusal())
-}
-
-/// Transient trouble (the store is down, failing over, or slow) is `UNAVAILABLE`; anything else
-/// from a script is a bug and is `INTERNAL`.
-fn store_error(e: RedisError, store: &str) -> LedgerError {
-    let transient = e.is_io_error()
-        || e.is_connection_dropped()
-        || e.is_connection_refusal()
-        || e.is_timeout()
-        || e.is_cluster_error()
-        || is_auth_error(&e)
-        || matches!(
-            e.kind(),
-            ErrorKind::ClusterConnectionNotFound
-                | ErrorKind::AuthenticationFailed
-                | ErrorKind::Server(
-                    ServerErrorKind::BusyLoading
-                        | ServerErrorKind::TryAgain
-                        | ServerErrorKind::ClusterDown
-                        | ServerErrorKind::MasterDown
-                        | ServerErrorKind::ReadOnly
-                        | ServerErrorKind::NoPerm
-                )
-        );
-    if transient {
-        LedgerError::Unavailable(format!("{store}: {e}"))
-    } else {
-        LedgerError::Internal(format!("{store}: {e}"))
-    }
-}
-
-/// The store as an error message names it: "Redis at redis://host:6379", credentials left out.
-fn describe(store: &Store) -> String {
-    use crate::config::redact_url;
-    match store {
-        Store::Redis { url } => format!("Redis at {}", redact_url(url)),
-        Store::Cluster { nodes } => {
-            let nodes: Vec<String> = nodes.iter().map(|n| redact_url(n)).collect();
-            format!("Redis Cluster at {}", nodes.join(","))
-        }
-        Store::Sentinel { sentinels, master } => {
-            let seeds: Vec<String> = sentinels.iter().map(|n| redact_url(n)).collect();
-            format!("Redis primary of {master} (Sentinel {})", seeds.join(","))
-        }
-        Store::Memory => "memory".to_owned(),
-    }
-}
-
-/// Credentials refused or missing: a deployment problem, not a bug, and the store is unusable
-/// until it is fixed, so `UNAVAILABLE` like any other store outage.
-/// Redis refuses long commands from a connection that has not authenticated with a protocol
-/// error ("unauthenticated multibulk length") rather than NOAUTH, so that counts too.
-fn is_auth_error(e: &RedisError) -> bool {
-    e.kind() == ErrorKind::AuthenticationFailed
-        || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
-        || e.detail()
-            .is_some_and(|d| d.starts_with("Protocol error: unauthenticated"))
-}
-
-/// The metrics' coarse kind of a Redis error.
-fn error_kind(e: &RedisError) -> RedisErrorKind {
-    if e.is_timeout() {
-        RedisErrorKind::Timeout
-    } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
-        RedisErrorKind::Unavailable
-    } else if is_auth_error(e) {
-        RedisErrorKind::Auth
-    } else {
-        match e.kind() {
-            ErrorKind::ClusterConnectionNotFound => RedisErrorKind::Unavailable,
-            ErrorKind::Server(
-                ServerErrorKind::BusyLoading
-                | ServerErrorKind::TryAgain
-                | ServerErrorKind::ClusterDown
-                | ServerErrorKind::MasterDown
-                | ServerErrorKind::ReadOnly,
-            ) => RedisErrorKind::Busy,
-            _ if e.is_cluster_error() => RedisErrorKind::Busy,
-            _ => RedisErrorKind::Internal,
-        }
-    }
-}
-
-fn bad_reply(what: &str, v: &Value) -> LedgerError {
-    LedgerError::Internal(format!("unexpected reply from the {what} script: {v:?}"))
-}
-
-fn items(v: Value) -> std::result::Result<Vec<Value>, Value> {
-    match v {
-        Value::Array(items) => Ok(items),
-        other => Err(other),
-    }
-}
-
-fn int(v: &Value) -> Option<i64> {
-    match v {
-        Value::Int(i) => Some(*i),
-        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
-        _ => None,
-    }
-}
-
-fn text(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        Value::Int(i) => Some(i.to_string()),
-        _ => None,
-    }
-}
-
-/// A time the scripts report as -1 when there is none.
-fn opt_ms(v: &Value) -> Option<Millis> {
-    int(v).filter(|ms| *ms != -1)
-}
-
-/// `{"moved", portfolio}`: the sender lives elsewhere (portfolio "" = its own home).
-fn moved(v: &Value) -> Option<Option<PortfolioId>> {
-    let Value::Array(items) = v else { return None };
-    match items.first() {
-        Some(Value::BulkString(b)) if b == b"moved" => {
-            let p = items.get(1).and_then(text).unwrap_or_default();
-            Some(if p.is_empty() {
-                None
-            } else {
-                PortfolioId::parse("portfolio", &p).ok()
-            })
-        }
-        _ => None,
-    }
-}
-
-/// The acquire script's call (KEYS and ARGV as documented in `lua/acquire.lua`) for `req` at
-/// `home`.
-fn acquire_call<'a>(
-    s: &'a Script,
-    home: &Home,
-    k: &HomeKeys,
-    req: &AcquireRequest,
-    defaults: &Defaults,
-    on_loss: OnLedgerLoss,
-) -> Call<'a> {
-    let w = defaults_at(defaults, home);
-    let mut call = Call::new(
-        s,
-        vec![
-            k.window(),
-            k.window_index(),
-            k.window_policy(&req.sender),
-            k.service_windows(&req.sender),
-            k.residency(),
-            k.sender_policy(&req.sender),
-            k.sender_slots(&req.sender),
-            k.throughput(&req.sender),
-            k.pair_rates(&req.sender),
-            k.marketing_log(&req.sender),
-            k.marketing_holds(),
-            k.uniques(),
-            k.ledger_marker(),
-        ],
-    )
-    .clock(req.at)
-    .arg(home.kind())
-    .arg(req.sender.as_str())
-    .arg(if req.kind == MessageKind::FreeForm {
-        "f"
-    } else {
-        "t"
-    })
-    .arg(if req.dry_run { "1" } else { "0" })
-    .arg(if req.category == Some(Category::Marketing) {
-        "1"
-    } else {
-        "0"
-    })
-    .arg(w.tier.name())
-    .arg(w.window_mode.name())
-    .arg(w.rule_set.name())
-    .num(defaults.messages_per_second)
-    .num(defaults.pair_interval_ms)
-    .num(defaults.pair_burst)
-    .num(SLOT_MS)
-    .num(TTL_SLACK_MS)
-    .arg(loss_mode(on_loss));
-    for r in &req.recipients {
-        call = call.arg(r.as_str());
-    }
-    call
-}
-
-/// The head shared by the scripts that act on one recipient's slot (`confirm.lua`, `slot.lua`):
-/// the window's keys and residency, then the clock, home kind, sender and recipient.
-fn slot_call<'a>(
-    s: &'a Script,
-    home: &Home,
-    k: &HomeKeys,
-    at: Option<Millis>,
-    sender: &SenderId,
-    recipient: &RecipientId,
-) -> Call<'a> {
-    Call::new(s, vec![k.window(), k.window_index(), k.residency()])
-        .clock(at)
-        .arg(home.kind())
-        .arg(sender.as_str())
-        .arg(recipient.as_str())
-}
-
-/// The ledger scripts' name for an `on_ledger_loss` choice.
-fn loss_mode(on_loss: OnLedgerLoss) -> &'static str {
-    match on_loss {
-        OnLedgerLoss::DenyNew => "d",
-        OnLedgerLoss::Allow => "a",
-    }
-}
-
-/// The acquire script's reply: this many header values (now, limit, tier, effective limit,
-/// ledger found lost by this call, new slots refused since), then [`ACQUIRE_REPLY_FIELDS`] per
-/// recipient, the decision code first.
-pub const ACQUIRE_REPLY_HEAD: usize = 6;
-pub const ACQUIRE_REPLY_FIELDS: usize = 5;
-
-/// The very EVALSHA that [`RedisLedger`] sends for `req` at `home` (the sender's own window or
-/// its portfolio's), for tools that drive the decision script without the service (`bench`).
-/// The script must already be cached on the server (`SCRIPT LOAD` of `script.source`).
-/// A lost ledger is only reported (`allow`): such a tool starts on a Redis without a marker.
-pub fn acquire_cmd(
-    script: &Script,
-    keys: &Keys,
-    home: &Home,
-    req: &AcquireRequest,
-    defaults: &Defaults,
-) -> redis::Cmd {
-    acquire_call(
-        script,
-        home,
-        &keys.home(home),
-        req,
-        defaults,
-        OnLedgerLoss::Allow,
-    )
-    .cmd
-}
-
 /// The policy of a home without a stored one: the sender default or the portfolio default.
 fn defaults_at(defaults: &Defaults, home: &Home) -> Policy {
     match home {
         Home::Sender(_) => defaults.sender,
         Home::Portfolio(_) => defaults.portfolio,
     }
-}
-
-/// A policy as the hash fields the scripts read (`read_policy` in lua/lib.lua).
-fn policy_fields(p: &Policy) -> [(&'static str, String); 15] {
-    [
-        ("tier", p.tier.name().to_owned()),
-        ("custom", p.custom_limit.to_string()),
-        ("mode", p.window_mode.name().to_owned()),
-        ("status", p.status.name().to_owned()),
-        (
-            "quality",
-            p.quality.map(|q| q.name()).unwrap_or_default().to_owned(),
-        ),
-        ("mps", p.messages_per_second.to_string()),
-        ("pint", p.pair_interval_ms.to_string()),
-        ("pburst", p.pair_burst.to_string()),
-        ("head", p.headroom_percent.to_string()),
-        ("scap", p.sender_cap.to_string()),
-        ("mcap", p.marketing_cap.to_string()),
-        ("mper", p.marketing_cap_period_ms.to_string()),
-        ("rules", p.rule_set.name().to_owned()),
-        ("auto", if p.auto_tier { "1" } else { "0" }.to_owned()),
-        (
-            "su",
-            p.status_until.map(|t| t.to_string()).unwrap_or_default(),
-        ),
-    ]
-}
-
-/// How many values `policy_out` (lua/lib.lua) returns for one policy.
-const POLICY_FIELDS: usize = 15;
-
-/// A policy from the values `policy_out` returned, in `policy_fields` order.
-fn parse_policy(f: &[Value]) -> Option<Policy> {
-    let t = |i: usize| text(&f[i]);
-    let n = |i: usize| int(&f[i]);
-    let quality = t(4)?;
-    Some(Policy {
-        tier: Tier::from_name(&t(0)?)?,
-        custom_limit: n(1)? as u64,
-        window_mode: WindowMode::from_name(&t(2)?)?,
-        status: SenderStatus::from_name(&t(3)?)?,
-        quality: if quality.is_empty() {
-            None
-        } else {
-            Some(Quality::from_name(&quality)?)
-        },
-        messages_per_second: n(5)? as u32,
-        pair_interval_ms: n(6)?,
-        pair_burst: n(7)? as u32,
-        headroom_percent: n(8)? as u32,
-        sender_cap: n(9)? as u64,
-        marketing_cap: n(10)? as u32,
-        marketing_cap_period_ms: n(11)?,
-        rule_set: RuleSet::from_name(&t(12)?)?,
-        auto_tier: n(13)? == 1,
-        status_until: t(14).filter(|s| !s.is_empty()).and_then(|s| s.parse().ok()),
-    })
 }
 
 impl RedisLedger {
@@ -587,13 +180,14 @@ impl RedisLedger {
                     return Err(Failure::NotReplicated { acked, wanted });
                 }
                 Err(e) => {
+                    let trouble = Trouble::of(&e);
                     if e.kind() != ErrorKind::Server(ServerErrorKind::NoScript) {
-                        self.metrics.redis_error(error_kind(&e));
+                        self.metrics.redis_error(trouble.metric());
                     }
                     if let Some(i) = used {
-                        self.conns.failed(i, &e).await;
+                        self.conns.failed(i, trouble).await;
                     }
-                    let retry = not_run(&e, self.conns.follows_failover())
+                    let retry = trouble.not_run(self.conns.follows_failover())
                         && tokio::time::Instant::now() + backoff < deadline;
                     if !retry {
                         return Err(Failure::Redis(e));
@@ -754,81 +348,6 @@ impl RedisLedger {
         }
         Ok(count)
     }
-
-    /// The steps of a journaled move from home `from` to home `to` (portfolio ids, "" = the
-    /// sender's own home). Each step is idempotent, so a move can be resumed from any point.
-    async fn move_sender(
-        &self,
-        sender: &SenderId,
-        from: &str,
-        to: &str,
-        entry: &str,
-    ) -> Result<()> {
-        let home = |p: &str| -> Result<Home> {
-            Ok(if p.is_empty() {
-                Home::Sender(sender.clone())
-            } else {
-                Home::Portfolio(PortfolioId::parse("portfolio", p)?)
-            })
-        };
-        let (old_home, new_home) = (home(from)?, home(to)?);
-        let (old_keys, new_keys) = (self.keys.home(&old_home), self.keys.home(&new_home));
-        let own = self.keys.home(&Home::Sender(sender.clone()));
-        if !from.is_empty() && !to.is_empty() {
-            // Portfolio to portfolio: point the sender's route at the new home first, so requests
-            // that miss the old home are sent on to the new one.
-            self.write(redis::cmd("SET").arg(own.residency()).arg(to))
-                .await?;
-        }
-        let scoped = |k: &HomeKeys| {
-            let mut keys = vec![k.residency()];
-            keys.extend(k.sender_scoped(sender));
-            keys
-        };
-        let out = Call::new(&self.scripts.move_out, scoped(&old_keys))
-            .arg(old_home.kind())
-            .arg(sender.as_str())
-            .arg(to)
-            .arg("out");
-        let dumped = items(self.run(&out).await?).map_err(|v| bad_reply("move_out", &v))?;
-        let mut into = Call::new(&self.scripts.move_in, scoped(&new_keys))
-            .arg(new_home.kind())
-            .arg(sender.as_str());
-        for pair in dumped.get(1..).unwrap_or_default().chunks_exact(2) {
-            let payload = match &pair[0] {
-                Value::BulkString(b) => b.clone(),
-                _ => Vec::new(),
-            };
-            into = into.arg(payload).num(int(&pair[1]).unwrap_or(-2));
-        }
-        self.run(&into).await?;
-        let drop = Call::new(&self.scripts.move_out, scoped(&old_keys))
-            .arg(old_home.kind())
-            .arg(sender.as_str())
-            .arg(to)
-            .arg("drop");
-        self.run(&drop).await?;
-        let finish = Call::new(
-            &self.scripts.move_journal,
-            vec![own.move_journal(), own.residency()],
-        )
-        .arg("finish")
-        .arg(entry);
-        self.run(&finish).await?;
-        Ok(())
-    }
-}
-
-fn scope_of(home: &Home) -> Scope {
-    match home {
-        Home::Sender(_) => Scope::Sender,
-        Home::Portfolio(_) => Scope::Portfolio,
-    }
-}
-
-fn tier_named(s: &str) -> Result<Tier> {
-    Tier::from_name(s)
-        .ok_or_else(|| LedgerError::Internal(format!("unknown tier {s:?} stored in Redis")))
 }
 
 impl Ledger for RedisLedger {
@@ -1075,105 +594,7 @@ impl Ledger for RedisLedger {
     }
 
     async fn assign_sender(&self, sender: SenderId, portfolio: Option<PortfolioId>) -> Result<()> {
-        let mut named = vec![Target::Sender(sender.clone())];
-        named.extend(portfolio.clone().map(Target::Portfolio));
-        self.register(&named).await;
-        // A journaled move (lua/move.lua): moves of one sender never interleave, no step loses
-        // the sender's state, and a move interrupted half-way is completed here first.
-        let own = self.keys.home(&Home::Sender(sender.clone()));
-        let journal_keys = || vec![own.move_journal(), own.residency()];
-        let target = portfolio
-            .as_ref()
-            .map(|p| p.to_string())
-            .unwrap_or_default();
-        // A membership this request restored (see "same"), to take back if the sender turns
-        // out to be moving elsewhere.
-        let mut restored: Option<String> = None;
-        for _ in 0..3 {
-            let begin = Call::new(&self.scripts.move_journal, journal_keys())
-                .arg("begin")
-                .arg(&target)
-                .arg(&self.instance);
-            let v = items(self.run(&begin).await?).map_err(|v| bad_reply("move", &v))?;
-            let bad = || bad_reply("move", &Value::Array(v.clone()));
-            match text(v.first().ok_or_else(bad)?).as_deref() {
-                Some("same") => {
-                    // Already there. A missing membership (a members set lost on its own) is
-                    // restored, then checked again: a move away that raced this request is
-                    // then seen and redone toward this target, so the sender never ends up a
-                    // member of two portfolios. Nothing is written when it is a member.
-                    if let Some(p) = &portfolio
-                        && restored.is_none()
-                    {
-                        let members = self.keys.home(&Home::Portfolio(p.clone())).residency();
-                        let member = self
-                            .query(redis::cmd("SISMEMBER").arg(&members).arg(sender.as_str()))
-                            .await?;
-                        if int(&member) != Some(1) {
-                            self.write(redis::cmd("SADD").arg(&members).arg(sender.as_str()))
-                                .await?;
-                            restored = Some(members);
-                            continue;
-                        }
-                    }
-                    self.learn(&sender, portfolio);
-                    return Ok(());
-                }
-                Some("begun") => {
-                    let entry = text(v.get(1).ok_or_else(bad)?).ok_or_else(bad)?;
-                    let from = entry.split('>').next().unwrap_or_default().to_owned();
-                    let Some(_moving) = Moving::claim(&self.moving, &sender) else {
-                        return Err(LedgerError::Unavailable(format!(
-                            "sender {sender} is being reassigned; try again"
-                        )));
-                    };
-                    self.move_sender(&sender, &from, &target, &entry).await?;
-                    self.learn(&sender, portfolio);
-                    tracing::info!(%sender, from, to = target, "sender reassigned");
-                    return Ok(());
-                }
-                Some("busy") => {
-                    let entry = text(v.get(1).ok_or_else(bad)?).ok_or_else(bad)?;
-                    let age = v.get(2).and_then(int).unwrap_or(i64::MAX);
-                    let mut parts = entry.split('>');
-                    let (from, to) = (
-                        parts.next().unwrap_or_default(),
-                        parts.next().ok_or_else(bad)?,
-                    );
-                    let mover = parts.nth(1).unwrap_or_default();
-                    // The sender is moving elsewhere: the membership restored above is stale.
-                    if let Some(members) = restored.take()
-                        && to != target
-                    {
-                        self.write(redis::cmd("SREM").arg(members).arg(sender.as_str()))
-                            .await?;
-                    }
-                    // Another request is moving this sender: wait for it (the caller retries).
-                    // Two movers of one sender must never run at once, so a move is completed
-                    // here only when nobody can be running it: this instance began it and is
-                    // not running it now (a store hiccup cut it short), or it was left
-                    // unfinished for longer than any live move can take (its mover crashed).
-                    let claim = Moving::claim(&self.moving, &sender);
-                    let ours = mover == self.instance && claim.is_some();
-                    if !ours && (claim.is_none() || age < ABANDONED_MOVE_MS) {
-                        return Err(LedgerError::Unavailable(format!(
-                            "sender {sender} is being reassigned (from {from:?} to {to:?}); try again"
-                        )));
-                    }
-                    if ours {
-                        tracing::info!(%sender, from, to, "resuming this instance's interrupted reassignment");
-                    } else {
-                        tracing::warn!(%sender, from, to, "completing an abandoned reassignment first");
-                    }
-                    self.move_sender(&sender, from, to, &entry).await?;
-                    drop(claim);
-                }
-                _ => return Err(bad()),
-            }
-        }
-        Err(LedgerError::Unavailable(format!(
-            "sender {sender} is being reassigned by another request; try again"
-        )))
+        self.assign(sender, portfolio).await
     }
 
     async fn inspect(

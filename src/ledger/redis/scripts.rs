@@ -8,8 +8,12 @@
 
 use std::fmt::Write;
 
+use super::keys::{Home, HomeKeys, Keys};
+use super::{TTL_SLACK_MS, defaults_at};
+use crate::config::OnLedgerLoss;
 use crate::model::{
-    FLAGGED_DOWNGRADE_MS, MONTH_MS, PORTFOLIO_ENTRY_UNIQUES, RuleSet, Tier, WEEK_MS, upgrade_delay,
+    AcquireRequest, Category, Defaults, FLAGGED_DOWNGRADE_MS, MONTH_MS, MessageKind, Millis,
+    PORTFOLIO_ENTRY_UNIQUES, RecipientId, RuleSet, SLOT_MS, SenderId, Tier, WEEK_MS, upgrade_delay,
 };
 
 /// A script's source and SHA1, computed at start-up.
@@ -123,4 +127,162 @@ impl Default for Scripts {
     fn default() -> Self {
         Self::new()
     }
+}
+
+// ------------------------------------------------------------------------------ calls
+
+/// One script call: the EVALSHA command itself, built once as keys and arguments are added
+/// (every recipient of a batch is copied into it once, not into a list first).
+pub(super) struct Call<'a> {
+    pub(super) script: &'a Script,
+    pub(super) cmd: redis::Cmd,
+}
+
+impl<'a> Call<'a> {
+    pub(super) fn new(script: &'a Script, keys: Vec<String>) -> Self {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.sha.as_str()).arg(keys.len()).arg(keys);
+        Call { script, cmd }
+    }
+
+    pub(super) fn arg(mut self, a: impl AsRef<[u8]>) -> Self {
+        self.cmd.arg(a.as_ref());
+        self
+    }
+
+    pub(super) fn num(mut self, n: impl redis::ToRedisArgs) -> Self {
+        self.cmd.arg(n);
+        self
+    }
+
+    pub(super) fn clock(self, at: Option<Millis>) -> Self {
+        match at {
+            Some(ms) => self.num(ms),
+            None => self.arg(""),
+        }
+    }
+
+    /// The same call sending the script's source (EVAL), for when Redis answered NOSCRIPT: the
+    /// command name and the SHA give way to EVAL and the source, the rest is copied.
+    pub(super) fn by_source(&self) -> redis::Cmd {
+        let mut c = redis::cmd("EVAL");
+        c.arg(self.script.source.as_str());
+        for a in self.cmd.args_iter().skip(2) {
+            if let redis::Arg::Simple(bytes) = a {
+                c.arg(bytes);
+            }
+        }
+        c
+    }
+}
+
+/// The acquire script's call (KEYS and ARGV as documented in `lua/acquire.lua`) for `req` at
+/// `home`.
+pub(super) fn acquire_call<'a>(
+    s: &'a Script,
+    home: &Home,
+    k: &HomeKeys,
+    req: &AcquireRequest,
+    defaults: &Defaults,
+    on_loss: OnLedgerLoss,
+) -> Call<'a> {
+    let w = defaults_at(defaults, home);
+    let mut call = Call::new(
+        s,
+        vec![
+            k.window(),
+            k.window_index(),
+            k.window_policy(&req.sender),
+            k.service_windows(&req.sender),
+            k.residency(),
+            k.sender_policy(&req.sender),
+            k.sender_slots(&req.sender),
+            k.throughput(&req.sender),
+            k.pair_rates(&req.sender),
+            k.marketing_log(&req.sender),
+            k.marketing_holds(),
+            k.uniques(),
+            k.ledger_marker(),
+        ],
+    )
+    .clock(req.at)
+    .arg(home.kind())
+    .arg(req.sender.as_str())
+    .arg(if req.kind == MessageKind::FreeForm {
+        "f"
+    } else {
+        "t"
+    })
+    .arg(if req.dry_run { "1" } else { "0" })
+    .arg(if req.category == Some(Category::Marketing) {
+        "1"
+    } else {
+        "0"
+    })
+    .arg(w.tier.name())
+    .arg(w.window_mode.name())
+    .arg(w.rule_set.name())
+    .num(defaults.messages_per_second)
+    .num(defaults.pair_interval_ms)
+    .num(defaults.pair_burst)
+    .num(SLOT_MS)
+    .num(TTL_SLACK_MS)
+    .arg(loss_mode(on_loss));
+    for r in &req.recipients {
+        call = call.arg(r.as_str());
+    }
+    call
+}
+
+/// The head shared by the scripts that act on one recipient's slot (`confirm.lua`, `slot.lua`):
+/// the window's keys and residency, then the clock, home kind, sender and recipient.
+pub(super) fn slot_call<'a>(
+    s: &'a Script,
+    home: &Home,
+    k: &HomeKeys,
+    at: Option<Millis>,
+    sender: &SenderId,
+    recipient: &RecipientId,
+) -> Call<'a> {
+    Call::new(s, vec![k.window(), k.window_index(), k.residency()])
+        .clock(at)
+        .arg(home.kind())
+        .arg(sender.as_str())
+        .arg(recipient.as_str())
+}
+
+/// The ledger scripts' name for an `on_ledger_loss` choice.
+pub(super) fn loss_mode(on_loss: OnLedgerLoss) -> &'static str {
+    match on_loss {
+        OnLedgerLoss::DenyNew => "d",
+        OnLedgerLoss::Allow => "a",
+    }
+}
+
+/// The acquire script's reply: this many header values (now, limit, tier, effective limit,
+/// ledger found lost by this call, new slots refused since), then [`ACQUIRE_REPLY_FIELDS`] per
+/// recipient, the decision code first.
+pub const ACQUIRE_REPLY_HEAD: usize = 6;
+pub const ACQUIRE_REPLY_FIELDS: usize = 5;
+
+/// The very EVALSHA that [`RedisLedger`] sends for `req` at `home` (the sender's own window or
+/// its portfolio's), for tools that drive the decision script without the service (`bench`).
+/// The script must already be cached on the server (`SCRIPT LOAD` of `script.source`).
+/// A lost ledger is only reported (`allow`): such a tool starts on a Redis without a marker.
+pub fn acquire_cmd(
+    script: &Script,
+    keys: &Keys,
+    home: &Home,
+    req: &AcquireRequest,
+    defaults: &Defaults,
+) -> redis::Cmd {
+    acquire_call(
+        script,
+        home,
+        &keys.home(home),
+        req,
+        defaults,
+        OnLedgerLoss::Allow,
+    )
+    .cmd
 }
