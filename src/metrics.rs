@@ -349,7 +349,10 @@ impl Builder {
         M: EncodeMetric + TypedMetric + Clone + fmt::Debug + Send + Sync + 'static,
     {
         let handles: [M; N] = std::array::from_fn(|_| make());
-        let series = handles.iter().enumerate().map(|(i, m)| (labels(i), m.clone()));
+        let series = handles
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (labels(i), m.clone()));
         self.add(name, help, Series(series.collect()));
         handles
     }

@@ -142,7 +142,11 @@ async fn metrics_show_decisions_latencies_and_store_trouble_without_ids() {
 /// dashboard, the alert rules and operators' own queries rely on every one of them.
 const SERIES: &[(&str, usize, &[&str])] = &[
     ("waquota_decisions_total", 20, &["decision", "scope"]),
-    ("waquota_request_duration_seconds_bucket", 225, &["rpc", "le"]),
+    (
+        "waquota_request_duration_seconds_bucket",
+        225,
+        &["rpc", "le"],
+    ),
     ("waquota_request_duration_seconds_sum", 15, &["rpc"]),
     ("waquota_request_duration_seconds_count", 15, &["rpc"]),
     ("waquota_requests_in_flight", 1, &[]),
@@ -160,9 +164,17 @@ const SERIES: &[(&str, usize, &[&str])] = &[
     ("waquota_webhook_apply_duration_seconds_count", 1, &[]),
     ("waquota_ledger_lost", 1, &[]),
     ("waquota_store_outage_decisions_total", 2, &["outcome"]),
-    ("waquota_redis_script_duration_seconds_bucket", 210, &["script", "le"]),
+    (
+        "waquota_redis_script_duration_seconds_bucket",
+        210,
+        &["script", "le"],
+    ),
     ("waquota_redis_script_duration_seconds_sum", 14, &["script"]),
-    ("waquota_redis_script_duration_seconds_count", 14, &["script"]),
+    (
+        "waquota_redis_script_duration_seconds_count",
+        14,
+        &["script"],
+    ),
     ("waquota_redis_errors_total", 5, &["kind"]),
     ("waquota_redis_script_reloads_total", 1, &[]),
     ("waquota_redis_pool_connections", 2, &["state"]),
