@@ -1,20 +1,30 @@
-//! Prometheus metrics: a fixed registry of atomics, rendered in the text exposition format, and
+//! Prometheus metrics: every series the server exports, registered once in a
+//! `prometheus_client` registry and rendered in the text exposition format (version 0.0.4), and
 //! the HTTP listener that serves it at `/metrics`.
 //!
-//! Why hand-written: every label set here is known at compile time (RPC names, script names,
-//! decisions, scopes, error kinds), so each series is one atomic in an array and the hot path
-//! never takes a lock or hashes a label. That also bounds cardinality by construction: no
-//! sender, recipient or portfolio id can ever become a label.
+//! Every label set here is known at compile time (RPC names, script names, decisions, scopes,
+//! error kinds, webhook kinds and outcomes), so each series is resolved once in [`Metrics::new`]
+//! and its handle kept in an array: recording is an atomic add on that handle, with no lock and
+//! no label hashing. That also bounds cardinality by construction: there is no call that makes a
+//! series at run time, so no sender, recipient or portfolio id can ever become a label.
 
-use std::fmt::Write as _;
+use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet, prometheus_text,
+};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use crate::model::{Decision, Scope};
@@ -108,7 +118,15 @@ pub struct PoolStatus {
 
 type PoolProbe = Box<dyn Fn() -> PoolStatus + Send + Sync>;
 
-struct Histogram {
+/// A latency histogram over [`BUCKETS`]. The crate's own histogram takes a mutex on every
+/// observation; this one is a handful of relaxed atomic adds, so the hot path stays lock-free,
+/// and the crate still encodes it.
+#[derive(Debug, Clone)]
+struct Histogram(Arc<HistogramCells>);
+
+#[derive(Debug)]
+struct HistogramCells {
+    /// Per bucket, not cumulative: the encoder adds them up.
     buckets: [AtomicU64; BUCKETS.len()],
     count: AtomicU64,
     sum_micros: AtomicU64,
@@ -116,71 +134,165 @@ struct Histogram {
 
 impl Histogram {
     fn new() -> Self {
-        Histogram {
+        Histogram(Arc::new(HistogramCells {
             buckets: std::array::from_fn(|_| AtomicU64::new(0)),
             count: AtomicU64::new(0),
             sum_micros: AtomicU64::new(0),
-        }
+        }))
     }
 
     fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
         if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+            self.0.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
+        self.0.count.fetch_add(1, Ordering::Relaxed);
+        self.0
+            .sum_micros
             .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
+}
 
-    /// `labels` is `k="v",...`, or empty for a histogram without labels.
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let (le, total) = if labels.is_empty() {
-            (String::new(), String::new())
-        } else {
-            (format!("{labels},"), format!("{{{labels}}}"))
-        };
-        let mut cumulative = 0;
-        for (b, n) in BUCKETS.iter().zip(&self.buckets) {
-            cumulative += n.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{le}le=\"{b}\"}} {cumulative}");
+impl TypedMetric for Histogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Histogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> fmt::Result {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let buckets: [(f64, u64); BUCKETS.len()] =
+            std::array::from_fn(|i| (BUCKETS[i], load(&self.0.buckets[i])));
+        // Buckets first, count last: an observation landing between the two loads can only
+        // make the count larger, so the +Inf bucket never falls below a finite one.
+        let count = load(&self.0.count);
+        let sum = load(&self.0.sum_micros) as f64 / 1e6;
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+/// The fixed series of one labelled metric, in the order they were made. Unlike the crate's
+/// `Family` (a map that makes a series for any label set it is asked for), this one cannot
+/// grow after start-up, and its series come out in a stable order.
+#[derive(Debug)]
+struct Series<M>(Vec<(Labels, M)>);
+
+impl<M: EncodeMetric + TypedMetric> EncodeMetric for Series<M> {
+    fn encode(&self, mut encoder: MetricEncoder) -> fmt::Result {
+        for (labels, metric) in &self.0 {
+            metric.encode(encoder.encode_family(labels)?)?;
         }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{le}le=\"+Inf\"}} {count}");
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum{total} {sum}");
-        let _ = writeln!(out, "{name}_count{total} {count}");
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        M::TYPE
+    }
+}
+
+/// `waquota_ledger_lost`: 1 while the ledger is known lost. Derived from the loss time that
+/// `/health` also reports, so the two can never disagree.
+#[derive(Debug)]
+struct LostFlag(Gauge);
+
+impl EncodeMetric for LostFlag {
+    fn encode(&self, mut encoder: MetricEncoder) -> fmt::Result {
+        encoder.encode_gauge(&i64::from(self.0.get() != 0))
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Gauge
+    }
+}
+
+/// The Redis pool gauges, read from the ledger's probe at each scrape, and absent until a Redis
+/// ledger installs one (the in-memory ledger has no pool).
+#[derive(Clone, Default)]
+struct PoolGauges(Arc<Mutex<Option<PoolProbe>>>);
+
+impl fmt::Debug for PoolGauges {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoolGauges").finish_non_exhaustive()
+    }
+}
+
+impl Collector for PoolGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let pool = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|p| p());
+        let Some(p) = pool else {
+            return Ok(());
+        };
+        let in_use = p.size.saturating_sub(p.available);
+        let mut e = encoder.encode_descriptor(
+            "waquota_redis_pool_connections",
+            "Redis pool connections: in_use (held by the ledger) and idle.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (state, n) in [("in_use", in_use), ("idle", p.available)] {
+            e.encode_family(&[("state", state)])?.encode_gauge(&n)?;
+        }
+        for (name, help, n) in [
+            (
+                "waquota_redis_pool_max_connections",
+                "Most connections the Redis pool may open (redis_pool_size, plus 2 to replace broken ones).",
+                p.max_size,
+            ),
+            (
+                "waquota_redis_pool_waiting",
+                "Callers waiting for a Redis pool connection.",
+                p.waiting,
+            ),
+        ] {
+            encoder
+                .encode_descriptor(name, help, None, MetricType::Gauge)?
+                .encode_gauge(&n)?;
+        }
+        Ok(())
     }
 }
 
 /// Every metric the server exports. One per server; shared through an `Arc`.
 pub struct Metrics {
-    decisions: [[AtomicU64; SCOPES.len()]; Decision::ALL.len()],
+    registry: Registry,
+    /// [decision][scope], flattened.
+    decisions: [Counter; Decision::ALL.len() * SCOPES.len()],
     rpc_latency: [Histogram; RPCS.len()],
     script_latency: [Histogram; SCRIPTS.len()],
-    redis_errors: [AtomicU64; REDIS_ERROR_KINDS.len()],
-    script_reloads: AtomicU64,
-    in_flight: AtomicI64,
-    shed: AtomicU64,
-    refused: [AtomicU64; 2],
-    deadline_exceeded: AtomicU64,
-    durability_timeouts: AtomicU64,
-    ledger_lost: AtomicU64,
+    redis_errors: [Counter; REDIS_ERROR_KINDS.len()],
+    script_reloads: Counter,
+    in_flight: Gauge,
+    shed: Counter,
+    /// [unauthenticated, permission_denied]
+    refused: [Counter; 2],
+    deadline_exceeded: Counter,
+    durability_timeouts: Counter,
+    ledger_lost: Counter,
     /// Milliseconds since the epoch when the ledger was found lost, 0 while it is whole.
-    ledger_lost_since: AtomicI64,
-    unanswered: AtomicU64,
-    /// [kind][outcome] of webhook events.
-    webhook_events: [[AtomicU64; WEBHOOK_OUTCOMES.len()]; WEBHOOK_KINDS.len()],
-    webhook_signature_failures: AtomicU64,
-    webhook_relay_failures: AtomicU64,
+    ledger_lost_since: Gauge,
+    unanswered: Counter,
+    /// [kind][outcome] of webhook events, flattened.
+    webhook_events: [Counter; WEBHOOK_KINDS.len() * WEBHOOK_OUTCOMES.len()],
+    webhook_signature_failures: Counter,
+    webhook_relay_failures: Counter,
     webhook_apply: Histogram,
     /// [allowed, denied]
-    outage_decisions: [AtomicU64; 2],
-    pool: Mutex<Option<PoolProbe>>,
+    outage_decisions: [Counter; 2],
+    pool: PoolGauges,
 }
 
-impl std::fmt::Debug for Metrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Metrics").finish_non_exhaustive()
     }
 }
@@ -189,10 +301,6 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
-}
-
-fn counters<const N: usize>() -> [AtomicU64; N] {
-    std::array::from_fn(|_| AtomicU64::new(0))
 }
 
 fn decision_index(d: Decision) -> usize {
@@ -215,33 +323,190 @@ pub fn rpc_index(path: &str) -> usize {
         .unwrap_or(RPCS.len() - 1)
 }
 
+/// Registers metrics under the names they are exported with. The crate appends `_total` to a
+/// counter's name and a full stop to its help, so both are taken off here first.
+struct Builder(Registry);
+
+impl Builder {
+    fn add(&mut self, name: &str, help: &str, metric: impl prometheus_client::registry::Metric) {
+        let help = help.strip_suffix('.').unwrap_or(help);
+        let name = match metric.metric_type() {
+            MetricType::Counter => name.strip_suffix("_total").unwrap_or(name),
+            _ => name,
+        };
+        self.0.register(name, help, metric);
+    }
+
+    /// One metric of `N` series, each with the labels `labels(i)`; returns their handles.
+    fn series<M, const N: usize>(
+        &mut self,
+        name: &str,
+        help: &str,
+        labels: impl Fn(usize) -> Labels,
+        make: impl Fn() -> M,
+    ) -> [M; N]
+    where
+        M: EncodeMetric + TypedMetric + Clone + fmt::Debug + Send + Sync + 'static,
+    {
+        let handles: [M; N] = std::array::from_fn(|_| make());
+        let series = handles
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (labels(i), m.clone()));
+        self.add(name, help, Series(series.collect()));
+        handles
+    }
+
+    /// A metric without labels; returns its handle.
+    fn one<M>(&mut self, name: &str, help: &str, metric: M) -> M
+    where
+        M: EncodeMetric + Clone + fmt::Debug + Send + Sync + 'static,
+    {
+        self.add(name, help, metric.clone());
+        metric
+    }
+}
+
 impl Metrics {
     pub fn new() -> Self {
+        let mut b = Builder(Registry::default());
+        // Registration order is the order of the exposition.
+        let decisions = b.series(
+            "waquota_decisions_total",
+            "Acquire/AcquireBatch decisions made by the ledger (one per recipient, dry runs included).",
+            |i| {
+                let (d, s) = (i / SCOPES.len(), i % SCOPES.len());
+                vec![
+                    ("decision", Decision::ALL[d].name()),
+                    ("scope", SCOPES[s].name()),
+                ]
+            },
+            Counter::default,
+        );
+        let rpc_latency = b.series(
+            "waquota_request_duration_seconds",
+            "Time to answer a QuotaService or AdminService call, by RPC.",
+            |i| vec![("rpc", RPCS[i])],
+            Histogram::new,
+        );
+        let in_flight = b.one(
+            "waquota_requests_in_flight",
+            "QuotaService and AdminService calls being served now.",
+            Gauge::default(),
+        );
+        let shed = b.one(
+            "waquota_requests_shed_total",
+            "Calls answered RESOURCE_EXHAUSTED because max_in_flight calls were already running.",
+            Counter::default(),
+        );
+        let refused = b.series(
+            "waquota_requests_refused_total",
+            "Calls refused by authentication (UNAUTHENTICATED) or authorisation (PERMISSION_DENIED).",
+            |i| vec![("reason", ["unauthenticated", "permission_denied"][i])],
+            Counter::default,
+        );
+        let deadline_exceeded = b.one(
+            "waquota_requests_deadline_exceeded_total",
+            "Calls whose client deadline (grpc-timeout) passed before they were answered.",
+            Counter::default(),
+        );
+        let durability_timeouts = b.one(
+            "waquota_durability_timeouts_total",
+            "Changes answered UNAVAILABLE because fewer replicas than durability_replicas acknowledged them within durability_timeout (the change stands on the primary).",
+            Counter::default(),
+        );
+        let ledger_lost = b.one(
+            "waquota_ledger_lost_total",
+            "Times the ledger marker was found gone from Redis (a restart without persistence, a failover to an empty replica, FLUSHALL).",
+            Counter::default(),
+        );
+        let unanswered = b.one(
+            "waquota_decisions_unanswered_total",
+            "Recipients admitted by the store after their caller had gone (deadline passed or hung up): consumed, never answered.",
+            Counter::default(),
+        );
+        let webhook_events = b.series(
+            "waquota_webhook_events_total",
+            "WhatsApp webhook events by kind and what became of them (applied, duplicate: applied before, ignored, unusable: names a sender, user or reservation the ledger cannot use, store_error: answered 503).",
+            |i| {
+                let (k, o) = (i / WEBHOOK_OUTCOMES.len(), i % WEBHOOK_OUTCOMES.len());
+                vec![("kind", WEBHOOK_KINDS[k]), ("outcome", WEBHOOK_OUTCOMES[o])]
+            },
+            Counter::default,
+        );
+        let webhook_signature_failures = b.one(
+            "waquota_webhook_signature_failures_total",
+            "Webhook POSTs refused (401) because X-Hub-Signature-256 was missing or matched no app secret.",
+            Counter::default(),
+        );
+        let webhook_relay_failures = b.one(
+            "waquota_webhook_relay_failures_total",
+            "Webhook POSTs answered 503 because relaying them to webhook_forward failed.",
+            Counter::default(),
+        );
+        let webhook_apply = b.one(
+            "waquota_webhook_apply_duration_seconds",
+            "Time to apply every event of one webhook POST.",
+            Histogram::new(),
+        );
+        let ledger_lost_since = Gauge::default();
+        b.add(
+            "waquota_ledger_lost",
+            "1 while the ledger is known lost and new slots follow on_ledger_loss, else 0.",
+            LostFlag(ledger_lost_since.clone()),
+        );
+        let outage_decisions = b.series(
+            "waquota_store_outage_decisions_total",
+            "Acquire/AcquireBatch calls decided by on_store_error while the store could not be reached.",
+            |i| vec![("outcome", ["allowed", "denied"][i])],
+            Counter::default,
+        );
+        let script_latency = b.series(
+            "waquota_redis_script_duration_seconds",
+            "Round trip of one Lua script call to Redis, by script.",
+            |i| vec![("script", SCRIPTS[i])],
+            Histogram::new,
+        );
+        let redis_errors = b.series(
+            "waquota_redis_errors_total",
+            "Failed Redis calls, by kind.",
+            |i| vec![("kind", REDIS_ERROR_KINDS[i].1)],
+            Counter::default,
+        );
+        let script_reloads = b.one(
+            "waquota_redis_script_reloads_total",
+            "Scripts sent again after a NOSCRIPT answer (restarted or failed-over Redis).",
+            Counter::default(),
+        );
+        let pool = PoolGauges::default();
+        b.0.register_collector(Box::new(pool.clone()));
+
         Metrics {
-            decisions: std::array::from_fn(|_| counters()),
-            rpc_latency: std::array::from_fn(|_| Histogram::new()),
-            script_latency: std::array::from_fn(|_| Histogram::new()),
-            redis_errors: counters(),
-            script_reloads: AtomicU64::new(0),
-            in_flight: AtomicI64::new(0),
-            shed: AtomicU64::new(0),
-            refused: counters(),
-            deadline_exceeded: AtomicU64::new(0),
-            durability_timeouts: AtomicU64::new(0),
-            ledger_lost: AtomicU64::new(0),
-            ledger_lost_since: AtomicI64::new(0),
-            unanswered: AtomicU64::new(0),
-            webhook_events: std::array::from_fn(|_| counters()),
-            webhook_signature_failures: AtomicU64::new(0),
-            webhook_relay_failures: AtomicU64::new(0),
-            webhook_apply: Histogram::new(),
-            outage_decisions: counters(),
-            pool: Mutex::new(None),
+            registry: b.0,
+            decisions,
+            rpc_latency,
+            script_latency,
+            redis_errors,
+            script_reloads,
+            in_flight,
+            shed,
+            refused,
+            deadline_exceeded,
+            durability_timeouts,
+            ledger_lost,
+            ledger_lost_since,
+            unanswered,
+            webhook_events,
+            webhook_signature_failures,
+            webhook_relay_failures,
+            webhook_apply,
+            outage_decisions,
+            pool,
         }
     }
 
     pub fn decision(&self, d: Decision, s: Scope) {
-        self.decisions[decision_index(d)][scope_index(s)].fetch_add(1, Ordering::Relaxed);
+        self.decisions[decision_index(d) * SCOPES.len() + scope_index(s)].inc();
     }
 
     pub fn rpc_latency(&self, rpc: usize, d: Duration) {
@@ -256,22 +521,22 @@ impl Metrics {
 
     pub fn redis_error(&self, kind: RedisErrorKind) {
         if let Some(i) = REDIS_ERROR_KINDS.iter().position(|(k, _)| *k == kind) {
-            self.redis_errors[i].fetch_add(1, Ordering::Relaxed);
+            self.redis_errors[i].inc();
         }
     }
 
     pub fn script_reload(&self) {
-        self.script_reloads.fetch_add(1, Ordering::Relaxed);
+        self.script_reloads.inc();
     }
 
     /// Counts a request in flight until the guard drops.
     pub fn in_flight(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
+        self.in_flight.inc();
+        InFlight(self.in_flight.clone())
     }
 
     pub fn shed(&self) {
-        self.shed.fetch_add(1, Ordering::Relaxed);
+        self.shed.inc();
     }
 
     pub fn refused(&self, r: Refusal) {
@@ -279,55 +544,53 @@ impl Metrics {
             Refusal::Unauthenticated => 0,
             Refusal::PermissionDenied => 1,
         };
-        self.refused[i].fetch_add(1, Ordering::Relaxed);
+        self.refused[i].inc();
     }
 
     pub fn deadline_exceeded(&self) {
-        self.deadline_exceeded.fetch_add(1, Ordering::Relaxed);
+        self.deadline_exceeded.inc();
     }
 
     /// A change that fewer replicas than `durability_replicas` acknowledged in time.
     pub fn durability_timeout(&self) {
-        self.durability_timeouts.fetch_add(1, Ordering::Relaxed);
+        self.durability_timeouts.inc();
     }
 
     /// The ledger marker was found gone (a new loss, not one already known).
     pub fn ledger_lost(&self, since_ms: i64) {
-        self.ledger_lost.fetch_add(1, Ordering::Relaxed);
-        self.ledger_lost_since.store(since_ms, Ordering::Relaxed);
+        self.ledger_lost.inc();
+        self.ledger_lost_since.set(since_ms);
     }
 
     /// Where the ledger stands: `Some(since)` while it is known lost.
     pub fn set_ledger_lost_since(&self, since_ms: Option<i64>) {
-        self.ledger_lost_since
-            .store(since_ms.unwrap_or(0), Ordering::Relaxed);
+        self.ledger_lost_since.set(since_ms.unwrap_or(0));
     }
 
     pub fn ledger_lost_since(&self) -> Option<i64> {
-        Some(self.ledger_lost_since.load(Ordering::Relaxed)).filter(|&t| t != 0)
+        Some(self.ledger_lost_since.get()).filter(|&t| t != 0)
     }
 
     /// Recipients admitted by the store whose caller had gone (its deadline passed, it hung
     /// up) before the answer came: consumed but unanswered, the safe side.
     pub fn unanswered(&self, recipients: u64) {
-        self.unanswered.fetch_add(recipients, Ordering::Relaxed);
+        self.unanswered.inc_by(recipients);
     }
 
     pub fn webhook_event(&self, kind: &str, outcome: &str) {
         let k = WEBHOOK_KINDS.iter().position(|x| *x == kind);
         let o = WEBHOOK_OUTCOMES.iter().position(|x| *x == outcome);
         if let (Some(k), Some(o)) = (k, o) {
-            self.webhook_events[k][o].fetch_add(1, Ordering::Relaxed);
+            self.webhook_events[k * WEBHOOK_OUTCOMES.len() + o].inc();
         }
     }
 
     pub fn webhook_signature_failure(&self) {
-        self.webhook_signature_failures
-            .fetch_add(1, Ordering::Relaxed);
+        self.webhook_signature_failures.inc();
     }
 
     pub fn webhook_relay_failure(&self) {
-        self.webhook_relay_failures.fetch_add(1, Ordering::Relaxed);
+        self.webhook_relay_failures.inc();
     }
 
     /// Time to apply every event of one POST.
@@ -336,275 +599,30 @@ impl Metrics {
     }
 
     pub fn outage_decision(&self, allowed: bool) {
-        self.outage_decisions[usize::from(!allowed)].fetch_add(1, Ordering::Relaxed);
+        self.outage_decisions[usize::from(!allowed)].inc();
     }
 
     /// Reports the Redis pool at each scrape.
     pub fn set_pool_probe(&self, probe: impl Fn() -> PoolStatus + Send + Sync + 'static) {
-        *self.pool.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(probe));
+        *self.pool.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(probe));
     }
 
-    /// The text exposition format (version 0.0.4).
+    /// The text exposition format (version 0.0.4): what Prometheus scrapes with its classic
+    /// parser, and what `promtool` and the dashboards in `deploy/` were written against.
     pub fn render(&self) -> String {
-        let mut out = String::with_capacity(16 * 1024);
-        let head = |out: &mut String, name: &str, kind: &str, help: &str| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        };
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-
-        head(
-            &mut out,
-            "waquota_decisions_total",
-            "counter",
-            "Acquire/AcquireBatch decisions made by the ledger (one per recipient, dry runs included).",
-        );
-        for (d, row) in Decision::ALL.iter().zip(&self.decisions) {
-            for (s, n) in SCOPES.iter().zip(row) {
-                let _ = writeln!(
-                    out,
-                    "waquota_decisions_total{{decision=\"{}\",scope=\"{}\"}} {}",
-                    d.name(),
-                    s.name(),
-                    load(n)
-                );
-            }
-        }
-
-        head(
-            &mut out,
-            "waquota_request_duration_seconds",
-            "histogram",
-            "Time to answer a QuotaService or AdminService call, by RPC.",
-        );
-        for (rpc, h) in RPCS.iter().zip(&self.rpc_latency) {
-            h.render(
-                &mut out,
-                "waquota_request_duration_seconds",
-                &format!("rpc=\"{rpc}\""),
-            );
-        }
-
-        head(
-            &mut out,
-            "waquota_requests_in_flight",
-            "gauge",
-            "QuotaService and AdminService calls being served now.",
-        );
-        let _ = writeln!(
-            out,
-            "waquota_requests_in_flight {}",
-            self.in_flight.load(Ordering::Relaxed)
-        );
-
-        head(
-            &mut out,
-            "waquota_requests_shed_total",
-            "counter",
-            "Calls answered RESOURCE_EXHAUSTED because max_in_flight calls were already running.",
-        );
-        let _ = writeln!(out, "waquota_requests_shed_total {}", load(&self.shed));
-
-        head(
-            &mut out,
-            "waquota_requests_refused_total",
-            "counter",
-            "Calls refused by authentication (UNAUTHENTICATED) or authorisation (PERMISSION_DENIED).",
-        );
-        for (reason, n) in ["unauthenticated", "permission_denied"]
-            .iter()
-            .zip(&self.refused)
-        {
-            let _ = writeln!(
-                out,
-                "waquota_requests_refused_total{{reason=\"{reason}\"}} {}",
-                load(n)
-            );
-        }
-
-        head(
-            &mut out,
-            "waquota_requests_deadline_exceeded_total",
-            "counter",
-            "Calls whose client deadline (grpc-timeout) passed before they were answered.",
-        );
-        let _ = writeln!(
-            out,
-            "waquota_requests_deadline_exceeded_total {}",
-            load(&self.deadline_exceeded)
-        );
-
-        for (name, help, n) in [
-            (
-                "waquota_durability_timeouts_total",
-                "Changes answered UNAVAILABLE because fewer replicas than durability_replicas acknowledged them within durability_timeout (the change stands on the primary).",
-                &self.durability_timeouts,
-            ),
-            (
-                "waquota_ledger_lost_total",
-                "Times the ledger marker was found gone from Redis (a restart without persistence, a failover to an empty replica, FLUSHALL).",
-                &self.ledger_lost,
-            ),
-            (
-                "waquota_decisions_unanswered_total",
-                "Recipients admitted by the store after their caller had gone (deadline passed or hung up): consumed, never answered.",
-                &self.unanswered,
-            ),
-        ] {
-            head(&mut out, name, "counter", help);
-            let _ = writeln!(out, "{name} {}", load(n));
-        }
-        head(
-            &mut out,
-            "waquota_webhook_events_total",
-            "counter",
-            "WhatsApp webhook events by kind and what became of them (applied, duplicate: applied before, ignored, unusable: names a sender, user or reservation the ledger cannot use, store_error: answered 503).",
-        );
-        for (kind, row) in WEBHOOK_KINDS.iter().zip(&self.webhook_events) {
-            for (outcome, n) in WEBHOOK_OUTCOMES.iter().zip(row) {
-                let _ = writeln!(
-                    out,
-                    "waquota_webhook_events_total{{kind=\"{kind}\",outcome=\"{outcome}\"}} {}",
-                    load(n)
-                );
-            }
-        }
-        for (name, help, n) in [
-            (
-                "waquota_webhook_signature_failures_total",
-                "Webhook POSTs refused (401) because X-Hub-Signature-256 was missing or matched no app secret.",
-                &self.webhook_signature_failures,
-            ),
-            (
-                "waquota_webhook_relay_failures_total",
-                "Webhook POSTs answered 503 because relaying them to webhook_forward failed.",
-                &self.webhook_relay_failures,
-            ),
-        ] {
-            head(&mut out, name, "counter", help);
-            let _ = writeln!(out, "{name} {}", load(n));
-        }
-        head(
-            &mut out,
-            "waquota_webhook_apply_duration_seconds",
-            "histogram",
-            "Time to apply every event of one webhook POST.",
-        );
-        self.webhook_apply
-            .render(&mut out, "waquota_webhook_apply_duration_seconds", "");
-        head(
-            &mut out,
-            "waquota_ledger_lost",
-            "gauge",
-            "1 while the ledger is known lost and new slots follow on_ledger_loss, else 0.",
-        );
-        let _ = writeln!(
-            out,
-            "waquota_ledger_lost {}",
-            u8::from(self.ledger_lost_since().is_some())
-        );
-
-        head(
-            &mut out,
-            "waquota_store_outage_decisions_total",
-            "counter",
-            "Acquire/AcquireBatch calls decided by on_store_error while the store could not be reached.",
-        );
-        for (outcome, n) in ["allowed", "denied"].iter().zip(&self.outage_decisions) {
-            let _ = writeln!(
-                out,
-                "waquota_store_outage_decisions_total{{outcome=\"{outcome}\"}} {}",
-                load(n)
-            );
-        }
-
-        head(
-            &mut out,
-            "waquota_redis_script_duration_seconds",
-            "histogram",
-            "Round trip of one Lua script call to Redis, by script.",
-        );
-        for (script, h) in SCRIPTS.iter().zip(&self.script_latency) {
-            h.render(
-                &mut out,
-                "waquota_redis_script_duration_seconds",
-                &format!("script=\"{script}\""),
-            );
-        }
-
-        head(
-            &mut out,
-            "waquota_redis_errors_total",
-            "counter",
-            "Failed Redis calls, by kind.",
-        );
-        for ((_, kind), n) in REDIS_ERROR_KINDS.iter().zip(&self.redis_errors) {
-            let _ = writeln!(
-                out,
-                "waquota_redis_errors_total{{kind=\"{kind}\"}} {}",
-                load(n)
-            );
-        }
-
-        head(
-            &mut out,
-            "waquota_redis_script_reloads_total",
-            "counter",
-            "Scripts sent again after a NOSCRIPT answer (restarted or failed-over Redis).",
-        );
-        let _ = writeln!(
-            out,
-            "waquota_redis_script_reloads_total {}",
-            load(&self.script_reloads)
-        );
-
-        let pool = self
-            .pool
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(|p| p());
-        if let Some(p) = pool {
-            head(
-                &mut out,
-                "waquota_redis_pool_connections",
-                "gauge",
-                "Redis pool connections: in_use (held by the ledger) and idle.",
-            );
-            let in_use = p.size.saturating_sub(p.available);
-            let _ = writeln!(
-                out,
-                "waquota_redis_pool_connections{{state=\"in_use\"}} {in_use}"
-            );
-            let _ = writeln!(
-                out,
-                "waquota_redis_pool_connections{{state=\"idle\"}} {}",
-                p.available
-            );
-            head(
-                &mut out,
-                "waquota_redis_pool_max_connections",
-                "gauge",
-                "Most connections the Redis pool may open (redis_pool_size, plus 2 to replace broken ones).",
-            );
-            let _ = writeln!(out, "waquota_redis_pool_max_connections {}", p.max_size);
-            head(
-                &mut out,
-                "waquota_redis_pool_waiting",
-                "gauge",
-                "Callers waiting for a Redis pool connection.",
-            );
-            let _ = writeln!(out, "waquota_redis_pool_waiting {}", p.waiting);
-        }
+        let mut out = String::with_capacity(32 * 1024);
+        // Writing into a String cannot fail, and every metric here encodes infallibly.
+        let _ = prometheus_text::encode(&mut out, &self.registry);
         out
     }
 }
 
 /// Decrements the in-flight gauge on drop, however the request ends (answered or cancelled).
-pub struct InFlight(Arc<Metrics>);
+pub struct InFlight(Gauge);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.dec();
     }
 }
 
@@ -664,7 +682,7 @@ fn answer(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => (
             StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
+            prometheus_text::CONTENT_TYPE,
             Bytes::from(metrics.render()),
         ),
         // The health detail a gRPC health status cannot carry: whether the ledger is known lost.

@@ -27,13 +27,16 @@ mod anchor;
 mod webhook;
 
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use comfy_table::{CellAlignment, Table, presets};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use tonic::transport::Channel;
 
@@ -64,6 +67,10 @@ const GROWTH_SENDERS: [usize; 3] = [1, 100, 10_000];
 /// Growth with many senders: at most this many pre-counted slots and service windows in all.
 const GROWTH_SLOT_BUDGET: usize = 100_000;
 const GROWTH_SERVICE_BUDGET: usize = 10_000;
+/// Latencies are recorded in nanoseconds from 1 ns to an hour (longer ones count as an hour),
+/// to 3 significant digits: finer than the microseconds the report shows.
+const LATENCY_MAX_NS: u64 = 3_600_000_000_000;
+const LATENCY_DIGITS: u8 = 3;
 /// Linux reports process CPU times in USER_HZ ticks, 100 per second on every mainstream arch.
 const TICKS_PER_S: f64 = 100.0;
 
@@ -942,7 +949,7 @@ async fn run_jobs(driver: &Driver, jobs: Vec<Job>, concurrency: usize) -> Result
 
 #[derive(Default)]
 struct WorkerStats {
-    latencies_ns: Vec<u64>,
+    latencies: Latencies,
     calls: u64,
     ok: u64,
     recipients: u64,
@@ -953,8 +960,8 @@ struct WorkerStats {
 }
 
 impl WorkerStats {
-    fn merge(&mut self, o: WorkerStats) {
-        self.latencies_ns.extend(o.latencies_ns);
+    fn merge(&mut self, o: WorkerStats) -> Result<(), String> {
+        self.latencies.merge(&o.latencies)?;
         self.calls += o.calls;
         self.ok += o.ok;
         self.recipients += o.recipients;
@@ -968,6 +975,7 @@ impl WorkerStats {
             *self.errors.entry(k).or_default() += v;
         }
         self.error_recipients += o.error_recipients;
+        Ok(())
     }
 }
 
@@ -989,29 +997,72 @@ pub struct Latency {
     pub mean: f64,
 }
 
-fn latency(mut ns: Vec<u64>) -> Latency {
-    ns.sort_unstable();
-    let ms = |v: u64| (v as f64 / 1e6 * 1000.0).round() / 1000.0;
-    let pct = |p: f64| {
-        if ns.is_empty() {
-            return 0.0;
-        }
-        let rank = ((p * ns.len() as f64).ceil() as usize).clamp(1, ns.len());
-        ms(ns[rank - 1])
-    };
-    let mean = if ns.is_empty() {
-        0.0
-    } else {
-        ns.iter().map(|v| *v as f64).sum::<f64>() / ns.len() as f64
-    };
-    Latency {
-        p50: pct(0.50),
-        p90: pct(0.90),
-        p99: pct(0.99),
-        p99_9: pct(0.999),
-        max: ns.last().copied().map(ms).unwrap_or(0.0),
-        mean: (mean / 1e3).round() / 1000.0,
+/// Per-call latencies of one worker (or of all, merged), in nanoseconds.
+pub(crate) struct Latencies(Histogram<u64>);
+
+impl Default for Latencies {
+    fn default() -> Self {
+        // Fixed bounds: recording never resizes (nor allocates) in the measured loop.
+        Latencies(
+            Histogram::new_with_bounds(1, LATENCY_MAX_NS, LATENCY_DIGITS)
+                .expect("1 ns to an hour at 3 significant digits is a valid histogram"),
+        )
     }
+}
+
+impl Latencies {
+    fn record(&mut self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.0.saturating_record(ns.max(1));
+    }
+
+    fn merge(&mut self, other: &Latencies) -> Result<(), String> {
+        self.0
+            .add(&other.0)
+            .map_err(|e| format!("merging latencies: {e:?}"))
+    }
+
+    /// Percentiles by nearest rank, in milliseconds rounded to the microsecond.
+    fn summary(&self) -> Latency {
+        let h = &self.0;
+        let ms = |ns: u64| (ns as f64 / 1e3).round() / 1000.0;
+        let pct = |q: f64| {
+            if h.is_empty() {
+                0.0
+            } else {
+                ms(h.value_at_quantile(q))
+            }
+        };
+        Latency {
+            p50: pct(0.50),
+            p90: pct(0.90),
+            p99: pct(0.99),
+            p99_9: pct(0.999),
+            max: if h.is_empty() { 0.0 } else { ms(h.max()) },
+            mean: if h.is_empty() {
+                0.0
+            } else {
+                (h.mean() / 1e3).round() / 1000.0
+            },
+        }
+    }
+}
+
+/// The live line on stderr while a run is measured (calls or POSTs so far, then the message:
+/// their rate and errors), drawn only on a terminal: CI logs, pipes and `--json` output never
+/// see it.
+pub(crate) fn progress_line(label: &str, quiet: bool, unit: &str) -> ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let template = format!("{{spinner}} {{prefix}}: {{elapsed}}  {{human_pos}} {unit}  {{msg}}");
+    let style = ProgressStyle::with_template(&template)
+        .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    let line = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
+        .with_style(style)
+        .with_prefix(label.to_owned());
+    line.enable_steady_tick(Duration::from_millis(250));
+    line
 }
 
 /// CPU time of one process over a measured run.
@@ -1313,11 +1364,11 @@ async fn measure(
                 let req = workload.next(&mut rng, w);
                 let start = Instant::now();
                 let res = driver.call(w, &workload, &req).await;
-                let ns = start.elapsed().as_nanos() as u64;
+                let elapsed = start.elapsed();
                 if !measuring {
                     continue;
                 }
-                st.latencies_ns.push(ns);
+                st.latencies.record(elapsed);
                 st.calls += 1;
                 for want in &req.wants {
                     st.asked[*want as usize] += 1;
@@ -1342,7 +1393,6 @@ async fn measure(
         });
     }
 
-    let tty = !quiet && std::io::stderr().is_terminal();
     if args.warmup > 0.0 {
         tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
     }
@@ -1353,29 +1403,32 @@ async fn measure(
     let cpu_before = CpuSnapshot::take(&args.watch_pids);
     let t0 = Instant::now();
     progress.measuring.store(true, Ordering::Relaxed);
-    let ticker = tty.then(|| {
-        let (progress, label) = (progress.clone(), label.clone());
+    let line = progress_line(&label, quiet, "calls");
+    if let Some(lim) = limit {
+        line.set_length(lim);
+    }
+    let ticker = {
+        let (line, progress) = (line.clone(), progress.clone());
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let s = t0.elapsed().as_secs_f64();
                 let done = progress.done.load(Ordering::Relaxed);
-                eprint!(
-                    "\r\x1b[K{label}: {s:.0} s  {done} calls  {:.0}/s  {} errors",
-                    done as f64 / s,
+                line.set_position(done);
+                line.set_message(format!(
+                    "{:.0}/s  {} errors",
+                    done as f64 / t0.elapsed().as_secs_f64().max(1e-9),
                     progress.errors.load(Ordering::Relaxed)
-                );
-                let _ = std::io::stderr().flush();
+                ));
+                tokio::time::sleep(Duration::from_millis(250)).await;
             }
         })
-    });
+    };
     if limit.is_none() {
         tokio::time::sleep(Duration::from_secs_f64(args.duration.max(0.0))).await;
         progress.stop.store(true, Ordering::Relaxed);
     }
     let mut total = WorkerStats::default();
     while let Some(r) = set.join_next().await {
-        total.merge(r.map_err(|e| format!("load task: {e}"))?);
+        total.merge(r.map_err(|e| format!("load task: {e}"))?)?;
     }
     let elapsed = t0.elapsed().as_secs_f64();
     let cpu = CpuSnapshot::take(&args.watch_pids).since(&cpu_before, elapsed);
@@ -1386,10 +1439,8 @@ async fn measure(
     let redis = counts_before
         .zip(counts_after)
         .map(|(before, after)| after.counts(&before, total.ok));
-    if let Some(t) = ticker {
-        t.abort();
-        eprint!("\r\x1b[K");
-    }
+    ticker.abort();
+    line.finish_and_clear();
     Ok(RunReport {
         label,
         target: driver.target().to_owned(),
@@ -1404,7 +1455,7 @@ async fn measure(
         recipients_decided: total.recipients,
         decisions_per_s: round2(total.ok as f64 / elapsed),
         recipients_per_s: round2(total.recipients as f64 / elapsed),
-        latency_ms: latency(std::mem::take(&mut total.latencies_ns)),
+        latency_ms: total.latencies.summary(),
         errors: total.errors,
         error_recipients: total.error_recipients,
         decisions: total
@@ -1731,21 +1782,45 @@ fn counts(m: &BTreeMap<String, u64>) -> String {
         .join(", ")
 }
 
-fn print_latency(l: &Latency) {
-    println!(
-        "  latency ms  p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  mean {:.3}",
-        l.p50, l.p90, l.p99, l.p99_9, l.max, l.mean
-    );
+/// A table in Markdown layout, so a report pastes straight into BENCHMARKS.md; columns from
+/// `right_from` on hold figures and are right-aligned.
+pub(crate) fn table(header: &[&str], right_from: usize) -> Table {
+    let mut t = Table::new();
+    t.load_style(presets::ASCII_MARKDOWN)
+        .set_header(header.to_vec());
+    for i in right_from..header.len() {
+        if let Some(c) = t.column_mut(i) {
+            c.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    t
 }
 
-fn print_cpu(cpu: &[CpuUse]) {
-    if !cpu.is_empty() {
+pub(crate) fn latency_cell(l: &Latency) -> String {
+    format!(
+        "p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  mean {:.3}",
+        l.p50, l.p90, l.p99, l.p99_9, l.max, l.mean
+    )
+}
+
+/// `name N%, ...` of one core, or `None` when nothing was read.
+pub(crate) fn cpu_cell(cpu: &[CpuUse]) -> Option<String> {
+    (!cpu.is_empty()).then(|| {
         let each: Vec<String> = cpu
             .iter()
             .map(|c| format!("{} {:.0}%", c.name, c.percent))
             .collect();
-        println!("  cpu         {}  (% of one core)", each.join(", "));
-    }
+        format!("{}  (% of one core)", each.join(", "))
+    })
+}
+
+fn per_decision_cell(m: &BTreeMap<String, f64>) -> String {
+    let each: Vec<String> = m.iter().map(|(k, v)| format!("{k} {v:.1}")).collect();
+    each.join(", ")
+}
+
+fn load_avg_cell([a, b, c]: [f64; 3]) -> String {
+    format!("{a:.2} {b:.2} {c:.2}")
 }
 
 fn print_run(r: &RunReport) {
@@ -1764,35 +1839,49 @@ fn print_run(r: &RunReport) {
         r.shape.service_recipients,
         r.shape.mix
     );
-    println!(
-        "  {:.2} s  {} calls  {:.0} decisions/s  {:.0} recipients/s",
-        r.elapsed_s, r.calls, r.decisions_per_s, r.recipients_per_s
-    );
-    print_latency(&r.latency_ms);
-    println!("  decisions   {}", counts(&r.decisions));
-    println!("  asked       {}", counts(&r.asked));
-    println!("  errors      {}", counts(&r.errors));
-    print_cpu(&r.cpu);
+    let mut t = table(&["", "measured"], 2);
+    t.add_row(vec![
+        "run".to_owned(),
+        format!("{:.2} s, {} calls", r.elapsed_s, r.calls),
+    ]);
+    t.add_row(vec![
+        "throughput".to_owned(),
+        format!(
+            "{:.0} decisions/s, {:.0} recipients/s",
+            r.decisions_per_s, r.recipients_per_s
+        ),
+    ]);
+    t.add_row(vec!["latency ms".to_owned(), latency_cell(&r.latency_ms)]);
+    t.add_row(vec!["decisions".to_owned(), counts(&r.decisions)]);
+    t.add_row(vec!["asked".to_owned(), counts(&r.asked)]);
+    t.add_row(vec!["errors".to_owned(), counts(&r.errors)]);
+    if let Some(cpu) = cpu_cell(&r.cpu) {
+        t.add_row(vec!["cpu".to_owned(), cpu]);
+    }
     if !r.cpu_us_per_decision.is_empty() {
-        let each: Vec<String> = (r.cpu_us_per_decision.iter())
-            .map(|(k, v)| format!("{k} {v:.1}"))
-            .collect();
-        println!("  cpu µs/decision {}", each.join(", "));
+        t.add_row(vec![
+            "cpu µs/decision".to_owned(),
+            per_decision_cell(&r.cpu_us_per_decision),
+        ]);
     }
     if let Some(x) = &r.redis {
-        println!(
-            "  redis       {:.2} commands/decision (scripts' included), {:.2} EVALSHA/decision, \
-             {:.1} µs/EVALSHA",
-            x.commands_per_decision, x.evalsha_per_decision, x.evalsha_us_per_call
-        );
-        let each: Vec<String> = (x.us_per_decision.iter())
-            .map(|(k, v)| format!("{k} {v:.1}"))
-            .collect();
-        println!("  redis µs/decision {}", each.join(", "));
+        t.add_row(vec![
+            "redis".to_owned(),
+            format!(
+                "{:.2} commands/decision (scripts' included), {:.2} EVALSHA/decision, \
+                 {:.1} µs/EVALSHA",
+                x.commands_per_decision, x.evalsha_per_decision, x.evalsha_us_per_call
+            ),
+        ]);
+        t.add_row(vec![
+            "redis µs/decision".to_owned(),
+            per_decision_cell(&x.us_per_decision),
+        ]);
     }
-    if let Some([a, b, c]) = r.load_avg {
-        println!("  load avg    {a:.2} {b:.2} {c:.2}");
+    if let Some(l) = r.load_avg {
+        t.add_row(vec!["load avg".to_owned(), load_avg_cell(l)]);
     }
+    println!("{t}");
 }
 
 fn print_memory(m: &MemoryReport) {
@@ -1801,55 +1890,71 @@ fn print_memory(m: &MemoryReport) {
         m.redis, m.redis_version, m.recipient_len
     );
     println!(
-        "  {}",
+        "{}",
         m.encoding_config
             .iter()
             .map(|(k, v)| format!("{k} {v}"))
             .collect::<Vec<_>>()
             .join(", ")
     );
-    println!(
-        "  {:>7} {:>7} {:>11} {:>11} {:>8} {:>12} {:>9} {:>11} {:>10}  shard encodings",
-        "slots",
-        "shards",
-        "window B",
-        "shards B",
-        "B/slot",
-        "used_memory",
-        "Δ B/slot",
-        "projection",
-        "pair rate"
+    let mut t = table(
+        &[
+            "slots",
+            "shards",
+            "window B",
+            "shards B",
+            "B/slot",
+            "used_memory",
+            "Δ B/slot",
+            "projection",
+            "pair rate",
+            "shard encodings",
+        ],
+        0,
     );
+    if let Some(c) = t.column_mut(9) {
+        c.set_cell_alignment(CellAlignment::Left);
+    }
     for w in &m.windows {
-        println!(
-            "  {:>7} {:>7} {:>11} {:>11} {:>8.1} {:>12} {:>9.1} {:>11} {:>10}  {}",
-            w.slots,
-            w.shards,
-            w.window_bytes,
-            w.shard_bytes,
-            w.bytes_per_slot,
-            w.used_memory_delta,
-            w.used_memory_delta_per_slot,
-            w.projection_bytes,
-            w.pair_rate_bytes,
-            w.encodings
-        );
+        t.add_row(vec![
+            w.slots.to_string(),
+            w.shards.to_string(),
+            w.window_bytes.to_string(),
+            w.shard_bytes.to_string(),
+            format!("{:.1}", w.bytes_per_slot),
+            w.used_memory_delta.to_string(),
+            format!("{:.1}", w.used_memory_delta_per_slot),
+            w.projection_bytes.to_string(),
+            w.pair_rate_bytes.to_string(),
+            w.encodings.clone(),
+        ]);
     }
-    println!(
-        "  {:>7} {:>11} {:>10} {:>12} {:>10}  encoding",
-        "windows", "key B", "B/window", "used_memory", "Δ B/window"
+    println!("{t}");
+    let mut t = table(
+        &[
+            "windows",
+            "key B",
+            "B/window",
+            "used_memory",
+            "Δ B/window",
+            "encoding",
+        ],
+        0,
     );
-    for s in &m.service_windows {
-        println!(
-            "  {:>7} {:>11} {:>10.1} {:>12} {:>10.1}  {}",
-            s.windows,
-            s.key_bytes,
-            s.bytes_per_window,
-            s.used_memory_delta,
-            s.used_memory_delta_per_window,
-            s.encoding
-        );
+    if let Some(c) = t.column_mut(5) {
+        c.set_cell_alignment(CellAlignment::Left);
     }
+    for s in &m.service_windows {
+        t.add_row(vec![
+            s.windows.to_string(),
+            s.key_bytes.to_string(),
+            format!("{:.1}", s.bytes_per_window),
+            s.used_memory_delta.to_string(),
+            format!("{:.1}", s.used_memory_delta_per_window),
+            s.encoding.clone(),
+        ]);
+    }
+    println!("{t}");
 }
 
 fn print_report(r: &Report) {
@@ -1884,12 +1989,16 @@ fn print_report(r: &Report) {
     }
     if !r.growth.is_empty() {
         println!("growth summary");
+        let mut t = table(&["run", "decisions/s", "p50 ms", "p99 ms"], 1);
         for run in &r.growth {
-            println!(
-                "  {:<34} {:>9.0} decisions/s  p50 {:.3} ms  p99 {:.3} ms",
-                run.label, run.decisions_per_s, run.latency_ms.p50, run.latency_ms.p99
-            );
+            t.add_row(vec![
+                run.label.clone(),
+                format!("{:.0}", run.decisions_per_s),
+                format!("{:.3}", run.latency_ms.p50),
+                format!("{:.3}", run.latency_ms.p99),
+            ]);
         }
+        println!("{t}");
     }
     if !r.cost.is_empty() {
         print_cost(&r.cost);
@@ -1972,20 +2081,23 @@ async fn cost(driver: &Driver, args: &BenchArgs, ctx: &Ctx) -> Result<Vec<RunRep
 
 /// The `--cost` table: one line per run.
 fn print_cost(runs: &[RunReport]) {
-    println!(
-        "cost (µs per decision; a batch is one decision)\n  {:<42} {:>9} {:>11} {:>7} {:>7} {:>7} {:>8} {:>10} {:>8} {:>7} {:>9} {:>8}",
-        "run",
-        "dec/s",
-        "recip/s",
-        "p50 ms",
-        "p99 ms",
-        "p99.9",
-        "redis µs",
-        "redis/rcpt",
-        "server",
-        "bench",
-        "µs/EVALSHA",
-        "EVALSHA/d"
+    println!("cost (µs per decision; a batch is one decision)");
+    let mut t = table(
+        &[
+            "run",
+            "dec/s",
+            "recip/s",
+            "p50 ms",
+            "p99 ms",
+            "p99.9",
+            "redis µs",
+            "redis/rcpt",
+            "server",
+            "bench",
+            "µs/EVALSHA",
+            "EVALSHA/d",
+        ],
+        1,
     );
     for r in runs {
         let cpu = |name: &str| r.cpu_us_per_decision.get(name).copied();
@@ -1994,22 +2106,22 @@ fn print_cost(runs: &[RunReport]) {
         let (evalsha_us, evalsha_per) = r.redis.as_ref().map_or((None, None), |x| {
             (Some(x.evalsha_us_per_call), Some(x.evalsha_per_decision))
         });
-        println!(
-            "  {:<42} {:>9.0} {:>11.0} {:>7.3} {:>7.3} {:>7.3} {:>8} {:>10} {:>8} {:>7} {:>9} {:>8}",
-            r.label,
-            r.decisions_per_s,
-            r.recipients_per_s,
-            r.latency_ms.p50,
-            r.latency_ms.p99,
-            r.latency_ms.p99_9,
+        t.add_row(vec![
+            r.label.clone(),
+            format!("{:.0}", r.decisions_per_s),
+            format!("{:.0}", r.recipients_per_s),
+            format!("{:.3}", r.latency_ms.p50),
+            format!("{:.3}", r.latency_ms.p99),
+            format!("{:.3}", r.latency_ms.p99_9),
             show(cpu("redis")),
             show(cpu("redis").map(|v| v / batch)),
             show(cpu("server")),
             show(cpu("bench")),
             show(evalsha_us),
             evalsha_per.map_or("-".to_owned(), |v| format!("{v:.2}")),
-        );
+        ]);
     }
+    println!("{t}");
 }
 
 async fn growth(driver: &Driver, args: &BenchArgs, ctx: &Ctx) -> Result<Vec<RunReport>, String> {
@@ -2184,4 +2296,42 @@ pub async fn run_report(args: &BenchArgs) -> Result<Report, String> {
         report.memory = Some(measure_memory(args, url).await?);
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two workers' histograms merged give the percentiles by nearest rank of all their calls,
+    /// to the microsecond the report shows (the histogram keeps 3 significant digits).
+    #[test]
+    fn merged_latencies_give_nearest_rank_percentiles() {
+        let (mut a, mut b) = (Latencies::default(), Latencies::default());
+        for us in 1..=1000u64 {
+            let w = if us % 2 == 0 { &mut a } else { &mut b };
+            w.record(Duration::from_micros(us));
+        }
+        a.merge(&b).unwrap();
+        let l = a.summary();
+        let near = |got: f64, want: f64| (got - want).abs() <= 0.001 + want * 1e-3;
+        for (got, want) in [
+            (l.p50, 0.5),
+            (l.p90, 0.9),
+            (l.p99, 0.99),
+            (l.p99_9, 0.999),
+            (l.max, 1.0),
+            (l.mean, 0.5005),
+        ] {
+            assert!(near(got, want), "{got} for {want}: {l:?}");
+        }
+        let empty = Latencies::default().summary();
+        assert_eq!((empty.p50, empty.max, empty.mean), (0.0, 0.0, 0.0));
+    }
+
+    #[test]
+    fn a_call_longer_than_the_histogram_counts_as_its_top() {
+        let mut l = Latencies::default();
+        l.record(Duration::from_secs(7200));
+        assert!((l.summary().max - 3_600_000.0).abs() / 3_600_000.0 < 1e-3);
+    }
 }

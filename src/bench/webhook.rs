@@ -18,8 +18,8 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::{
-    ACTIVE_LIMIT, BenchArgs, CpuSnapshot, CpuUse, Ctx, GrpcDriver, Job, Latency, counts, latency,
-    load_avg, print_cpu, print_latency, redis_counts, round2, round3, run_tag,
+    ACTIVE_LIMIT, BenchArgs, CpuSnapshot, CpuUse, Ctx, GrpcDriver, Job, Latencies, Latency, counts,
+    cpu_cell, latency_cell, load_avg, progress_line, redis_counts, round2, round3, run_tag, table,
 };
 use crate::proto;
 
@@ -191,7 +191,7 @@ async fn setup(args: &BenchArgs, grpc: &GrpcDriver, tag: &str) -> Result<Load, S
 
 #[derive(Default)]
 struct Stats {
-    latencies_ns: Vec<u64>,
+    latencies: Latencies,
     posts: u64,
     ok: u64,
     errors: BTreeMap<String, u64>,
@@ -223,10 +223,12 @@ pub(super) async fn measure(
     // Without a warm-up every POST is measured, the first ones too.
     let measuring = Arc::new(AtomicBool::new(args.warmup <= 0.0));
     let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..args.concurrency.max(1) {
         let (client, load, uri) = (client.clone(), load.clone(), uri.clone());
         let (measuring, stop, secret) = (measuring.clone(), stop.clone(), secret.to_owned());
+        let done = done.clone();
         set.spawn(async move {
             let mut st = Stats::default();
             while !stop.load(Ordering::Relaxed) {
@@ -255,7 +257,8 @@ pub(super) async fn measure(
                 if !on {
                     continue;
                 }
-                st.latencies_ns.push(start.elapsed().as_nanos() as u64);
+                st.latencies.record(start.elapsed());
+                done.fetch_add(1, Ordering::Relaxed);
                 st.posts += 1;
                 match outcome {
                     Ok(()) => st.ok += 1,
@@ -276,12 +279,27 @@ pub(super) async fn measure(
     let cpu_before = CpuSnapshot::take(&args.watch_pids);
     let t0 = Instant::now();
     measuring.store(true, Ordering::Relaxed);
+    let line = progress_line("webhooks", ctx.quiet, "POSTs");
+    let ticker = {
+        let (line, done) = (line.clone(), done.clone());
+        tokio::spawn(async move {
+            loop {
+                let n = done.load(Ordering::Relaxed);
+                line.set_position(n);
+                line.set_message(format!(
+                    "{:.0}/s",
+                    n as f64 / t0.elapsed().as_secs_f64().max(1e-9)
+                ));
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    };
     tokio::time::sleep(Duration::from_secs_f64(args.duration.max(0.0))).await;
     stop.store(true, Ordering::Relaxed);
     let mut total = Stats::default();
     while let Some(r) = set.join_next().await {
         let r = r.map_err(|e| format!("load task: {e}"))?;
-        total.latencies_ns.extend(r.latencies_ns);
+        total.latencies.merge(&r.latencies)?;
         total.posts += r.posts;
         total.ok += r.ok;
         for (k, v) in r.errors {
@@ -289,6 +307,8 @@ pub(super) async fn measure(
         }
     }
     let elapsed = t0.elapsed().as_secs_f64();
+    ticker.abort();
+    line.finish_and_clear();
     let cpu = CpuSnapshot::take(&args.watch_pids).since(&cpu_before, elapsed);
     let counts_after = match &mut stats {
         Some(c) => redis_counts(c).await,
@@ -310,7 +330,7 @@ pub(super) async fn measure(
         ok_posts: total.ok,
         posts_per_s: round2(total.ok as f64 / elapsed),
         events_per_s: round2(events_ok as f64 / elapsed),
-        latency_ms: latency(total.latencies_ns),
+        latency_ms: total.latencies.summary(),
         errors: total.errors,
         load_avg: load_avg(),
         cpu,
@@ -324,17 +344,31 @@ pub(super) fn print(r: &WebhookReport) {
          reservations), {} senders",
         r.url, r.concurrency, r.events_per_post, r.reservations, r.senders
     );
-    println!(
-        "  {:.2} s  {} POSTs  {:.0} POSTs/s  {:.0} events/s",
-        r.elapsed_s, r.posts, r.posts_per_s, r.events_per_s
-    );
-    print_latency(&r.latency_ms);
-    println!("  errors      {}", counts(&r.errors));
-    print_cpu(&r.cpu);
+    let mut t = table(&["", "measured"], 2);
+    t.add_row(vec![
+        "run".to_owned(),
+        format!("{:.2} s, {} POSTs", r.elapsed_s, r.posts),
+    ]);
+    t.add_row(vec![
+        "throughput".to_owned(),
+        format!(
+            "{:.0} POSTs/s, {:.0} events/s",
+            r.posts_per_s, r.events_per_s
+        ),
+    ]);
+    t.add_row(vec!["latency ms".to_owned(), latency_cell(&r.latency_ms)]);
+    t.add_row(vec!["errors".to_owned(), counts(&r.errors)]);
+    if let Some(cpu) = cpu_cell(&r.cpu) {
+        t.add_row(vec!["cpu".to_owned(), cpu]);
+    }
     if let Some(x) = r.redis_commands_per_event {
-        println!("  redis       {x:.2} commands/event (scripts' included)");
+        t.add_row(vec![
+            "redis".to_owned(),
+            format!("{x:.2} commands/event (scripts' included)"),
+        ]);
     }
     if let Some([a, b, c]) = r.load_avg {
-        println!("  load avg    {a:.2} {b:.2} {c:.2}");
+        t.add_row(vec!["load avg".to_owned(), format!("{a:.2} {b:.2} {c:.2}")]);
     }
+    println!("{t}");
 }
