@@ -35,7 +35,7 @@ const BUCKETS: [f64; 14] = [
 ];
 
 /// RPCs that get their own latency series; anything else is `other`.
-pub const RPCS: [&str; 15] = [
+pub const RPCS: [&str; 17] = [
     "Acquire",
     "AcquireBatch",
     "Release",
@@ -50,6 +50,8 @@ pub const RPCS: [&str; 15] = [
     "AcceptLedgerLoss",
     "AssignWaba",
     "Plan",
+    "ListTargets",
+    "ListAudit",
     "other",
 ];
 
