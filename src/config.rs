@@ -797,6 +797,22 @@ pub enum Origin {
     Env(&'static str),
 }
 
+impl Origin {
+    fn error(self, setting: &Setting, message: impl fmt::Display) -> ConfigError {
+        let message = message.to_string();
+        match self {
+            Origin::Flag => ConfigError::Flag {
+                flag: setting.name(self),
+                message,
+            },
+            Origin::Env(var) => ConfigError::Env {
+                var: var.to_owned(),
+                message,
+            },
+        }
+    }
+}
+
 /// How a setting's text is taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -1088,7 +1104,11 @@ pub static SETTINGS: [Setting; 43] = [
 pub fn env_vars() -> Vec<(&'static str, &'static str)> {
     SETTINGS
         .iter()
-        .flat_map(|s| std::iter::once(s.env).chain(s.env_alias).map(|var| (var, s.key)))
+        .flat_map(|s| {
+            std::iter::once(s.env)
+                .chain(s.env_alias)
+                .map(|var| (var, s.key))
+        })
         .collect()
 }
 
@@ -1191,7 +1211,11 @@ impl Overrides {
                 if s.env == var {
                     values.push((Origin::Env(s.env), s, value.to_owned()));
                 } else if s.env_alias == Some(var.as_str()) {
-                    values.push((Origin::Env(s.env_alias.unwrap_or(s.env)), s, value.to_owned()));
+                    values.push((
+                        Origin::Env(s.env_alias.unwrap_or(s.env)),
+                        s,
+                        value.to_owned(),
+                    ));
                 }
             }
         }
@@ -1229,23 +1253,10 @@ impl Overrides {
 
     /// The error about `setting` as this layer gave it.
     fn error(&self, setting: &Setting, message: impl fmt::Display) -> ConfigError {
-        let origin = self
-            .values
-            .iter()
-            .rev()
-            .find(|(_, s, _)| *s == setting)
-            .map_or(Origin::Flag, |(o, _, _)| *o);
-        let message = message.to_string();
-        match origin {
-            Origin::Flag => ConfigError::Flag {
-                flag: setting.name(origin),
-                message,
-            },
-            Origin::Env(var) => ConfigError::Env {
-                var: var.to_owned(),
-                message,
-            },
-        }
+        let given = self.values.iter().rev().find(|(_, s, _)| *s == setting);
+        given
+            .map_or(Origin::Flag, |(o, _, _)| *o)
+            .error(setting, message)
     }
 
     /// How this layer names `key` (`--tls-key`, `WAQUOTA_TLS_KEY`).
@@ -1271,16 +1282,7 @@ impl Overrides {
     fn stage(&self, s: &mut Settings) -> Result<Parts, ConfigError> {
         let mut parts = Parts::default();
         for (origin, setting, value) in &self.values {
-            (setting.set)(s, &mut parts, value).map_err(|message| match origin {
-                Origin::Flag => ConfigError::Flag {
-                    flag: setting.name(*origin),
-                    message,
-                },
-                Origin::Env(var) => ConfigError::Env {
-                    var: (*var).to_owned(),
-                    message,
-                },
-            })?;
+            (setting.set)(s, &mut parts, value).map_err(|m| origin.error(setting, m))?;
         }
         Ok(parts)
     }
@@ -1336,41 +1338,36 @@ impl Overrides {
             let cert = parts.tls_cert.or(below.as_ref().map(|t| t.cert.clone()));
             let key = parts.tls_key.or(below.as_ref().map(|t| t.key.clone()));
             let client_ca = parts.tls_client_ca.or(below.and_then(|t| t.client_ca));
-            s.tls = Some(match (cert, key) {
-                (Some(cert), Some(key)) => TlsSettings {
-                    cert,
-                    key,
-                    client_ca,
-                },
-                (Some(_), None) => {
-                    return Err(self.error(
-                        setting("tls.cert"),
-                        format!(
-                            "is set without {} (the certificate's private key)",
-                            self.name_of("tls.key")
-                        ),
-                    ));
+            let (given, missing, what) = match (cert, key) {
+                (Some(cert), Some(key)) => {
+                    s.tls = Some(TlsSettings {
+                        cert,
+                        key,
+                        client_ca,
+                    });
+                    return Ok(());
                 }
-                (None, Some(_)) => {
-                    return Err(self.error(
-                        setting("tls.key"),
-                        format!(
-                            "is set without {} (the server certificate)",
-                            self.name_of("tls.cert")
-                        ),
-                    ));
-                }
-                (None, None) => {
-                    return Err(self.error(
-                        setting("tls.client_ca"),
-                        format!(
-                            "is set without {} and {} (mutual TLS needs TLS)",
-                            self.name_of("tls.cert"),
-                            self.name_of("tls.key")
-                        ),
-                    ));
-                }
-            });
+                (Some(_), None) => (
+                    "tls.cert",
+                    self.name_of("tls.key"),
+                    "the certificate's private key",
+                ),
+                (None, Some(_)) => (
+                    "tls.key",
+                    self.name_of("tls.cert"),
+                    "the server certificate",
+                ),
+                (None, None) => (
+                    "tls.client_ca",
+                    format!(
+                        "{} and {}",
+                        self.name_of("tls.cert"),
+                        self.name_of("tls.key")
+                    ),
+                    "mutual TLS needs TLS",
+                ),
+            };
+            return Err(self.error(setting(given), format!("is set without {missing} ({what})")));
         }
         Ok(())
     }
@@ -1985,7 +1982,10 @@ mod tests {
             &[("WAQUOTA_DEFAULT_MESSAGES_PER_SECOND", "0")],
             Overrides::default(),
         );
-        assert_eq!(e, "WAQUOTA_DEFAULT_MESSAGES_PER_SECOND: must be 1 to 100,000");
+        assert_eq!(
+            e,
+            "WAQUOTA_DEFAULT_MESSAGES_PER_SECOND: must be 1 to 100,000"
+        );
     }
 
     #[test]
@@ -2019,9 +2019,16 @@ mod tests {
                 _ => {}
             }
             let mut settings = Settings::default();
-            Overrides::flags(given).unwrap().apply(&mut settings).unwrap();
+            Overrides::flags(given)
+                .unwrap()
+                .apply(&mut settings)
+                .unwrap();
             let printed = settings.to_toml();
-            assert_ne!(printed, Settings::default().to_toml(), "{s:?} changed nothing");
+            assert_ne!(
+                printed,
+                Settings::default().to_toml(),
+                "{s:?} changed nothing"
+            );
             let again = Settings::from_toml(&printed).unwrap();
             assert_eq!(again.to_toml(), printed, "{s:?}");
             // The Sentinel store prints as [store]; its top-level spelling is read as a file.
@@ -2029,11 +2036,18 @@ mod tests {
                 let file = "redis_sentinel = [\"redis://h:1\"]\nredis_sentinel_master = \"m\"\n";
                 assert_eq!(Settings::from_toml(file).unwrap().store, settings.store);
             } else {
-                assert!(line_of(&printed, s.key).is_some(), "{} not in {printed}", s.key);
+                assert!(
+                    line_of(&printed, s.key).is_some(),
+                    "{} not in {printed}",
+                    s.key
+                );
             }
         }
         let vars = env_vars();
-        assert!(vars.contains(&("WAQUOTA_LOG", "log_level")), "the older name");
+        assert!(
+            vars.contains(&("WAQUOTA_LOG", "log_level")),
+            "the older name"
+        );
         assert_eq!(vars.len(), SETTINGS.len() + 1);
     }
 
@@ -2050,17 +2064,27 @@ mod tests {
         let burst = [("WAQUOTA_DEFAULT_PAIR_BURST", "3")];
         assert_eq!(
             load(&burst, Overrides::default()),
-            Err(format!("{path}: line 2: redis_timeout: must be at least 1 ms")),
+            Err(format!(
+                "{path}: line 2: redis_timeout: must be at least 1 ms"
+            )),
             "the file's key and line"
         );
         assert_eq!(
             load(&[], flags(&[("redis-timeout-ms", "9")])),
-            Err(format!("{path}: line 4: defaults.pair_burst: must be 1 to 10,000"))
+            Err(format!(
+                "{path}: line 4: defaults.pair_burst: must be 1 to 10,000"
+            ))
         );
-        let both = [("WAQUOTA_DEFAULT_PAIR_BURST", "3"), ("WAQUOTA_REDIS_TIMEOUT_MS", "9")];
+        let both = [
+            ("WAQUOTA_DEFAULT_PAIR_BURST", "3"),
+            ("WAQUOTA_REDIS_TIMEOUT_MS", "9"),
+        ];
         assert_eq!(load(&both, Overrides::default()), Ok(()));
         assert_eq!(
-            load(&[("WAQUOTA_REDIS_TIMEOUT_MS", "0")], flags(&[("default-pair-burst", "3")])),
+            load(
+                &[("WAQUOTA_REDIS_TIMEOUT_MS", "0")],
+                flags(&[("default-pair-burst", "3")])
+            ),
             Err("WAQUOTA_REDIS_TIMEOUT_MS: must be at least 1 ms".into()),
             "the variable over the file"
         );
@@ -2074,10 +2098,16 @@ mod tests {
             Err("--durability-timeout-ms: must be at least 1 ms and less than redis_timeout (9 ms), got 0 ms".into())
         );
         let e = Overrides::flags([("redis-sentinel", "redis://h:1")]).unwrap_err();
-        assert_eq!(e.to_string(), "--redis-sentinel: is set without --redis-sentinel-master");
+        assert_eq!(
+            e.to_string(),
+            "--redis-sentinel: is set without --redis-sentinel-master"
+        );
         let e = Overrides::flags([("redis", "redis://h:1"), ("redis-cluster", "redis://h:2")])
             .unwrap_err();
-        assert_eq!(e.to_string(), "--redis: --redis-cluster is set too: choose one store");
+        assert_eq!(
+            e.to_string(),
+            "--redis: --redis-cluster is set too: choose one store"
+        );
     }
 
     #[test]
@@ -2093,17 +2123,31 @@ mod tests {
             ..Settings::default()
         };
         let e = with(&junk.0, &junk.0).validate().unwrap_err().to_string();
-        assert_eq!(e, format!("tls.cert: {}: holds no PEM certificate", junk.0.display()));
+        assert_eq!(
+            e,
+            format!("tls.cert: {}: holds no PEM certificate", junk.0.display())
+        );
         let e = with(&cert.0, &cert.0).validate().unwrap_err().to_string();
-        assert!(e.starts_with(&format!("tls.key: {}: not a PEM private key", cert.0.display())), "{e}");
+        assert!(
+            e.starts_with(&format!(
+                "tls.key: {}: not a PEM private key",
+                cert.0.display()
+            )),
+            "{e}"
+        );
         let s = Settings {
-            store: Store::Redis { url: "rediss://h:1".into() },
+            store: Store::Redis {
+                url: "rediss://h:1".into(),
+            },
             redis_ca: Some(junk.0.clone()),
             ..Settings::default()
         };
         let e = s.validate().unwrap_err().to_string();
         assert!(e.starts_with("redis_ca: "), "{e}");
-        let s = Settings { redis_ca: Some(cert.0.clone()), ..s };
+        let s = Settings {
+            redis_ca: Some(cert.0.clone()),
+            ..s
+        };
         s.validate().unwrap();
     }
 

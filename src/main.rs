@@ -170,14 +170,18 @@ const OPERATOR_OPTIONS: [&str; 7] = [
 /// commands. They are global, so clap would give them to every subcommand; a subcommand that
 /// has an argument of the same id keeps its own, so those get hidden copies.
 fn command() -> clap::Command {
-    let operator: Vec<Arg> = <ClientArgs as clap::Args>::augment_args(clap::Command::new("operator"))
-        .get_arguments()
-        .cloned()
-        .collect();
+    let operator: Vec<Arg> =
+        <ClientArgs as clap::Args>::augment_args(clap::Command::new("operator"))
+            .get_arguments()
+            .cloned()
+            .collect();
     let hide = |keep: &'static [&'static str]| {
         let operator = operator.clone();
         move |mut cmd: clap::Command| {
-            for a in operator.iter().filter(|a| !keep.contains(&a.get_id().as_str())) {
+            for a in operator
+                .iter()
+                .filter(|a| !keep.contains(&a.get_id().as_str()))
+            {
                 cmd = cmd.arg(a.clone().global(false).hide(true));
             }
             cmd

@@ -610,10 +610,7 @@ fn every_setting_has_a_flag() {
     assert_eq!(j["log_level"], "warn");
     assert_eq!(j["trust_client_clock"], false);
     assert_eq!(j["store"]["url"], "rediss://127.0.0.1:6379");
-    assert_eq!(
-        j["redis_ca"], ca,
-        "--redis-ca goes with a standalone Redis"
-    );
+    assert_eq!(j["redis_ca"], ca, "--redis-ca goes with a standalone Redis");
 }
 
 #[test]
@@ -624,12 +621,24 @@ fn server_commands_show_and_take_only_their_own_options() {
         assert!(help.stdout.contains(own), "{own} missing: {}", help.stdout);
     }
     assert!(
-        help.stdout.contains("[default: 2000] [env: WAQUOTA_REDIS_TIMEOUT_MS]"),
+        help.stdout
+            .contains("[default: 2000] [env: WAQUOTA_REDIS_TIMEOUT_MS]"),
         "{}",
         help.stdout
     );
-    for operator in ["--addr", "--token", "--ca-cert", "--client-key", "--json", "--at "] {
-        assert!(!help.stdout.contains(operator), "{operator} in {}", help.stdout);
+    for operator in [
+        "--addr",
+        "--token",
+        "--ca-cert",
+        "--client-key",
+        "--json",
+        "--at ",
+    ] {
+        assert!(
+            !help.stdout.contains(operator),
+            "{operator} in {}",
+            help.stdout
+        );
     }
     let help = run(&["config", "check", "--help"], &[]);
     assert!(help.stdout.contains("--json"), "{}", help.stdout);
@@ -653,8 +662,14 @@ fn usage_errors_are_one_line_naming_the_flag() {
             vec!["serve", "--redis-timeout-ms", "soon"],
             "waquota: invalid value 'soon' for '--redis-timeout-ms <MS>': \"soon\" is not a whole number",
         ),
-        (vec!["serve", "--lisen", "x"], "waquota: unexpected argument '--lisen' found"),
-        (vec!["config", "check", "--default-sender-tier", "3k"], "waquota: invalid value '3k' for '--default-tier <TIER>': unknown tier \"3k\""),
+        (
+            vec!["serve", "--lisen", "x"],
+            "waquota: unexpected argument '--lisen' found",
+        ),
+        (
+            vec!["config", "check", "--default-sender-tier", "3k"],
+            "waquota: invalid value '3k' for '--default-tier <TIER>': unknown tier \"3k\"",
+        ),
     ] {
         let out = run(&args, &[]);
         assert_eq!(out.code, 2, "{args:?}: {}", out.stderr);
@@ -668,14 +683,20 @@ fn usage_errors_are_one_line_naming_the_flag() {
 fn config_check_reads_the_files_it_names() {
     let certs = TestCerts::generate();
     let (cert, key) = (certs.path("server.pem"), certs.path("server.key"));
-    let ok = run(&["config", "check", "--tls-cert", &cert, "--tls-key", &key], &[]);
+    let ok = run(
+        &["config", "check", "--tls-cert", &cert, "--tls-key", &key],
+        &[],
+    );
     assert_eq!(ok.code, 0, "{}", ok.stderr);
-    let swapped = run(&["config", "check", "--tls-cert", &cert, "--tls-key", &cert], &[]);
+    let swapped = run(
+        &["config", "check", "--tls-cert", &cert, "--tls-key", &cert],
+        &[],
+    );
     assert_eq!(swapped.code, 1, "{}", swapped.stderr);
     assert!(
-        swapped
-            .stderr
-            .starts_with(&format!("waquota: invalid configuration: --tls-key: {cert}: not a PEM private key")),
+        swapped.stderr.starts_with(&format!(
+            "waquota: invalid configuration: --tls-key: {cert}: not a PEM private key"
+        )),
         "{}",
         swapped.stderr
     );
@@ -683,7 +704,10 @@ fn config_check_reads_the_files_it_names() {
     let out = run(&["config", "check", "--config", file.path()], &[]);
     assert_eq!(out.code, 1, "{}", out.stderr);
     assert!(
-        out.stderr.contains(&format!("{}: line 2: tls.cert: {key}: holds no PEM certificate", file.path())),
+        out.stderr.contains(&format!(
+            "{}: line 2: tls.cert: {key}: holds no PEM certificate",
+            file.path()
+        )),
         "{}",
         out.stderr
     );
