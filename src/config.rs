@@ -387,6 +387,38 @@ impl ConfigError {
     }
 }
 
+/// Where each setting given above the built-in defaults came from, by file key: its flag, its
+/// variable, or the file and line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sources(BTreeMap<String, String>);
+
+impl Sources {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    fn layer(&mut self, layer: &Overrides) {
+        // A Sentinel store prints under [store].
+        let printed = |key| match key {
+            "redis_sentinel" => "store.sentinels",
+            "redis_sentinel_master" => "store.master",
+            key => key,
+        };
+        let store = |key| printed(key).starts_with("store.");
+        // A store replaces the one below it whole.
+        if layer.values.iter().any(|(_, s, _)| store(s.key)) {
+            self.0.retain(|k, _| !k.starts_with("store."));
+        }
+        for (origin, s, _) in &layer.values {
+            let name = s.name(*origin);
+            if store(s.key) {
+                self.0.entry("store.kind".into()).or_insert(name.clone());
+            }
+            self.0.insert(printed(s.key).to_owned(), name);
+        }
+    }
+}
+
 impl Settings {
     /// Defaults, then `file`, then the `WAQUOTA_…` variables among `env`, then `flags`;
     /// validated. A value refused by validation is named by the layer that gave it.
@@ -395,6 +427,15 @@ impl Settings {
         env: impl IntoIterator<Item = (String, String)>,
         flags: Overrides,
     ) -> Result<Settings, ConfigError> {
+        Settings::load_with_sources(file, env, flags).map(|(s, _)| s)
+    }
+
+    /// [`Settings::load`], and where each value came from.
+    pub fn load_with_sources(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        flags: Overrides,
+    ) -> Result<(Settings, Sources), ConfigError> {
         let (mut settings, text) = match file {
             Some(path) => {
                 let text = read_file(path)?;
@@ -428,7 +469,56 @@ impl Settings {
                 _ => ConfigError::Invalid { key, message },
             }
         })?;
-        Ok(settings)
+        let mut sources = Sources::default();
+        if let (Some(path), Some(text)) = (file, &text) {
+            for (key, _) in settings.toml_lines() {
+                if let Some(line) = line_of(text, &key) {
+                    sources.0.insert(key, format!("{}:{line}", path.display()));
+                }
+            }
+        }
+        sources.layer(&env);
+        sources.layer(&flags);
+        Ok((settings, sources))
+    }
+
+    /// The lines of [`Settings::to_toml`], each with the file key it says (`store.url`, or the
+    /// table's for a header), empty for a blank line.
+    fn toml_lines(&self) -> Vec<(String, String)> {
+        let mut table = String::new();
+        self.to_toml()
+            .lines()
+            .map(|line| {
+                let key = if let Some(header) = line.strip_prefix('[') {
+                    table = header.trim_end_matches(']').to_owned();
+                    table.clone()
+                } else if let Some((leaf, _)) = line.split_once(" = ") {
+                    match table.as_str() {
+                        "" => leaf.to_owned(),
+                        t => format!("{t}.{leaf}"),
+                    }
+                } else {
+                    String::new()
+                };
+                (key, line.to_owned())
+            })
+            .collect()
+    }
+
+    /// [`Settings::to_toml`] with a comment after each value given above the defaults saying
+    /// where it came from: `max_batch = 30  # --max-batch`.
+    pub fn to_toml_with_sources(&self, sources: &Sources) -> String {
+        self.toml_lines()
+            .into_iter()
+            .map(|(key, line)| {
+                // A header only for a map setting ([webhook_wabas]), not for a group ([defaults]).
+                let header = line.starts_with('[') && !SETTINGS.iter().any(|s| s.key == key);
+                match sources.get(&key) {
+                    Some(source) if !header => format!("{line}  # {source}\n"),
+                    _ => format!("{line}\n"),
+                }
+            })
+            .collect()
     }
 
     pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {

@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Arg, ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use waquota::cli::{self, ClientArgs};
-use waquota::config::{LogFormat, Overrides, SETTINGS, Settings};
+use waquota::config::{LogFormat, Overrides, SETTINGS, Settings, Sources};
 
 #[derive(Parser)]
 #[command(
@@ -85,10 +85,12 @@ impl clap::Args for SettingsArgs {
 }
 
 impl SettingsArgs {
-    fn load(&self) -> Result<Settings, String> {
+    fn load(&self) -> Result<(Settings, Sources), String> {
         let flags = self.flags.iter().map(|(f, v)| (*f, v.as_str()));
         Overrides::flags(flags)
-            .and_then(|flags| Settings::load(self.config.as_deref(), std::env::vars(), flags))
+            .and_then(|flags| {
+                Settings::load_with_sources(self.config.as_deref(), std::env::vars(), flags)
+            })
             .map_err(|e| format!("invalid configuration: {e}"))
     }
 }
@@ -113,7 +115,7 @@ fn init_tracing(settings: &Settings) {
 
 async fn serve(args: SettingsArgs) -> ExitCode {
     let settings = match args.load() {
-        Ok(s) => s,
+        Ok((s, _)) => s,
         Err(e) => return fail(1, &e),
     };
     init_tracing(&settings);
@@ -128,8 +130,8 @@ async fn serve(args: SettingsArgs) -> ExitCode {
 }
 
 fn config_check(args: SettingsArgs, json: bool) -> ExitCode {
-    let settings = match args.load() {
-        Ok(s) => s.redacted(),
+    let (settings, sources) = match args.load() {
+        Ok((s, sources)) => (s.redacted(), sources),
         Err(e) => return fail(1, &e),
     };
     let out = if json {
@@ -144,7 +146,7 @@ fn config_check(args: SettingsArgs, json: bool) -> ExitCode {
         };
         format!(
             "# valid; effective settings ({source}); secrets shown as ***\n{}",
-            settings.to_toml()
+            settings.to_toml_with_sources(&sources)
         )
     };
     // Not println!: a reader that stopped (`waquota config check | head -1`) must not panic.

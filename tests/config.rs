@@ -111,6 +111,21 @@ fn config_check_prints_the_effective_settings_with_secrets_redacted() {
             .contains(r#"url = "redis://app:***@127.0.0.1:6379/0""#)
     );
     assert!(out.stdout.contains(r#"operator_tokens = ["***", "***"]"#));
+    // Each value given above the defaults says where it came from.
+    let path = file.path();
+    for line in [
+        "max_batch = 30  # --max-batch".to_owned(),
+        r#"key_prefix = "from-env"  # WAQUOTA_KEY_PREFIX"#.to_owned(),
+        format!("max_in_flight = 64  # {path}:5"),
+        format!("sender_tier = \"1k\"  # {path}:13"),
+        "max_message_bytes = 4194304".to_owned(),
+    ] {
+        assert!(
+            out.stdout.lines().any(|l| l == line),
+            "{line:?} in {}",
+            out.stdout
+        );
+    }
 
     // What it prints is a configuration file: read it back and check every layer's winner.
     let s = Settings::from_toml(&out.stdout).expect("the output reads back as settings");
