@@ -17,7 +17,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Defaults, PortfolioId, SenderId, Tier, WindowMode};
+use crate::model::{Defaults, PortfolioId, SenderId};
 
 /// Where the ledger lives. Its `Debug` form hides passwords, since it is logged at start-up.
 #[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -79,6 +79,16 @@ pub enum Durability {
     Replicated,
 }
 
+impl Durability {
+    /// As the configuration says it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Durability::Async => "async",
+            Durability::Replicated => "replicated",
+        }
+    }
+}
+
 impl FromStr for Durability {
     type Err = String;
 
@@ -137,6 +147,16 @@ pub enum OnStoreError {
     Allow,
 }
 
+impl OnStoreError {
+    /// As the configuration says it.
+    pub fn name(self) -> &'static str {
+        match self {
+            OnStoreError::Deny => "deny",
+            OnStoreError::Allow => "allow",
+        }
+    }
+}
+
 impl FromStr for OnStoreError {
     type Err = String;
 
@@ -155,6 +175,16 @@ pub enum LogFormat {
     #[default]
     Text,
     Json,
+}
+
+impl LogFormat {
+    /// As the configuration says it.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
 }
 
 impl FromStr for LogFormat {
@@ -334,13 +364,16 @@ impl Default for Settings {
     }
 }
 
-/// A setting that cannot be used, with where it came from. Displays as one line.
+/// A setting that cannot be used, named as it was given: the flag, the variable, or the file
+/// (with the key's line when it is found there). Displays as one line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: {message}")]
     File { path: String, message: String },
     #[error("{var}: {message}")]
     Env { var: String, message: String },
+    #[error("{flag}: {message}")]
+    Flag { flag: String, message: String },
     #[error("{key}: {message}")]
     Invalid { key: String, message: String },
 }
@@ -354,30 +387,142 @@ impl ConfigError {
     }
 }
 
+/// Where each setting given above the built-in defaults came from, by file key: its flag, its
+/// variable, or the file and line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sources(BTreeMap<String, String>);
+
+impl Sources {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    fn layer(&mut self, layer: &Overrides) {
+        // A Sentinel store prints under [store].
+        let printed = |key| match key {
+            "redis_sentinel" => "store.sentinels",
+            "redis_sentinel_master" => "store.master",
+            key => key,
+        };
+        let store = |key| printed(key).starts_with("store.");
+        // A store replaces the one below it whole.
+        if layer.values.iter().any(|(_, s, _)| store(s.key)) {
+            self.0.retain(|k, _| !k.starts_with("store."));
+        }
+        for (origin, s, _) in &layer.values {
+            let name = s.name(*origin);
+            if store(s.key) {
+                self.0.entry("store.kind".into()).or_insert(name.clone());
+            }
+            self.0.insert(printed(s.key).to_owned(), name);
+        }
+    }
+}
+
 impl Settings {
     /// Defaults, then `file`, then the `WAQUOTA_…` variables among `env`, then `flags`;
-    /// validated.
+    /// validated. A value refused by validation is named by the layer that gave it.
     pub fn load(
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
         flags: Overrides,
     ) -> Result<Settings, ConfigError> {
-        let mut settings = match file {
-            Some(path) => Settings::from_file(path)?,
-            None => Settings::default(),
+        Settings::load_with_sources(file, env, flags).map(|(s, _)| s)
+    }
+
+    /// [`Settings::load`], and where each value came from.
+    pub fn load_with_sources(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        flags: Overrides,
+    ) -> Result<(Settings, Sources), ConfigError> {
+        let (mut settings, text) = match file {
+            Some(path) => {
+                let text = read_file(path)?;
+                let settings = Settings::from_toml(&text).map_err(|message| ConfigError::File {
+                    path: path.display().to_string(),
+                    message,
+                })?;
+                (settings, Some(text))
+            }
+            None => (Settings::default(), None),
         };
-        Overrides::from_env(env)?.apply(&mut settings)?;
+        let env = Overrides::from_env(env)?;
+        env.apply(&mut settings)?;
         flags.apply(&mut settings)?;
-        settings.validate()?;
-        Ok(settings)
+        settings.validate().map_err(|e| {
+            let (key, message) = match e {
+                ConfigError::Invalid { key, message } => (key, message),
+                other => return other,
+            };
+            let base = key.split('[').next().unwrap_or(&key);
+            for layer in [&flags, &env] {
+                if let Some(s) = layer.given(base) {
+                    return layer.error(s, message);
+                }
+            }
+            match (file, text.as_deref().and_then(|t| line_of(t, base))) {
+                (Some(path), Some(line)) => ConfigError::File {
+                    path: path.display().to_string(),
+                    message: format!("line {line}: {key}: {message}"),
+                },
+                _ => ConfigError::Invalid { key, message },
+            }
+        })?;
+        let mut sources = Sources::default();
+        if let (Some(path), Some(text)) = (file, &text) {
+            for (key, _) in settings.toml_lines() {
+                if let Some(line) = line_of(text, &key) {
+                    sources.0.insert(key, format!("{}:{line}", path.display()));
+                }
+            }
+        }
+        sources.layer(&env);
+        sources.layer(&flags);
+        Ok((settings, sources))
+    }
+
+    /// The lines of [`Settings::to_toml`], each with the file key it says (`store.url`, or the
+    /// table's for a header), empty for a blank line.
+    fn toml_lines(&self) -> Vec<(String, String)> {
+        let mut table = String::new();
+        self.to_toml()
+            .lines()
+            .map(|line| {
+                let key = if let Some(header) = line.strip_prefix('[') {
+                    table = header.trim_end_matches(']').to_owned();
+                    table.clone()
+                } else if let Some((leaf, _)) = line.split_once(" = ") {
+                    match table.as_str() {
+                        "" => leaf.to_owned(),
+                        t => format!("{t}.{leaf}"),
+                    }
+                } else {
+                    String::new()
+                };
+                (key, line.to_owned())
+            })
+            .collect()
+    }
+
+    /// [`Settings::to_toml`] with a comment after each value given above the defaults saying
+    /// where it came from: `max_batch = 30  # --max-batch`.
+    pub fn to_toml_with_sources(&self, sources: &Sources) -> String {
+        self.toml_lines()
+            .into_iter()
+            .map(|(key, line)| {
+                // A header only for a map setting ([webhook_wabas]), not for a group ([defaults]).
+                let header = line.starts_with('[') && !SETTINGS.iter().any(|s| s.key == key);
+                match sources.get(&key) {
+                    Some(source) if !header => format!("{line}  # {source}\n"),
+                    _ => format!("{line}\n"),
+                }
+            })
+            .collect()
     }
 
     pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
-            path: path.display().to_string(),
-            message: format!("cannot read: {e}"),
-        })?;
-        Settings::from_toml(&text).map_err(|message| ConfigError::File {
+        Settings::from_toml(&read_file(path)?).map_err(|message| ConfigError::File {
             path: path.display().to_string(),
             message,
         })
@@ -653,21 +798,52 @@ impl Settings {
                 }
             }
         }
+        // Read and parsed here, so that what `config check` passes does not fail at start-up.
         if let Some(tls) = &self.tls {
-            let files = [("tls.cert", Some(&tls.cert)), ("tls.key", Some(&tls.key))];
-            for (key, path) in files
-                .into_iter()
-                .chain([("tls.client_ca", tls.client_ca.as_ref())])
-            {
-                if let Some(path) = path {
-                    std::fs::metadata(path).map_err(|e| {
-                        ConfigError::invalid(key, format!("{}: {e}", path.display()))
-                    })?;
-                }
+            check_pem("tls.cert", &tls.cert, Pem::Certificates)?;
+            check_pem("tls.key", &tls.key, Pem::PrivateKey)?;
+            if let Some(ca) = &tls.client_ca {
+                check_pem("tls.client_ca", ca, Pem::Certificates)?;
             }
+        }
+        if let Some(ca) = &self.redis_ca {
+            check_pem("redis_ca", ca, Pem::Certificates)?;
         }
         Ok(())
     }
+}
+
+enum Pem {
+    Certificates,
+    PrivateKey,
+}
+
+/// A PEM file a setting names: readable, and holding what that setting needs.
+fn check_pem(key: &str, path: &Path, want: Pem) -> Result<(), ConfigError> {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let bad = |m: String| ConfigError::invalid(key, format!("{}: {m}", path.display()));
+    let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    match want {
+        Pem::PrivateKey => PrivateKeyDer::from_pem_slice(&bytes)
+            .map(|_| ())
+            .map_err(|e| bad(format!("not a PEM private key ({e})"))),
+        Pem::Certificates => {
+            let certs = CertificateDer::pem_slice_iter(&bytes)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(format!("not PEM certificates ({e})")))?;
+            if certs.is_empty() {
+                return Err(bad("holds no PEM certificate".into()));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn read_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.display().to_string(),
+        message: format!("cannot read: {e}"),
+    })
 }
 
 /// `redis://user:secret@host` → `redis://user:***@host`; anything else is returned as is.
@@ -701,147 +877,371 @@ fn check_redis_url(key: &str, url: &str) -> Result<(), ConfigError> {
         .map_err(|e| ConfigError::invalid(key, format!("{:?}: {e}", redact_url(url))))
 }
 
-/// Settings given by the environment or by flags: each one that is set replaces the layers
-/// below it.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Overrides {
-    pub listen: Option<SocketAddr>,
-    pub store: Option<Store>,
-    pub key_prefix: Option<String>,
-    pub trust_client_clock: Option<bool>,
-    pub default_sender_tier: Option<Tier>,
-    pub default_sender_mode: Option<WindowMode>,
-    pub default_portfolio_tier: Option<Tier>,
-    pub default_portfolio_mode: Option<WindowMode>,
-    pub default_messages_per_second: Option<u32>,
-    pub default_pair_interval: Option<Duration>,
-    pub default_pair_burst: Option<u32>,
-    pub max_batch: Option<usize>,
-    pub max_message_bytes: Option<usize>,
-    pub max_in_flight: Option<usize>,
-    pub redis_pool_size: Option<usize>,
-    pub redis_timeout: Option<Duration>,
-    pub shutdown_grace: Option<Duration>,
-    pub shutdown_delay: Option<Duration>,
-    pub on_store_error: Option<OnStoreError>,
-    pub on_store_error_senders: Option<BTreeMap<String, OnStoreError>>,
-    pub durability: Option<Durability>,
-    pub durability_replicas: Option<u32>,
-    pub durability_timeout: Option<Duration>,
-    pub on_ledger_loss: Option<OnLedgerLoss>,
-    pub redis_ca: Option<PathBuf>,
-    pub metrics_listen: Option<SocketAddr>,
-    pub webhook_listen: Option<SocketAddr>,
-    pub webhook_verify_token: Option<String>,
-    pub webhook_app_secrets: Option<Vec<String>>,
-    pub webhook_forward: Option<String>,
-    pub webhook_max_body_bytes: Option<usize>,
-    pub webhook_wabas: Option<BTreeMap<String, String>>,
-    pub webhook_displays: Option<BTreeMap<String, String>>,
-    pub log_format: Option<LogFormat>,
-    pub log_level: Option<String>,
-    pub sender_tokens: Option<Vec<String>>,
-    pub operator_tokens: Option<Vec<String>>,
-    pub tls_cert: Option<PathBuf>,
-    pub tls_key: Option<PathBuf>,
-    pub tls_client_ca: Option<PathBuf>,
+// ------------------------------------------------------------------------------ the settings
+
+/// Where a value came from, so that an error about it names what the operator wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Flag,
+    /// The variable's name as given (an older name counts).
+    Env(&'static str),
 }
 
-/// Every environment variable [`Overrides::from_env`] reads, and the setting it sets.
-pub const ENV_VARS: [(&str, &str); 44] = [
-    ("WAQUOTA_LISTEN", "listen"),
-    ("WAQUOTA_REDIS_URL", "store (standalone Redis URL)"),
-    (
-        "WAQUOTA_REDIS_CLUSTER",
-        "store (Cluster seed URLs, comma-separated)",
-    ),
-    (
-        "WAQUOTA_REDIS_SENTINEL",
-        "store (seed sentinel URLs, comma-separated)",
-    ),
-    (
-        "WAQUOTA_REDIS_SENTINEL_MASTER",
-        "store (the master name, with WAQUOTA_REDIS_SENTINEL)",
-    ),
-    ("WAQUOTA_DURABILITY", "durability"),
-    ("WAQUOTA_DURABILITY_REPLICAS", "durability_replicas"),
-    ("WAQUOTA_DURABILITY_TIMEOUT_MS", "durability_timeout"),
-    ("WAQUOTA_ON_LEDGER_LOSS", "on_ledger_loss"),
-    ("WAQUOTA_KEY_PREFIX", "key_prefix"),
-    ("WAQUOTA_TRUST_CLIENT_CLOCK", "trust_client_clock"),
-    ("WAQUOTA_DEFAULT_TIER", "defaults.sender_tier"),
-    ("WAQUOTA_DEFAULT_SENDER_MODE", "defaults.sender_mode"),
-    ("WAQUOTA_DEFAULT_PORTFOLIO_TIER", "defaults.portfolio_tier"),
-    ("WAQUOTA_DEFAULT_PORTFOLIO_MODE", "defaults.portfolio_mode"),
-    (
-        "WAQUOTA_DEFAULT_MESSAGES_PER_SECOND",
-        "defaults.messages_per_second",
-    ),
-    (
-        "WAQUOTA_DEFAULT_PAIR_INTERVAL_MS",
-        "defaults.pair_interval_ms",
-    ),
-    ("WAQUOTA_DEFAULT_PAIR_BURST", "defaults.pair_burst"),
-    ("WAQUOTA_MAX_BATCH", "max_batch"),
-    ("WAQUOTA_MAX_MESSAGE_BYTES", "max_message_bytes"),
-    ("WAQUOTA_MAX_IN_FLIGHT", "max_in_flight"),
-    ("WAQUOTA_REDIS_POOL_SIZE", "redis_pool_size"),
-    ("WAQUOTA_REDIS_TIMEOUT_MS", "redis_timeout"),
-    ("WAQUOTA_SHUTDOWN_GRACE_MS", "shutdown_grace"),
-    ("WAQUOTA_SHUTDOWN_DELAY_MS", "shutdown_delay"),
-    ("WAQUOTA_ON_STORE_ERROR", "on_store_error"),
-    (
-        "WAQUOTA_ON_STORE_ERROR_SENDERS",
-        "on_store_error_senders (sender=deny|allow, comma-separated)",
-    ),
-    ("WAQUOTA_REDIS_CA", "redis_ca"),
-    ("WAQUOTA_METRICS_LISTEN", "metrics_listen"),
-    ("WAQUOTA_WEBHOOK_LISTEN", "webhook_listen"),
-    ("WAQUOTA_WEBHOOK_VERIFY_TOKEN", "webhook_verify_token"),
-    (
-        "WAQUOTA_WEBHOOK_APP_SECRETS",
-        "webhook_app_secrets (comma-separated)",
-    ),
-    ("WAQUOTA_WEBHOOK_FORWARD", "webhook_forward"),
-    ("WAQUOTA_WEBHOOK_MAX_BODY_BYTES", "webhook_max_body_bytes"),
-    (
-        "WAQUOTA_WEBHOOK_WABAS",
-        "webhook_wabas (waba=portfolio, comma-separated)",
-    ),
-    (
-        "WAQUOTA_WEBHOOK_DISPLAYS",
-        "webhook_displays (display=sender, comma-separated)",
-    ),
-    ("WAQUOTA_LOG_FORMAT", "log_format"),
-    ("WAQUOTA_LOG_LEVEL", "log_level"),
-    (
-        "WAQUOTA_LOG",
-        "log_level (older name; WAQUOTA_LOG_LEVEL wins)",
-    ),
-    (
-        "WAQUOTA_AUTH_SENDER_TOKENS",
-        "auth.sender_tokens (comma-separated)",
-    ),
-    (
-        "WAQUOTA_AUTH_OPERATOR_TOKENS",
-        "auth.operator_tokens (comma-separated)",
-    ),
-    ("WAQUOTA_TLS_CERT", "tls.cert"),
-    ("WAQUOTA_TLS_KEY", "tls.key"),
-    ("WAQUOTA_TLS_CLIENT_CA", "tls.client_ca"),
-];
+impl Origin {
+    fn error(self, setting: &Setting, message: impl fmt::Display) -> ConfigError {
+        let message = message.to_string();
+        match self {
+            Origin::Flag => ConfigError::Flag {
+                flag: setting.name(self),
+                message,
+            },
+            Origin::Env(var) => ConfigError::Env {
+                var: var.to_owned(),
+                message,
+            },
+        }
+    }
+}
 
-fn parse<T: FromStr>(value: &str, what: &str) -> Result<T, String>
+/// How a setting's text is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// One value.
+    One,
+    /// A list: the flag may be repeated, and flag and variable comma-separated.
+    List,
+    /// `--flag` alone means true; `--flag=false` turns it off.
+    Switch,
+}
+
+/// One setting as an operator gives it: its flag, its environment variable and its key in the
+/// configuration file, with the help `--help` shows. [`SETTINGS`] declares every one; the
+/// flags ([`clap_args`]), the variables read ([`env_vars`]), the defaults in the help and the
+/// names in errors all come from there. The file is read into [`Settings`] by its field names,
+/// which `key` names (a test reads each setting back from a file under its key).
+pub struct Setting {
+    /// The file key (`defaults.sender_tier`), also the name [`Settings::validate`] reports.
+    pub key: &'static str,
+    /// The long flag, without `--`.
+    pub flag: &'static str,
+    /// Other spellings of the flag that keep working.
+    pub flag_aliases: &'static [&'static str],
+    pub env: &'static str,
+    /// An older name of the variable; `env` wins when both are set.
+    pub env_alias: Option<&'static str>,
+    pub value_name: &'static str,
+    pub help: &'static str,
+    pub kind: Kind,
+    /// Parses the text and writes it into the settings (or, for the store's and TLS's parts,
+    /// into [`Parts`], since they only mean something together).
+    set: fn(&mut Settings, &mut Parts, &str) -> Result<(), String>,
+    /// The value as the help shows it for the default; `None` = nothing to show.
+    show: fn(&Settings) -> Option<String>,
+}
+
+impl fmt::Debug for Setting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Setting({})", self.key)
+    }
+}
+
+impl PartialEq for Setting {
+    fn eq(&self, other: &Self) -> bool {
+        self.flag == other.flag
+    }
+}
+
+impl Setting {
+    /// The name of this setting for someone who gave it through `origin`.
+    pub fn name(&self, origin: Origin) -> String {
+        match origin {
+            Origin::Flag => format!("--{}", self.flag),
+            Origin::Env(var) => var.to_owned(),
+        }
+    }
+
+    /// Whether `value` can be this setting's, without applying it anywhere.
+    pub fn check(&self, value: &str) -> Result<(), String> {
+        (self.set)(&mut Settings::default(), &mut Parts::default(), value)
+    }
+}
+
+/// The parts of a setting that several settings say together, within one layer.
+#[derive(Default)]
+struct Parts {
+    redis: Option<String>,
+    cluster: Option<Vec<String>>,
+    sentinels: Option<Vec<String>>,
+    master: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
+}
+
+const fn one(
+    key: &'static str,
+    flag: &'static str,
+    env: &'static str,
+    value_name: &'static str,
+    help: &'static str,
+    set: fn(&mut Settings, &mut Parts, &str) -> Result<(), String>,
+    show: fn(&Settings) -> Option<String>,
+) -> Setting {
+    Setting {
+        key,
+        flag,
+        flag_aliases: &[],
+        env,
+        env_alias: None,
+        value_name,
+        help,
+        kind: Kind::One,
+        set,
+        show,
+    }
+}
+
+const fn list(s: Setting) -> Setting {
+    Setting {
+        kind: Kind::List,
+        ..s
+    }
+}
+
+const fn alias(s: Setting, flag_aliases: &'static [&'static str]) -> Setting {
+    Setting { flag_aliases, ..s }
+}
+
+fn put<T>(slot: &mut T, value: T) -> Result<(), String> {
+    *slot = value;
+    Ok(())
+}
+
+fn count<T: FromStr>(value: &str) -> Result<T, String>
 where
     T::Err: fmt::Display,
 {
     value
         .parse()
-        .map_err(|e| format!("{value:?} is not {what}: {e}"))
+        .map_err(|e| format!("{value:?} is not a whole number: {e}"))
 }
 
-fn parse_name<T: FromStr<Err = String>>(value: &str) -> Result<T, String> {
+fn addr(value: &str) -> Result<SocketAddr, String> {
+    value
+        .parse()
+        .map_err(|e| format!("{value:?} is not a socket address (host:port): {e}"))
+}
+
+fn ms(value: &str) -> Result<Duration, String> {
+    count(value).map(Duration::from_millis)
+}
+
+fn name<T: FromStr<Err = String>>(value: &str) -> Result<T, String> {
     value.parse()
+}
+
+fn millis_of(d: Duration) -> Option<String> {
+    Some(d.as_millis().to_string())
+}
+
+fn none() -> Option<String> {
+    Some("none".into())
+}
+
+/// Every setting, in the order `--help` lists them.
+#[rustfmt::skip]
+pub static SETTINGS: [Setting; 43] = [
+    one("listen", "listen", "WAQUOTA_LISTEN", "ADDR",
+        "Address of the gRPC listener",
+        |s, _, v| put(&mut s.listen, addr(v)?), |s| Some(s.listen.to_string())),
+    one("store.url", "redis", "WAQUOTA_REDIS_URL", "URL",
+        "Standalone Redis URL (redis:// or rediss:// for TLS; user:password@ for ACL); without a store the ledger is in memory",
+        |_, p, v| put(&mut p.redis, Some(v.to_owned())), |_| None),
+    list(one("store.nodes", "redis-cluster", "WAQUOTA_REDIS_CLUSTER", "URLS",
+        "Redis Cluster seed node URLs, comma-separated",
+        |_, p, v| put(&mut p.cluster, Some(parse_list(v))), |_| None)),
+    list(one("redis_sentinel", "redis-sentinel", "WAQUOTA_REDIS_SENTINEL", "URLS",
+        "Seed sentinels, comma-separated URLs: the primary is found and followed through them (their credentials and TLS serve the data nodes too)",
+        |_, p, v| put(&mut p.sentinels, Some(parse_list(v))), |_| None)),
+    one("redis_sentinel_master", "redis-sentinel-master", "WAQUOTA_REDIS_SENTINEL_MASTER", "NAME",
+        "The master name the sentinels monitor",
+        |_, p, v| put(&mut p.master, Some(v.to_owned())), |_| None),
+    one("durability", "durability", "WAQUOTA_DURABILITY", "async|replicated",
+        "async: answer once the primary ran a change; replicated: once replicas acknowledged it (WAIT, in the same round trip)",
+        |s, _, v| put(&mut s.durability, name(v)?), |s| Some(s.durability.name().into())),
+    one("durability_replicas", "durability-replicas", "WAQUOTA_DURABILITY_REPLICAS", "N",
+        "Replicas that must acknowledge a change with --durability replicated",
+        |s, _, v| put(&mut s.durability_replicas, count(v)?), |s| Some(s.durability_replicas.to_string())),
+    one("durability_timeout", "durability-timeout-ms", "WAQUOTA_DURABILITY_TIMEOUT_MS", "MS",
+        "Longest wait for those acknowledgements, then UNAVAILABLE",
+        |s, _, v| put(&mut s.durability_timeout, ms(v)?), |s| millis_of(s.durability_timeout)),
+    one("on_ledger_loss", "on-ledger-loss", "WAQUOTA_ON_LEDGER_LOSS", "deny_new|allow",
+        "New slots once the ledger is found lost",
+        |s, _, v| put(&mut s.on_ledger_loss, name(v)?), |s| Some(s.on_ledger_loss.name().into())),
+    one("webhook_listen", "webhook-listen", "WAQUOTA_WEBHOOK_LISTEN", "ADDR",
+        "Listen for WhatsApp webhooks at /webhooks/whatsapp on this address",
+        |s, _, v| put(&mut s.webhook_listen, Some(addr(v)?)), |_| Some("off".into())),
+    one("webhook_verify_token", "webhook-verify-token", "WAQUOTA_WEBHOOK_VERIFY_TOKEN", "TOKEN",
+        "The token Meta's verification request must carry",
+        |s, _, v| put(&mut s.webhook_verify_token, Some(v.to_owned())), |_| None),
+    list(one("webhook_app_secrets", "webhook-app-secret", "WAQUOTA_WEBHOOK_APP_SECRETS", "SECRET",
+        "App secret(s) webhook signatures are checked with; repeat or comma-separate to rotate",
+        |s, _, v| put(&mut s.webhook_app_secrets, parse_list(v)), |_| None)),
+    one("webhook_forward", "webhook-forward", "WAQUOTA_WEBHOOK_FORWARD", "URL",
+        "Relay every verified webhook POST to this http:// URL too",
+        |s, _, v| put(&mut s.webhook_forward, Some(v.to_owned())), |_| None),
+    one("webhook_max_body_bytes", "webhook-max-body-bytes", "WAQUOTA_WEBHOOK_MAX_BODY_BYTES", "BYTES",
+        "Largest webhook body accepted",
+        |s, _, v| put(&mut s.webhook_max_body_bytes, count(v)?), |s| Some(s.webhook_max_body_bytes.to_string())),
+    list(one("webhook_wabas", "webhook-waba", "WAQUOTA_WEBHOOK_WABAS", "WABA=PORTFOLIO",
+        "A WABA's portfolio for WABA-wide webhooks (repeat or comma-separate)",
+        |s, _, v| put(&mut s.webhook_wabas, parse_pairs(&parse_list(v))?), |_| None)),
+    list(one("webhook_displays", "webhook-display", "WAQUOTA_WEBHOOK_DISPLAYS", "DISPLAY=SENDER",
+        "The sender (phone_number_id) of a display number, for webhooks that carry only the display number (repeat or comma-separate)",
+        |s, _, v| put(&mut s.webhook_displays, parse_pairs(&parse_list(v))?), |_| None)),
+    one("key_prefix", "key-prefix", "WAQUOTA_KEY_PREFIX", "PREFIX",
+        "Prefix of every Redis key",
+        |s, _, v| put(&mut s.key_prefix, v.to_owned()), |s| Some(s.key_prefix.clone())),
+    Setting {
+        kind: Kind::Switch,
+        ..one("trust_client_clock", "trust-client-clock", "WAQUOTA_TRUST_CLIENT_CLOCK", "BOOL",
+        "Honour the `at` field of requests (tests, replays, simulations)",
+        |s, _, v| put(&mut s.trust_client_clock, parse_bool(v)?), |s| Some(s.trust_client_clock.to_string()))
+    },
+    alias(one("defaults.sender_tier", "default-tier", "WAQUOTA_DEFAULT_TIER", "TIER",
+        "Tier of senders without a stored policy: 50, 250, 1k, 2k, 10k, 100k, unlimited",
+        |s, _, v| put(&mut s.defaults.sender.tier, name(v)?), |s| Some(s.defaults.sender.tier.name().into())),
+        &["default-sender-tier"]),
+    one("defaults.sender_mode", "default-sender-mode", "WAQUOTA_DEFAULT_SENDER_MODE", "MODE",
+        "Window mode of senders without a stored policy: conversation or rolling",
+        |s, _, v| put(&mut s.defaults.sender.window_mode, name(v)?), |s| Some(s.defaults.sender.window_mode.name().into())),
+    one("defaults.portfolio_tier", "default-portfolio-tier", "WAQUOTA_DEFAULT_PORTFOLIO_TIER", "TIER",
+        "Tier of portfolios without a stored policy",
+        |s, _, v| put(&mut s.defaults.portfolio.tier, name(v)?), |s| Some(s.defaults.portfolio.tier.name().into())),
+    one("defaults.portfolio_mode", "default-portfolio-mode", "WAQUOTA_DEFAULT_PORTFOLIO_MODE", "MODE",
+        "Window mode of portfolios without a stored policy",
+        |s, _, v| put(&mut s.defaults.portfolio.window_mode, name(v)?), |s| Some(s.defaults.portfolio.window_mode.name().into())),
+    one("defaults.messages_per_second", "default-messages-per-second", "WAQUOTA_DEFAULT_MESSAGES_PER_SECOND", "N",
+        "Messages per second of senders whose policy sets none (inbound and outbound together)",
+        |s, _, v| put(&mut s.defaults.messages_per_second, count(v)?), |s| Some(s.defaults.messages_per_second.to_string())),
+    one("defaults.pair_interval_ms", "default-pair-interval-ms", "WAQUOTA_DEFAULT_PAIR_INTERVAL_MS", "MS",
+        "Pair rate: one message per this many milliseconds from a sender to one user",
+        |s, _, v| put(&mut s.defaults.pair_interval_ms, i64::try_from(count::<u64>(v)?).map_err(|e| format!("{v:?}: {e}"))?),
+        |s| Some(s.defaults.pair_interval_ms.to_string())),
+    one("defaults.pair_burst", "default-pair-burst", "WAQUOTA_DEFAULT_PAIR_BURST", "N",
+        "Pair rate: messages to one user that may go out at once",
+        |s, _, v| put(&mut s.defaults.pair_burst, count(v)?), |s| Some(s.defaults.pair_burst.to_string())),
+    one("max_batch", "max-batch", "WAQUOTA_MAX_BATCH", "N",
+        "Most recipients in one AcquireBatch",
+        |s, _, v| put(&mut s.max_batch, count(v)?), |s| Some(s.max_batch.to_string())),
+    one("max_message_bytes", "max-message-bytes", "WAQUOTA_MAX_MESSAGE_BYTES", "BYTES",
+        "Largest gRPC message accepted, in bytes",
+        |s, _, v| put(&mut s.max_message_bytes, count(v)?), |s| Some(s.max_message_bytes.to_string())),
+    one("max_in_flight", "max-in-flight", "WAQUOTA_MAX_IN_FLIGHT", "N",
+        "Most requests in flight at once",
+        |s, _, v| put(&mut s.max_in_flight, count(v)?), |s| Some(s.max_in_flight.to_string())),
+    one("redis_pool_size", "redis-pool-size", "WAQUOTA_REDIS_POOL_SIZE", "N",
+        "Multiplexed connections kept to Redis",
+        |s, _, v| put(&mut s.redis_pool_size, count(v)?), |s| Some(s.redis_pool_size.to_string())),
+    one("redis_timeout", "redis-timeout-ms", "WAQUOTA_REDIS_TIMEOUT_MS", "MS",
+        "Longest wait for one Redis call before answering UNAVAILABLE",
+        |s, _, v| put(&mut s.redis_timeout, ms(v)?), |s| millis_of(s.redis_timeout)),
+    one("shutdown_grace", "shutdown-grace-ms", "WAQUOTA_SHUTDOWN_GRACE_MS", "MS",
+        "How long in-flight requests may take to finish on shutdown",
+        |s, _, v| put(&mut s.shutdown_grace, ms(v)?), |s| millis_of(s.shutdown_grace)),
+    one("on_store_error", "on-store-error", "WAQUOTA_ON_STORE_ERROR", "deny|allow",
+        "Answer when the store cannot be reached",
+        |s, _, v| put(&mut s.on_store_error, name(v)?), |s| Some(s.on_store_error.name().into())),
+    list(one("on_store_error_senders", "on-store-error-sender", "WAQUOTA_ON_STORE_ERROR_SENDERS", "SENDER=deny|allow",
+        "Per-sender store-outage answers, e.g. otp=allow (repeat or comma-separate)",
+        |s, _, v| put(&mut s.on_store_error_senders, parse_sender_policies(&parse_list(v))?), |_| none())),
+    one("shutdown_delay", "shutdown-delay-ms", "WAQUOTA_SHUTDOWN_DELAY_MS", "MS",
+        "Between health turning NOT_SERVING and the listener closing on shutdown, so load balancers drain",
+        |s, _, v| put(&mut s.shutdown_delay, ms(v)?), |s| millis_of(s.shutdown_delay)),
+    one("redis_ca", "redis-ca", "WAQUOTA_REDIS_CA", "PATH",
+        "CA certificate (PEM) that a rediss:// standalone Redis is verified against, instead of the built-in roots",
+        |s, _, v| put(&mut s.redis_ca, Some(v.into())), |_| none()),
+    one("metrics_listen", "metrics-listen", "WAQUOTA_METRICS_LISTEN", "ADDR",
+        "Prometheus /metrics listener address",
+        |s, _, v| put(&mut s.metrics_listen, Some(addr(v)?)), |_| none()),
+    one("log_format", "log-format", "WAQUOTA_LOG_FORMAT", "text|json",
+        "Log format",
+        |s, _, v| put(&mut s.log_format, name(v)?), |s| Some(s.log_format.name().into())),
+    Setting {
+        env_alias: Some("WAQUOTA_LOG"),
+        ..alias(one("log_level", "log-level", "WAQUOTA_LOG_LEVEL", "FILTER",
+        "Log filter (tracing EnvFilter syntax), e.g. info or waquota=debug",
+        |s, _, v| put(&mut s.log_level, v.to_owned()), |s| Some(s.log_level.clone())), &["log"])
+    },
+    list(one("auth.sender_tokens", "auth-sender-tokens", "WAQUOTA_AUTH_SENDER_TOKENS", "TOKENS",
+        "Bearer tokens that may call QuotaService, comma-separated (prefer the file or the environment: flags show in the process list)",
+        |s, _, v| put(&mut s.auth.sender_tokens, parse_list(v)), |_| None)),
+    list(one("auth.operator_tokens", "auth-operator-tokens", "WAQUOTA_AUTH_OPERATOR_TOKENS", "TOKENS",
+        "Bearer tokens that may call QuotaService and AdminService, comma-separated",
+        |s, _, v| put(&mut s.auth.operator_tokens, parse_list(v)), |_| None)),
+    one("tls.cert", "tls-cert", "WAQUOTA_TLS_CERT", "PEM",
+        "Server certificate (PEM) for TLS; needs --tls-key",
+        |_, p, v| put(&mut p.tls_cert, Some(v.into())), |_| None),
+    one("tls.key", "tls-key", "WAQUOTA_TLS_KEY", "PEM",
+        "Private key (PEM) of --tls-cert",
+        |_, p, v| put(&mut p.tls_key, Some(v.into())), |_| None),
+    one("tls.client_ca", "tls-client-ca", "WAQUOTA_TLS_CLIENT_CA", "PEM",
+        "CA (PEM) that client certificates must chain to (mutual TLS)",
+        |_, p, v| put(&mut p.tls_client_ca, Some(v.into())), |_| None),
+];
+
+/// Every environment variable read, and the setting it sets (older names included).
+pub fn env_vars() -> Vec<(&'static str, &'static str)> {
+    SETTINGS
+        .iter()
+        .flat_map(|s| {
+            std::iter::once(s.env)
+                .chain(s.env_alias)
+                .map(|var| (var, s.key))
+        })
+        .collect()
+}
+
+/// Adds every setting's flag to `cmd`. Each value is checked as it is parsed, so a value that
+/// cannot be a setting's is a usage error naming the flag, like any other bad argument.
+pub fn clap_args(mut cmd: clap::Command) -> clap::Command {
+    let defaults = Settings::default();
+    for s in SETTINGS.iter() {
+        let mut help = s.help.to_owned();
+        if let Some(d) = (s.show)(&defaults) {
+            help.push_str(&format!(" [default: {d}]"));
+        }
+        match s.env_alias {
+            Some(older) => help.push_str(&format!(" [env: {}, or the older {older}]", s.env)),
+            None => help.push_str(&format!(" [env: {}]", s.env)),
+        }
+        let mut arg = clap::Arg::new(s.flag)
+            .long(s.flag)
+            .aliases(s.flag_aliases)
+            .value_name(s.value_name)
+            .help(help)
+            .value_parser(move |v: &str| s.check(v).map(|()| v.to_owned()));
+        arg = match s.kind {
+            Kind::One => arg.action(clap::ArgAction::Set),
+            Kind::List => arg.action(clap::ArgAction::Append).value_delimiter(','),
+            Kind::Switch => arg
+                .num_args(0..=1)
+                .require_equals(true)
+                .default_missing_value("true"),
+        };
+        cmd = cmd.arg(arg);
+    }
+    cmd
+}
+
+/// A comma-separated list; blanks around items are dropped.
+pub fn parse_list(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// `true`/`false` as people write them in environments.
@@ -853,7 +1253,6 @@ pub fn parse_bool(value: &str) -> Result<bool, String> {
     }
 }
 
-/// A comma-separated list; blanks around items are dropped.
 /// `sender=deny|allow` pairs: per-sender store-outage answers.
 pub fn parse_sender_policies(pairs: &[String]) -> Result<BTreeMap<String, OnStoreError>, String> {
     pairs
@@ -862,7 +1261,7 @@ pub fn parse_sender_policies(pairs: &[String]) -> Result<BTreeMap<String, OnStor
             let (sender, policy) = pair
                 .split_once('=')
                 .ok_or_else(|| format!("{pair:?}: use sender=deny or sender=allow"))?;
-            Ok((sender.trim().to_owned(), parse_name(policy.trim())?))
+            Ok((sender.trim().to_owned(), name(policy.trim())?))
         })
         .collect()
 }
@@ -880,235 +1279,219 @@ pub fn parse_pairs(pairs: &[String]) -> Result<BTreeMap<String, String>, String>
         .collect()
 }
 
-pub fn parse_list(value: &str) -> Vec<String> {
-    value
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .collect()
+/// Settings given by the environment or by flags, as text with where each came from: each one
+/// given replaces what the layers below said.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overrides {
+    values: Vec<(Origin, &'static Setting, String)>,
 }
 
 impl Overrides {
-    /// Reads the `WAQUOTA_…` variables of [`ENV_VARS`] among `vars`; others are ignored, and so
+    /// Reads the `WAQUOTA_…` variables of [`SETTINGS`] among `vars`; others are ignored, and so
     /// is a variable set to the empty string.
     pub fn from_env(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
-        let mut o = Overrides::default();
-        let (mut redis_url, mut cluster, mut old_log) = (None, None, None);
-        let (mut sentinels, mut master) = (None, None);
-        for (name, value) in vars {
+        let mut values = Vec::new();
+        for (var, value) in vars {
             let value = value.trim();
-            if !name.starts_with("WAQUOTA_") || value.is_empty() {
+            if !var.starts_with("WAQUOTA_") || value.is_empty() {
                 continue;
             }
-            let mut set = |o: &mut Overrides| -> Result<(), String> {
-                let addr = "a socket address (host:port)";
-                let count = "a whole number";
-                match name.as_str() {
-                    "WAQUOTA_LISTEN" => o.listen = Some(parse(value, addr)?),
-                    "WAQUOTA_REDIS_URL" => redis_url = Some(value.to_owned()),
-                    "WAQUOTA_REDIS_CLUSTER" => cluster = Some(parse_list(value)),
-                    "WAQUOTA_REDIS_SENTINEL" => sentinels = Some(parse_list(value)),
-                    "WAQUOTA_REDIS_SENTINEL_MASTER" => master = Some(value.to_owned()),
-                    "WAQUOTA_DURABILITY" => o.durability = Some(parse_name(value)?),
-                    "WAQUOTA_DURABILITY_REPLICAS" => {
-                        o.durability_replicas = Some(parse(value, count)?)
-                    }
-                    "WAQUOTA_DURABILITY_TIMEOUT_MS" => {
-                        o.durability_timeout = Some(Duration::from_millis(parse(value, count)?))
-                    }
-                    "WAQUOTA_ON_LEDGER_LOSS" => o.on_ledger_loss = Some(parse_name(value)?),
-                    "WAQUOTA_KEY_PREFIX" => o.key_prefix = Some(value.to_owned()),
-                    "WAQUOTA_TRUST_CLIENT_CLOCK" => o.trust_client_clock = Some(parse_bool(value)?),
-                    "WAQUOTA_DEFAULT_TIER" => o.default_sender_tier = Some(parse_name(value)?),
-                    "WAQUOTA_DEFAULT_SENDER_MODE" => {
-                        o.default_sender_mode = Some(parse_name(value)?)
-                    }
-                    "WAQUOTA_DEFAULT_PORTFOLIO_TIER" => {
-                        o.default_portfolio_tier = Some(parse_name(value)?)
-                    }
-                    "WAQUOTA_DEFAULT_PORTFOLIO_MODE" => {
-                        o.default_portfolio_mode = Some(parse_name(value)?)
-                    }
-                    "WAQUOTA_DEFAULT_MESSAGES_PER_SECOND" => {
-                        o.default_messages_per_second = Some(parse(value, count)?)
-                    }
-                    "WAQUOTA_DEFAULT_PAIR_INTERVAL_MS" => {
-                        o.default_pair_interval = Some(Duration::from_millis(parse(value, count)?))
-                    }
-                    "WAQUOTA_DEFAULT_PAIR_BURST" => {
-                        o.default_pair_burst = Some(parse(value, count)?)
-                    }
-                    "WAQUOTA_MAX_BATCH" => o.max_batch = Some(parse(value, count)?),
-                    "WAQUOTA_MAX_MESSAGE_BYTES" => o.max_message_bytes = Some(parse(value, count)?),
-                    "WAQUOTA_MAX_IN_FLIGHT" => o.max_in_flight = Some(parse(value, count)?),
-                    "WAQUOTA_REDIS_POOL_SIZE" => o.redis_pool_size = Some(parse(value, count)?),
-                    "WAQUOTA_REDIS_TIMEOUT_MS" => {
-                        o.redis_timeout = Some(Duration::from_millis(parse(value, count)?))
-                    }
-                    "WAQUOTA_SHUTDOWN_GRACE_MS" => {
-                        o.shutdown_grace = Some(Duration::from_millis(parse(value, count)?))
-                    }
-                    "WAQUOTA_SHUTDOWN_DELAY_MS" => {
-                        o.shutdown_delay = Some(Duration::from_millis(parse(value, count)?))
-                    }
-                    "WAQUOTA_ON_STORE_ERROR" => o.on_store_error = Some(parse_name(value)?),
-                    "WAQUOTA_ON_STORE_ERROR_SENDERS" => {
-                        o.on_store_error_senders = Some(parse_sender_policies(&parse_list(value))?)
-                    }
-                    "WAQUOTA_REDIS_CA" => o.redis_ca = Some(value.into()),
-                    "WAQUOTA_METRICS_LISTEN" => o.metrics_listen = Some(parse(value, addr)?),
-                    "WAQUOTA_WEBHOOK_LISTEN" => o.webhook_listen = Some(parse(value, addr)?),
-                    "WAQUOTA_WEBHOOK_VERIFY_TOKEN" => {
-                        o.webhook_verify_token = Some(value.to_owned())
-                    }
-                    "WAQUOTA_WEBHOOK_APP_SECRETS" => {
-                        o.webhook_app_secrets = Some(parse_list(value))
-                    }
-                    "WAQUOTA_WEBHOOK_FORWARD" => o.webhook_forward = Some(value.to_owned()),
-                    "WAQUOTA_WEBHOOK_MAX_BODY_BYTES" => {
-                        o.webhook_max_body_bytes = Some(parse(value, count)?)
-                    }
-                    "WAQUOTA_WEBHOOK_WABAS" => {
-                        o.webhook_wabas = Some(parse_pairs(&parse_list(value))?)
-                    }
-                    "WAQUOTA_WEBHOOK_DISPLAYS" => {
-                        o.webhook_displays = Some(parse_pairs(&parse_list(value))?)
-                    }
-                    "WAQUOTA_LOG_FORMAT" => o.log_format = Some(parse_name(value)?),
-                    "WAQUOTA_LOG_LEVEL" => o.log_level = Some(value.to_owned()),
-                    "WAQUOTA_LOG" => old_log = Some(value.to_owned()),
-                    "WAQUOTA_AUTH_SENDER_TOKENS" => o.sender_tokens = Some(parse_list(value)),
-                    "WAQUOTA_AUTH_OPERATOR_TOKENS" => o.operator_tokens = Some(parse_list(value)),
-                    "WAQUOTA_TLS_CERT" => o.tls_cert = Some(value.into()),
-                    "WAQUOTA_TLS_KEY" => o.tls_key = Some(value.into()),
-                    "WAQUOTA_TLS_CLIENT_CA" => o.tls_client_ca = Some(value.into()),
-                    // WAQUOTA_ADDR, WAQUOTA_TOKEN, WAQUOTA_CONFIG: the CLI's, not settings.
-                    _ => {}
+            // WAQUOTA_ADDR, WAQUOTA_TOKEN, WAQUOTA_CONFIG are the CLI's, not settings.
+            for s in SETTINGS.iter() {
+                if s.env == var {
+                    values.push((Origin::Env(s.env), s, value.to_owned()));
+                } else if s.env_alias == Some(var.as_str()) {
+                    values.push((
+                        Origin::Env(s.env_alias.unwrap_or(s.env)),
+                        s,
+                        value.to_owned(),
+                    ));
                 }
-                Ok(())
-            };
-            set(&mut o).map_err(|message| ConfigError::Env {
-                var: name.clone(),
-                message,
-            })?;
+            }
         }
-        let sentinel = match (sentinels, master) {
-            (Some(sentinels), Some(master)) => Some(Store::Sentinel { sentinels, master }),
-            (None, None) => None,
-            (Some(_), None) => {
-                return Err(ConfigError::Env {
-                    var: "WAQUOTA_REDIS_SENTINEL".into(),
-                    message: "is set without WAQUOTA_REDIS_SENTINEL_MASTER".into(),
-                });
-            }
-            (None, Some(_)) => {
-                return Err(ConfigError::Env {
-                    var: "WAQUOTA_REDIS_SENTINEL_MASTER".into(),
-                    message: "is set without WAQUOTA_REDIS_SENTINEL".into(),
-                });
-            }
-        };
-        let stores = [
-            (
-                "WAQUOTA_REDIS_URL",
-                redis_url.map(|url| Store::Redis { url }),
-            ),
-            (
-                "WAQUOTA_REDIS_CLUSTER",
-                cluster.map(|nodes| Store::Cluster { nodes }),
-            ),
-            ("WAQUOTA_REDIS_SENTINEL", sentinel),
-        ];
-        let mut named = stores.into_iter().filter(|(_, s)| s.is_some());
-        o.store = match (named.next(), named.next()) {
-            (Some((a, _)), Some((b, _))) => {
-                return Err(ConfigError::Env {
-                    var: a.into(),
-                    message: format!("{b} is set too: choose one store"),
-                });
-            }
-            (Some((_, store)), None) => store,
-            _ => None,
-        };
-        if o.log_level.is_none() {
-            o.log_level = old_log;
+        // An older name first, so that the current one, applied after it, wins.
+        values.sort_by_key(|(origin, s, _)| *origin == Origin::Env(s.env));
+        Overrides::checked(values)
+    }
+
+    /// Flags by their name without `--` (an alias counts), with their text as given.
+    pub fn flags<'a>(
+        flags: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, ConfigError> {
+        let mut values = Vec::new();
+        for (flag, value) in flags {
+            let setting = SETTINGS
+                .iter()
+                .find(|s| s.flag == flag || s.flag_aliases.contains(&flag))
+                .ok_or_else(|| ConfigError::Flag {
+                    flag: format!("--{flag}"),
+                    message: "is not a setting".into(),
+                })?;
+            values.push((Origin::Flag, setting, value.to_owned()));
         }
+        Overrides::checked(values)
+    }
+
+    /// Each value parses, and the store is named once: a layer's errors show before any layer
+    /// is applied.
+    fn checked(values: Vec<(Origin, &'static Setting, String)>) -> Result<Self, ConfigError> {
+        let o = Overrides { values };
+        let parts = o.stage(&mut Settings::default())?;
+        o.store(&parts)?;
         Ok(o)
     }
 
-    /// Writes every setting given here over `s`.
-    pub fn apply(self, s: &mut Settings) -> Result<(), ConfigError> {
-        fn put<T>(slot: &mut T, v: Option<T>) {
-            if let Some(v) = v {
-                *slot = v;
+    /// The error about `setting` as this layer gave it.
+    fn error(&self, setting: &Setting, message: impl fmt::Display) -> ConfigError {
+        let given = self.values.iter().rev().find(|(_, s, _)| *s == setting);
+        given
+            .map_or(Origin::Flag, |(o, _, _)| *o)
+            .error(setting, message)
+    }
+
+    /// How this layer names `key` (`--tls-key`, `WAQUOTA_TLS_KEY`).
+    fn name_of(&self, key: &str) -> String {
+        let origin = self.values.first().map_or(Origin::Flag, |(o, _, _)| *o);
+        let s = setting(key);
+        match origin {
+            Origin::Flag => s.name(Origin::Flag),
+            Origin::Env(_) => s.env.to_owned(),
+        }
+    }
+
+    /// Where this layer gave `key`, if it did.
+    fn given(&self, key: &str) -> Option<&'static Setting> {
+        self.values
+            .iter()
+            .rev()
+            .find(|(_, s, _)| s.key == key)
+            .map(|(_, s, _)| *s)
+    }
+
+    /// Writes the plain settings into `s`; returns the parts said together.
+    fn stage(&self, s: &mut Settings) -> Result<Parts, ConfigError> {
+        let mut parts = Parts::default();
+        for (origin, setting, value) in &self.values {
+            (setting.set)(s, &mut parts, value).map_err(|m| origin.error(setting, m))?;
+        }
+        Ok(parts)
+    }
+
+    /// The store this layer names, if any; naming two is an error.
+    fn store(&self, p: &Parts) -> Result<Option<Store>, ConfigError> {
+        let sentinel = match (&p.sentinels, &p.master) {
+            (Some(sentinels), Some(master)) => Some(Store::Sentinel {
+                sentinels: sentinels.clone(),
+                master: master.clone(),
+            }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(self.error(
+                    setting("redis_sentinel"),
+                    format!("is set without {}", self.name_of("redis_sentinel_master")),
+                ));
             }
+            (None, Some(_)) => {
+                return Err(self.error(
+                    setting("redis_sentinel_master"),
+                    format!("is set without {}", self.name_of("redis_sentinel")),
+                ));
+            }
+        };
+        let stores = [
+            ("store.url", p.redis.clone().map(|url| Store::Redis { url })),
+            (
+                "store.nodes",
+                p.cluster.clone().map(|nodes| Store::Cluster { nodes }),
+            ),
+            ("redis_sentinel", sentinel),
+        ];
+        let mut named = stores.into_iter().filter(|(_, s)| s.is_some());
+        match (named.next(), named.next()) {
+            (Some((a, _)), Some((b, _))) => Err(self.error(
+                setting(a),
+                format!("{} is set too: choose one store", self.name_of(b)),
+            )),
+            (Some((_, store)), None) => Ok(store),
+            _ => Ok(None),
         }
-        put(&mut s.listen, self.listen);
-        put(&mut s.store, self.store);
-        put(&mut s.key_prefix, self.key_prefix);
-        put(&mut s.trust_client_clock, self.trust_client_clock);
-        put(&mut s.defaults.sender.tier, self.default_sender_tier);
-        put(&mut s.defaults.sender.window_mode, self.default_sender_mode);
-        put(&mut s.defaults.portfolio.tier, self.default_portfolio_tier);
-        put(
-            &mut s.defaults.portfolio.window_mode,
-            self.default_portfolio_mode,
-        );
-        put(
-            &mut s.defaults.messages_per_second,
-            self.default_messages_per_second,
-        );
-        put(
-            &mut s.defaults.pair_interval_ms,
-            self.default_pair_interval.map(|d| d.as_millis() as i64),
-        );
-        put(&mut s.defaults.pair_burst, self.default_pair_burst);
-        put(&mut s.max_batch, self.max_batch);
-        put(&mut s.max_message_bytes, self.max_message_bytes);
-        put(&mut s.max_in_flight, self.max_in_flight);
-        put(&mut s.redis_pool_size, self.redis_pool_size);
-        put(&mut s.redis_timeout, self.redis_timeout);
-        put(&mut s.shutdown_grace, self.shutdown_grace);
-        put(&mut s.shutdown_delay, self.shutdown_delay);
-        put(&mut s.on_store_error, self.on_store_error);
-        put(&mut s.on_store_error_senders, self.on_store_error_senders);
-        put(&mut s.durability, self.durability);
-        put(&mut s.durability_replicas, self.durability_replicas);
-        put(&mut s.durability_timeout, self.durability_timeout);
-        put(&mut s.on_ledger_loss, self.on_ledger_loss);
-        if self.redis_ca.is_some() {
-            s.redis_ca = self.redis_ca;
+    }
+
+    /// Writes every setting given here over `s`.
+    pub fn apply(&self, s: &mut Settings) -> Result<(), ConfigError> {
+        let parts = self.stage(s)?;
+        if let Some(store) = self.store(&parts)? {
+            s.store = store;
         }
-        if self.metrics_listen.is_some() {
-            s.metrics_listen = self.metrics_listen;
-        }
-        if self.webhook_listen.is_some() {
-            s.webhook_listen = self.webhook_listen;
-        }
-        if self.webhook_verify_token.is_some() {
-            s.webhook_verify_token = self.webhook_verify_token;
-        }
-        if self.webhook_forward.is_some() {
-            s.webhook_forward = self.webhook_forward;
-        }
-        put(&mut s.webhook_app_secrets, self.webhook_app_secrets);
-        put(&mut s.webhook_max_body_bytes, self.webhook_max_body_bytes);
-        put(&mut s.webhook_wabas, self.webhook_wabas);
-        put(&mut s.webhook_displays, self.webhook_displays);
-        put(&mut s.log_format, self.log_format);
-        put(&mut s.log_level, self.log_level);
-        put(&mut s.auth.sender_tokens, self.sender_tokens);
-        put(&mut s.auth.operator_tokens, self.operator_tokens);
-        if self.tls_cert.is_some() || self.tls_key.is_some() || self.tls_client_ca.is_some() {
+        if parts.tls_cert.is_some() || parts.tls_key.is_some() || parts.tls_client_ca.is_some() {
             let below = s.tls.take();
-            let cert = self.tls_cert.or(below.as_ref().map(|t| t.cert.clone()));
-            let key = self.tls_key.or(below.as_ref().map(|t| t.key.clone()));
-            let client_ca = self.tls_client_ca.or(below.and_then(|t| t.client_ca));
-            s.tls = Some(tls_settings(cert, key, client_ca)?);
+            let cert = parts.tls_cert.or(below.as_ref().map(|t| t.cert.clone()));
+            let key = parts.tls_key.or(below.as_ref().map(|t| t.key.clone()));
+            let client_ca = parts.tls_client_ca.or(below.and_then(|t| t.client_ca));
+            let (given, missing, what) = match (cert, key) {
+                (Some(cert), Some(key)) => {
+                    s.tls = Some(TlsSettings {
+                        cert,
+                        key,
+                        client_ca,
+                    });
+                    return Ok(());
+                }
+                (Some(_), None) => (
+                    "tls.cert",
+                    self.name_of("tls.key"),
+                    "the certificate's private key",
+                ),
+                (None, Some(_)) => (
+                    "tls.key",
+                    self.name_of("tls.cert"),
+                    "the server certificate",
+                ),
+                (None, None) => (
+                    "tls.client_ca",
+                    format!(
+                        "{} and {}",
+                        self.name_of("tls.cert"),
+                        self.name_of("tls.key")
+                    ),
+                    "mutual TLS needs TLS",
+                ),
+            };
+            return Err(self.error(setting(given), format!("is set without {missing} ({what})")));
         }
         Ok(())
     }
+}
+
+/// The setting with file key `key`; every key named in this module is in [`SETTINGS`].
+fn setting(key: &str) -> &'static Setting {
+    SETTINGS
+        .iter()
+        .find(|s| s.key == key)
+        .unwrap_or(&SETTINGS[0])
+}
+
+/// The line of `key` (`defaults.sender_tier`: `sender_tier` under `[defaults]`; a map's
+/// `[webhook_wabas]`) in a TOML file's text, when it is written there plainly.
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    let (table, leaf) = key.rsplit_once('.').unwrap_or(("", key));
+    let mut current = "";
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if let Some(header) = line.strip_prefix('[') {
+            current = header.trim_end_matches(']').trim();
+            // A map setting (`[webhook_wabas]`) is a table of its own.
+            if current == key {
+                return Some(i + 1);
+            }
+        } else if current == table
+            && let Some(rest) = line.strip_prefix(leaf)
+            && rest.trim_start().starts_with('=')
+        {
+            return Some(i + 1);
+        }
+    }
+    None
 }
 
 /// A TLS section from parts: a certificate needs its key, and a client CA needs both.
@@ -1233,6 +1616,7 @@ mod millis {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{Tier, WindowMode};
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
@@ -1310,11 +1694,7 @@ mod tests {
             ("WAQUOTA_AUTH_SENDER_TOKENS", "a, b,"),
             ("HOME", "/root"),
         ]);
-        let flags = Overrides {
-            max_batch: Some(30),
-            default_sender_tier: Some(Tier::T100K),
-            ..Overrides::default()
-        };
+        let flags = Overrides::flags([("max-batch", "30"), ("default-tier", "100k")]).unwrap();
         let s = Settings::load(Some(&f.0), vars, flags).unwrap();
         assert_eq!(s.listen, "127.0.0.1:1000".parse().unwrap(), "file only");
         assert_eq!(s.max_in_flight, 7, "file only");
@@ -1482,7 +1862,7 @@ mod tests {
         ]);
         assert_eq!(
             vars.len() + 3,
-            ENV_VARS.len(),
+            env_vars().len(),
             "all but WAQUOTA_REDIS_URL and the two Sentinel ones (the store is the cluster here)"
         );
         let o = Overrides::from_env(vars).unwrap();
@@ -1656,46 +2036,27 @@ mod tests {
         let e = load(&[("WAQUOTA_TLS_CERT", "/c")], Overrides::default());
         assert_eq!(
             e,
-            "tls.cert: is set without tls.key (the certificate's private key)"
+            "WAQUOTA_TLS_CERT: is set without WAQUOTA_TLS_KEY (the certificate's private key)"
         );
-        let e = load(
-            &[],
-            Overrides {
-                store: Some(Store::Redis {
-                    url: "http://u:secret@h".into(),
-                }),
-                ..Overrides::default()
-            },
-        );
+        let flag = |name, value| Overrides::flags([(name, value)]).unwrap();
+        let e = load(&[], flag("redis", "http://u:secret@h"));
         assert!(
-            e.starts_with("store.url: \"http://u:***@h\" is not a Redis URL"),
+            e.starts_with("--redis: \"http://u:***@h\" is not a Redis URL"),
             "{e}"
         );
+        let e = load(&[], flag("key-prefix", "a{b}"));
+        assert!(e.starts_with("--key-prefix:"), "{e}");
+        let e = load(&[], flag("redis-pool-size", "0"));
+        assert_eq!(e, "--redis-pool-size: must be at least 1, got 0");
         let e = load(
             &[],
-            Overrides {
-                key_prefix: Some("a{b}".into()),
-                ..Overrides::default()
-            },
+            Overrides::flags([
+                ("tls-cert", "/nonexistent/cert.pem"),
+                ("tls-key", "/nonexistent/key.pem"),
+            ])
+            .unwrap(),
         );
-        assert!(e.starts_with("key_prefix:"), "{e}");
-        let e = load(
-            &[],
-            Overrides {
-                redis_pool_size: Some(0),
-                ..Overrides::default()
-            },
-        );
-        assert_eq!(e, "redis_pool_size: must be at least 1, got 0");
-        let e = load(
-            &[],
-            Overrides {
-                tls_cert: Some("/nonexistent/cert.pem".into()),
-                tls_key: Some("/nonexistent/key.pem".into()),
-                ..Overrides::default()
-            },
-        );
-        assert!(e.starts_with("tls.cert: /nonexistent/cert.pem:"), "{e}");
+        assert!(e.starts_with("--tls-cert: /nonexistent/cert.pem:"), "{e}");
         let e = load(
             &[
                 ("WAQUOTA_REDIS_CLUSTER", "rediss://b:1"),
@@ -1704,14 +2065,180 @@ mod tests {
             Overrides::default(),
         );
         assert!(
-            e.starts_with("redis_ca: is supported with a standalone Redis only"),
+            e.starts_with("WAQUOTA_REDIS_CA: is supported with a standalone Redis only"),
             "{e}"
         );
         let e = load(
             &[("WAQUOTA_DEFAULT_MESSAGES_PER_SECOND", "0")],
             Overrides::default(),
         );
-        assert_eq!(e, "defaults.messages_per_second: must be 1 to 100,000");
+        assert_eq!(
+            e,
+            "WAQUOTA_DEFAULT_MESSAGES_PER_SECOND: must be 1 to 100,000"
+        );
+    }
+
+    #[test]
+    fn every_setting_is_read_back_under_its_file_key() {
+        let sample = |s: &Setting| match s.value_name {
+            "ADDR" => "127.0.0.1:9",
+            "URL" if s.flag == "redis" => "redis://h:1",
+            "URL" => "http://h/",
+            "URLS" => "redis://h:1",
+            "N" | "BYTES" | "MS" => "4097",
+            "TIER" => "1k",
+            "MODE" if s.key == "defaults.sender_mode" => "rolling",
+            "MODE" => "conversation",
+            "async|replicated" => "replicated",
+            "deny_new|allow" | "deny|allow" => "allow",
+            "text|json" => "json",
+            "WABA=PORTFOLIO" | "DISPLAY=SENDER" | "SENDER=deny|allow" => "a=allow",
+            "BOOL" => "true",
+            "FILTER" => "debug",
+            "NAME" => "m",
+            _ => "x",
+        };
+        for s in SETTINGS.iter() {
+            let mut given = vec![(s.flag, sample(s))];
+            match s.key {
+                "redis_sentinel" => given.push(("redis-sentinel-master", "m")),
+                "redis_sentinel_master" => given.push(("redis-sentinel", "redis://h:1")),
+                "tls.client_ca" => given.extend([("tls-cert", "c"), ("tls-key", "k")]),
+                "tls.cert" => given.push(("tls-key", "k")),
+                "tls.key" => given.push(("tls-cert", "c")),
+                _ => {}
+            }
+            let mut settings = Settings::default();
+            Overrides::flags(given)
+                .unwrap()
+                .apply(&mut settings)
+                .unwrap();
+            let printed = settings.to_toml();
+            assert_ne!(
+                printed,
+                Settings::default().to_toml(),
+                "{s:?} changed nothing"
+            );
+            let again = Settings::from_toml(&printed).unwrap();
+            assert_eq!(again.to_toml(), printed, "{s:?}");
+            // The Sentinel store prints as [store]; its top-level spelling is read as a file.
+            if s.key.starts_with("redis_sentinel") {
+                let file = "redis_sentinel = [\"redis://h:1\"]\nredis_sentinel_master = \"m\"\n";
+                assert_eq!(Settings::from_toml(file).unwrap().store, settings.store);
+            } else {
+                assert!(
+                    line_of(&printed, s.key).is_some(),
+                    "{} not in {printed}",
+                    s.key
+                );
+            }
+        }
+        let vars = env_vars();
+        assert!(
+            vars.contains(&("WAQUOTA_LOG", "log_level")),
+            "the older name"
+        );
+        assert_eq!(vars.len(), SETTINGS.len() + 1);
+    }
+
+    #[test]
+    fn a_refused_value_is_named_where_it_was_given() {
+        let f = file("max_batch = 5\nredis_timeout = 0\n[defaults]\npair_burst = 0\n");
+        let flags = |pairs: &[(&str, &str)]| Overrides::flags(pairs.iter().copied()).unwrap();
+        let load = |vars: &[(&str, &str)], flags: Overrides| {
+            Settings::load(Some(&f.0), env(vars), flags)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let path = f.0.display();
+        let burst = [("WAQUOTA_DEFAULT_PAIR_BURST", "3")];
+        assert_eq!(
+            load(&burst, Overrides::default()),
+            Err(format!(
+                "{path}: line 2: redis_timeout: must be at least 1 ms"
+            )),
+            "the file's key and line"
+        );
+        assert_eq!(
+            load(&[], flags(&[("redis-timeout-ms", "9")])),
+            Err(format!(
+                "{path}: line 4: defaults.pair_burst: must be 1 to 10,000"
+            ))
+        );
+        let both = [
+            ("WAQUOTA_DEFAULT_PAIR_BURST", "3"),
+            ("WAQUOTA_REDIS_TIMEOUT_MS", "9"),
+        ];
+        assert_eq!(load(&both, Overrides::default()), Ok(()));
+        assert_eq!(
+            load(
+                &[("WAQUOTA_REDIS_TIMEOUT_MS", "0")],
+                flags(&[("default-pair-burst", "3")])
+            ),
+            Err("WAQUOTA_REDIS_TIMEOUT_MS: must be at least 1 ms".into()),
+            "the variable over the file"
+        );
+        assert_eq!(
+            load(&both, flags(&[("redis-timeout-ms", "0")])),
+            Err("--redis-timeout-ms: must be at least 1 ms".into()),
+            "the flag over the variable and the file"
+        );
+        assert_eq!(
+            load(&both, flags(&[("durability-timeout-ms", "0"), ("durability", "replicated"), ("redis", "redis://h:1")])),
+            Err("--durability-timeout-ms: must be at least 1 ms and less than redis_timeout (9 ms), got 0 ms".into())
+        );
+        let e = Overrides::flags([("redis-sentinel", "redis://h:1")]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--redis-sentinel: is set without --redis-sentinel-master"
+        );
+        let e = Overrides::flags([("redis", "redis://h:1"), ("redis-cluster", "redis://h:2")])
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--redis: --redis-cluster is set too: choose one store"
+        );
+    }
+
+    #[test]
+    fn pem_files_are_read_and_parsed() {
+        let cert = file("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n");
+        let junk = file("not pem\n");
+        let with = |cert_path: &Path, key_path: &Path| Settings {
+            tls: Some(TlsSettings {
+                cert: cert_path.into(),
+                key: key_path.into(),
+                client_ca: None,
+            }),
+            ..Settings::default()
+        };
+        let e = with(&junk.0, &junk.0).validate().unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!("tls.cert: {}: holds no PEM certificate", junk.0.display())
+        );
+        let e = with(&cert.0, &cert.0).validate().unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "tls.key: {}: not a PEM private key",
+                cert.0.display()
+            )),
+            "{e}"
+        );
+        let s = Settings {
+            store: Store::Redis {
+                url: "rediss://h:1".into(),
+            },
+            redis_ca: Some(junk.0.clone()),
+            ..Settings::default()
+        };
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.starts_with("redis_ca: "), "{e}");
+        let s = Settings {
+            redis_ca: Some(cert.0.clone()),
+            ..s
+        };
+        s.validate().unwrap();
     }
 
     #[test]

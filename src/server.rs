@@ -187,7 +187,9 @@ pub async fn serve_instrumented<L: Ledger>(
     };
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(l) = metrics_listener {
-        tracing::info!(addr = ?l.local_addr().ok(), "metrics at /metrics");
+        if let Ok(addr) = l.local_addr() {
+            tracing::info!(%addr, "metrics at /metrics");
+        }
         tokio::spawn(crate::metrics::serve(l, metrics.clone(), async {
             let _ = metrics_stopped.await;
         }));
@@ -276,22 +278,24 @@ pub async fn serve_instrumented<L: Ledger>(
                     .set_service_status(s, ServingStatus::NotServing)
                     .await;
             }
-            tracing::info!(?delay, "shutting down: health is NOT_SERVING");
+            tracing::info!(delay = %millis_text(delay), "shutting down: health is NOT_SERVING");
             tokio::time::sleep(delay).await;
             tracing::info!("closing the listener, draining in-flight requests");
             let _ = closing.send(());
         }
     };
 
-    let addr = listener.local_addr().ok();
+    let addr = listener
+        .local_addr()
+        .map_or_else(|e| e.to_string(), |a| a.to_string());
     tracing::info!(
-        ?addr,
+        %addr,
         store = %store_name(&settings.store),
         tls = settings.tls.is_some(),
         mutual_tls = settings.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
         auth = settings.auth.enabled(),
         max_in_flight = settings.max_in_flight,
-        on_store_error = ?settings.on_store_error,
+        on_store_error = %settings.on_store_error.name(),
         trust_client_clock = settings.trust_client_clock,
         "waquota serving"
     );
@@ -330,7 +334,7 @@ pub async fn serve_instrumented<L: Ledger>(
             }
             tokio::time::sleep(grace).await;
         } => {
-            tracing::warn!(?grace, "shutdown grace elapsed with requests still in flight: stopping anyway");
+            tracing::warn!(grace = %millis_text(grace), "shutdown grace elapsed with requests still in flight: stopping anyway");
             Ok(())
         }
     };
@@ -340,6 +344,14 @@ pub async fn serve_instrumented<L: Ledger>(
 }
 
 /// The store's kind for logs: never its URL, which may hold a password.
+/// A duration in a log line as the settings give it: `10s`, `50ms`.
+fn millis_text(d: Duration) -> String {
+    match d.as_millis() {
+        ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        ms => format!("{ms}ms"),
+    }
+}
+
 fn store_name(store: &Store) -> &'static str {
     match store {
         Store::Memory => "memory",

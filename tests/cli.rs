@@ -607,6 +607,10 @@ async fn bad_arguments_exit_2_with_a_clear_message() {
         let out = raw(args).await;
         assert_eq!(out.code, 2, "{args:?}: {}", out.stderr);
         assert!(out.stderr.contains(want), "{args:?}: {}", out.stderr);
+        // clap's own errors look like every other error: one `waquota: …` line.
+        let line = out.stderr.trim_end();
+        assert_eq!(line.lines().count(), 1, "{args:?}: {line}");
+        assert!(line.starts_with("waquota: "), "{args:?}: {line}");
     }
     // Usage errors found before connecting are one line too.
     let args = [

@@ -111,6 +111,21 @@ fn config_check_prints_the_effective_settings_with_secrets_redacted() {
             .contains(r#"url = "redis://app:***@127.0.0.1:6379/0""#)
     );
     assert!(out.stdout.contains(r#"operator_tokens = ["***", "***"]"#));
+    // Each value given above the defaults says where it came from.
+    let path = file.path();
+    for line in [
+        "max_batch = 30  # --max-batch".to_owned(),
+        r#"key_prefix = "from-env"  # WAQUOTA_KEY_PREFIX"#.to_owned(),
+        format!("max_in_flight = 64  # {path}:5"),
+        format!("sender_tier = \"1k\"  # {path}:13"),
+        "max_message_bytes = 4194304".to_owned(),
+    ] {
+        assert!(
+            out.stdout.lines().any(|l| l == line),
+            "{line:?} in {}",
+            out.stdout
+        );
+    }
 
     // What it prints is a configuration file: read it back and check every layer's winner.
     let s = Settings::from_toml(&out.stdout).expect("the output reads back as settings");
@@ -199,12 +214,12 @@ fn invalid_settings_fail_with_one_clear_line() {
         (
             vec!["--redis", "http://u:pw@host"],
             vec![],
-            "store.url: \"http://u:***@host\" is not a Redis URL",
+            "--redis: \"http://u:***@host\" is not a Redis URL",
         ),
         (
             vec!["--tls-key", "/k.pem"],
             vec![],
-            "tls.key: is set without tls.cert",
+            "--tls-key: is set without --tls-cert",
         ),
         (
             vec![],
@@ -214,7 +229,7 @@ fn invalid_settings_fail_with_one_clear_line() {
         (
             vec!["--redis-pool-size", "0"],
             vec![],
-            "redis_pool_size: must be at least 1",
+            "--redis-pool-size: must be at least 1",
         ),
     ];
     for (args, env, want) in cases {
@@ -260,7 +275,7 @@ fn serve_refuses_invalid_settings_before_listening() {
     assert!(
         out.stderr
             .trim_end()
-            .starts_with("waquota: invalid configuration: store.url:"),
+            .starts_with("waquota: invalid configuration: --redis:"),
         "{}",
         out.stderr
     );
@@ -348,6 +363,10 @@ fn serve_logs_plain_text_without_colours_when_not_on_a_terminal() {
         "no ANSI escapes in a pipe: {line:?}"
     );
     assert!(line.contains(" INFO "), "{line:?}");
+    // Fields in their display form, as the settings spell them.
+    assert!(line.contains(" addr=127.0.0.1:"), "{line:?}");
+    assert!(line.contains(" on_store_error=deny "), "{line:?}");
+    assert!(!line.contains("Some("), "{line:?}");
 }
 
 // ------------------------------------------------------------------------------ Redis URLs
@@ -594,7 +613,7 @@ fn every_setting_has_a_flag() {
             "--redis",
             "rediss://127.0.0.1:6379",
             "--redis-ca",
-            "/redis-ca.pem",
+            &ca,
             "--log",
             "warn",
             "--trust-client-clock=false",
@@ -606,8 +625,116 @@ fn every_setting_has_a_flag() {
     assert_eq!(j["log_level"], "warn");
     assert_eq!(j["trust_client_clock"], false);
     assert_eq!(j["store"]["url"], "rediss://127.0.0.1:6379");
+    assert_eq!(j["redis_ca"], ca, "--redis-ca goes with a standalone Redis");
+}
+
+#[test]
+fn server_commands_show_and_take_only_their_own_options() {
+    let help = run(&["serve", "--help"], &[]);
+    assert_eq!(help.code, 0, "{}", help.stderr);
+    for own in ["--listen", "--redis-timeout-ms", "--log-level", "--config"] {
+        assert!(help.stdout.contains(own), "{own} missing: {}", help.stdout);
+    }
+    assert!(
+        help.stdout
+            .contains("[default: 2000] [env: WAQUOTA_REDIS_TIMEOUT_MS]"),
+        "{}",
+        help.stdout
+    );
+    for operator in [
+        "--addr",
+        "--token",
+        "--ca-cert",
+        "--client-key",
+        "--json",
+        "--at ",
+    ] {
+        assert!(
+            !help.stdout.contains(operator),
+            "{operator} in {}",
+            help.stdout
+        );
+    }
+    let help = run(&["config", "check", "--help"], &[]);
+    assert!(help.stdout.contains("--json"), "{}", help.stdout);
+    assert!(!help.stdout.contains("--addr"), "{}", help.stdout);
+    // An operator option given to the server is refused, not silently ignored.
+    let out = run(&["serve", "--addr", "http://127.0.0.1:1"], &[]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
     assert_eq!(
-        j["redis_ca"], "/redis-ca.pem",
-        "--redis-ca goes with a standalone Redis"
+        out.stderr.trim_end(),
+        "waquota: --addr is an operator option: serve does not use it"
+    );
+    // The operator commands still take them.
+    let help = run(&["inspect", "--help"], &[]);
+    assert!(help.stdout.contains("--addr"), "{}", help.stdout);
+}
+
+#[test]
+fn usage_errors_are_one_line_naming_the_flag() {
+    for (args, want) in [
+        (
+            vec!["serve", "--redis-timeout-ms", "soon"],
+            "waquota: invalid value 'soon' for '--redis-timeout-ms <MS>': \"soon\" is not a whole number",
+        ),
+        (
+            vec!["serve", "--lisen", "x"],
+            "waquota: unexpected argument '--lisen' found",
+        ),
+        (
+            vec!["config", "check", "--default-sender-tier", "3k"],
+            "waquota: invalid value '3k' for '--default-tier <TIER>': unknown tier \"3k\"",
+        ),
+    ] {
+        let out = run(&args, &[]);
+        assert_eq!(out.code, 2, "{args:?}: {}", out.stderr);
+        let line = out.stderr.trim_end();
+        assert_eq!(line.lines().count(), 1, "{line}");
+        assert!(line.starts_with(want), "{args:?}: {line}");
+    }
+}
+
+#[test]
+fn config_check_reads_the_files_it_names() {
+    let certs = TestCerts::generate();
+    let (cert, key) = (certs.path("server.pem"), certs.path("server.key"));
+    let ok = run(
+        &["config", "check", "--tls-cert", &cert, "--tls-key", &key],
+        &[],
+    );
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    let swapped = run(
+        &["config", "check", "--tls-cert", &cert, "--tls-key", &cert],
+        &[],
+    );
+    assert_eq!(swapped.code, 1, "{}", swapped.stderr);
+    assert!(
+        swapped.stderr.starts_with(&format!(
+            "waquota: invalid configuration: --tls-key: {cert}: not a PEM private key"
+        )),
+        "{}",
+        swapped.stderr
+    );
+    let file = ConfigFile::new("pem", &format!("[tls]\ncert = {key:?}\nkey = {key:?}\n"));
+    let out = run(&["config", "check", "--config", file.path()], &[]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&format!(
+            "{}: line 2: tls.cert: {key}: holds no PEM certificate",
+            file.path()
+        )),
+        "{}",
+        out.stderr
+    );
+    let out = run(
+        &["config", "check", "--redis", "rediss://127.0.0.1:1"],
+        &[("WAQUOTA_REDIS_CA", "/nonexistent/ca.pem")],
+    );
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .starts_with("waquota: invalid configuration: WAQUOTA_REDIS_CA: /nonexistent/ca.pem: "),
+        "{}",
+        out.stderr
     );
 }
