@@ -2,7 +2,9 @@
 
 use serde::Serialize;
 
-use super::{CliError, Session, describe, json_out, proto_target, target_json, tier_opt, time};
+use super::{
+    CliError, Session, describe, grid, json_out, proto_target, target_json, tier_opt, time,
+};
 use super::{TargetArgs, TargetJson};
 use crate::proto::{self, target};
 
@@ -51,30 +53,6 @@ pub struct Audited {
     /// The changes to the ledger as a whole (accepted losses, WABA mappings).
     #[arg(long)]
     pub ledger: bool,
-}
-
-/// Columns aligned under a header row; the last column is not padded.
-fn columns<const N: usize>(rows: &[[String; N]]) -> String {
-    let widths: Vec<usize> = (0..N)
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .enumerate()
-            .map(|(i, cell)| {
-                if i + 1 == N {
-                    cell.clone()
-                } else {
-                    format!("{cell:<w$}", w = widths[i])
-                }
-            })
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
 }
 
 #[derive(Serialize)]
@@ -170,19 +148,7 @@ pub(super) async fn list(
             next_page_token: next,
         }));
     }
-    let mut rows = vec![
-        [
-            "KIND",
-            "ID",
-            "TIER",
-            "USED",
-            "LIMIT",
-            "STATUS",
-            "PORTFOLIO",
-            "SENDERS",
-        ]
-        .map(String::from),
-    ];
+    let mut rows = Vec::new();
     for (t, id) in targets.iter().zip(&ids) {
         let (kind, name, portfolio, senders) = match &id.target {
             Some(target::Target::Portfolio(p)) => (
@@ -199,7 +165,7 @@ pub(super) async fn list(
             ),
             None => continue,
         };
-        rows.push([
+        rows.push(vec![
             kind.to_owned(),
             name,
             tier_opt(t.tier).unwrap_or("-").to_owned(),
@@ -210,10 +176,20 @@ pub(super) async fn list(
             senders,
         ]);
     }
-    let mut out = if rows.len() == 1 {
+    let header = [
+        "KIND",
+        "ID",
+        "TIER",
+        "USED",
+        "LIMIT",
+        "STATUS",
+        "PORTFOLIO",
+        "SENDERS",
+    ];
+    let mut out = if rows.is_empty() {
         "the ledger knows no target yet\n".to_owned()
     } else {
-        columns(&rows)
+        grid(Some(&header), rows, &[3, 4, 7])
     };
     if let Some(token) = next {
         out.push_str(&format!("next page: --page-token {token}\n"));
@@ -266,14 +242,13 @@ pub(super) async fn audit(s: &mut Session, args: &AuditArgs) -> Result<String, C
     if entries.is_empty() {
         return Ok(format!("no change to {whose} on record\n"));
     }
-    let mut rows = vec![["AT", "RPC", "BY", "CHANGE"].map(String::from)];
-    rows.extend(entries.into_iter().map(|e| {
-        [
+    let rows = entries.into_iter().map(|e| {
+        vec![
             time(e.at.as_ref()).unwrap_or_else(|| "-".into()),
             e.rpc,
             e.actor,
             e.change,
         ]
-    }));
-    Ok(columns(&rows))
+    });
+    Ok(grid(Some(&["AT", "RPC", "BY", "CHANGE"]), rows, &[]))
 }
