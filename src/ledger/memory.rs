@@ -204,6 +204,7 @@ impl State {
 
     /// A user got a new slot: count it for projections, and project an upgrade once the count
     /// first reaches the bar. Returns the user's previous entry (restored if the slot is released).
+    /// Mirrored by the uniques block at the end of lua/acquire.lua.
     fn note_unique(
         &mut self,
         home: &Target,
@@ -231,6 +232,7 @@ impl State {
         prev
     }
 
+    /// Mirrored by `release_slot` in lua/lib.lua.
     fn release_slot(
         &mut self,
         home: &Target,

@@ -6,7 +6,8 @@ use crate::model::{
     MONTH_MS, Millis, PORTFOLIO_ENTRY_UNIQUES, Policy, RuleSet, Tier, WEEK_MS, upgrade_delay,
 };
 
-/// How many of `times` fall after `since`.
+/// How many of `times` fall after `since`. The scripts count the same with ZCOUNT over the
+/// uniques zset (`(since` to `+inf`).
 pub fn count_since<'a>(times: impl IntoIterator<Item = &'a Millis>, since: Millis) -> u64 {
     times.into_iter().filter(|t| **t > since).count() as u64
 }
