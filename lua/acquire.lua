@@ -60,13 +60,15 @@ end
 local limit, effective = limit_of(W), effective_of(W)
 local rolling = W.mode == 'rolling'
 -- A status ends at its status_until (docs/contract.md, "Policies"); a refusal for it retries
--- then, or never when it has no end (Policy::status_at, and State::acquire, do the same).
+-- then, or never when it has no end.
+-- mirrors model::Policy::status_at
 local function status_at(P)
   if P.su and now >= P.su then
     return 'connected'
   end
   return P.status
 end
+-- mirrors rules::decide::status_retry
 local function until_of(stop)
   local at = now
   for _, P in ipairs({ W, S }) do
@@ -79,6 +81,7 @@ local function until_of(stop)
   end
   return at - now
 end
+-- From here to scap: mirrors rules::decide::standing (the rates: rules::rates::Rates::of).
 local blocks = function(s) return BLOCKING[s] end
 local restricts = function(s) return s == 'restricted' end
 local blocked = BLOCKING[status_at(W)] or BLOCKING[status_at(S)]
@@ -199,6 +202,7 @@ local function slot_of(r)
   return { a, b, c, d }
 end
 
+-- With the cap check in decide(): mirrors rules::rates::marketing_cap_until
 local function marketing_times(r)
   local times = mtimes[r]
   if not times then
@@ -220,6 +224,7 @@ local function marketing_times(r)
   return kept
 end
 
+-- mirrors rules::decide::decide (the lost-ledger refusal is the Redis ledger's alone)
 local function decide(r)
   if blocked then
     return 8, -1, blocked_retry
@@ -242,7 +247,6 @@ local function decide(r)
   -- The time-bound checks, in the order of docs/contract.md, "Which refusal is reported": the
   -- first that refuses is the one reported, and retry_after is when every one of them passes
   -- (each passes from some moment on), or none when one never does (an effective limit of 0).
-  -- As State::acquire.
   local refused, passes_at, never = nil, now, false
   local function refuse(d, at)
     refused = refused or d
@@ -309,6 +313,7 @@ local function decide(r)
   tat, tat_changed = new_tat, true
   ptat[r] = new_pt
   if marketing then
+    -- mirrors rules::rates::note_marketing
     local times = marketing_times(r)
     times[#times + 1] = now
     mtimes[r] = times
@@ -429,7 +434,7 @@ if next(uniques) ~= nil then
   chunked('ZADD', uqkey, z, 512)
   keep(uqkey, now + MONTH_MS, now, slack)
   -- Project an upgrade the first time the trailing count reaches the bar (docs/contract.md,
-  -- "Rule sets and tiers over time").
+  -- "Rule sets and tiers over time"). mirrors rules::projections::project_upgrade
   local pending = W.up_at and W.up_from == W.tier
   if not pending and eligible(W) and TIER_NEXT[W.rules][W.tier] then
     local u7 = redis.call('ZCOUNT', uqkey, '(' .. fmt(now - WEEK_MS), '+inf')

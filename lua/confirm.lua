@@ -33,6 +33,7 @@ if seq ~= win_rel_seq(win, string.sub(resv, dot + 1)) then
   return { 0 }
 end
 local opened = tonumber(string.sub(resv, 1, dot - 1))
+-- mirrors rules::decide::confirmed_until
 local delivered = math.min(math.max(tonumber(ARGV[6]), opened), now)
 local until_ms = math.max(s, delivered + tonumber(ARGV[7]))
 local slack = tonumber(ARGV[8])

@@ -33,6 +33,7 @@ if ARGV[5] ~= '' and release_slot(win, KEYS[4], ARGV[6], r, ARGV[5], now, KEYS[6
 end
 local hold = -1
 if tonumber(ARGV[7]) > 0 then
+  -- mirrors rules::decide::hold_until
   hold = now + tonumber(ARGV[7])
   local cur = redis.call('ZSCORE', KEYS[5], r)
   if cur and tonumber(cur) > hold then

@@ -23,6 +23,7 @@ if not ok then
 end
 local key, r, slack = KEYS[1], ARGV[4], tonumber(ARGV[6])
 redis.call('ZREMRANGEBYSCORE', key, '-inf', fmt(now))
+-- mirrors rules::decide::service_until
 local until_ms = now + tonumber(ARGV[5])
 local cur = redis.call('ZSCORE', key, r)
 if cur and tonumber(cur) > until_ms then
@@ -40,6 +41,7 @@ if mps < 1 then
 end
 local interval = math.floor(1000000 / mps)
 local now_us = now * 1000
+-- mirrors rules::rates::inbound_tat
 local tat = tonumber(redis.call('GET', KEYS[4]) or '') or now_us
 tat = math.min(math.max(tat, now_us) + interval, now_us + mps * interval)
 redis.call('SET', KEYS[4], fmt(tat), 'PX', ttl_ms(math.ceil(tat / 1000), now, slack))

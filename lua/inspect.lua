@@ -77,6 +77,7 @@ if r ~= '' then
 end
 local u7 = redis.call('ZCOUNT', KEYS[4], '(' .. fmt(now - WEEK_MS), '+inf')
 local u30 = redis.call('ZCOUNT', KEYS[4], '(' .. fmt(now - MONTH_MS), '+inf')
+-- mirrors rules::settle::projection
 local next_tier, up, down = '', -1, -1
 if W.up_at and W.up_from == W.tier and eligible(W) and TIER_NEXT[W.rules][W.tier] then
   next_tier, up = TIER_NEXT[W.rules][W.tier], W.up_at

@@ -203,7 +203,8 @@ local function slot_join(seq, touched, prev, opener)
 end
 
 -- The next reservation sequence. A window's first is now x 1000, so that a window whose header
--- idled out never hands out a sequence an older token carries (as State::acquire).
+-- idled out never hands out a sequence an older token carries.
+-- mirrors rules::decide::next_seq
 local function win_next_seq(W, now)
   if W.sb then
     W.seq = W.seq + 1
@@ -519,6 +520,7 @@ local function policy_out(p, out)
   end
 end
 
+-- mirrors model::Policy::limit
 local function limit_of(p)
   if p.custom > 0 then
     return p.custom
@@ -526,6 +528,7 @@ local function limit_of(p)
   return TIER_LIMIT[p.tier]
 end
 
+-- mirrors model::Policy::effective_limit
 local function effective_of(p)
   local head = p.head
   if head > 99 then
@@ -536,12 +539,14 @@ end
 
 local BLOCKING = { paused = true, banned = true, disconnected = true }
 
+-- mirrors model::Policy::eligible_for_upgrade
 local function eligible(p)
   return p.status == 'connected'
     and (p.quality == '' or p.quality == 'green' or (p.rules == 'legacy' and p.quality == 'yellow'))
 end
 
 -- Applies the tier changes due by `now` to a policy with auto_tier; writes them when `persist`.
+-- mirrors rules::settle::settle
 local function settle(p, key, now, persist)
   local changed = false
   while p.auto do
@@ -563,7 +568,8 @@ local function settle(p, key, now, persist)
   end
 end
 
--- GCRA, exactly as model::gcra: returns the new TAT, or nil and the wait in ms (rounded up).
+-- GCRA: returns the new TAT, or nil and the wait in ms (rounded up).
+-- mirrors rules::rates::gcra
 local function gcra(tat, now_us, interval, burst)
   local new_tat = math.max(tat, now_us) + interval
   local over = new_tat - now_us - burst * interval
@@ -574,7 +580,8 @@ local function gcra(tat, now_us, interval, burst)
 end
 
 -- When the count of unique users reached the bar for the next tier, re-derived from the users
--- still counted (as model::crossing_time): the threshold-th in the trailing window. nil: not reached.
+-- still counted: the threshold-th in the trailing window. nil: not reached.
+-- mirrors rules::projections::crossing_time
 local function crossing_time(uq, rules, tier, now)
   local limit = TIER_LIMIT[tier]
   if limit == 0 then
@@ -600,6 +607,8 @@ end
 -- projections (the user's previous unique time comes back; a pending upgrade is re-derived
 -- without it). The slot is identified by its sequence, unique in the window's life; the opening
 -- time comes from the token. Returns true when released; the caller saves W.
+-- mirrors the memory ledger's State::release_slot; its re-projection (after the uniques are
+-- restored) mirrors rules::projections::reproject_after_release
 local function release_slot(W, uq, ws_prefix, r, resv, now, polkey, dtier, drules)
   local e = win_expiry(W, r)
   if not e or e <= now then
@@ -640,7 +649,8 @@ local function release_slot(W, uq, ws_prefix, r, resv, now, polkey, dtier, drule
   return true
 end
 
--- Does the count of unique users cross the bar for the next tier? As model::upgrade_threshold_met.
+-- Does the count of unique users cross the bar for the next tier?
+-- mirrors rules::projections::upgrade_threshold_met
 local function upgrade_threshold_met(rules, tier, u7, u30)
   local limit = TIER_LIMIT[tier]
   if limit == 0 then

@@ -31,6 +31,7 @@ for i = 4, #ARGV, 2 do
   end
 end
 redis.call('HSET', key, unpack(fields))
+-- mirrors rules::settle::flag
 if status ~= 'flagged' then
   redis.call('HDEL', key, 'flagged')
 elseif old_status ~= 'flagged' or old_flagged == '' then

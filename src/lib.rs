@@ -1,9 +1,11 @@
 //! waquota: a distributed rate limiter for WhatsApp Business messaging limits.
 //!
-//! Data flows one way, from the wire through the rules into a ledger:
+//! Data flows one way, from the wire through the rules into a ledger (wire -> rules -> ledger):
 //!
 //! - [`grpc`]: tonic services (`QuotaService`, `AdminService`) and proto <-> domain conversion.
 //! - [`model`]: domain types and validation (ids, tiers, policies, decisions); pure, no I/O.
+//! - [`rules`]: the policy engine, written once: a decision (and the writes it makes) as a pure
+//!   function of a snapshot of the target's state; the ledgers store, the rules decide.
 //! - [`ledger`]: the [`ledger::Ledger`] trait and its two implementations: in memory (one
 //!   process) and Redis (one atomic Lua script per decision, shared by every instance).
 //! - [`config`]: the server's settings, layered: defaults, TOML file, environment, flags.
@@ -30,6 +32,7 @@ pub mod metrics;
 pub mod model;
 pub mod outage;
 pub mod plan;
+pub mod rules;
 pub mod server;
 pub mod webhook;
 

@@ -685,66 +685,6 @@ impl Default for Defaults {
     }
 }
 
-/// The rates and caps a sender decides with, defaults resolved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rates {
-    /// GCRA emission interval of the sender's throughput, in microseconds.
-    pub interval_us: i64,
-    /// Messages that may go out at once (one second's worth).
-    pub burst: i64,
-    pub pair_interval_us: i64,
-    pub pair_burst: i64,
-    pub marketing_cap: u32,
-    pub marketing_period_ms: Millis,
-}
-
-impl Rates {
-    pub fn of(p: &Policy, d: &Defaults) -> Rates {
-        let mps = if p.messages_per_second == 0 {
-            d.messages_per_second
-        } else {
-            p.messages_per_second
-        }
-        .max(1);
-        let pair_ms = if p.pair_interval_ms == 0 {
-            d.pair_interval_ms
-        } else {
-            p.pair_interval_ms
-        };
-        let pair_burst = if p.pair_burst == 0 {
-            d.pair_burst
-        } else {
-            p.pair_burst
-        };
-        Rates {
-            interval_us: 1_000_000 / i64::from(mps),
-            burst: i64::from(mps),
-            pair_interval_us: pair_ms * 1000,
-            pair_burst: i64::from(pair_burst.max(1)),
-            marketing_cap: p.marketing_cap,
-            marketing_period_ms: if p.marketing_cap_period_ms == 0 {
-                DAY_MS
-            } else {
-                p.marketing_cap_period_ms
-            },
-        }
-    }
-}
-
-/// GCRA (the generic cell rate algorithm): a message at `now_us` conforms when the theoretical
-/// arrival time it would push to stays within `burst` intervals of now. Returns the new TAT, or
-/// the wait in milliseconds (rounded up) until it would conform. Both ledgers use this arithmetic
-/// (the scripts mirror it), so they refuse exactly the same messages.
-pub fn gcra(tat_us: i64, now_us: i64, interval_us: i64, burst: i64) -> Result<i64, Millis> {
-    let new_tat = tat_us.max(now_us) + interval_us;
-    let over = new_tat - now_us - burst * interval_us;
-    if over > 0 {
-        Err((over + 999) / 1000)
-    } else {
-        Ok(new_tat)
-    }
-}
-
 /// How long a refused WhatsApp marketing message (error 131049) holds marketing to that user.
 pub const MARKETING_HOLD_MS: Millis = DAY_MS;
 /// WhatsApp's error for a user who received too many marketing messages.
@@ -775,50 +715,6 @@ pub const WEEK_MS: Millis = 7 * DAY_MS;
 pub const MONTH_MS: Millis = 30 * DAY_MS;
 /// Portfolio 250 → 2K also by 2,000 unique users within 30 days.
 pub const PORTFOLIO_ENTRY_UNIQUES: u64 = 2_000;
-
-/// Does the count of unique users cross the bar for the next tier? (docs/contract.md, "Rule sets
-/// and tiers over time")
-pub fn upgrade_threshold_met(rules: RuleSet, tier: Tier, unique_7d: u64, unique_30d: u64) -> bool {
-    if tier.limit() == 0 {
-        return false;
-    }
-    let half = tier.limit() / 2;
-    match rules {
-        RuleSet::Legacy => tier != Tier::T50 && unique_7d >= half,
-        RuleSet::Portfolio => {
-            unique_7d >= half || (tier == Tier::T250 && unique_30d >= PORTFOLIO_ENTRY_UNIQUES)
-        }
-    }
-}
-
-/// When the count of unique users reached the bar for the next tier, re-derived from the times
-/// users got new slots (used when a release takes one back: the threshold-th user still counted
-/// in the trailing window is when the bar was reached without it). None: the bar is not reached.
-pub fn crossing_time(rules: RuleSet, tier: Tier, times: &[Millis], now: Millis) -> Option<Millis> {
-    let nth_since = |since: Millis, n: u64| {
-        let mut t: Vec<Millis> = times.iter().copied().filter(|t| *t > since).collect();
-        t.sort_unstable();
-        usize::try_from(n)
-            .ok()
-            .and_then(|n| n.checked_sub(1))
-            .and_then(|i| t.get(i).copied())
-    };
-    if tier.limit() == 0 {
-        return None;
-    }
-    let by_week = match (rules, tier) {
-        (RuleSet::Legacy, Tier::T50) => None,
-        _ => nth_since(now - WEEK_MS, tier.limit() / 2),
-    };
-    let by_month = match (rules, tier) {
-        (RuleSet::Portfolio, Tier::T250) => nth_since(now - MONTH_MS, PORTFOLIO_ENTRY_UNIQUES),
-        _ => None,
-    };
-    match (by_week, by_month) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
 
 pub fn upgrade_delay(rules: RuleSet) -> Millis {
     match rules {
@@ -1307,36 +1203,11 @@ mod tests {
     }
 
     #[test]
-    fn gcra_admits_a_burst_then_one_per_interval() {
-        // 80 per second: 12,500 us apart, 80 at once.
-        let (t, b) = (12_500, 80);
-        let mut tat = 0;
-        for _ in 0..80 {
-            tat = gcra(tat, 1_000_000, t, b).unwrap();
-        }
-        assert_eq!(gcra(tat, 1_000_000, t, b), Err(13));
-        assert!(gcra(tat, 1_012_500, t, b).is_ok());
-    }
-
-    #[test]
     fn ladders_and_thresholds() {
         assert_eq!(Tier::T1K.next(RuleSet::Legacy), Some(Tier::T10K));
         assert_eq!(Tier::T250.next(RuleSet::Portfolio), Some(Tier::T2K));
         assert_eq!(Tier::T50.next(RuleSet::Legacy), None);
         assert_eq!(Tier::T10K.previous(), Some(Tier::T1K));
-        assert!(upgrade_threshold_met(RuleSet::Legacy, Tier::T1K, 500, 500));
-        assert!(!upgrade_threshold_met(
-            RuleSet::Legacy,
-            Tier::T1K,
-            499,
-            2000
-        ));
-        assert!(upgrade_threshold_met(
-            RuleSet::Portfolio,
-            Tier::T250,
-            10,
-            2000
-        ));
         assert_eq!(effective_limit(250, 10), 225);
         assert_eq!(effective_limit(1000, 33), 670);
     }

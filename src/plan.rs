@@ -13,8 +13,9 @@ use crate::ledger::memory::{MemoryLedger, Seed};
 use crate::ledger::{Ledger, LedgerError, Result};
 use crate::model::{
     AcquireRequest, Category, Decision, Defaults, HOUR_MS, InvalidArgument, MessageKind, Millis,
-    Rates, RecipientId, SenderId, Target, Tier, upgrade_threshold_met,
+    RecipientId, SenderId, Target, Tier,
 };
+use crate::rules::{Rates, upgrade_threshold_met};
 
 /// The longest a plan may look ahead.
 pub const MAX_HORIZON_MS: Millis = 90 * crate::model::DAY_MS;

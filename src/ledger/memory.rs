@@ -3,18 +3,27 @@
 //! One mutex guards the whole state, so every operation is atomic, as a Lua script is on Redis.
 //! A dry run decides on a copy of the state, so it runs the very same code and changes nothing.
 //! Expired entries are trimmed when their target is next touched.
+//!
+//! What to decide and what to write is the policy engine's (`crate::rules`): this ledger is its
+//! storage, reading a snapshot for it and applying its verdict.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Mutex;
 
 use super::{Ledger, LedgerError, Result};
 use crate::model::{
-    AUDIT_KEEP, AcquireRequest, AuditEntry, Category, Cursor, Decision, Defaults,
-    ERROR_MARKETING_CAP, FLAGGED_DOWNGRADE_MS, FREE_ENTRY_POINT_MS, FailureOutcome, HOUR_MS,
-    Inspection, MARKETING_HOLD_MS, MONTH_MS, MessageKind, Millis, Outcome, Policy, PortfolioId,
-    Projection, Rates, RecipientId, Reservation, RuleSet, SERVICE_WINDOW_MS, SLOT_MS, Scope,
-    SenderId, SenderStatus, Target, TargetKind, Tier, WEEK_MS, WindowEntry, WindowMode, WindowPage,
-    crossing_time, gcra, listing_position, remaining, upgrade_delay, upgrade_threshold_met,
+    AUDIT_KEEP, AcquireRequest, AuditEntry, Cursor, Defaults, ERROR_MARKETING_CAP,
+    FREE_ENTRY_POINT_MS, FailureOutcome, HOUR_MS, Inspection, MONTH_MS, Millis, Outcome, Policy,
+    PortfolioId, Projection, RecipientId, Reservation, SERVICE_WINDOW_MS, SLOT_MS, Scope, SenderId,
+    Target, TargetKind, WEEK_MS, WindowEntry, WindowPage, listing_position, remaining,
+};
+use crate::rules::{
+    self, Admitted, Overlay, Progress, Rates, Recipient, SlotChange, Standing, count_since,
+    decide::{confirmed_until, hold_until, next_seq, service_until},
+    projection,
+    projections::{project_upgrade, reproject_after_release},
+    rates::{inbound_tat, note_marketing},
+    settle,
 };
 
 pub struct MemoryLedger {
@@ -52,15 +61,6 @@ struct State {
     /// Per window owner, a time no later than its oldest entry in `uniques`.
     uniques_floor: HashMap<Target, Millis>,
     progress: HashMap<Target, Progress>,
-}
-
-/// Tier-projection state of a policy's owner.
-#[derive(Clone, Copy, Default)]
-struct Progress {
-    upgrade_at: Option<Millis>,
-    /// The tier the pending upgrade starts from; a projection for another tier is stale.
-    upgrade_from: Option<Tier>,
-    flagged_since: Option<Millis>,
 }
 
 #[derive(Clone, Default)]
@@ -146,64 +146,6 @@ fn clock(at: Option<Millis>) -> Millis {
     })
 }
 
-/// Applies the tier changes due by `now` to a policy with `auto_tier` (docs/contract.md, "Rule
-/// sets and tiers over time").
-fn settle(policy: &mut Policy, prog: &mut Progress, now: Millis) -> bool {
-    let mut changed = false;
-    while policy.auto_tier {
-        if let (Some(at), Some(from)) = (prog.upgrade_at, prog.upgrade_from)
-            && from == policy.tier
-            && at <= now
-            && policy.eligible_for_upgrade()
-            && let Some(next) = policy.tier.next(policy.rule_set)
-        {
-            policy.tier = next;
-            prog.upgrade_at = None;
-            prog.upgrade_from = None;
-            changed = true;
-            continue;
-        }
-        if policy.rule_set == RuleSet::Legacy
-            && policy.status == SenderStatus::Flagged
-            && let Some(since) = prog.flagged_since
-            && since + FLAGGED_DOWNGRADE_MS <= now
-            && let Some(prev) = policy.tier.previous()
-        {
-            policy.tier = prev;
-            prog.flagged_since = Some(since + FLAGGED_DOWNGRADE_MS);
-            changed = true;
-            continue;
-        }
-        break;
-    }
-    changed
-}
-
-fn projection(policy: &Policy, prog: &Progress) -> Projection {
-    let mut p = Projection::default();
-    if let (Some(at), Some(from)) = (prog.upgrade_at, prog.upgrade_from)
-        && from == policy.tier
-        && policy.eligible_for_upgrade()
-        && let Some(next) = policy.tier.next(policy.rule_set)
-    {
-        p.upgrade_at = Some(at);
-        p.next_tier = Some(next);
-    }
-    if policy.rule_set == RuleSet::Legacy
-        && policy.status == SenderStatus::Flagged
-        && let Some(since) = prog.flagged_since
-        && let Some(prev) = policy.tier.previous()
-    {
-        p.downgrade_at = Some(since + FLAGGED_DOWNGRADE_MS);
-        p.next_tier.get_or_insert(prev);
-    }
-    p
-}
-
-fn count_since(m: Option<&HashMap<RecipientId, Millis>>, since: Millis) -> u64 {
-    m.map_or(0, |m| m.values().filter(|t| **t > since).count() as u64)
-}
-
 impl State {
     /// The window that decides for a sender: its portfolio's if assigned, else its own.
     fn home(&self, sender: &SenderId) -> Target {
@@ -262,6 +204,7 @@ impl State {
 
     /// A user got a new slot: count it for projections, and project an upgrade once the count
     /// first reaches the bar. Returns the user's previous entry (restored if the slot is released).
+    /// Mirrored by the uniques block at the end of lua/acquire.lua.
     fn note_unique(
         &mut self,
         home: &Target,
@@ -283,24 +226,13 @@ impl State {
         *floor = (*floor).min(now);
         let prev = uniques.insert(r.clone(), now);
         let prog = self.progress.entry(home.clone()).or_default();
-        let pending = prog.upgrade_at.is_some() && prog.upgrade_from == Some(policy.tier);
-        // The counts are at most the index's size: when even that misses the bar, skip counting.
         let size = uniques.len() as u64;
-        if !pending
-            && policy.eligible_for_upgrade()
-            && policy.tier.next(policy.rule_set).is_some()
-            && upgrade_threshold_met(policy.rule_set, policy.tier, size, size)
-        {
-            let u7 = count_since(Some(uniques), now - WEEK_MS);
-            let u30 = uniques.len() as u64;
-            if upgrade_threshold_met(policy.rule_set, policy.tier, u7, u30) {
-                prog.upgrade_at = Some(now + upgrade_delay(policy.rule_set));
-                prog.upgrade_from = Some(policy.tier);
-            }
-        }
+        let counts = || (count_since(uniques.values(), now - WEEK_MS), size);
+        project_upgrade(policy, prog, size, counts, now);
         prev
     }
 
+    /// Mirrored by `release_slot` in lua/lib.lua.
     fn release_slot(
         &mut self,
         home: &Target,
@@ -333,28 +265,17 @@ impl State {
             // A pending upgrade counted this user: re-derive when the bar was reached without it.
             let times: Vec<Millis> = u.values().copied().collect();
             let policy = self.policy(home, defaults);
-            if let Some(prog) = self.progress.get_mut(home)
-                && prog.upgrade_at.is_some()
-                && prog.upgrade_from == Some(policy.tier)
-            {
-                match crossing_time(policy.rule_set, policy.tier, &times, now) {
-                    Some(t) => prog.upgrade_at = Some(t + upgrade_delay(policy.rule_set)),
-                    None => {
-                        *prog = Progress {
-                            upgrade_at: None,
-                            upgrade_from: None,
-                            ..*prog
-                        }
-                    }
-                }
+            if let Some(prog) = self.progress.get_mut(home) {
+                reproject_after_release(&policy, prog, &times, now);
             }
         }
         true
     }
 
+    /// Runs the rules on each recipient (docs/contract.md, "The decision, step by step"), with
+    /// the state as the batch's earlier recipients left it, and applies each verdict at once.
     fn acquire(&mut self, req: &AcquireRequest, defaults: &Defaults) -> Vec<Outcome> {
         let now = clock(req.at);
-        let now_us = now * 1000;
         let sender = &req.sender;
         let home = self.home(sender);
         let scope = match home {
@@ -366,233 +287,132 @@ impl State {
             Target::Sender(_) => wpol,
             Target::Portfolio(_) => self.policy(&Target::Sender(sender.clone()), defaults),
         };
-        let rates = Rates::of(&spol, defaults);
-        let limit = wpol.limit();
-        let effective = wpol.effective_limit();
-        let sender_cap = if scope == Scope::Portfolio {
-            spol.sender_cap
-        } else {
-            0
-        };
-        // A status ends at its status_until; a refusal for it retries then, or never when one
-        // of the statuses that refuse has no end (as acquire.lua).
-        let until_of = |stops: fn(SenderStatus) -> bool| -> Option<Millis> {
-            let mut at = now;
-            for p in [&wpol, &spol] {
-                if stops(p.status_at(now)) {
-                    at = at.max(p.status_until?);
-                }
-            }
-            Some(at - now)
-        };
-        let restricts = |s: SenderStatus| s == SenderStatus::Restricted;
-        let blocked = wpol.status_at(now).blocks() || spol.status_at(now).blocks();
-        let restricted = restricts(wpol.status_at(now)) || restricts(spol.status_at(now));
-        let blocked_retry = if blocked {
-            until_of(SenderStatus::blocks)
-        } else {
-            None
-        };
-        let restricted_retry = if restricted {
-            until_of(restricts)
-        } else {
-            None
-        };
-        let marketing = req.category == Some(Category::Marketing);
+        let st =
+            rules::decide::standing(&wpol, &spol, scope, defaults, req.kind, req.category, now);
 
         let window = self.windows.entry(home.clone()).or_default();
         window.trim(now);
-        let mut used = window.used(now);
-        let mut held = if sender_cap > 0 {
-            window.held_by(sender, now)
-        } else {
-            0
+        let mut ov = Overlay {
+            used: window.used(now),
+            held: if st.sender_cap > 0 {
+                window.held_by(sender, now)
+            } else {
+                0
+            },
+            tat: self.throughput.get(sender).copied(),
+            throttled: 0,
         };
-
         let mut out = Vec::with_capacity(req.recipients.len());
-        // Throughput refusals so far in this batch.
-        let mut throttled: i64 = 0;
         for r in &req.recipients {
-            let mut expires_at = None;
-            let mut retry_after_ms = None;
-            let mut reservation = None;
-            let decision = 'decide: {
-                if blocked {
-                    retry_after_ms = blocked_retry;
-                    break 'decide Decision::DeniedSenderBlocked;
-                }
+            let verdict = {
                 let window = &self.windows[&home];
-                let service = self.service_window(sender, r, now);
-                let slot = window.slot(r, now);
-                let fresh = service.is_none() && slot.is_none();
-                // A restricted sender may not start a conversation: a new user outside a
-                // service window.
-                if service.is_none() && restricted && slot.is_none() {
-                    retry_after_ms = restricted_retry;
-                    break 'decide Decision::DeniedSenderBlocked;
-                }
-                if service.is_none() && req.kind == MessageKind::FreeForm {
-                    break 'decide Decision::DeniedOutsideServiceWindow;
-                }
-                // The time-bound checks, in the order of docs/contract.md, "Which refusal is
-                // reported": the first that refuses is the one reported, and retry_after is when
-                // every one of them passes (each passes from some moment on), or none when one
-                // never does (an effective limit of 0).
-                let mut refused = None;
-                let mut passes_at = Some(now);
-                let mut refuse = |d: Decision, at: Option<Millis>| {
-                    refused.get_or_insert(d);
-                    passes_at = passes_at.zip(at).map(|(p, a)| p.max(a));
-                };
-                if fresh {
-                    let over_limit = limit > 0 && used >= effective;
-                    let over_cap = sender_cap > 0 && held >= sender_cap;
-                    if over_limit || over_cap {
-                        let w = if over_limit {
-                            window.frees_at(now, used - effective, None)
-                        } else {
-                            Some(now)
-                        };
-                        let c = if over_cap {
-                            window.frees_at(now, held - sender_cap, Some(sender))
-                        } else {
-                            Some(now)
-                        };
-                        refuse(Decision::DeniedLimit, w.zip(c).map(|(w, c)| w.max(c)));
-                    }
-                }
-                if marketing {
-                    let hold = self
+                let recipient = Recipient {
+                    service_until: self
+                        .service_windows
+                        .get(sender)
+                        .and_then(|w| w.get(r))
+                        .copied(),
+                    slot_until: window.slot(r, now).map(|s| s.expires_at),
+                    hold_until: self
                         .holds
                         .get(&home)
                         .and_then(|h| h.get(r))
                         .copied()
-                        .filter(|h| *h > now);
-                    if let Some(h) = hold {
-                        refuse(Decision::DeniedMarketingCap, Some(h));
-                    }
-                    if rates.marketing_cap > 0 {
-                        let since = now - rates.marketing_period_ms;
-                        let mut times: Vec<Millis> = self
-                            .marketing
-                            .get(sender)
-                            .and_then(|m| m.get(r))
-                            .map(|v| v.iter().copied().filter(|t| *t > since).collect())
-                            .unwrap_or_default();
-                        times.sort_unstable();
-                        let cap = rates.marketing_cap as usize;
-                        if times.len() >= cap {
-                            let t = times[times.len() - cap] + rates.marketing_period_ms;
-                            refuse(Decision::DeniedMarketingCap, Some(t));
-                        }
-                    }
-                }
-                let pair_tat = self
-                    .pair
-                    .get(sender)
-                    .and_then(|p| p.get(r))
-                    .copied()
-                    .unwrap_or(now_us);
-                let new_pair = gcra(pair_tat, now_us, rates.pair_interval_us, rates.pair_burst)
-                    .inspect_err(|wait| refuse(Decision::DeniedPairRate, Some(now + wait)));
-                // Refusals for throughput are staggered in batch order: the k-th one passes when
-                // it would after the k before it (docs/contract.md, "Retrying a refusal").
-                let tat = self.throughput.get(sender).copied().unwrap_or(now_us);
-                let queued = tat.max(now_us) + throttled * rates.interval_us;
-                let new_tat =
-                    gcra(queued, now_us, rates.interval_us, rates.burst).inspect_err(|wait| {
-                        throttled += 1;
-                        refuse(Decision::DeniedThroughput, Some(now + wait))
-                    });
-                let (Ok(new_pair), Ok(new_tat), None) = (new_pair, new_tat, refused) else {
-                    retry_after_ms = passes_at.map(|t| t - now);
-                    break 'decide refused.unwrap_or(Decision::DeniedThroughput);
-                };
-
-                // Admitted: consume, in every place at once.
-                self.throughput.insert(sender.clone(), new_tat);
-                self.pair
-                    .entry(sender.clone())
-                    .or_default()
-                    .insert(r.clone(), new_pair);
-                if marketing {
-                    let times = self
+                        .filter(|_| st.marketing),
+                    marketing_sent: self
                         .marketing
-                        .entry(sender.clone())
-                        .or_default()
-                        .entry(r.clone())
-                        .or_default();
-                    times.retain(|t| *t > now - rates.marketing_period_ms);
-                    times.push(now);
-                }
-                if let Some(sw) = service {
-                    expires_at = Some(sw);
-                    break 'decide Decision::AllowedServiceWindow;
-                }
-                if let Some(slot) = slot.cloned() {
-                    let until = match wpol.window_mode {
-                        WindowMode::Conversation => slot.expires_at,
-                        WindowMode::Rolling => slot.expires_at.max(now + SLOT_MS),
-                    };
-                    let window = self.windows.get_mut(&home).expect("window exists");
-                    window.set(
-                        r,
-                        Slot {
-                            expires_at: until,
-                            touched: true,
-                            ..slot
-                        },
-                    );
-                    expires_at = Some(until);
-                    break 'decide Decision::AllowedCounted;
-                }
-                let prev_unique = self.note_unique(&home, &wpol, r, now);
-                let window = self.windows.get_mut(&home).expect("window exists");
-                // A window's first sequence is now x 1000, as in lua/lib.lua (where a window
-                // whose header idled out starts again from the clock, never reusing one).
-                window.seq = if window.seq == 0 {
-                    (u64::try_from(now).unwrap_or(0) * 1000).max(1)
-                } else {
-                    window.seq + 1
+                        .get(sender)
+                        .and_then(|m| m.get(r))
+                        .filter(|_| st.marketing)
+                        .map_or(&[], Vec::as_slice),
+                    pair_tat: self.pair.get(sender).and_then(|p| p.get(r)).copied(),
                 };
-                let res = Reservation {
-                    opened_at: now,
-                    seq: window.seq,
-                };
-                let until = now + SLOT_MS;
-                window.set(
-                    r,
-                    Slot {
-                        expires_at: until,
-                        sender: sender.clone(),
-                        reservation: res,
-                        touched: false,
-                        prev_unique,
-                    },
-                );
-                expires_at = Some(until);
-                reservation = Some(res);
-                Decision::AllowedNew
+                rules::decide(&st, &mut ov, &recipient, |k, mine| {
+                    window.frees_at(now, k, mine.then_some(sender))
+                })
             };
-            if decision == Decision::AllowedNew {
-                used += 1;
-                held += 1;
-            }
+            let reservation = verdict
+                .admitted
+                .and_then(|a| self.admit(&home, &wpol, sender, r, &st, a));
             out.push(Outcome {
                 recipient: r.clone(),
-                decision,
-                expires_at,
-                retry_after_ms,
+                decision: verdict.decision,
+                expires_at: verdict.expires_at,
+                retry_after_ms: verdict.retry_after_ms,
                 decided_at: now,
-                limit,
-                used,
-                remaining: remaining(limit, effective, used),
+                limit: st.limit,
+                used: ov.used,
+                remaining: remaining(st.limit, st.effective, ov.used),
                 tier: wpol.tier,
                 scope,
                 reservation,
             });
         }
         out
+    }
+
+    /// Makes an admission's writes, in every place at once; the reservation of a new slot.
+    fn admit(
+        &mut self,
+        home: &Target,
+        wpol: &Policy,
+        sender: &SenderId,
+        r: &RecipientId,
+        st: &Standing,
+        a: Admitted,
+    ) -> Option<Reservation> {
+        let now = st.now;
+        self.throughput.insert(sender.clone(), a.tat);
+        self.pair
+            .entry(sender.clone())
+            .or_default()
+            .insert(r.clone(), a.pair_tat);
+        if a.marketing {
+            let times = self
+                .marketing
+                .entry(sender.clone())
+                .or_default()
+                .entry(r.clone())
+                .or_default();
+            note_marketing(times, &st.rates, now);
+        }
+        match a.slot {
+            SlotChange::None => None,
+            SlotChange::Touch { expires_at } => {
+                let window = self.windows.get_mut(home).expect("window exists");
+                if let Some(slot) = window.slots.get(r).cloned() {
+                    window.set(
+                        r,
+                        Slot {
+                            expires_at,
+                            touched: true,
+                            ..slot
+                        },
+                    );
+                }
+                None
+            }
+            SlotChange::Open { expires_at } => {
+                let prev_unique = self.note_unique(home, wpol, r, now);
+                let window = self.windows.get_mut(home).expect("window exists");
+                window.seq = next_seq(window.seq, now);
+                let res = Reservation {
+                    opened_at: now,
+                    seq: window.seq,
+                };
+                window.set(
+                    r,
+                    Slot {
+                        expires_at,
+                        sender: sender.clone(),
+                        reservation: res,
+                        touched: false,
+                        prev_unique,
+                    },
+                );
+                Some(res)
+            }
+        }
     }
 }
 
@@ -656,17 +476,9 @@ impl MemoryLedger {
             for (s, r, until) in seed.service_windows {
                 st.service_windows.entry(s).or_default().insert(r, until);
             }
-            let upgrade_at = seed.projection.upgrade_at;
             st.progress.insert(
                 owner,
-                Progress {
-                    upgrade_at,
-                    upgrade_from: upgrade_at.map(|_| seed.policy.tier),
-                    flagged_since: seed
-                        .projection
-                        .downgrade_at
-                        .map(|d| d - FLAGGED_DOWNGRADE_MS),
-                },
+                Progress::of_projection(seed.policy.tier, &seed.projection),
             );
         }
         ledger
@@ -734,17 +546,12 @@ impl Ledger for MemoryLedger {
             &st.policy(&Target::Sender(sender.clone()), &self.defaults),
             &self.defaults,
         );
-        let now_us = now * 1000;
-        let tat = st.throughput.get(&sender).copied().unwrap_or(now_us);
-        let new_tat =
-            (tat.max(now_us) + rates.interval_us).min(now_us + rates.burst * rates.interval_us);
-        st.throughput.insert(sender.clone(), new_tat);
+        let tat = inbound_tat(st.throughput.get(&sender).copied(), now * 1000, &rates);
+        st.throughput.insert(sender.clone(), tat);
         let windows = st.service_windows.entry(sender).or_default();
         windows.retain(|_, e| *e > now);
         // A new inbound message restarts the window, but never cuts a longer free entry point short.
-        let until = windows
-            .get(&recipient)
-            .map_or(now + span, |e| (*e).max(now + span));
+        let until = service_until(windows.get(&recipient).copied(), now, span);
         windows.insert(recipient, until);
         Ok(until)
     }
@@ -770,10 +577,7 @@ impl Ledger for MemoryLedger {
         else {
             return Ok(None);
         };
-        // Within [reservation time, now]; max then min, since a trusted clock may put now before
-        // the reservation (clamp would panic), exactly as confirm.lua computes it.
-        let delivered = delivered_at.max(reservation.opened_at).min(now);
-        let until = slot.expires_at.max(delivered + SLOT_MS);
+        let until = confirmed_until(slot.expires_at, reservation.opened_at, delivered_at, now);
         // A confirmation is a delivery: from now on no reservation can release the slot
         // (docs/contract.md, "Release").
         window.set(
@@ -803,9 +607,7 @@ impl Ledger for MemoryLedger {
         let hold_until = (error_code == ERROR_MARKETING_CAP).then(|| {
             let holds = st.holds.entry(home).or_default();
             holds.retain(|_, h| *h > now);
-            let until = holds.get(&recipient).map_or(now + MARKETING_HOLD_MS, |h| {
-                (*h).max(now + MARKETING_HOLD_MS)
-            });
+            let until = hold_until(holds.get(&recipient).copied(), now);
             holds.insert(recipient, until);
             until
         });
@@ -825,11 +627,7 @@ impl Ledger for MemoryLedger {
         let mut st = self.lock();
         let old = st.policy(&target, &self.defaults);
         let prog = st.progress.entry(target.clone()).or_default();
-        if policy.status != SenderStatus::Flagged {
-            prog.flagged_since = None;
-        } else if old.status != SenderStatus::Flagged || prog.flagged_since.is_none() {
-            prog.flagged_since = Some(now);
-        }
+        rules::settle::flag(prog, &old, &policy, now);
         st.store_policy(&target, policy);
         Ok(policy)
     }
@@ -889,7 +687,8 @@ impl Ledger for MemoryLedger {
                 .max()
         });
         let uniques = st.uniques.get(&home);
-        let unique_30d = count_since(uniques, now - MONTH_MS);
+        let count = |since| count_since(uniques.iter().flat_map(|u| u.values()), since);
+        let unique_30d = count(now - MONTH_MS);
         let projecting = |t: &Target| {
             st.progress
                 .get(t)
@@ -921,7 +720,7 @@ impl Ledger for MemoryLedger {
             },
             limit,
             effective_limit: if limit == 0 { 0 } else { effective },
-            unique_7d: count_since(uniques, now - WEEK_MS),
+            unique_7d: count(now - WEEK_MS),
             unique_30d,
             projection: projection(&policy, &prog),
             used,
