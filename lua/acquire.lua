@@ -32,7 +32,7 @@
 -- Returns {"moved", portfolio|""} when the sender's state lives at another home; otherwise
 -- {now, limit, tier, effective limit, 1 when this call found the ledger lost else 0, new slots
 -- refused since (ms)|-1, then per recipient: decision, expires_at|-1,
--- retry_after|-1, used, reservation|""}. Decisions as model::Decision::code.
+-- retry_after|-1, used, reservation|""}. Decisions as model::Decision::code (the prelude's D).
 
 local wpolkey, service = KEYS[3], KEYS[4]
 local spolkey, wskey, tpkey, prkey, mkkey, mhkey, uqkey = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
@@ -99,7 +99,7 @@ if pair_burst < 1 then
   pair_burst = 1
 end
 local mcap = S.mcap
-local mper = S.mper > 0 and S.mper or 86400000
+local mper = S.mper > 0 and S.mper or DEFAULT_MARKETING_PERIOD_MS
 local scap = at_portfolio and S.scap or 0
 local ws_prefix = string.sub(wskey, 1, #wskey - #sender)
 
@@ -227,7 +227,7 @@ end
 -- mirrors rules::decide::decide (the lost-ledger refusal is the Redis ledger's alone)
 local function decide(r)
   if blocked then
-    return 8, -1, blocked_retry
+    return D.denied_sender_blocked, -1, blocked_retry
   end
   local sw = pre_sw[r]
   if sw and sw <= now then
@@ -239,10 +239,10 @@ local function decide(r)
   end
   -- A restricted sender may not start a conversation: a new user outside a service window.
   if not sw and restricted and not cur then
-    return 8, -1, restricted_retry
+    return D.denied_sender_blocked, -1, restricted_retry
   end
   if not sw and free_form then
-    return 5
+    return D.denied_outside_service_window
   end
   -- The time-bound checks, in the order of docs/contract.md, "Which refusal is reported": the
   -- first that refuses is the one reported, and retry_after is when every one of them passes
@@ -258,7 +258,7 @@ local function decide(r)
   end
   if not sw and not cur and lost_since then
     -- New slots wait for an operator's accept-loss, or one window after the loss.
-    refuse(10, lost_since + slot_ms)
+    refuse(D.denied_ledger_lost, lost_since + slot_ms)
   end
   if not sw and not cur then
     local over_limit = limit > 0 and used >= effective
@@ -272,35 +272,35 @@ local function decide(r)
         c = kth_live({ wskey }, wsmoved[sender] or {}, held - scap, now)
       end
       if w and c then
-        refuse(4, math.max(w, c))
+        refuse(D.denied_limit, math.max(w, c))
       else
-        refuse(4, nil)
+        refuse(D.denied_limit, nil)
       end
     end
   end
   if marketing then
     local h = pre_hold[r]
     if h and h > now then
-      refuse(9, h)
+      refuse(D.denied_marketing_cap, h)
     end
     if mcap > 0 then
       local times = marketing_times(r)
       if #times >= mcap then
-        refuse(9, times[#times - mcap + 1] + mper)
+        refuse(D.denied_marketing_cap, times[#times - mcap + 1] + mper)
       end
     end
   end
   local pt = ptat[r] or pre_pair[r] or now_us
   local new_pt, pair_wait = gcra(pt, now_us, pair_interval, pair_burst)
   if not new_pt then
-    refuse(7, now + pair_wait)
+    refuse(D.denied_pair_rate, now + pair_wait)
   end
   -- Throughput refusals are staggered in batch order: the k-th passes when it would after the k
   -- before it (docs/contract.md, "Retrying a refusal").
   local new_tat, wait = gcra(math.max(tat, now_us) + throttled * interval, now_us, interval, burst)
   if not new_tat then
     throttled = throttled + 1
-    refuse(6, now + wait)
+    refuse(D.denied_throughput, now + wait)
   end
   if refused then
     if never then
@@ -319,7 +319,7 @@ local function decide(r)
     mtimes[r] = times
   end
   if sw then
-    return 3, sw
+    return D.allowed_service_window, sw
   end
   if cur then
     local m = slot_of(r)
@@ -335,7 +335,7 @@ local function decide(r)
       m[2] = '1'
       metas[r] = m
     end
-    return 2, cur
+    return D.allowed_counted, cur
   end
   local seq = win_next_seq(win, now)
   opened = true
@@ -355,7 +355,7 @@ local function decide(r)
   uniques[r] = true
   used = used + 1
   held = held + 1
-  return 1, until_ms, -1, resv
+  return D.allowed_new, until_ms, -1, resv
 end
 
 local out = { now, limit, W.tier, effective, lost_now and 1 or 0, lost_since or -1 }

@@ -537,7 +537,7 @@ local function effective_of(p)
   return math.floor(limit_of(p) * (100 - head) / 100)
 end
 
-local BLOCKING = { paused = true, banned = true, disconnected = true }
+-- BLOCKING, the statuses that refuse every message, comes with the generated prelude.
 
 -- mirrors model::Policy::eligible_for_upgrade
 local function eligible(p)

@@ -687,6 +687,8 @@ impl Default for Defaults {
 
 /// How long a refused WhatsApp marketing message (error 131049) holds marketing to that user.
 pub const MARKETING_HOLD_MS: Millis = DAY_MS;
+/// The marketing cap's period when a policy sets none.
+pub const DEFAULT_MARKETING_PERIOD_MS: Millis = DAY_MS;
 /// WhatsApp's error for a user who received too many marketing messages.
 pub const ERROR_MARKETING_CAP: u32 = 131_049;
 

@@ -10,16 +10,18 @@ use common::dsl::*;
 use common::{Backend, DAY, HOUR, TestServer, at};
 use waquota::proto::{Category, Tier, WindowMode};
 
-/// The suffixes (after `<prefix>:{<home>}:`) of configuration keys, which never expire, the
-/// reservation secret (`<prefix>:secret`) and the ledger marker (`<prefix>:ledger`), outside any
-/// home.
+/// The suffixes (after `<prefix>:{<home>}:`) of configuration keys, which never expire (a
+/// target's audit log among them), the reservation secret (`<prefix>:secret`), the ledger marker
+/// (`<prefix>:ledger`) and the registry of targets (`<prefix>:targets`), outside any home.
 fn is_configuration(suffix: &str) -> bool {
     suffix == "pol"
         || suffix == "m"
         || suffix == "away"
+        || suffix == "audit"
         || suffix.starts_with("sp:")
         || suffix == "wq:secret"
         || suffix == "wq:ledger"
+        || suffix == "wq:targets"
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -95,7 +97,18 @@ async fn every_key_of_ledger_state_expires_and_configuration_persists() {
     configuration.sort();
     assert_eq!(
         configuration,
-        ["away", "m", "pol", "sp:s1", "wq:ledger", "wq:secret"]
+        [
+            "audit", // s1's policy
+            "audit", // s2 assigned to P, in s2's log
+            "audit", // and in P's
+            "away",
+            "m",
+            "pol",
+            "sp:s1",
+            "wq:ledger",
+            "wq:secret",
+            "wq:targets"
+        ]
     );
     assert!(
         shards > 10,

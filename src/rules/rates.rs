@@ -1,7 +1,7 @@
 //! Rates: a sender's throughput and the pair rate to each user (both GCRA), and the marketing
 //! cap per user (docs/contract.md, "Policies").
 
-use crate::model::{DAY_MS, Defaults, Millis, Policy};
+use crate::model::{DEFAULT_MARKETING_PERIOD_MS, Defaults, Millis, Policy};
 
 /// The rates and caps a sender decides with, defaults resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +42,7 @@ impl Rates {
             pair_burst: i64::from(pair_burst.max(1)),
             marketing_cap: p.marketing_cap,
             marketing_period_ms: if p.marketing_cap_period_ms == 0 {
-                DAY_MS
+                DEFAULT_MARKETING_PERIOD_MS
             } else {
                 p.marketing_cap_period_ms
             },
@@ -135,7 +135,7 @@ mod tests {
         let r = Rates::of(&policy(), &d);
         assert_eq!((r.interval_us, r.burst), (12_500, 80));
         assert_eq!((r.pair_interval_us, r.pair_burst), (6_000_000, 45));
-        assert_eq!(r.marketing_period_ms, DAY_MS);
+        assert_eq!(r.marketing_period_ms, crate::model::DAY_MS);
         let own = Rates::of(
             &Policy {
                 messages_per_second: 3,

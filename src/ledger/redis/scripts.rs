@@ -1,7 +1,8 @@
 //! The Lua scripts, loaded once and called with EVALSHA (one round trip per call).
 //!
-//! Each script is a prelude generated from `model` (tier limits, ladders, projection constants:
-//! one source of truth for both ledgers), then `lua/lib.lua`, then its own file. On NOSCRIPT (a restarted or failed-over
+//! Each script is a prelude generated from `model` (tier limits, ladders, projection constants,
+//! decision codes, blocking statuses, default periods: one source of truth for both ledgers),
+//! then `lua/lib.lua`, then its own file. On NOSCRIPT (a restarted or failed-over
 //! Redis, a cluster node that never saw the script) the call is repeated once as EVAL, which
 //! both answers and caches the script on that node; nothing is sent ahead of time, so a healthy
 //! call is always exactly one EVALSHA.
@@ -12,8 +13,10 @@ use super::keys::{Home, HomeKeys, Keys};
 use super::{TTL_SLACK_MS, defaults_at};
 use crate::config::OnLedgerLoss;
 use crate::model::{
-    AcquireRequest, Category, Defaults, FLAGGED_DOWNGRADE_MS, MONTH_MS, MessageKind, Millis,
-    PORTFOLIO_ENTRY_UNIQUES, RecipientId, RuleSet, SLOT_MS, SenderId, Tier, WEEK_MS, upgrade_delay,
+    AcquireRequest, Category, DEFAULT_MARKETING_PERIOD_MS, Decision, Defaults,
+    FLAGGED_DOWNGRADE_MS, MARKETING_HOLD_MS, MONTH_MS, MessageKind, Millis,
+    PORTFOLIO_ENTRY_UNIQUES, RecipientId, RuleSet, SLOT_MS, SenderId, SenderStatus, Tier, WEEK_MS,
+    upgrade_delay,
 };
 
 /// A script's source and SHA1, computed at start-up.
@@ -77,9 +80,23 @@ fn prelude() -> String {
         p,
         " }}\nlocal UPGRADE_DELAY_MS = {{ legacy = {}, portfolio = {} }}\n\
          local FLAGGED_DOWNGRADE_MS, WEEK_MS, MONTH_MS = {FLAGGED_DOWNGRADE_MS}, {WEEK_MS}, {MONTH_MS}\n\
-         local PORTFOLIO_ENTRY_UNIQUES = {PORTFOLIO_ENTRY_UNIQUES}\n\n",
+         local PORTFOLIO_ENTRY_UNIQUES = {PORTFOLIO_ENTRY_UNIQUES}\n",
         upgrade_delay(RuleSet::Legacy),
         upgrade_delay(RuleSet::Portfolio),
+    );
+    // The decision codes the replies carry (`Decision::code`), by name: `D.denied_limit`.
+    p.push_str("local D = {");
+    for d in Decision::ALL {
+        let _ = write!(p, " {} = {},", d.name(), d.code());
+    }
+    // The statuses that refuse every message (`SenderStatus::blocks`).
+    p.push_str(" }\nlocal BLOCKING = {");
+    for s in SenderStatus::ALL.iter().filter(|s| s.blocks()) {
+        let _ = write!(p, " {} = true,", s.name());
+    }
+    let _ = write!(
+        p,
+        " }}\nlocal DEFAULT_MARKETING_PERIOD_MS, MARKETING_HOLD_MS = {DEFAULT_MARKETING_PERIOD_MS}, {MARKETING_HOLD_MS}\n\n"
     );
     p
 }
