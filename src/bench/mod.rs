@@ -693,22 +693,16 @@ async fn multiplexed(
     Ok(conns)
 }
 
-/// The decision codes in an acquire script reply (layout: `ledger::redis::ACQUIRE_REPLY_*`).
+/// The decision codes in an acquire script reply (`ledger::redis::AcquireReply`).
 fn script_decisions(v: &redis::Value, n: usize) -> CallResult {
-    use crate::ledger::redis::{ACQUIRE_REPLY_FIELDS, ACQUIRE_REPLY_HEAD};
-    let redis::Value::Array(items) = v else {
-        return Err("unexpected reply".into());
-    };
-    if items.len() != ACQUIRE_REPLY_HEAD + ACQUIRE_REPLY_FIELDS * n {
-        return Err("unexpected reply".into());
-    }
-    items[ACQUIRE_REPLY_HEAD..]
-        .chunks_exact(ACQUIRE_REPLY_FIELDS)
-        .map(|f| match &f[0] {
-            redis::Value::Int(i) => Ok(*i as i32),
-            _ => Err("unexpected reply".to_owned()),
+    crate::ledger::redis::AcquireReply::decode(v, n)
+        .map(|r| {
+            r.recipients
+                .iter()
+                .map(|f| f.decision.code() as i32)
+                .collect()
         })
-        .collect()
+        .ok_or_else(|| "unexpected reply".to_owned())
 }
 
 /// Sequential calls made before any concurrent ones (see [`GrpcDriver::prime`]).

@@ -6,7 +6,8 @@ use redis::Value;
 use super::keys::Home;
 use crate::ledger::{LedgerError, Result};
 use crate::model::{
-    Millis, Policy, PortfolioId, Quality, RuleSet, Scope, SenderStatus, Tier, WindowMode,
+    Decision, Millis, Policy, PortfolioId, Quality, Reservation, RuleSet, Scope, SenderStatus,
+    Tier, WindowMode,
 };
 
 pub(super) fn bad_reply(what: &str, v: &Value) -> LedgerError {
@@ -126,4 +127,123 @@ pub(super) fn scope_of(home: &Home) -> Scope {
 pub(super) fn tier_named(s: &str) -> Result<Tier> {
     Tier::from_name(s)
         .ok_or_else(|| LedgerError::Internal(format!("unknown tier {s:?} stored in Redis")))
+}
+
+/// The acquire script's reply (lua/acquire.lua), by name: a head, then one part per recipient
+/// in the order asked. The one place that knows its layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcquireReply {
+    /// The decision's clock.
+    pub now: Millis,
+    /// The window's limit (0 = unlimited), its tier in force and its limit less the headroom.
+    pub limit: u64,
+    pub tier: Tier,
+    pub effective: u64,
+    /// This call found the ledger lost, and since when new slots are refused for it.
+    pub lost_now: bool,
+    pub lost_since: Option<Millis>,
+    pub recipients: Vec<RecipientReply>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecipientReply {
+    pub decision: Decision,
+    pub expires_at: Option<Millis>,
+    pub retry_after_ms: Option<Millis>,
+    /// The window's used slots after this recipient.
+    pub used: u64,
+    pub reservation: Option<Reservation>,
+}
+
+/// Head values: now, limit, tier, effective limit, lost by this call (1/0), refused since|-1.
+const ACQUIRE_HEAD: usize = 6;
+/// Per recipient: decision code, expires_at|-1, retry_after|-1, used, reservation|"".
+const ACQUIRE_FIELDS: usize = 5;
+
+impl AcquireReply {
+    /// Decodes the reply for `n` recipients; `None` when it is not one.
+    pub fn decode(v: &Value, n: usize) -> Option<AcquireReply> {
+        let Value::Array(items) = v else { return None };
+        if items.len() != ACQUIRE_HEAD + ACQUIRE_FIELDS * n {
+            return None;
+        }
+        let recipients = items[ACQUIRE_HEAD..]
+            .chunks_exact(ACQUIRE_FIELDS)
+            .map(|f| {
+                let resv = text(&f[4]).unwrap_or_default();
+                Some(RecipientReply {
+                    decision: int(&f[0]).and_then(Decision::from_code)?,
+                    expires_at: opt_ms(&f[1]),
+                    retry_after_ms: opt_ms(&f[2]),
+                    used: u64::try_from(int(&f[3])?).ok()?,
+                    reservation: if resv.is_empty() {
+                        None
+                    } else {
+                        Some(Reservation::from_stored(&resv)?)
+                    },
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(AcquireReply {
+            now: int(&items[0])?,
+            limit: u64::try_from(int(&items[1])?).ok()?,
+            tier: Tier::from_name(&text(&items[2])?)?,
+            effective: u64::try_from(int(&items[3])?).ok()?,
+            lost_now: int(&items[4]) == Some(1),
+            lost_since: opt_ms(&items[5]),
+            recipients,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn an_acquire_reply_is_read_by_name_and_a_malformed_one_is_refused() {
+        let head = vec![
+            Value::Int(1_000),
+            Value::Int(250),
+            bulk("1k"),
+            Value::Int(225),
+            Value::Int(0),
+            Value::Int(-1),
+        ];
+        let admitted = [
+            Value::Int(1),
+            Value::Int(86_401_000),
+            Value::Int(-1),
+            Value::Int(7),
+            bulk(""),
+        ];
+        let refused = [
+            Value::Int(4),
+            Value::Int(-1),
+            Value::Int(3_600_000),
+            Value::Int(7),
+            bulk(""),
+        ];
+        let v = Value::Array([head.clone(), admitted.to_vec(), refused.to_vec()].concat());
+        let r = AcquireReply::decode(&v, 2).expect("a reply for two recipients");
+        assert_eq!(
+            (r.now, r.limit, r.tier, r.effective),
+            (1_000, 250, Tier::T1K, 225)
+        );
+        assert_eq!((r.lost_now, r.lost_since), (false, None));
+        assert_eq!(r.recipients[0].decision, Decision::AllowedNew);
+        assert_eq!(r.recipients[0].expires_at, Some(86_401_000));
+        assert_eq!(r.recipients[1].decision, Decision::DeniedLimit);
+        assert_eq!(r.recipients[1].retry_after_ms, Some(3_600_000));
+        assert_eq!(r.recipients[1].used, 7);
+        assert_eq!(AcquireReply::decode(&v, 3), None, "a part missing");
+        let mut unknown = refused.to_vec();
+        unknown[0] = Value::Int(99);
+        let v = Value::Array([head, unknown].concat());
+        assert_eq!(AcquireReply::decode(&v, 1), None, "no such decision");
+    }
 }

@@ -25,11 +25,12 @@ use super::{Ledger, LedgerError, Result};
 use crate::config::{Durability, OnLedgerLoss, Settings, Store};
 use crate::metrics::{Metrics, PoolStatus};
 use crate::model::{
-    AcquireRequest, AuditEntry, Cursor, Decision, Defaults, ERROR_MARKETING_CAP,
-    FREE_ENTRY_POINT_MS, FailureOutcome, HOUR_MS, Inspection, MARKETING_HOLD_MS, MONTH_MS, Millis,
-    Outcome, Policy, PortfolioId, Projection, RecipientId, Reservation, SERVICE_WINDOW_MS, SLOT_MS,
-    SenderId, Target, TargetKind, WindowEntry, WindowPage, remaining,
+    AcquireRequest, AuditEntry, Cursor, Defaults, ERROR_MARKETING_CAP, FREE_ENTRY_POINT_MS,
+    FailureOutcome, HOUR_MS, Inspection, MARKETING_HOLD_MS, MONTH_MS, Millis, Outcome, Policy,
+    PortfolioId, Projection, RecipientId, Reservation, SERVICE_WINDOW_MS, SLOT_MS, SenderId,
+    Target, TargetKind, WindowEntry, WindowPage, remaining,
 };
+pub use codec::{AcquireReply, RecipientReply};
 use codec::{
     POLICY_FIELDS, bad_reply, int, items, moved, opt_ms, parse_policy, policy_fields, scope_of,
     text, tier_named,
@@ -37,7 +38,7 @@ use codec::{
 use conn::{Conns, Sent};
 use errors::{Failure, Trouble, describe};
 use keys::{Home, HomeKeys, Keys};
-pub use scripts::{ACQUIRE_REPLY_FIELDS, ACQUIRE_REPLY_HEAD, acquire_cmd};
+pub use scripts::acquire_cmd;
 use scripts::{Call, Scripts, acquire_call, loss_mode, slot_call};
 
 /// Keys outlive their latest expiry by this much, so a key never vanishes while logically live.
@@ -362,48 +363,28 @@ impl Ledger for RedisLedger {
                 acquire_call(s, home, k, &req, &self.defaults, self.on_ledger_loss)
             })
             .await?;
-        let items = items(v).map_err(|v| bad_reply("acquire", &v))?;
-        let bad = || bad_reply("acquire", &Value::Array(items.clone()));
-        if items.len() != ACQUIRE_REPLY_HEAD + ACQUIRE_REPLY_FIELDS * req.recipients.len() {
-            return Err(bad());
-        }
-        let limit = int(&items[1]).ok_or_else(bad)? as u64;
-        let tier = tier_named(&text(&items[2]).ok_or_else(bad)?)?;
-        let effective = int(&items[3]).ok_or_else(bad)? as u64;
-        let decided_at = int(&items[0]).ok_or_else(bad)?;
-        self.saw_ledger(
-            Some(decided_at),
-            int(&items[4]) == Some(1),
-            opt_ms(&items[5]),
-        );
+        let reply = AcquireReply::decode(&v, req.recipients.len())
+            .ok_or_else(|| bad_reply("acquire", &v))?;
+        self.saw_ledger(Some(reply.now), reply.lost_now, reply.lost_since);
         let scope = scope_of(&home);
-        req.recipients
+        Ok(req
+            .recipients
             .iter()
-            .zip(items[ACQUIRE_REPLY_HEAD..].chunks_exact(ACQUIRE_REPLY_FIELDS))
-            .map(|(r, f)| {
-                let decision = int(&f[0]).and_then(Decision::from_code).ok_or_else(bad)?;
-                let used = int(&f[3]).ok_or_else(bad)? as u64;
-                let resv = text(&f[4]).unwrap_or_default();
-                let reservation = if resv.is_empty() {
-                    None
-                } else {
-                    Some(Reservation::from_stored(&resv).ok_or_else(bad)?)
-                };
-                Ok(Outcome {
-                    recipient: r.clone(),
-                    decision,
-                    expires_at: opt_ms(&f[1]),
-                    retry_after_ms: opt_ms(&f[2]),
-                    decided_at,
-                    limit,
-                    used,
-                    remaining: remaining(limit, effective, used),
-                    tier,
-                    scope,
-                    reservation,
-                })
+            .zip(reply.recipients)
+            .map(|(r, f)| Outcome {
+                recipient: r.clone(),
+                decision: f.decision,
+                expires_at: f.expires_at,
+                retry_after_ms: f.retry_after_ms,
+                decided_at: reply.now,
+                limit: reply.limit,
+                used: f.used,
+                remaining: remaining(reply.limit, reply.effective, f.used),
+                tier: reply.tier,
+                scope,
+                reservation: f.reservation,
             })
-            .collect()
+            .collect())
     }
 
     async fn release(

@@ -276,12 +276,6 @@ pub(super) fn loss_mode(on_loss: OnLedgerLoss) -> &'static str {
     }
 }
 
-/// The acquire script's reply: this many header values (now, limit, tier, effective limit,
-/// ledger found lost by this call, new slots refused since), then [`ACQUIRE_REPLY_FIELDS`] per
-/// recipient, the decision code first.
-pub const ACQUIRE_REPLY_HEAD: usize = 6;
-pub const ACQUIRE_REPLY_FIELDS: usize = 5;
-
 /// The very EVALSHA that [`RedisLedger`] sends for `req` at `home` (the sender's own window or
 /// its portfolio's), for tools that drive the decision script without the service (`bench`).
 /// The script must already be cached on the server (`SCRIPT LOAD` of `script.source`).
