@@ -148,6 +148,14 @@ impl<L: Ledger> AdminApi<L> {
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
 
+/// A listing's page size as asked: 0 is the default, and more than the most is the most.
+fn page_size(asked: u32) -> usize {
+    match asked as usize {
+        0 => DEFAULT_PAGE,
+        n => n.min(MAX_PAGE),
+    }
+}
+
 /// Decisions for one request, and whether they were made without the store.
 struct Decided {
     results: Vec<proto::AcquireResponse>,
@@ -513,10 +521,7 @@ impl<L: Ledger> AdminService for AdminApi<L> {
         let at = self.opts.clock(&req, req.get_ref().at.as_ref())?;
         let r = req.into_inner();
         let target = convert::target(r.target.as_ref()).map_err(invalid)?;
-        let page_size = match r.page_size as usize {
-            0 => DEFAULT_PAGE,
-            n => n.min(MAX_PAGE),
-        };
+        let page_size = page_size(r.page_size);
         let after = if r.page_token.is_empty() {
             None
         } else {
@@ -638,10 +643,7 @@ impl<L: Ledger> AdminService for AdminApi<L> {
         let at = self.opts.clock(&req, req.get_ref().at.as_ref())?;
         let r = req.into_inner();
         let kind = convert::target_kind(r.kind).map_err(invalid)?;
-        let page_size = match r.page_size as usize {
-            0 => DEFAULT_PAGE,
-            n => n.min(MAX_PAGE),
-        };
+        let page_size = page_size(r.page_size);
         let after = if r.page_token.is_empty() {
             None
         } else {

@@ -887,7 +887,6 @@ impl Ledger for MemoryLedger {
             .unwrap_or_default())
     }
 
-    /// A ledger in this process is never lost behind its back.
     async fn targets(
         &self,
         kind: Option<TargetKind>,
@@ -959,6 +958,7 @@ impl Ledger for MemoryLedger {
             .unwrap_or_default())
     }
 
+    /// A ledger in this process is never lost behind its back.
     async fn accept_ledger_loss(&self) -> Result<Option<Millis>> {
         Ok(None)
     }
