@@ -12,42 +12,46 @@ use super::{RedisLedger, bad_reply, items, text};
 use crate::ledger::Result;
 use crate::model::{AUDIT_KEEP, AuditEntry, Target, TargetKind};
 
-/// Registered members this process remembers; past this it starts over (a repeated `ZADD` of
+/// Registered targets this process remembers; past this it starts over (a repeated `ZADD` of
 /// a member is harmless, it only costs a round trip).
 const REGISTERED_MAX: usize = 1_000_000;
 
-/// Members this instance has written to the registry.
+/// Targets this instance has written to the registry.
 #[derive(Default)]
-pub(super) struct Registered(std::sync::Mutex<HashSet<String>>);
+pub(super) struct Registered(std::sync::Mutex<HashSet<Target>>);
 
 impl RedisLedger {
     /// Writes the targets this instance has not registered yet (a no-op after the first call
-    /// for each). A failure is not the caller's: the call goes on, and the next one tries again.
+    /// for each: one set lookup). A failure is not the caller's: the call goes on,
+    /// and the next one tries again.
     pub(super) async fn register(&self, targets: &[Target]) {
-        let new: Vec<String> = {
+        let new: Vec<Target> = {
             let mut seen = self.registered.0.lock().unwrap_or_else(|e| e.into_inner());
             if seen.len() >= REGISTERED_MAX {
                 seen.clear();
             }
-            targets
-                .iter()
-                .map(Target::member)
-                .filter(|m| seen.insert(m.clone()))
-                .collect()
+            let mut new = Vec::new();
+            for t in targets {
+                if !seen.contains(t) {
+                    seen.insert(t.clone());
+                    new.push(t.clone());
+                }
+            }
+            new
         };
         if new.is_empty() {
             return;
         }
         let mut cmd = redis::cmd("ZADD");
         cmd.arg(self.keys.targets());
-        for m in &new {
-            cmd.arg(0).arg(m);
+        for t in &new {
+            cmd.arg(0).arg(t.member());
         }
         if let Err(e) = self.write(&cmd).await {
             tracing::debug!(error = %e, "target registry not written; the next call retries");
             let mut seen = self.registered.0.lock().unwrap_or_else(|e| e.into_inner());
-            new.iter().for_each(|m| {
-                seen.remove(m);
+            new.iter().for_each(|t| {
+                seen.remove(t);
             });
         }
     }
