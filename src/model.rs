@@ -8,6 +8,16 @@ use std::fmt;
 /// Milliseconds since the Unix epoch: the ledger's unit of time.
 pub type Millis = i64;
 
+/// The request's clock when it gives one (a trusted `at`), else this machine's, in ms since the
+/// epoch.
+pub fn clock(at: Option<Millis>) -> Millis {
+    at.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as Millis)
+    })
+}
+
 pub const HOUR_MS: Millis = 3_600_000;
 pub const DAY_MS: Millis = 24 * HOUR_MS;
 /// A slot lasts 24 h from the delivery that opened it (or, rolling, the latest counted one).

@@ -6,6 +6,8 @@ use super::{
     CliError, Session, describe, grid, json_out, proto_target, target_json, tier_opt, time,
 };
 use super::{TargetArgs, TargetJson};
+use crate::grpc::convert;
+use crate::model::SenderStatus;
 use crate::proto::{self, target};
 
 #[derive(clap::Subcommand, Debug, Clone)]
@@ -63,7 +65,7 @@ struct SummaryJson<'a> {
     limit: u64,
     used: u64,
     remaining: u64,
-    status: String,
+    status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     portfolio: Option<&'a str>,
     senders: u64,
@@ -75,19 +77,12 @@ struct ListJson<'a> {
     next_page_token: Option<String>,
 }
 
-fn status_name(s: i32) -> String {
+/// A status from the wire by its name, `unknown` when this client does not know it.
+fn status_name(s: i32) -> &'static str {
     proto::SenderStatus::try_from(s)
-        .map(|s| s.as_str_name().trim_start_matches("SENDER_STATUS_"))
-        .unwrap_or("unknown")
-        .to_ascii_lowercase()
-}
-
-fn limit_text(limit: u64) -> String {
-    if limit == 0 {
-        "unlimited".into()
-    } else {
-        limit.to_string()
-    }
+        .ok()
+        .and_then(convert::status_from_proto)
+        .map_or("unknown", SenderStatus::name)
 }
 
 pub(super) async fn list(
@@ -170,8 +165,8 @@ pub(super) async fn list(
             name,
             tier_opt(t.tier).unwrap_or("-").to_owned(),
             t.used.to_string(),
-            limit_text(t.limit),
-            status_name(t.status),
+            super::count_or_unlimited(t.limit, t.limit),
+            status_name(t.status).to_owned(),
             portfolio,
             senders,
         ]);

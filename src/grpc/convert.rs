@@ -227,14 +227,7 @@ pub fn policy(
         Err(_) => return Err(unknown("policy.window_mode", "WindowMode", p.window_mode)),
     };
     let status = match proto::SenderStatus::try_from(p.status) {
-        Ok(proto::SenderStatus::Unspecified | proto::SenderStatus::Connected) => {
-            SenderStatus::Connected
-        }
-        Ok(proto::SenderStatus::Flagged) => SenderStatus::Flagged,
-        Ok(proto::SenderStatus::Restricted) => SenderStatus::Restricted,
-        Ok(proto::SenderStatus::Paused) => SenderStatus::Paused,
-        Ok(proto::SenderStatus::Banned) => SenderStatus::Banned,
-        Ok(proto::SenderStatus::Disconnected) => SenderStatus::Disconnected,
+        Ok(s) => status_from_proto(s).unwrap_or(SenderStatus::Connected),
         Err(_) => return Err(unknown("policy.status", "SenderStatus", p.status)),
     };
     let quality = match proto::Quality::try_from(p.quality) {
@@ -334,19 +327,36 @@ pub fn policy(
     })
 }
 
+/// `None` for UNSPECIFIED (a policy reads it as CONNECTED).
+pub fn status_from_proto(s: proto::SenderStatus) -> Option<SenderStatus> {
+    Some(match s {
+        proto::SenderStatus::Unspecified => return None,
+        proto::SenderStatus::Connected => SenderStatus::Connected,
+        proto::SenderStatus::Flagged => SenderStatus::Flagged,
+        proto::SenderStatus::Restricted => SenderStatus::Restricted,
+        proto::SenderStatus::Paused => SenderStatus::Paused,
+        proto::SenderStatus::Banned => SenderStatus::Banned,
+        proto::SenderStatus::Disconnected => SenderStatus::Disconnected,
+    })
+}
+
+pub fn status_to_proto(s: SenderStatus) -> proto::SenderStatus {
+    match s {
+        SenderStatus::Connected => proto::SenderStatus::Connected,
+        SenderStatus::Flagged => proto::SenderStatus::Flagged,
+        SenderStatus::Restricted => proto::SenderStatus::Restricted,
+        SenderStatus::Paused => proto::SenderStatus::Paused,
+        SenderStatus::Banned => proto::SenderStatus::Banned,
+        SenderStatus::Disconnected => proto::SenderStatus::Disconnected,
+    }
+}
+
 pub fn policy_to_proto(p: &Policy) -> proto::Policy {
     proto::Policy {
         tier: tier_to_proto(p.tier) as i32,
         custom_limit: p.custom_limit,
         window_mode: mode_to_proto(p.window_mode) as i32,
-        status: match p.status {
-            SenderStatus::Connected => proto::SenderStatus::Connected,
-            SenderStatus::Flagged => proto::SenderStatus::Flagged,
-            SenderStatus::Restricted => proto::SenderStatus::Restricted,
-            SenderStatus::Paused => proto::SenderStatus::Paused,
-            SenderStatus::Banned => proto::SenderStatus::Banned,
-            SenderStatus::Disconnected => proto::SenderStatus::Disconnected,
-        } as i32,
+        status: status_to_proto(p.status) as i32,
         quality: match p.quality {
             None => proto::Quality::Unspecified,
             Some(Quality::Green) => proto::Quality::Green,
@@ -498,10 +508,6 @@ pub fn target_kind(kind: i32) -> Result<Option<TargetKind>, InvalidArgument> {
 /// whose `status_until` passed reads CONNECTED).
 pub fn target_summary(t: &Target, i: &Inspection) -> proto::TargetSummary {
     let own = i.sender_policy.as_ref().unwrap_or(&i.policy);
-    let in_force = Policy {
-        status: own.status_at(i.now),
-        ..*own
-    };
     proto::TargetSummary {
         target: Some(target_to_proto(t)),
         scope: scope_to_proto(i.scope) as i32,
@@ -509,7 +515,7 @@ pub fn target_summary(t: &Target, i: &Inspection) -> proto::TargetSummary {
         limit: i.limit,
         used: i.used,
         remaining: i.remaining,
-        status: policy_to_proto(&in_force).status,
+        status: status_to_proto(own.status_at(i.now)) as i32,
         portfolio: i
             .portfolio
             .as_ref()

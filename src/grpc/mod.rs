@@ -119,12 +119,7 @@ impl<L: Ledger> AdminApi<L> {
         targets: &[Option<Target>],
         change: &str,
     ) {
-        let at = at.unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as Millis)
-                .unwrap_or_default()
-        });
+        let at = crate::model::clock(at);
         for target in targets {
             let shown = target
                 .as_ref()
@@ -570,33 +565,28 @@ impl<L: Ledger> AdminService for AdminApi<L> {
         let r = req.into_inner();
         let waba = crate::model::PortfolioId::parse("waba", &r.waba).map_err(invalid)?;
         let portfolio = if r.portfolio.is_empty() {
-            String::new()
+            None
         } else {
-            crate::model::PortfolioId::parse("portfolio", &r.portfolio)
-                .map_err(invalid)?
-                .as_str()
-                .to_owned()
+            Some(PortfolioId::parse("portfolio", &r.portfolio).map_err(invalid)?)
         };
         self.ledger
             .put_identity(
                 crate::webhook::identity::WABA_PORTFOLIO,
                 waba.as_str(),
-                &portfolio,
+                portfolio.as_ref().map_or("", |p| p.as_str()),
                 false,
             )
             .await
             .map_err(status)?;
-        let (change, targets) = if portfolio.is_empty() {
-            (
+        let (change, targets) = match portfolio {
+            None => (
                 format!("WABA {waba} detached from its portfolio"),
                 vec![None],
-            )
-        } else {
-            let p = PortfolioId::parse("portfolio", &portfolio).map_err(invalid)?;
-            (
+            ),
+            Some(p) => (
                 format!("WABA {waba} assigned to portfolio {p}"),
                 vec![None, Some(Target::Portfolio(p))],
-            )
+            ),
         };
         self.audit(&who, None, "AssignWaba", &targets, &change)
             .await;

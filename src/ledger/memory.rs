@@ -15,7 +15,7 @@ use crate::model::{
     AUDIT_KEEP, AcquireRequest, AuditEntry, Cursor, Defaults, ERROR_MARKETING_CAP,
     FREE_ENTRY_POINT_MS, FailureOutcome, HOUR_MS, Inspection, MONTH_MS, Millis, Outcome, Policy,
     PortfolioId, Projection, RecipientId, Reservation, SERVICE_WINDOW_MS, SLOT_MS, Scope, SenderId,
-    Target, TargetKind, WEEK_MS, WindowEntry, WindowPage, listing_position, remaining,
+    Target, TargetKind, WEEK_MS, WindowEntry, WindowPage, clock, listing_position, remaining,
 };
 use crate::rules::{
     self, Admitted, Overlay, Progress, Rates, Recipient, SlotChange, Standing, count_since,
@@ -135,15 +135,6 @@ impl Window {
             .nth(k as usize)
             .map(|(e, _)| *e)
     }
-}
-
-fn clock(at: Option<Millis>) -> Millis {
-    at.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as Millis)
-            .unwrap_or(0)
-    })
 }
 
 impl State {

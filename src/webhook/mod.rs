@@ -85,13 +85,6 @@ pub mod identity {
     pub const WABA_PORTFOLIO: &str = "wabaportfolio";
 }
 
-fn now_ms() -> Millis {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as Millis)
-        .unwrap_or_default()
-}
-
 /// 64 bits of SHA-256 of an event's identity: what is remembered of it.
 fn event_key(parts: &[&str]) -> u64 {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
@@ -235,7 +228,7 @@ impl<L: Ledger> Bridge<L> {
             return text(StatusCode::UNAUTHORIZED, "signature missing or wrong\n");
         }
         let start = Instant::now();
-        let events = match events::parse(&body, now_ms()) {
+        let events = match events::parse(&body, crate::model::clock(None)) {
             Ok(e) => e,
             Err(e) => return text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
         };

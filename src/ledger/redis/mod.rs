@@ -355,7 +355,7 @@ impl Ledger for RedisLedger {
     async fn acquire(&self, req: AcquireRequest) -> Result<Vec<Outcome>> {
         self.ensure_marker().await?;
         if !req.dry_run {
-            self.register(&[Target::Sender(req.sender.clone())]).await;
+            self.register(Some(&req.sender), None).await;
         }
         let s = &self.scripts.acquire;
         let (home, v) = self
@@ -428,7 +428,7 @@ impl Ledger for RedisLedger {
         free_entry_point: bool,
         at: Option<Millis>,
     ) -> Result<Millis> {
-        self.register(&[Target::Sender(sender.clone())]).await;
+        self.register(Some(&sender), None).await;
         let s = &self.scripts.inbound;
         let span = if free_entry_point {
             FREE_ENTRY_POINT_MS
@@ -540,7 +540,10 @@ impl Ledger for RedisLedger {
         policy: Policy,
         at: Option<Millis>,
     ) -> Result<Policy> {
-        self.register(std::slice::from_ref(&target)).await;
+        match &target {
+            Target::Sender(s) => self.register(Some(s), None).await,
+            Target::Portfolio(p) => self.register(None, Some(p)).await,
+        }
         let s = &self.scripts.policy;
         let make = |home: &Home, key: String, residency: String, sender: &str| {
             let mut call = Call::new(s, vec![key, residency])
@@ -722,11 +725,7 @@ impl Ledger for RedisLedger {
             Target::Portfolio(p) => Home::Portfolio(p),
         };
         // Without a trusted clock, this instance's: a read for planning, not a decision.
-        let now = at.unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as Millis)
-        });
+        let now = crate::model::clock(at);
         let since = now - MONTH_MS;
         let v = self
             .query(

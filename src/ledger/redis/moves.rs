@@ -8,7 +8,7 @@ use super::keys::{Home, HomeKeys};
 use super::scripts::Call;
 use super::{ABANDONED_MOVE_MS, RedisLedger};
 use crate::ledger::{LedgerError, Result};
-use crate::model::{PortfolioId, SenderId, Target};
+use crate::model::{PortfolioId, SenderId};
 
 /// Marks a sender as being moved by this instance while it lives.
 pub(super) struct Moving<'a> {
@@ -107,9 +107,7 @@ impl RedisLedger {
         sender: SenderId,
         portfolio: Option<PortfolioId>,
     ) -> Result<()> {
-        let mut named = vec![Target::Sender(sender.clone())];
-        named.extend(portfolio.clone().map(Target::Portfolio));
-        self.register(&named).await;
+        self.register(Some(&sender), portfolio.as_ref()).await;
         // A journaled move (lua/move.lua): moves of one sender never interleave, no step loses
         // the sender's state, and a move interrupted half-way is completed here first.
         let own = self.keys.home(&Home::Sender(sender.clone()));

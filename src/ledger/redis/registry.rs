@@ -10,32 +10,58 @@ use std::collections::HashSet;
 
 use super::{RedisLedger, bad_reply, items, text};
 use crate::ledger::Result;
-use crate::model::{AUDIT_KEEP, AuditEntry, Target, TargetKind};
+use crate::model::{AUDIT_KEEP, AuditEntry, PortfolioId, SenderId, Target, TargetKind};
 
 /// Registered targets this process remembers; past this it starts over (a repeated `ZADD` of
 /// a member is harmless, it only costs a round trip).
 const REGISTERED_MAX: usize = 1_000_000;
 
-/// Targets this instance has written to the registry.
+/// Targets this instance has written to the registry, by kind, so that a decision's check is
+/// a lookup of the sender id it already holds.
 #[derive(Default)]
-pub(super) struct Registered(std::sync::Mutex<HashSet<Target>>);
+pub(super) struct Registered(std::sync::Mutex<Seen>);
+
+#[derive(Default)]
+struct Seen {
+    senders: HashSet<SenderId>,
+    portfolios: HashSet<PortfolioId>,
+}
+
+impl Seen {
+    fn forget(&mut self, t: &Target) {
+        match t {
+            Target::Sender(s) => self.senders.remove(s),
+            Target::Portfolio(p) => self.portfolios.remove(p),
+        };
+    }
+}
 
 impl RedisLedger {
-    /// Writes the targets this instance has not registered yet (a no-op after the first call
-    /// for each: one set lookup). A failure is not the caller's: the call goes on,
-    /// and the next one tries again.
-    pub(super) async fn register(&self, targets: &[Target]) {
+    /// Writes the sender and the portfolio given, where this instance has not registered them
+    /// yet (after that, one set lookup and no allocation). A failure is not the caller's: the
+    /// call goes on, and the next one tries again.
+    pub(super) async fn register(
+        &self,
+        sender: Option<&SenderId>,
+        portfolio: Option<&PortfolioId>,
+    ) {
         let new: Vec<Target> = {
             let mut seen = self.registered.0.lock().unwrap_or_else(|e| e.into_inner());
-            if seen.len() >= REGISTERED_MAX {
-                seen.clear();
+            if seen.senders.len() + seen.portfolios.len() >= REGISTERED_MAX {
+                *seen = Seen::default();
             }
             let mut new = Vec::new();
-            for t in targets {
-                if !seen.contains(t) {
-                    seen.insert(t.clone());
-                    new.push(t.clone());
-                }
+            if let Some(s) = sender
+                && !seen.senders.contains(s)
+            {
+                seen.senders.insert(s.clone());
+                new.push(Target::Sender(s.clone()));
+            }
+            if let Some(p) = portfolio
+                && !seen.portfolios.contains(p)
+            {
+                seen.portfolios.insert(p.clone());
+                new.push(Target::Portfolio(p.clone()));
             }
             new
         };
@@ -50,9 +76,7 @@ impl RedisLedger {
         if let Err(e) = self.write(&cmd).await {
             tracing::debug!(error = %e, "target registry not written; the next call retries");
             let mut seen = self.registered.0.lock().unwrap_or_else(|e| e.into_inner());
-            new.iter().for_each(|t| {
-                seen.remove(t);
-            });
+            new.iter().for_each(|t| seen.forget(t));
         }
     }
 
