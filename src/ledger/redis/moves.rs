@@ -110,6 +110,15 @@ impl RedisLedger {
         self.register(Some(&sender), portfolio.as_ref()).await;
         // A journaled move (lua/move.lua): moves of one sender never interleave, no step loses
         // the sender's state, and a move interrupted half-way is completed here first.
+        // One reassignment of a sender at a time in this instance, from the journal's first read
+        // to its last step: a request that found the sender in place (and restored a missing
+        // membership) can then never begin a move that another of this instance's requests is
+        // still finishing.
+        let Some(_moving) = Moving::claim(&self.moving, &sender) else {
+            return Err(LedgerError::Unavailable(format!(
+                "sender {sender} is being reassigned; try again"
+            )));
+        };
         let own = self.keys.home(&Home::Sender(sender.clone()));
         let journal_keys = || vec![own.move_journal(), own.residency()];
         let target = portfolio
@@ -152,11 +161,6 @@ impl RedisLedger {
                 Some("begun") => {
                     let entry = text(v.get(1).ok_or_else(bad)?).ok_or_else(bad)?;
                     let from = entry.split('>').next().unwrap_or_default().to_owned();
-                    let Some(_moving) = Moving::claim(&self.moving, &sender) else {
-                        return Err(LedgerError::Unavailable(format!(
-                            "sender {sender} is being reassigned; try again"
-                        )));
-                    };
                     self.move_sender(&sender, &from, &target, &entry).await?;
                     self.learn(&sender, portfolio);
                     tracing::info!(%sender, from, to = target, "sender reassigned");
@@ -180,12 +184,12 @@ impl RedisLedger {
                     }
                     // Another request is moving this sender: wait for it (the caller retries).
                     // Two movers of one sender must never run at once, so a move is completed
-                    // here only when nobody can be running it: this instance began it and is
-                    // not running it now (a store hiccup cut it short), or it was left
-                    // unfinished for longer than any live move can take (its mover crashed).
-                    let claim = Moving::claim(&self.moving, &sender);
-                    let ours = mover == self.instance && claim.is_some();
-                    if !ours && (claim.is_none() || age < ABANDONED_MOVE_MS) {
+                    // here only when nobody can be running it: this instance began it (and,
+                    // holding the claim, is not running it now: a store hiccup cut it short),
+                    // or it was left unfinished for longer than any live move can take (its
+                    // mover crashed).
+                    let ours = mover == self.instance;
+                    if !ours && age < ABANDONED_MOVE_MS {
                         return Err(LedgerError::Unavailable(format!(
                             "sender {sender} is being reassigned (from {from:?} to {to:?}); try again"
                         )));
@@ -196,7 +200,6 @@ impl RedisLedger {
                         tracing::warn!(%sender, from, to, "completing an abandoned reassignment first");
                     }
                     self.move_sender(&sender, from, to, &entry).await?;
-                    drop(claim);
                 }
                 _ => return Err(bad()),
             }
