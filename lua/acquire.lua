@@ -37,7 +37,14 @@
 local wpolkey, service = KEYS[3], KEYS[4]
 local spolkey, wskey, tpkey, prkey, mkkey, mhkey, uqkey = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 local now = clock(ARGV[1])
-local ok, where = resident(ARGV[2], KEYS[5], ARGV[3])
+-- The small strings this call reads, in one command: the ledger marker, the throughput TAT and,
+-- at a sender home, its "away" string (a portfolio home's residency is a set).
+local strings = redis.call('MGET', KEYS[13], tpkey, ARGV[2] == 's' and KEYS[5] or KEYS[13])
+local away -- nil: not read (a portfolio home); false: absent
+if ARGV[2] == 's' then
+  away = strings[3]
+end
+local ok, where = resident(ARGV[2], KEYS[5], ARGV[3], away)
 if not ok then
   return { 'moved', where }
 end
@@ -49,7 +56,7 @@ local dry = ARGV[5] == '1'
 local marketing = ARGV[6] == '1'
 local slot_ms, slack = tonumber(ARGV[13]), tonumber(ARGV[14])
 local now_us = now * 1000
-local lost_now, lost_since = ledger_check(KEYS[13], ARGV[15], now, slot_ms, not dry)
+local lost_now, lost_since = ledger_check(KEYS[13], ARGV[15], now, slot_ms, not dry, strings[1])
 
 local W = read_policy(wpolkey, ARGV[7], ARGV[8], ARGV[9])
 settle(W, wpolkey, now, not dry)
@@ -116,7 +123,7 @@ local held = 0
 if scap > 0 then
   held = redis.call('ZCOUNT', wskey, live, '+inf')
 end
-local tat = tonumber(redis.call('GET', tpkey) or '') or now_us
+local tat = tonumber(strings[2] or '') or now_us
 
 -- The overlay of this batch's changes.
 local moved, nmoved = {}, 0 -- window: recipient -> new expiry
@@ -389,27 +396,29 @@ end
 win_save(win, now, slack)
 for opener, entries in pairs(wsmoved) do
   local key = ws_prefix .. opener
-  local z = {}
+  local z, last = {}, now
   for r, e in pairs(entries) do
     z[#z + 1] = fmt(e)
     z[#z + 1] = r
+    last = math.max(last, e)
   end
   redis.call('ZREMRANGEBYSCORE', key, '-inf', fmt(now))
   chunked('ZADD', key, z, 512)
-  keep(key, latest(key, now), now, slack)
+  extend(key, last, now, slack)
 end
 if tat_changed then
   redis.call('SET', tpkey, fmt(tat), 'PX', ttl_ms(math.ceil(tat / 1000), now, slack))
 end
 if next(ptat) ~= nil then
-  local z, last = {}, 0
+  local z, last = {}, now_us
   for r, t in pairs(ptat) do
     z[#z + 1] = fmt(t)
     z[#z + 1] = r
+    last = math.max(last, t)
   end
   redis.call('ZREMRANGEBYSCORE', prkey, '-inf', fmt(now_us))
   chunked('ZADD', prkey, z, 512)
-  keep(prkey, math.ceil(latest(prkey, now_us) / 1000), now, slack)
+  extend(prkey, math.ceil(last / 1000), now, slack)
 end
 if next(mtimes) ~= nil then
   local h = {}
@@ -438,7 +447,11 @@ if next(uniques) ~= nil then
   local pending = W.up_at and W.up_from == W.tier
   if not pending and eligible(W) and TIER_NEXT[W.rules][W.tier] then
     local u7 = redis.call('ZCOUNT', uqkey, '(' .. fmt(now - WEEK_MS), '+inf')
-    local u30 = redis.call('ZCARD', uqkey)
+    -- The 30-day count matters only for the portfolio rules' entry tier.
+    local u30 = 0
+    if W.rules == 'portfolio' and W.tier == '250' then
+      u30 = redis.call('ZCARD', uqkey)
+    end
     if upgrade_threshold_met(W.rules, W.tier, u7, u30) then
       redis.call('HSET', wpolkey, 'up_at', fmt(now + UPGRADE_DELAY_MS[W.rules]), 'up_from', W.tier)
     end

@@ -29,9 +29,12 @@ end
 -- Does `sender` keep its state at this home? A sender's own home ("s") holds it unless the
 -- "away" key names the portfolio it moved to; a portfolio home ("p") holds its members' state.
 -- Returns true, or false and where to look next (a portfolio id, or "" for the sender's own home).
-local function resident(kind, residency_key, sender)
+-- `away`: the sender home's "away" string when the caller already read it (false when absent).
+local function resident(kind, residency_key, sender, away)
   if kind == 's' then
-    local away = redis.call('GET', residency_key)
+    if away == nil then
+      away = redis.call('GET', residency_key)
+    end
     if away then
       return false, away
     end
@@ -54,6 +57,16 @@ end
 -- latest entry), set on every write without reading the old TTL first.
 local function keep(key, until_ms, now, slack)
   redis.call('PEXPIRE', key, ttl_ms(until_ms, now, slack))
+end
+
+-- Keeps `key` alive until at least `until_ms` (+ slack) without shortening a longer life, and
+-- without reading its entries: PEXPIRE GT, then PEXPIRE NX only when that changed nothing (a key
+-- that has no TTL yet, or one already kept longer).
+local function extend(key, until_ms, now, slack)
+  local ttl = ttl_ms(until_ms, now, slack)
+  if redis.call('PEXPIRE', key, ttl, 'GT') == 0 then
+    redis.call('PEXPIRE', key, ttl, 'NX')
+  end
 end
 
 -- Latest slot expiry in a window zset (or `now` when empty).
@@ -128,12 +141,15 @@ end
 
 local function win_open(header, index)
   local f = redis.call('HMGET', header, 'n', 'lvl', 'sp', 'seq', 'last', 'sb', 'tr', 'rp')
-  return {
+  local W = {
     header = header, index = index, zp = header .. ':', mp = string.sub(header, 1, -2) .. 'wm:',
     n = tonumber(f[1] or '0'), lvl = tonumber(f[2] or '0'), sp = tonumber(f[3] or '0'),
     seq = tonumber(f[4] or '0'), last = tonumber(f[5] or '0'), sb = tonumber(f[6] or ''),
     tr = tonumber(f[7] or '0'), sweeping = f[8] ~= false, at = {}, fresh = {},
   }
+  -- The header as read (a missing field as its default), so win_save writes only what changed.
+  W.read = { n = W.n, lvl = W.lvl, sp = W.sp, seq = W.seq, last = W.last, sb = W.sb, tr = W.tr }
+  return W
 end
 
 -- How many shards the window has: 2^lvl, plus those split at this level.
@@ -463,6 +479,8 @@ local function win_rebalance(W)
   end
 end
 
+local HEADER_FIELDS = { 'n', 'lvl', 'sp', 'seq', 'last', 'sb', 'tr' }
+
 -- Writes the header and keeps the window alive until its latest expiry (+ slack) on the
 -- request's clock. The TTLs are renewed for every key of the window at once, RENEW_MS longer
 -- than needed, and the header remembers until when (`tr`, in Redis's real time, so a trusted
@@ -477,8 +495,19 @@ local function win_save(W, now, slack)
   if renew then
     W.tr = real + need + RENEW_MS
   end
-  redis.call('HSET', W.header, 'n', fmt(W.n), 'lvl', fmt(W.lvl), 'sp', fmt(W.sp), 'seq', fmt(W.seq),
-    'last', fmt(W.last), 'sb', W.sb and fmt(W.sb) or '', 'tr', fmt(W.tr))
+  -- Only the fields that changed: most calls move n, seq and last, and each field written costs a
+  -- scan of the header's listpack.
+  local h, was = {}, W.read
+  for _, k in ipairs(HEADER_FIELDS) do
+    local v = W[k]
+    if v ~= was[k] then
+      h[#h + 1] = k
+      h[#h + 1] = v and fmt(v) or ''
+    end
+  end
+  if #h > 0 then
+    redis.call('HSET', W.header, unpack(h))
+  end
   local ttl = fmt(W.tr - real)
   if renew then
     redis.call('PEXPIRE', W.header, ttl)
@@ -671,8 +700,11 @@ end
 -- and keeps it until an operator accepts it or one window (slot_ms) has passed; mode "a"
 -- (allow) only reports it. Returns whether this call found the loss, and since when new slots
 -- are refused (nil when they are not).
-local function ledger_check(key, mode, now, slot_ms, write)
-  local mark = redis.call('GET', key)
+-- `mark`: the marker when the caller already read it (false when absent).
+local function ledger_check(key, mode, now, slot_ms, write, mark)
+  if mark == nil then
+    mark = redis.call('GET', key)
+  end
   if mark == '1' then
     return false, nil
   end

@@ -477,7 +477,7 @@ impl Metrics {
         );
         let script_reloads = b.one(
             "waquota_redis_script_reloads_total",
-            "Scripts sent again after a NOSCRIPT answer (restarted or failed-over Redis).",
+            "Loads of the function library after Redis did not know a function (restarted Redis, new node).",
             Counter::default(),
         );
         let pool = PoolGauges::default();

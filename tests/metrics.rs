@@ -102,10 +102,10 @@ async fn metrics_show_decisions_latencies_and_store_trouble_without_ids() {
         assert!(!text.contains(id), "{id} leaked into /metrics");
     }
 
-    // A Redis that forgot its scripts: one reload, and the call still succeeds.
+    // A Redis that forgot its function library: one reload, and the call still succeeds.
     let reloads = metric(&text, "waquota_redis_script_reloads_total").unwrap();
     let port = server.redis().unwrap().port;
-    assert!(raw_command(port, "SCRIPT FLUSH").is_some_and(|r| r.starts_with("+OK")));
+    assert!(raw_command(port, "FUNCTION FLUSH").is_some_and(|r| r.starts_with("+OK")));
     q.acquire(acquire_req("recipient-qx1")).await.unwrap();
     let text = scrape(addr).await;
     assert_eq!(

@@ -1,19 +1,19 @@
 //! One Redis round trip per decision (docs/contract.md, "One round trip"): every Acquire,
-//! AcquireBatch, Release and RecordInbound is exactly one EVALSHA, whatever the number of keys
+//! AcquireBatch, Release and RecordInbound is exactly one FCALL, whatever the number of keys
 //! and recipients.
 //!
 //! How it is measured, on every Redis node involved:
 //! - `MONITOR` records every command Redis executes, with its origin: a client address, or
 //!   `lua` for the commands a script runs. It is the proof that the client sent one command.
 //! - `INFO commandstats` (after `CONFIG RESETSTAT`) counts every command executed, the ones a
-//!   script runs included (Redis counts `redis.call` too); so besides `evalsha calls=1`, every
+//!   function runs included (Redis counts `redis.call` too); so besides `fcall calls=1`, every
 //!   other command it counts must be one MONITOR saw coming from `lua`.
 //! - Excluded from both: `ping`, sent once a second by the server's health probe (not part of
 //!   any decision), and the test's own `config|resetstat`, `info` and `echo` (the marker that
 //!   tells when MONITOR has caught up).
 //!
 //! Before measuring, each test warms up: enough calls that every pooled connection is open and
-//! every script involved is cached on Redis, so the measured call is the steady state.
+//! the function library is loaded on Redis, so the measured call is the steady state.
 
 mod common;
 
@@ -236,13 +236,9 @@ fn assert_round_trips(what: &str, trace: &Trace, sent: &[&str]) {
     }
 }
 
-fn assert_one_evalsha(what: &str, trace: &Trace) {
-    assert_round_trips(what, trace, &["evalsha"]);
-    assert_eq!(
-        trace.stats.get("evalsha"),
-        Some(&1),
-        "{what}: evalsha calls=1"
-    );
+fn assert_one_fcall(what: &str, trace: &Trace) {
+    assert_round_trips(what, trace, &["fcall"]);
+    assert_eq!(trace.stats.get("fcall"), Some(&1), "{what}: fcall calls=1");
 }
 
 // ------------------------------------------------------------------------------ requests
@@ -306,27 +302,27 @@ async fn standalone() -> (TestServer, u16, QuotaServiceClient<Channel>) {
 // ------------------------------------------------------------------------------ standalone
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acquire_is_one_evalsha() {
+async fn acquire_is_one_fcall() {
     let (_server, port, mut q) = standalone().await;
     warm_up(&mut q, "rt-sender").await;
 
     let (r, trace) = measure(&[port], acquire_ok(&mut q, "rt-sender", "4915100000001")).await;
     assert_eq!(decision(&r), Decision::AllowedNew);
-    assert_one_evalsha("Acquire (new user)", &trace);
+    assert_one_fcall("Acquire (new user)", &trace);
 
     let (r, trace) = measure(&[port], acquire_ok(&mut q, "rt-sender", "4915100000001")).await;
     assert_eq!(decision(&r), Decision::AllowedCounted);
-    assert_one_evalsha("Acquire (counted user)", &trace);
+    assert_one_fcall("Acquire (counted user)", &trace);
 
     let mut dry = acquire("rt-sender", "4915100000002");
     dry.dry_run = true;
     let (r, trace) = measure(&[port], async { q.acquire(dry).await.expect("dry run") }).await;
     assert_eq!(decision(&r.into_inner()), Decision::AllowedNew);
-    assert_one_evalsha("Acquire (dry run)", &trace);
+    assert_one_fcall("Acquire (dry run)", &trace);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acquire_batch_of_100_is_one_evalsha() {
+async fn acquire_batch_of_100_is_one_fcall() {
     let (_server, port, mut q) = standalone().await;
     warm_up(&mut q, "rt-batch-sender").await;
     let recipients: Vec<String> = (0..100).map(|i| format!("4915100001{i:03}")).collect();
@@ -344,11 +340,11 @@ async fn acquire_batch_of_100_is_one_evalsha() {
     .await;
     assert_eq!(results.len(), 100);
     assert!(results.iter().all(|r| decision(r) == Decision::AllowedNew));
-    assert_one_evalsha("AcquireBatch of 100", &trace);
+    assert_one_fcall("AcquireBatch of 100", &trace);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn release_is_one_evalsha() {
+async fn release_is_one_fcall() {
     let (_server, port, mut q) = standalone().await;
     warm_up(&mut q, "rt-release-sender").await;
     let r = acquire_ok(&mut q, "rt-release-sender", "4915100000001").await;
@@ -368,18 +364,18 @@ async fn release_is_one_evalsha() {
     })
     .await;
     assert!(released);
-    assert_one_evalsha("Release", &trace);
+    assert_one_fcall("Release", &trace);
     // Idempotent, and still one round trip.
     let (released, trace) = measure(&[port], async {
         q.release(req).await.expect("release").into_inner().released
     })
     .await;
     assert!(!released);
-    assert_one_evalsha("Release (again)", &trace);
+    assert_one_fcall("Release (again)", &trace);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn record_inbound_is_one_evalsha() {
+async fn record_inbound_is_one_fcall() {
     let (_server, port, mut q) = standalone().await;
     warm_up(&mut q, "rt-inbound-sender").await;
     let (resp, trace) = measure(&[port], async {
@@ -395,7 +391,7 @@ async fn record_inbound_is_one_evalsha() {
     })
     .await;
     assert!(resp.service_window_expires_at.is_some());
-    assert_one_evalsha("RecordInbound", &trace);
+    assert_one_fcall("RecordInbound", &trace);
     // Inside the service window now: still one round trip, and not counted.
     let (r, trace) = measure(
         &[port],
@@ -403,11 +399,11 @@ async fn record_inbound_is_one_evalsha() {
     )
     .await;
     assert_eq!(decision(&r), Decision::AllowedServiceWindow);
-    assert_one_evalsha("Acquire (service window)", &trace);
+    assert_one_fcall("Acquire (service window)", &trace);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acquire_for_a_portfolio_sender_is_one_evalsha() {
+async fn acquire_for_a_portfolio_sender_is_one_fcall() {
     let (server, port, mut q) = standalone().await;
     let mut admin = server.admin().await;
     admin
@@ -423,27 +419,32 @@ async fn acquire_for_a_portfolio_sender_is_one_evalsha() {
     let (r, trace) = measure(&[port], acquire_ok(&mut q, "rt-pf-sender", "4915100000001")).await;
     assert_eq!(decision(&r), Decision::AllowedNew);
     assert_eq!(r.scope, waquota::proto::Scope::Portfolio as i32);
-    assert_one_evalsha("Acquire (sender in a portfolio)", &trace);
+    assert_one_fcall("Acquire (sender in a portfolio)", &trace);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_script_flush_the_script_is_reloaded_then_one_evalsha_again() {
+async fn after_function_flush_the_library_is_reloaded_then_one_fcall_again() {
     let (_server, port, mut q) = standalone().await;
     warm_up(&mut q, "rt-flush-sender").await;
-    let r = raw_command(port, "SCRIPT FLUSH");
+    let r = raw_command(port, "FUNCTION FLUSH");
     assert!(
         r.as_deref().is_some_and(|r| r.starts_with("+OK")),
-        "SCRIPT FLUSH: {r:?}"
+        "FUNCTION FLUSH: {r:?}"
     );
 
-    // NOSCRIPT, then the script is sent once by source: the request still succeeds.
+    // "Function not found", then the library is loaded and the call repeated once: the request
+    // still succeeds.
     let (r, trace) = measure(
         &[port],
         acquire_ok(&mut q, "rt-flush-sender", "4915100000001"),
     )
     .await;
     assert_eq!(decision(&r), Decision::AllowedNew);
-    assert_round_trips("Acquire after SCRIPT FLUSH", &trace, &["evalsha", "eval"]);
+    assert_round_trips(
+        "Acquire after FUNCTION FLUSH",
+        &trace,
+        &["fcall", "function|load", "fcall"],
+    );
 
     let (r, trace) = measure(
         &[port],
@@ -451,7 +452,7 @@ async fn after_script_flush_the_script_is_reloaded_then_one_evalsha_again() {
     )
     .await;
     assert_eq!(decision(&r), Decision::AllowedNew);
-    assert_one_evalsha("Acquire after the reload", &trace);
+    assert_one_fcall("Acquire after the reload", &trace);
     assert_eq!(
         r.used, 9,
         "the flush lost no state (8 warm-up slots, one released, two new)"
@@ -461,7 +462,7 @@ async fn after_script_flush_the_script_is_reloaded_then_one_evalsha_again() {
 // ------------------------------------------------------------------------------ cluster
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cluster_acquire_and_batch_are_one_evalsha() {
+async fn cluster_acquire_and_batch_are_one_fcall() {
     let server = TestServer::start(Backend::Cluster).await;
     let ports: Vec<u16> = server
         .cluster()
@@ -479,7 +480,7 @@ async fn cluster_acquire_and_batch_are_one_evalsha() {
     )
     .await;
     assert_eq!(decision(&r), Decision::AllowedNew);
-    assert_one_evalsha("Cluster: Acquire (new user)", &trace);
+    assert_one_fcall("Cluster: Acquire (new user)", &trace);
 
     let recipients: Vec<String> = (0..100).map(|i| format!("4915100001{i:03}")).collect();
     let (results, trace) = measure(&ports, async {
@@ -496,12 +497,12 @@ async fn cluster_acquire_and_batch_are_one_evalsha() {
     .await;
     assert_eq!(results.len(), 100);
     assert!(results.iter().all(|r| decision(r) == Decision::AllowedNew));
-    assert_one_evalsha("Cluster: AcquireBatch of 100", &trace);
+    assert_one_fcall("Cluster: AcquireBatch of 100", &trace);
 }
 
 // ------------------------------------------------------------------------------ coalescing
 
-/// Concurrent Acquires of one sender are decided together (fewer EVALSHA calls than requests)
+/// Concurrent Acquires of one sender are decided together (fewer FCALL calls than requests)
 /// and exactly as if one after the other: the limit admits exactly `limit` new users, each
 /// `used` value once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -539,9 +540,9 @@ async fn concurrent_acquires_of_one_sender_share_calls_and_stay_exact() {
         .filter(|r| decision(r) == Decision::DeniedLimit)
         .count();
     assert_eq!(denied as u64, n - limit);
-    let calls = commandstats(port).get("evalsha").copied().unwrap_or(0);
+    let calls = commandstats(port).get("fcall").copied().unwrap_or(0);
     assert!(
         calls >= 1 && calls < n,
-        "{n} concurrent Acquires took {calls} EVALSHA calls"
+        "{n} concurrent Acquires took {calls} FCALL calls"
     );
 }

@@ -6,7 +6,7 @@
 //!   each with one `Acquire` (or `AcquireBatch`) in flight at a time.
 //! - **ceiling**: the very same decision script driven straight on Redis (`--ceiling-redis`),
 //!   with the same senders, recipients and mix, and no waquota service in between: each of the
-//!   `concurrency` workers keeps `pipeline` EVALSHA calls in flight on shared multiplexed
+//!   `concurrency` workers keeps `pipeline` FCALL calls in flight on shared multiplexed
 //!   connections, so this is as fast as one client can make Redis decide. The ratio service /
 //!   ceiling is what the service costs on top of Redis.
 //! - **memory** (`--memory-redis`): Redis bytes per slot and per open service window.
@@ -122,7 +122,7 @@ pub struct BenchArgs {
     /// same workload and no waquota in between; prints service / ceiling when both run.
     #[arg(long)]
     pub ceiling_redis: Option<String>,
-    /// Ceiling: EVALSHA calls each worker keeps in flight (pipelined on multiplexed connections).
+    /// Ceiling: FCALL calls each worker keeps in flight (pipelined on multiplexed connections).
     #[arg(long, default_value_t = 8)]
     pub pipeline: usize,
     /// Connections the load uses: HTTP/2 channels to the service, multiplexed ones to Redis.
@@ -151,7 +151,7 @@ pub struct BenchArgs {
     #[arg(long = "watch-pid", value_parser = parse_watch)]
     pub watch_pids: Vec<(String, u32)>,
     /// Read `INFO stats` and `INFO commandstats` of this Redis (the server's) around each
-    /// measured run and report Redis commands and EVALSHA calls per decision. Defaults to
+    /// measured run and report Redis commands and script calls per decision. Defaults to
     /// --ceiling-redis, which should then be the server's Redis.
     #[arg(long)]
     pub stats_redis: Option<String>,
@@ -555,19 +555,13 @@ impl Driver {
             ledger.ping().await.map_err(|e| format!("{url}: {e}"))?;
         }
         let mut conns = multiplexed(url, connections).await?;
-        let script = Scripts::new().acquire;
-        let sha: String = redis::cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(&script.source)
+        let scripts = Scripts::new();
+        let _: String = scripts
+            .load_cmd()
             .query_async(&mut conns[0])
             .await
-            .map_err(|e| format!("{url}: SCRIPT LOAD: {e}"))?;
-        if sha != script.sha {
-            return Err(format!(
-                "{url}: SCRIPT LOAD answered {sha}, not {}",
-                script.sha
-            ));
-        }
+            .map_err(|e| format!("{url}: FUNCTION LOAD: {e}"))?;
+        let script = scripts.acquire;
         Ok(Driver::Redis(Arc::new(RedisDriver {
             url: url.to_owned(),
             conns,
@@ -1072,7 +1066,7 @@ pub struct CpuUse {
 /// What one measured run did, and on what.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
-    /// "service" (gRPC) or "ceiling" (EVALSHA straight on Redis), with the growth step if any.
+    /// "service" (gRPC) or "ceiling" (FCALL straight on Redis), with the growth step if any.
     pub label: String,
     pub target: String,
     pub concurrency: usize,
@@ -1116,13 +1110,14 @@ pub struct RedisCounts {
     /// `total_commands_processed` delta: client commands and the commands scripts ran.
     pub commands: u64,
     pub commands_per_decision: f64,
-    /// `cmdstat_evalsha` calls delta: round trips that ran the decision script.
-    pub evalsha: u64,
-    pub evalsha_per_decision: f64,
-    /// Redis's own time in one EVALSHA (`usec` over `calls` of `cmdstat_evalsha`), in µs.
-    pub evalsha_us_per_call: f64,
+    /// `cmdstat_fcall` + `cmdstat_evalsha` calls delta: round trips that ran the decision script
+    /// (the service's and the script-direct run's FCALL, the anchor's EVALSHA).
+    pub script_calls: u64,
+    pub script_calls_per_decision: f64,
+    /// Redis's own time in one such call (`usec` over `calls`), in µs.
+    pub script_us_per_call: f64,
     /// Where that time went, per decision, in µs: each command the scripts ran (their own
-    /// `usec` in commandstats), and `lua`, the rest of EVALSHA's time (the script's logic and
+    /// `usec` in commandstats), and `lua`, the rest of the call's time (the script's logic and
     /// the marshalling of every call's arguments and replies).
     pub us_per_decision: BTreeMap<String, f64>,
 }
@@ -1137,7 +1132,12 @@ pub(crate) struct RedisReading {
 impl RedisReading {
     /// `(total commands, evalsha calls)` since `before`, less the two INFO calls of `before`.
     fn since(&self, before: &RedisReading) -> (u64, u64) {
-        let calls = |r: &RedisReading| r.commands.get("evalsha").map_or(0, |c| c.0);
+        let calls = |r: &RedisReading| {
+            SCRIPT_CALLS
+                .iter()
+                .map(|n| r.commands.get(*n).map_or(0, |c| c.0))
+                .sum::<u64>()
+        };
         (
             self.total.saturating_sub(before.total + 2),
             calls(self).saturating_sub(calls(before)),
@@ -1147,17 +1147,20 @@ impl RedisReading {
     /// The counts of a run that made `decisions` decisions.
     fn counts(&self, before: &RedisReading, decisions: u64) -> RedisCounts {
         let per = |n: f64| round2(n / decisions.max(1) as f64);
-        let (commands, evalsha) = self.since(before);
+        let (commands, script_calls) = self.since(before);
         let delta = |name: &str| {
             let (c0, u0) = before.commands.get(name).copied().unwrap_or((0, 0));
             let (c1, u1) = self.commands.get(name).copied().unwrap_or((0, 0));
             (c1.saturating_sub(c0), u1.saturating_sub(u0))
         };
-        let (_, evalsha_us) = delta("evalsha");
+        let script_us: u64 = SCRIPT_CALLS.iter().map(|n| delta(n).1).sum();
         let mut us_per_decision = BTreeMap::new();
         let mut inner = 0;
         for name in self.commands.keys() {
-            if matches!(name.as_str(), "evalsha" | "eval" | "info" | "script") {
+            if matches!(
+                name.as_str(),
+                "evalsha" | "eval" | "fcall" | "function" | "function|load" | "info" | "script"
+            ) {
                 continue;
             }
             let (calls, us) = delta(name);
@@ -1166,19 +1169,22 @@ impl RedisReading {
                 us_per_decision.insert(name.clone(), per(us as f64));
             }
         }
-        if evalsha > 0 {
-            us_per_decision.insert("lua".into(), per(evalsha_us.saturating_sub(inner) as f64));
+        if script_calls > 0 {
+            us_per_decision.insert("lua".into(), per(script_us.saturating_sub(inner) as f64));
         }
         RedisCounts {
             commands,
             commands_per_decision: per(commands as f64),
-            evalsha,
-            evalsha_per_decision: per(evalsha as f64),
-            evalsha_us_per_call: round2(evalsha_us as f64 / evalsha.max(1) as f64),
+            script_calls,
+            script_calls_per_decision: per(script_calls as f64),
+            script_us_per_call: round2(script_us as f64 / script_calls.max(1) as f64),
             us_per_decision,
         }
     }
 }
+
+/// The commandstats entries of calls that run a script: the service's FCALL, the anchor's EVALSHA.
+const SCRIPT_CALLS: [&str; 2] = ["fcall", "evalsha"];
 
 /// What a Redis reports of its commands now.
 async fn redis_counts(conn: &mut redis::aio::MultiplexedConnection) -> Option<RedisReading> {
@@ -1862,9 +1868,9 @@ fn print_run(r: &RunReport) {
         t.add_row(vec![
             "redis".to_owned(),
             format!(
-                "{:.2} commands/decision (scripts' included), {:.2} EVALSHA/decision, \
-                 {:.1} µs/EVALSHA",
-                x.commands_per_decision, x.evalsha_per_decision, x.evalsha_us_per_call
+                "{:.2} commands/decision (scripts' included), {:.2} script calls/decision, \
+                 {:.1} µs/call",
+                x.commands_per_decision, x.script_calls_per_decision, x.script_us_per_call
             ),
         ]);
         t.add_row(vec![
@@ -2088,8 +2094,8 @@ fn print_cost(runs: &[RunReport]) {
             "redis/rcpt",
             "server",
             "bench",
-            "µs/EVALSHA",
-            "EVALSHA/d",
+            "µs/call",
+            "calls/d",
         ],
         1,
     );
@@ -2097,8 +2103,11 @@ fn print_cost(runs: &[RunReport]) {
         let cpu = |name: &str| r.cpu_us_per_decision.get(name).copied();
         let show = |x: Option<f64>| x.map_or("-".to_owned(), |v| format!("{v:.1}"));
         let batch = r.shape.batch.max(1) as f64;
-        let (evalsha_us, evalsha_per) = r.redis.as_ref().map_or((None, None), |x| {
-            (Some(x.evalsha_us_per_call), Some(x.evalsha_per_decision))
+        let (call_us, calls_per) = r.redis.as_ref().map_or((None, None), |x| {
+            (
+                Some(x.script_us_per_call),
+                Some(x.script_calls_per_decision),
+            )
         });
         t.add_row(vec![
             r.label.clone(),
@@ -2111,8 +2120,8 @@ fn print_cost(runs: &[RunReport]) {
             show(cpu("redis").map(|v| v / batch)),
             show(cpu("server")),
             show(cpu("bench")),
-            show(evalsha_us),
-            evalsha_per.map_or("-".to_owned(), |v| format!("{v:.2}")),
+            show(call_us),
+            calls_per.map_or("-".to_owned(), |v| format!("{v:.2}")),
         ]);
     }
     println!("{t}");

@@ -1,4 +1,4 @@
-//! The Redis ledger: every decision is one EVALSHA of one script from `lua/`.
+//! The Redis ledger: every decision is one FCALL of one function from `lua/`.
 //!
 //! Concurrency design: the scripts are the only writers, and Redis runs each one atomically, so
 //! any number of waquota instances share one exact ledger without locks of their own. An
@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
+use redis::{RedisError, Value};
 
 use super::{Ledger, LedgerError, Result};
 use crate::config::{Durability, OnLedgerLoss, Settings, Store};
@@ -182,7 +182,7 @@ impl RedisLedger {
                 }
                 Err(e) => {
                     let trouble = Trouble::of(&e);
-                    if e.kind() != ErrorKind::Server(ServerErrorKind::NoScript) {
+                    if !scripts::function_missing(&e) {
                         self.metrics.redis_error(trouble.metric());
                     }
                     if let Some(i) = used {
@@ -227,15 +227,22 @@ impl RedisLedger {
         let start = Instant::now();
         let replicate = call.script.writes();
         let result = match self.query_raw(Sent::Cmd(&call.cmd), replicate).await {
-            Err(Failure::Redis(e)) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            Err(Failure::Redis(e)) if scripts::function_missing(&e) => {
                 self.metrics.script_reload();
                 tracing::info!(
-                    script = call.script.name,
-                    "script not cached on Redis: sending it again"
+                    function = call.script.function,
+                    "function library not loaded on Redis: loading it"
                 );
-                self.query_raw(Sent::Cmd(&call.by_source()), replicate)
+                match self
+                    .query_raw(Sent::Cmd(&self.scripts.load_cmd()), false)
                     .await
-                    .map_err(|f| f.into_ledger(&self.store))
+                {
+                    Ok(_) => self
+                        .query_raw(Sent::Cmd(&call.cmd), replicate)
+                        .await
+                        .map_err(|f| f.into_ledger(&self.store)),
+                    Err(f) => Err(f.into_ledger(&self.store)),
+                }
             }
             r => r.map_err(|f| f.into_ledger(&self.store)),
         };

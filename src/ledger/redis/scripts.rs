@@ -1,11 +1,15 @@
-//! The Lua scripts, loaded once and called with EVALSHA (one round trip per call).
+//! The Lua scripts, loaded once as one Redis function library and called with FCALL (one round
+//! trip per call).
 //!
-//! Each script is a prelude generated from `model` (tier limits, ladders, projection constants,
+//! The library is a prelude generated from `model` (tier limits, ladders, projection constants,
 //! decision codes, blocking statuses, default periods: one source of truth for both ledgers),
-//! then `lua/lib.lua`, then its own file. On NOSCRIPT (a restarted or failed-over
-//! Redis, a cluster node that never saw the script) the call is repeated once as EVAL, which
-//! both answers and caches the script on that node; nothing is sent ahead of time, so a healthy
-//! call is always exactly one EVALSHA.
+//! then `lua/lib.lua`, then each script's file as the body of a function. A library is loaded
+//! once and its helpers and tables are built once, where `EVALSHA` rebuilt all of them on every
+//! call (BENCHMARKS.md, "Functions instead of scripts"). Names carry the library's hash, so two
+//! versions of waquota can share a Redis during an upgrade. When Redis does not know the function
+//! (a restarted Redis without persistence, a new Cluster node, `FUNCTION FLUSH`) the library is
+//! loaded (`FUNCTION LOAD REPLACE`, on every primary of a Cluster) and the call repeated once;
+//! nothing is sent ahead of time, so a healthy call is always exactly one FCALL.
 
 use std::fmt::Write;
 
@@ -19,25 +23,11 @@ use crate::model::{
     upgrade_delay,
 };
 
-/// A script's source and SHA1, computed at start-up.
+/// One function of the library: the script it runs and the name it is called by.
 pub struct Script {
     pub name: &'static str,
-    pub source: String,
-    pub sha: String,
-}
-
-macro_rules! script {
-    ($prelude:expr, $name:literal) => {
-        Script::new(
-            $name,
-            format!(
-                "{}{}{}",
-                $prelude,
-                include_str!("../../../lua/lib.lua"),
-                include_str!(concat!("../../../lua/", $name, ".lua"))
-            ),
-        )
-    };
+    /// `waquota_<library hash>_<name>`: what FCALL names.
+    pub function: String,
 }
 
 impl Script {
@@ -46,11 +36,53 @@ impl Script {
     pub fn writes(&self) -> bool {
         !matches!(self.name, "inspect" | "list" | "slot")
     }
+}
 
-    fn new(name: &'static str, source: String) -> Self {
-        let sha = redis::Script::new(&source).get_hash().to_owned();
-        Script { name, source, sha }
+/// Every script, in the library's order, with its source.
+const SOURCES: [(&str, &str); 14] = [
+    ("acquire", include_str!("../../../lua/acquire.lua")),
+    ("release", include_str!("../../../lua/release.lua")),
+    ("inbound", include_str!("../../../lua/inbound.lua")),
+    ("inspect", include_str!("../../../lua/inspect.lua")),
+    ("list", include_str!("../../../lua/list.lua")),
+    ("policy", include_str!("../../../lua/policy.lua")),
+    ("reset", include_str!("../../../lua/reset.lua")),
+    ("move", include_str!("../../../lua/move.lua")),
+    ("move_out", include_str!("../../../lua/move_out.lua")),
+    ("move_in", include_str!("../../../lua/move_in.lua")),
+    ("confirm", include_str!("../../../lua/confirm.lua")),
+    ("failure", include_str!("../../../lua/failure.lua")),
+    ("ledger", include_str!("../../../lua/ledger.lua")),
+    ("slot", include_str!("../../../lua/slot.lua")),
+];
+
+/// The library's code after its `#!lua name=` line, and the hash that names it.
+fn library_code() -> (String, String) {
+    let mut code = prelude();
+    code.push_str(include_str!("../../../lua/lib.lua"));
+    for (name, body) in SOURCES {
+        // A function's body sees KEYS and ARGV as its parameters, as a script sees its globals.
+        let _ = write!(
+            code,
+            "\nlocal function script_{name}(KEYS, ARGV)\n{body}\nend\n"
+        );
     }
+    let hash = redis::Script::new(&code).get_hash()[..16].to_owned();
+    for (name, _) in SOURCES {
+        // Read-only functions say so, so Redis may run them where writes are refused. The clock
+        // read from Redis's TIME is per call: the library's state outlives a call.
+        let flags = if matches!(name, "inspect" | "list" | "slot") {
+            "{ 'no-writes' }"
+        } else {
+            "{}"
+        };
+        let _ = writeln!(
+            code,
+            "redis.register_function{{ function_name = 'waquota_{hash}_{name}', flags = {flags}, \
+             callback = function(keys, args) redis_now = nil return script_{name}(keys, args) end }}"
+        );
+    }
+    (code, hash)
 }
 
 /// Lua constants generated from `model`, so the scripts and the memory ledger share one ladder.
@@ -102,6 +134,8 @@ fn prelude() -> String {
 }
 
 pub struct Scripts {
+    /// The library's full source, as `FUNCTION LOAD` takes it.
+    pub library: String,
     pub acquire: Script,
     pub release: Script,
     pub inbound: Script,
@@ -120,23 +154,35 @@ pub struct Scripts {
 
 impl Scripts {
     pub fn new() -> Self {
-        let p = prelude();
+        let (code, hash) = library_code();
+        let f = |name: &'static str| Script {
+            name,
+            function: format!("waquota_{hash}_{name}"),
+        };
         Scripts {
-            acquire: script!(p, "acquire"),
-            release: script!(p, "release"),
-            inbound: script!(p, "inbound"),
-            inspect: script!(p, "inspect"),
-            list: script!(p, "list"),
-            policy: script!(p, "policy"),
-            reset: script!(p, "reset"),
-            move_journal: script!(p, "move"),
-            move_out: script!(p, "move_out"),
-            move_in: script!(p, "move_in"),
-            confirm: script!(p, "confirm"),
-            failure: script!(p, "failure"),
-            ledger: script!(p, "ledger"),
-            slot: script!(p, "slot"),
+            library: format!("#!lua name=waquota_{hash}\n{code}"),
+            acquire: f("acquire"),
+            release: f("release"),
+            inbound: f("inbound"),
+            inspect: f("inspect"),
+            list: f("list"),
+            policy: f("policy"),
+            reset: f("reset"),
+            move_journal: f("move"),
+            move_out: f("move_out"),
+            move_in: f("move_in"),
+            confirm: f("confirm"),
+            failure: f("failure"),
+            ledger: f("ledger"),
+            slot: f("slot"),
         }
+    }
+
+    /// `FUNCTION LOAD REPLACE` of the library (on a Cluster, redis-rs sends it to every primary).
+    pub fn load_cmd(&self) -> redis::Cmd {
+        let mut c = redis::cmd("FUNCTION");
+        c.arg("LOAD").arg("REPLACE").arg(self.library.as_str());
+        c
     }
 }
 
@@ -148,7 +194,7 @@ impl Default for Scripts {
 
 // ------------------------------------------------------------------------------ calls
 
-/// One script call: the EVALSHA command itself, built once as keys and arguments are added
+/// One script call: the FCALL command itself, built once as keys and arguments are added
 /// (every recipient of a batch is copied into it once, not into a list first).
 pub(super) struct Call<'a> {
     pub(super) script: &'a Script,
@@ -157,8 +203,8 @@ pub(super) struct Call<'a> {
 
 impl<'a> Call<'a> {
     pub(super) fn new(script: &'a Script, keys: Vec<String>) -> Self {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(script.sha.as_str()).arg(keys.len()).arg(keys);
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(script.function.as_str()).arg(keys.len()).arg(keys);
         Call { script, cmd }
     }
 
@@ -178,19 +224,13 @@ impl<'a> Call<'a> {
             None => self.arg(""),
         }
     }
+}
 
-    /// The same call sending the script's source (EVAL), for when Redis answered NOSCRIPT: the
-    /// command name and the SHA give way to EVAL and the source, the rest is copied.
-    pub(super) fn by_source(&self) -> redis::Cmd {
-        let mut c = redis::cmd("EVAL");
-        c.arg(self.script.source.as_str());
-        for a in self.cmd.args_iter().skip(2) {
-            if let redis::Arg::Simple(bytes) = a {
-                c.arg(bytes);
-            }
-        }
-        c
-    }
+/// Whether Redis answered that it does not know the function: its library is not loaded there.
+/// Read from the message, which is the same whether the call went alone or in a pipeline with
+/// `WAIT` (`durability = replicated`), where the error comes wrapped as a pipeline failure.
+pub(super) fn function_missing(e: &redis::RedisError) -> bool {
+    e.to_string().contains("Function not found")
 }
 
 /// The acquire script's call (KEYS and ARGV as documented in `lua/acquire.lua`) for `req` at
@@ -276,9 +316,9 @@ pub(super) fn loss_mode(on_loss: OnLedgerLoss) -> &'static str {
     }
 }
 
-/// The very EVALSHA that [`RedisLedger`] sends for `req` at `home` (the sender's own window or
+/// The very FCALL that [`RedisLedger`] sends for `req` at `home` (the sender's own window or
 /// its portfolio's), for tools that drive the decision script without the service (`bench`).
-/// The script must already be cached on the server (`SCRIPT LOAD` of `script.source`).
+/// The library must already be loaded on the server ([`Scripts::load_cmd`]).
 /// A lost ledger is only reported (`allow`): such a tool starts on a Redis without a marker.
 pub fn acquire_cmd(
     script: &Script,
