@@ -174,7 +174,9 @@ impl<L: Ledger> QuotaApi<L> {
     async fn signer(&self) -> Result<&ReservationSigner, Status> {
         self.signer
             .get_or_try_init(|| async {
-                let secret = self.ledger.reservation_secret().await?;
+                // Boxed: this runs once, and held inline the ledger call's future would make
+                // every request's future larger (see ledger::coalesce).
+                let secret = Box::pin(self.ledger.reservation_secret()).await?;
                 Ok::<_, LedgerError>(ReservationSigner::new(&secret))
             })
             .await

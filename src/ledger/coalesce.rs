@@ -65,7 +65,11 @@ impl<L: Ledger> Coalescer<L> {
     /// Decides `req` as [`Ledger::acquire`] does, together with the sender's concurrent requests.
     pub async fn acquire(&self, req: AcquireRequest) -> Result<Vec<Outcome>> {
         if req.dry_run || req.at.is_some() {
-            return self.ledger.acquire(req).await;
+            // Boxed, here and in `drive`: a ledger call's future is several kilobytes, and held
+            // inline it made every request's future (and the driver task, spawned per uncoalesced
+            // decision) that large, which the runtime then copies on every move (BENCHMARKS.md,
+            // "Where the server's instructions go").
+            return Box::pin(self.ledger.acquire(req)).await;
         }
         let deadline = tokio::time::Instant::now() + self.timeout;
         let key = Key {
@@ -165,7 +169,7 @@ async fn drive<L: Ledger>(ledger: Arc<L>, queues: Arc<Queues>, key: Key, metrics
             dry_run: false,
             at: None,
         };
-        match ledger.acquire(req).await {
+        match Box::pin(ledger.acquire(req)).await {
             Ok(outcomes) => {
                 let mut outcomes = outcomes.into_iter();
                 for (n, reply) in replies {
