@@ -1130,7 +1130,7 @@ pub(crate) struct RedisReading {
 }
 
 impl RedisReading {
-    /// `(total commands, evalsha calls)` since `before`, less the two INFO calls of `before`.
+    /// `(total commands, script calls)` since `before`, less the two INFO calls of `before`.
     fn since(&self, before: &RedisReading) -> (u64, u64) {
         let calls = |r: &RedisReading| {
             SCRIPT_CALLS
