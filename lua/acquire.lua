@@ -38,8 +38,9 @@ local wpolkey, service = KEYS[3], KEYS[4]
 local spolkey, wskey, tpkey, prkey, mkkey, mhkey, uqkey = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 local now = clock(ARGV[1])
 -- The small strings this call reads, in one command: the ledger marker, the throughput TAT and,
--- at a sender home, its "away" string (a portfolio home's residency is a set).
-local strings = redis.call('MGET', KEYS[13], tpkey, ARGV[2] == 's' and KEYS[5] or KEYS[13])
+-- at a sender home, its "away" string (a portfolio home's residency is a set, which MGET reads
+-- as nil).
+local strings = redis.call('MGET', KEYS[13], tpkey, KEYS[5])
 local away -- nil: not read (a portfolio home); false: absent
 if ARGV[2] == 's' then
   away = strings[3]

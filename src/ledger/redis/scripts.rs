@@ -34,9 +34,13 @@ impl Script {
     /// Whether the script may change the ledger (all but the read-only Inspect and ListWindow):
     /// with `durability = replicated`, its answer waits for replicas.
     pub fn writes(&self) -> bool {
-        !matches!(self.name, "inspect" | "list" | "slot")
+        !READ_ONLY.contains(&self.name)
     }
 }
+
+/// The scripts that never write: their functions carry Redis's `no-writes` flag, and their calls
+/// do not wait for replicas.
+const READ_ONLY: [&str; 3] = ["inspect", "list", "slot"];
 
 /// Every script, in the library's order, with its source.
 const SOURCES: [(&str, &str); 14] = [
@@ -71,7 +75,7 @@ fn library_code() -> (String, String) {
     for (name, _) in SOURCES {
         // Read-only functions say so, so Redis may run them where writes are refused. The clock
         // read from Redis's TIME is per call: the library's state outlives a call.
-        let flags = if matches!(name, "inspect" | "list" | "slot") {
+        let flags = if READ_ONLY.contains(&name) {
             "{ 'no-writes' }"
         } else {
             "{}"
