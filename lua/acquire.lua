@@ -8,12 +8,14 @@
 -- KEYS[1]  window header   hash   the sharded window (lib.lua, win_open); its shards share the tag
 -- KEYS[2]  window index    zset   shard -> its earliest slot expiry (ms)
 -- KEYS[3]  window policy   hash   the home's policy (a sender's own, or the portfolio's)
--- KEYS[4]  service         zset   recipient -> service window expiry (ms), of this sender
+-- KEYS[4]  service         zset   recipient -> service window expiry (ms), of this sender, in
+--                                 parts (lib.lua, sset_scores)
 -- KEYS[5]  residency       sender home: its "away" string; portfolio home: its members set
 -- KEYS[6]  sender policy   hash   the sender's own policy (= KEYS[3] at a sender home)
 -- KEYS[7]  sender slots    zset   portfolio home: recipient -> expiry of the slots this sender opened
 -- KEYS[8]  throughput      string the sender's GCRA theoretical arrival time (us)
--- KEYS[9]  pair rates      zset   recipient -> the pair's GCRA theoretical arrival time (us)
+-- KEYS[9]  pair rates      zset   recipient -> the pair's GCRA theoretical arrival time (us), in
+--                                 parts (lib.lua, sset_write)
 -- KEYS[10] marketing log   hash   recipient -> "t1,t2,..." recent marketing sends (ms)
 -- KEYS[11] marketing holds zset   recipient -> hold until (ms) (WhatsApp error 131049)
 -- KEYS[12] uniques         zset   recipient -> when it last got a new slot (ms): projections
@@ -154,6 +156,7 @@ end
 -- before the end, so it cannot change meanwhile): one command per key, or per window shard,
 -- instead of one per recipient. Each table maps a recipient to its stored value, or nothing.
 local pre_sw, pre_exp, pre_val, pre_pair, pre_uq, pre_hold = {}, {}, {}, {}, {}, {}
+local pairs_shape -- the pair-rate set's shape (lib.lua, sset_scores)
 local function scores(key, names, into, raw)
   if #names == 0 then
     return
@@ -167,7 +170,7 @@ local function scores(key, names, into, raw)
 end
 if not blocked then
   local rs = { unpack(ARGV, 16) }
-  scores(service, rs, pre_sw)
+  sset_scores(service, rs, pre_sw)
   local by, unseen = {}, {}
   for _, r in ipairs(rs) do
     local i = win_shard(win, r)
@@ -191,7 +194,7 @@ if not blocked then
       end
     end
   end
-  scores(prkey, rs, pre_pair)
+  pairs_shape = sset_scores(prkey, rs, pre_pair)
   scores(uqkey, unseen, pre_uq, true)
   if marketing then
     scores(mhkey, rs, pre_hold)
@@ -411,15 +414,11 @@ if tat_changed then
   redis.call('SET', tpkey, fmt(tat), 'PX', ttl_ms(math.ceil(tat / 1000), now, slack))
 end
 if next(ptat) ~= nil then
-  local z, last = {}, now_us
-  for r, t in pairs(ptat) do
-    z[#z + 1] = fmt(t)
-    z[#z + 1] = r
+  local last = now_us
+  for _, t in pairs(ptat) do
     last = math.max(last, t)
   end
-  redis.call('ZREMRANGEBYSCORE', prkey, '-inf', fmt(now_us))
-  chunked('ZADD', prkey, z, 512)
-  extend(prkey, math.ceil(last / 1000), now, slack)
+  sset_write(pairs_shape, ptat, now_us, math.ceil(last / 1000), now, slack)
 end
 if next(mtimes) ~= nil then
   local h = {}

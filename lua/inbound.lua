@@ -3,7 +3,8 @@
 -- inbound message also takes its share of the sender's throughput (WhatsApp counts both ways):
 -- never refused, but it fills the burst at most.
 --
--- KEYS[1] service        zset   recipient -> service window expiry (ms), of this sender
+-- KEYS[1] service        zset   recipient -> service window expiry (ms), of this sender, in
+--                               parts (lib.lua, sset_write)
 -- KEYS[2] residency      sender home: its "away" string; portfolio home: its members set
 -- KEYS[3] sender policy  hash   the sender's own policy (messages per second)
 -- KEYS[4] throughput     string the sender's GCRA theoretical arrival time (us)
@@ -21,16 +22,15 @@ local ok, where = resident(ARGV[2], KEYS[2], ARGV[3])
 if not ok then
   return { 'moved', where }
 end
-local key, r, slack = KEYS[1], ARGV[4], tonumber(ARGV[6])
-redis.call('ZREMRANGEBYSCORE', key, '-inf', fmt(now))
+local r, slack = ARGV[4], tonumber(ARGV[6])
+local cur = {}
+local shape = sset_scores(KEYS[1], { r }, cur)
 -- mirrors rules::decide::service_until
 local until_ms = now + tonumber(ARGV[5])
-local cur = redis.call('ZSCORE', key, r)
-if cur and tonumber(cur) > until_ms then
-  until_ms = tonumber(cur)
+if cur[r] and cur[r] > until_ms then
+  until_ms = cur[r]
 end
-redis.call('ZADD', key, fmt(until_ms), r)
-keep(key, latest(key, now), now, slack)
+sset_write(shape, { [r] = until_ms }, now, until_ms, now, slack)
 
 local mps = tonumber(redis.call('HGET', KEYS[3], 'mps') or '0')
 if mps < 1 then

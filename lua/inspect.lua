@@ -59,10 +59,9 @@ end
 local open, sw_until = 0, -1
 for _, s in ipairs(senders) do
   local key = ARGV[11] .. s
-  open = open + redis.call('ZCOUNT', key, live, '+inf')
+  open = open + sset_count_after(key, now)
   if r ~= '' then
-    local e = redis.call('ZSCORE', key, r)
-    e = e and tonumber(e)
+    local e = sset_score(key, r)
     if e and e > now and e > sw_until then
       sw_until = e
     end

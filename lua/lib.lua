@@ -118,8 +118,21 @@ local RENEW_MS = 3600000
 
 -- The first 32 bits of the recipient's SHA-1 (computed in C): uniform low bits, which pick the
 -- shard, even for recipients that differ only in their last digits.
+-- Remembered across calls (a pure function of r; the window, the service windows and the pair
+-- rates of one decision hash the same recipient), up to RHASH_MEMO recipients, then forgotten.
+local RHASH_MEMO = 4096
+local rhash_memo, rhash_n = {}, 0
 local function rhash(r)
-  return tonumber(string.sub(redis.sha1hex(r), 1, 8), 16)
+  local h = rhash_memo[r]
+  if h then
+    return h
+  end
+  h = tonumber(string.sub(redis.sha1hex(r), 1, 8), 16)
+  if rhash_n >= RHASH_MEMO then
+    rhash_memo, rhash_n = {}, 0
+  end
+  rhash_memo[r], rhash_n = h, rhash_n + 1
+  return h
 end
 
 -- A recipient's place in a window listing: its hash with the 32 bits reversed (as
@@ -175,6 +188,242 @@ local function win_shard(W, r)
   i = win_shard_of(W, rhash(r))
   W.at[r] = i
   return i
+end
+
+-- A sender's per-recipient sorted sets (its service windows, its pair rates) are split into
+-- parts by the same linear hashing, so that every part stays a listpack: a sorted set of more
+-- than 128 members is a skiplist at ~100 B a member, a listpack ~20-30 B (docs/internals.md,
+-- "Redis key schema"). Part 0 is the key itself, so a set written before it ever grew is part 0
+-- of a one-part set as it stands; part i > 0 is "<key>/<i>". Once split, part 0 also holds the
+-- shape as the member SSET_SHAPE, scored -(2^60 + (lvl * 2^24 + sp) * 256): below every time a
+-- request may carry (|ms| and |us| stay under 2^53, model::MAX_ABS_MS) and exact in a double,
+-- so trimming above SSET_FLOOR never drops it; it is read by the same ZMSCORE that reads part
+-- 0's members, so a set of one part costs no extra command. Part 0 is kept alive as long as any
+-- part (each write extends it too), so the shape outlives every member it locates. A write that
+-- leaves a part nearly empty undoes the last split when its two parts fit in half of one
+-- (sset_merge), so a set that grew in a burst shrinks back; an idle set expires whole.
+local SSET_SHAPE = '~'
+local SSET_BASE = 2 ^ 60
+local SSET_FLOOR = '(-576460752303423488' -- -(2^59), exclusive
+local SSET_FILL = 96
+local SSET_SP = 2 ^ 24
+
+local function sset_part(base, i)
+  if i == 0 then
+    return base
+  end
+  return base .. '/' .. fmt(i)
+end
+
+local function sset_shape(S, score)
+  if score then
+    local code = (-tonumber(score) - SSET_BASE) / 256
+    S.sp = code % SSET_SP
+    S.lvl = (code - S.sp) / SSET_SP
+  end
+  return S
+end
+
+local function sset_part_of(S, r)
+  if S.lvl == 0 and S.sp == 0 then
+    return 0
+  end
+  return (win_shard_of(S, rhash(r)))
+end
+
+-- How many parts the set has (its shape read from part 0).
+local function sset_parts(base)
+  local S = sset_shape({ lvl = 0, sp = 0 }, redis.call('ZSCORE', base, SSET_SHAPE))
+  return 2 ^ S.lvl + S.sp
+end
+
+-- Reads the scores of `names` in the set at `base` into `into` (recipient -> number, or the
+-- stored string with `raw`): one ZMSCORE per part touched. Returns the set's shape, which
+-- sset_write needs.
+local function sset_scores(base, names, into, raw)
+  local got = redis.call('ZMSCORE', base, SSET_SHAPE, unpack(names))
+  local S = sset_shape({ base = base, lvl = 0, sp = 0 }, got[1])
+  local by = {}
+  for j, r in ipairs(names) do
+    local i = sset_part_of(S, r)
+    if i == 0 then
+      if got[j + 1] then
+        into[r] = raw and got[j + 1] or tonumber(got[j + 1])
+      end
+    else
+      by[i] = by[i] or {}
+      table.insert(by[i], r)
+    end
+  end
+  for i, rs in pairs(by) do
+    local g = redis.call('ZMSCORE', sset_part(base, i), unpack(rs))
+    for j, r in ipairs(rs) do
+      if g[j] then
+        into[r] = raw and g[j] or tonumber(g[j])
+      end
+    end
+  end
+  return S
+end
+
+-- One step of linear hashing: part sp gives the members whose hash says so to part sp + 2^lvl.
+-- Both parts are written afresh with the source's TTL, so each is a listpack again even if a
+-- large batch had pushed the source past 128 members (Redis never converts a skiplist back),
+-- and nothing an earlier shape left in the new part (a set moved away and back) reappears.
+-- Returns both parts' new sizes.
+local function sset_split(S)
+  local b = 2 ^ S.lvl
+  local from, to = S.sp, S.sp + b
+  local src, dst = sset_part(S.base, from), sset_part(S.base, to)
+  local rows = redis.call('ZRANGE', src, 0, -1, 'WITHSCORES')
+  local ttl = redis.call('PTTL', src)
+  local stay, go = {}, {}
+  for j = 1, #rows, 2 do
+    local r = rows[j]
+    local into = stay
+    if r ~= SSET_SHAPE and rhash(r) % (2 * b) == to then
+      into = go
+    end
+    into[#into + 1] = rows[j + 1]
+    into[#into + 1] = r
+  end
+  redis.call('DEL', src, dst)
+  for _, kv in ipairs({ { src, stay }, { dst, go } }) do
+    if #kv[2] > 0 then
+      chunked('ZADD', kv[1], kv[2], 512)
+      if ttl > 0 then
+        redis.call('PEXPIRE', kv[1], ttl)
+      end
+    end
+  end
+  S.sp = S.sp + 1
+  if S.sp == b then
+    S.lvl, S.sp = S.lvl + 1, 0
+  end
+  return from, #stay / 2, to, #go / 2
+end
+
+-- Undoes the last split: its new part goes back into the part it came from, keeping the longer
+-- TTL of the two. A set that grew in a burst and has emptied since is back to one part after a
+-- few writes, and costs a decision no more commands than a set that never grew.
+local function sset_merge(S)
+  local lvl, sp = S.lvl, S.sp
+  if sp == 0 then
+    lvl = lvl - 1
+    sp = 2 ^ lvl
+  end
+  sp = sp - 1
+  local src, dst = sset_part(S.base, sp + 2 ^ lvl), sset_part(S.base, sp)
+  local rows = redis.call('ZRANGE', src, 0, -1, 'WITHSCORES')
+  if #rows > 0 then
+    local go = {}
+    for j = 1, #rows, 2 do
+      go[#go + 1] = rows[j + 1]
+      go[#go + 1] = rows[j]
+    end
+    chunked('ZADD', dst, go, 512)
+    local ttl = redis.call('PTTL', src)
+    if ttl > 0 and redis.call('PEXPIRE', dst, ttl, 'GT') == 0 then
+      redis.call('PEXPIRE', dst, ttl, 'NX')
+    end
+    redis.call('DEL', src)
+  end
+  S.lvl, S.sp = lvl, sp
+end
+
+-- Splits per write: 8, or one per SSET_FILL / 2 members written when that is more, so a batch of
+-- new members reaches a balanced shape in the same call, and no call's work grows with the set,
+-- only with the batch.
+local SSET_SPLITS_PER_CALL = 8
+
+-- Writes `z` (recipient -> score) into the set of shape S (from sset_scores): each part written
+-- is trimmed of scores up to `past`, written, and kept alive until `until_ms`, and so is part 0.
+-- While a part written (or split) holds more than SSET_FILL members, the set splits.
+local function sset_write(S, z, past, until_ms, now, slack)
+  local parts, written = {}, 0
+  for r, t in pairs(z) do
+    written = written + 1
+    local i = sset_part_of(S, r)
+    local p = parts[i] or {}
+    parts[i] = p
+    p[#p + 1] = fmt(t)
+    p[#p + 1] = r
+  end
+  local size = {}
+  for i, args in pairs(parts) do
+    local key = sset_part(S.base, i)
+    redis.call('ZREMRANGEBYSCORE', key, SSET_FLOOR, fmt(past))
+    local added = 0
+    for j = 1, #args, 512 do
+      added = added + redis.call('ZADD', key, unpack(args, j, math.min(j + 511, #args)))
+    end
+    extend(key, until_ms, now, slack)
+    if added > 0 or S.lvl > 0 or S.sp > 0 then
+      size[i] = redis.call('ZCARD', key)
+    end
+  end
+  if not parts[0] then
+    extend(S.base, until_ms, now, slack)
+  end
+  local splits = 0
+  local budget = math.max(SSET_SPLITS_PER_CALL, math.ceil(written / (SSET_FILL / 2)))
+  while splits < budget do
+    local over = false
+    for _, n in pairs(size) do
+      if n > SSET_FILL then
+        over = true
+        break
+      end
+    end
+    if not over then
+      break
+    end
+    local a, na, b, nb = sset_split(S)
+    size[a], size[b] = na, nb
+    splits = splits + 1
+  end
+  local merged = false
+  if splits == 0 and (S.lvl > 0 or S.sp > 0) then
+    -- A part written is nearly empty: undo the last split if its two parts fit in half of one.
+    local small = false
+    for _, n in pairs(size) do
+      small = small or n < SSET_FILL / 8
+    end
+    if small then
+      local lvl, sp = S.lvl, S.sp
+      if sp == 0 then
+        lvl = lvl - 1
+        sp = 2 ^ lvl
+      end
+      local last, buddy = sset_part(S.base, sp - 1 + 2 ^ lvl), sset_part(S.base, sp - 1)
+      if redis.call('ZCARD', last) + redis.call('ZCARD', buddy) <= SSET_FILL / 2 then
+        sset_merge(S)
+        merged = true
+      end
+    end
+  end
+  if merged and S.lvl == 0 and S.sp == 0 then
+    redis.call('ZREM', S.base, SSET_SHAPE)
+  elseif splits > 0 or merged then
+    redis.call('ZADD', S.base, fmt(-(SSET_BASE + (S.lvl * SSET_SP + S.sp) * 256)), SSET_SHAPE)
+    extend(S.base, until_ms, now, slack)
+  end
+end
+
+-- The score of r in the set at `base` (a number), or nil.
+local function sset_score(base, r)
+  local got = {}
+  sset_scores(base, { r }, got)
+  return got[r]
+end
+
+-- How many members of the set at `base` score above `after` (the shape member not counted).
+local function sset_count_after(base, after)
+  local n = 0
+  for i = 0, sset_parts(base) - 1 do
+    n = n + redis.call('ZCOUNT', sset_part(base, i), '(' .. fmt(after), '+inf')
+  end
+  return n
 end
 
 -- The stored expiry of r's slot (possibly past), or nil.

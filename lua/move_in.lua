@@ -6,7 +6,8 @@
 -- KEYS[2..] the sender-scoped keys at the new home, in the order move_out returned them
 -- ARGV[1] new home kind "s" | "p"
 -- ARGV[2] sender
--- ARGV[3..] per key: payload ("" = absent), pttl
+-- ARGV[3..] per key: payload ("" = absent), pttl; then the same per further part of the split
+--           sets among them (move_out.lua, extra_parts)
 -- Returns {1} when imported, {0} when it already lived here.
 
 local here
@@ -18,15 +19,29 @@ end
 if here then
   return { 0 }
 end
-for i = 2, #KEYS do
-  local payload, ttl = ARGV[2 * i - 1], tonumber(ARGV[2 * i])
+local function restore(key, payload, ttl)
+  ttl = tonumber(ttl)
   if payload ~= '' and ttl ~= -2 then
     if ttl == -1 then
       ttl = 0
     end
-    redis.call('RESTORE', KEYS[i], ttl, payload, 'REPLACE')
+    redis.call('RESTORE', key, ttl, payload, 'REPLACE')
   elseif payload == '' then
-    redis.call('DEL', KEYS[i])
+    redis.call('DEL', key)
+  end
+end
+for i = 2, #KEYS do
+  restore(KEYS[i], ARGV[2 * i - 1], ARGV[2 * i])
+end
+-- Then the further parts of the split sets, in move_out's order: each restored part 0 (a zset)
+-- says how many parts follow it.
+local a = 2 * #KEYS + 1
+for i = 2, #KEYS do
+  if redis.call('TYPE', KEYS[i]).ok == 'zset' then
+    for p = 1, sset_parts(KEYS[i]) - 1 do
+      restore(sset_part(KEYS[i], p), ARGV[a] or '', ARGV[a + 1] or '-2')
+      a = a + 2
+    end
   end
 end
 if ARGV[1] == 's' then

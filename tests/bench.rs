@@ -214,17 +214,22 @@ async fn memory_reports_bytes_per_slot_and_encodings() {
             w["shard_bytes"].as_u64().unwrap() <= w["window_bytes"].as_u64().unwrap(),
             "{w}"
         );
-        // Every shard stays in the compact encoding.
-        let enc = w["encodings"].as_str().unwrap();
-        assert!(
-            !enc.contains("skiplist") && !enc.contains("hashtable"),
-            "{w}"
-        );
+        // Every shard, and every part of the pair-rate set, stays in the compact encoding.
+        for field in ["encodings", "pair_rate_encodings"] {
+            let enc = w[field].as_str().unwrap();
+            assert!(enc.contains("listpack"), "{field}: {w}");
+            assert!(
+                !enc.contains("skiplist") && !enc.contains("hashtable"),
+                "{field}: {w}"
+            );
+        }
     }
     let csw = m["service_windows"].as_array().unwrap();
     assert!(!csw.is_empty());
     for s in csw {
         assert!(s["key_bytes"].as_u64().unwrap() > 0, "{s}");
+        let enc = s["encoding"].as_str().unwrap();
+        assert!(enc.contains("listpack") && !enc.contains("skiplist"), "{s}");
     }
 }
 

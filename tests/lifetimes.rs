@@ -51,7 +51,10 @@ async fn every_key_of_ledger_state_expires_and_configuration_persists() {
     )
     .await
     .expect("confirmed");
-    inbound(&mut q, "s1", "w1", t).await;
+    // 200 service windows, 20 ms apart: the set is split into parts.
+    for i in 0..200 {
+        inbound(&mut q, "s1", &format!("w{i}"), t - HOUR + i * 20).await;
+    }
     acquire_category(&mut q, "s1", "mk1", Category::Marketing, t).await;
     let r = acquire(&mut q, "s1", "f1", t).await;
     report_failure(&mut q, "s1", "f1", &r.reservation, 131_049, t).await;
@@ -72,6 +75,7 @@ async fn every_key_of_ledger_state_expires_and_configuration_persists() {
         .await
         .unwrap();
     let mut shards = 0;
+    let mut parts = Vec::new();
     let mut configuration = Vec::new();
     for key in &keys {
         let suffix = key.split_once("}:").map(|(_, s)| s).unwrap_or(key);
@@ -92,6 +96,9 @@ async fn every_key_of_ledger_state_expires_and_configuration_persists() {
         );
         if suffix.starts_with("w:") {
             shards += 1;
+        }
+        if let Some((set, _)) = suffix.split_once('/') {
+            parts.push(set.to_owned());
         }
     }
     configuration.sort();
@@ -114,4 +121,8 @@ async fn every_key_of_ledger_state_expires_and_configuration_persists() {
         shards > 10,
         "the window was stored in many shards: {keys:?}"
     );
+    // The sets of many recipients were stored in parts, and every part expires (above).
+    parts.sort();
+    parts.dedup();
+    assert_eq!(parts, ["csw:s1", "pr:s1", "pr:s2"], "{keys:?}");
 }

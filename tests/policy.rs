@@ -39,6 +39,7 @@ on_every_ledger!(
     resetting_a_portfolio_frees_the_caps_of_senders_that_left_it,
     confirm_with_a_clock_behind_the_reservation_keeps_the_slot,
     retry_after_waits_for_every_refusal_not_only_the_reported_one,
+    pair_rates_and_service_windows_of_hundreds_of_users_hold_across_assignments,
 );
 
 const NEW: Decision = Decision::AllowedNew;
@@ -1885,4 +1886,113 @@ async fn retry_after_waits_for_every_refusal_not_only_the_reported_one(b: Backen
     // A utility message to u is not held: only the window's 20 h.
     let r = acquire_category(&mut q, s, "u", Category::Utility, at(13, 0, 0, 0)).await;
     assert_denied(&r, LIMIT, 20 * HOUR);
+}
+
+/// A sender that keeps pair-rate state and service windows for hundreds of users at once (the
+/// Redis ledger splits each of those sets into parts as it grows): every user's state is found
+/// by every decision and by Inspect, and moves with the sender to a portfolio and back.
+async fn pair_rates_and_service_windows_of_hundreds_of_users_hold_across_assignments(b: Backend) {
+    let srv = TestServer::start(b).await;
+    let (mut q, mut a) = (srv.quota().await, srv.admin().await);
+    let s = "many";
+    let t0 = at(9, 0, 0, 0);
+    // One message per user per hour; throughput and the window out of the way.
+    let p = Policy {
+        pair_interval: secs(3_600),
+        pair_burst: 1,
+        messages_per_second: 1_000,
+        ..tier(Tier::Unlimited)
+    };
+    put_policy_at(&mut a, sender(s), p, t0 - HOUR).await;
+    put_policy_at(&mut a, portfolio("P"), tier(Tier::Unlimited), t0 - HOUR).await;
+    let counted = users("u", 600);
+    let talkers = users("c", 600);
+    // 600 users write in, 10 ms apart from 08:00: 600 service windows.
+    let wrote = |k: usize| t0 - HOUR + k as i64 * 10;
+    for (k, c) in talkers.iter().enumerate() {
+        assert_eq!(inbound(&mut q, s, c, wrote(k)).await, wrote(k) + DAY);
+    }
+    // 600 other users get a template, 100 a second from 09:00: 600 pair states.
+    let sent = |k: usize| t0 + (k / 100) as i64 * 1_000;
+    for k in (0..600).step_by(100) {
+        let rs = batch(&mut q, s, &counted[k..k + 100], sent(k)).await;
+        assert_all(&rs, NEW);
+    }
+    // Each talker once at 09:00:10: free, in its service window (and now in the pair state too).
+    let t1 = t0 + 10_000;
+    for k in (0..600).step_by(100) {
+        assert_all(&batch(&mut q, s, &talkers[k..k + 100], t1).await, SERVICE);
+    }
+
+    // The same state, found from the sender's own home, then from P's, then from its own again.
+    let check = |home: &'static str, now: i64| {
+        let (counted, talkers) = (counted.clone(), talkers.clone());
+        let srv = &srv;
+        async move {
+            let (mut q, mut a) = (srv.quota().await, srv.admin().await);
+            for k in (0..600).step_by(100) {
+                let rs = batch(&mut q, s, &counted[k..k + 100], now).await;
+                for (j, r) in rs.iter().enumerate() {
+                    assert_denied(r, PAIR, sent(k + j) + HOUR - now);
+                }
+                let rs = batch(&mut q, s, &talkers[k..k + 100], now).await;
+                for r in &rs {
+                    assert_denied(r, PAIR, t1 + HOUR - now);
+                }
+            }
+            for (k, c) in talkers.iter().enumerate() {
+                let i = inspect_recipient(&mut a, sender(s), c, now).await;
+                assert_eq!(
+                    opt_ms(&i.service_window_until),
+                    Some(wrote(k) + DAY),
+                    "{home}: {c}"
+                );
+            }
+            let i = inspect(&mut a, sender(s), now).await;
+            assert_eq!(i.open_service_windows, 600, "{home}");
+        }
+    };
+    check("own home", t1 + 1_000).await;
+    assign(&mut a, s, "P").await;
+    check("portfolio", t1 + 2_000).await;
+    assign(&mut a, s, "").await;
+    check("own home again", t1 + 3_000).await;
+
+    // An hour after each user's message, each may have the next (a second's worth of throughput
+    // for each half).
+    let later = t1 + HOUR;
+    for k in (0..600).step_by(100) {
+        assert_all(
+            &batch(&mut q, s, &counted[k..k + 100], later).await,
+            COUNTED,
+        );
+    }
+    for k in (0..600).step_by(100) {
+        let rs = batch(&mut q, s, &talkers[k..k + 100], later + 1_000).await;
+        assert_all(&rs, SERVICE);
+    }
+    // Those writes dropped the dead entries as they went (and the Redis ledger merged parts
+    // back as they emptied): the new pair states are all found.
+    let now = later + 2_000;
+    for k in (0..600).step_by(100) {
+        for r in batch(&mut q, s, &counted[k..k + 100], now).await {
+            assert_denied(&r, PAIR, later + HOUR - now);
+        }
+        for r in batch(&mut q, s, &talkers[k..k + 100], now).await {
+            assert_denied(&r, PAIR, later + 1_000 + HOUR - now);
+        }
+    }
+    // An hour on, all of that is dead. 40 new users, one message each 100 ms apart: each write
+    // drops dead entries (and the Redis ledger's set shrinks back to fewer parts); every one of
+    // the 40 is then still found.
+    let end = later + 1_000 + HOUR;
+    let fresh = users("z", 40);
+    for (k, z) in fresh.iter().enumerate() {
+        assert_decision(&acquire(&mut q, s, z, end + k as i64 * 100).await, NEW);
+    }
+    let now = end + 5_000;
+    for (k, z) in fresh.iter().enumerate() {
+        let r = acquire(&mut q, s, z, now).await;
+        assert_denied(&r, PAIR, end + k as i64 * 100 + HOUR - now);
+    }
 }

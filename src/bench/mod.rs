@@ -1507,6 +1507,12 @@ pub struct WindowMemory {
     /// days) and the pair-rate state (one per recent recipient).
     pub projection_bytes: u64,
     pub pair_rate_bytes: u64,
+    /// Entries in the pair-rate state when measured: the fill runs on the real clock, so those
+    /// past their pair time (6 s at the default pair rate) may already be trimmed.
+    pub pair_rate_entries: u64,
+    pub pair_rate_bytes_per_entry: f64,
+    /// The pair-rate set's parts by encoding, e.g. "listpack x512".
+    pub pair_rate_encodings: String,
     /// Encodings of the shard keys, with how many keys have each ("zset listpack x4, ...").
     pub encodings: String,
 }
@@ -1566,6 +1572,43 @@ async fn key_memory(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> 
         .await
         .unwrap_or(None);
     (bytes.unwrap_or(0), enc.unwrap_or_else(|| "-".into()))
+}
+
+/// A sender's sorted set with its further parts (`<key>/<i>`, once it is split:
+/// docs/internals.md, "Redis key schema"): `MEMORY USAGE` summed over the parts, the members
+/// (the shape member `~` not counted), and the parts' encodings with how many of each.
+async fn set_memory(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> (u64, u64, String) {
+    let mut keys = vec![key.to_owned()];
+    keys.extend(
+        scan_keys(conn, &format!("{key}/*"))
+            .await
+            .unwrap_or_default(),
+    );
+    let (mut bytes, mut members) = (0, 0u64);
+    let mut encodings: BTreeMap<String, usize> = BTreeMap::new();
+    for k in &keys {
+        let (b, enc) = key_memory(conn, k).await;
+        bytes += b;
+        members += redis::cmd("ZCARD")
+            .arg(k)
+            .query_async::<u64>(conn)
+            .await
+            .unwrap_or(0);
+        *encodings.entry(enc).or_default() += 1;
+    }
+    let shape: Option<f64> = redis::cmd("ZSCORE")
+        .arg(key)
+        .arg("~")
+        .query_async(conn)
+        .await
+        .unwrap_or(None);
+    let members = members - u64::from(shape.is_some());
+    let enc = encodings
+        .iter()
+        .map(|(e, n)| format!("{e} x{n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    (bytes, members, enc)
 }
 
 async fn scan_keys(
@@ -1664,7 +1707,8 @@ async fn measure_memory(args: &BenchArgs, url: &str) -> Result<MemoryReport, Str
         }
         let (projection_bytes, _) = key_memory(&mut conn, &k.uniques()).await;
         let id = SenderId::parse("sender", &sender).map_err(|e| e.to_string())?;
-        let (pair_rate_bytes, _) = key_memory(&mut conn, &k.pair_rates(&id)).await;
+        let (pair_rate_bytes, pair_rate_entries, pair_rate_encodings) =
+            set_memory(&mut conn, &k.pair_rates(&id)).await;
         let window_bytes = header + index + shard_bytes;
         windows.push(WindowMemory {
             slots,
@@ -1676,6 +1720,11 @@ async fn measure_memory(args: &BenchArgs, url: &str) -> Result<MemoryReport, Str
             used_memory_delta_per_slot: round2((after - before) as f64 / slots as f64),
             projection_bytes,
             pair_rate_bytes,
+            pair_rate_entries,
+            pair_rate_bytes_per_entry: round2(
+                pair_rate_bytes as f64 / pair_rate_entries.max(1) as f64,
+            ),
+            pair_rate_encodings,
             encodings: encodings
                 .iter()
                 .map(|(e, n)| format!("{e} x{n}"))
@@ -1697,7 +1746,7 @@ async fn measure_memory(args: &BenchArgs, url: &str) -> Result<MemoryReport, Str
         run_jobs(&driver, jobs, args.concurrency.max(16)).await?;
         let after = used_memory(&mut conn).await?;
         let key = d.keys.home(&Home::Sender(id.clone())).service_windows(&id);
-        let (bytes, enc) = key_memory(&mut conn, &key).await;
+        let (bytes, _, enc) = set_memory(&mut conn, &key).await;
         service_windows.push(ServiceWindowMemory {
             windows: n,
             key_bytes: bytes,
@@ -1908,11 +1957,13 @@ fn print_memory(m: &MemoryReport) {
             "Δ B/slot",
             "projection",
             "pair rate",
+            "entries",
+            "B/entry",
             "shard encodings",
         ],
         0,
     );
-    if let Some(c) = t.column_mut(9) {
+    if let Some(c) = t.column_mut(11) {
         c.set_cell_alignment(CellAlignment::Left);
     }
     for w in &m.windows {
@@ -1926,6 +1977,8 @@ fn print_memory(m: &MemoryReport) {
             format!("{:.1}", w.used_memory_delta_per_slot),
             w.projection_bytes.to_string(),
             w.pair_rate_bytes.to_string(),
+            w.pair_rate_entries.to_string(),
+            format!("{:.1}", w.pair_rate_bytes_per_entry),
             w.encodings.clone(),
         ]);
     }
