@@ -202,10 +202,11 @@ end
 -- part (each write extends it too), so the shape outlives every member it locates. A write that
 -- leaves a part nearly empty undoes the last split when its two parts fit in half of one
 -- (sset_merge), so a set that grew in a burst shrinks back; an idle set expires whole.
+-- SSET_FILL, the entries a part holds before it splits, comes from the prelude (96 by default:
+-- config::SET_PART_FILL).
 local SSET_SHAPE = '~'
 local SSET_BASE = 2 ^ 60
 local SSET_FLOOR = '(-576460752303423488' -- -(2^59), exclusive
-local SSET_FILL = 96
 local SSET_SP = 2 ^ 24
 
 local function sset_part(base, i)
@@ -387,7 +388,7 @@ local function sset_write(S, z, past, until_ms, now, slack)
     -- A part written is nearly empty: undo the last split if its two parts fit in half of one.
     local small = false
     for _, n in pairs(size) do
-      small = small or n < SSET_FILL / 8
+      small = small or n <= math.max(1, SSET_FILL / 8)
     end
     if small then
       local lvl, sp = S.lvl, S.sp
@@ -396,6 +397,10 @@ local function sset_write(S, z, past, until_ms, now, slack)
         sp = 2 ^ lvl
       end
       local last, buddy = sset_part(S.base, sp - 1 + 2 ^ lvl), sset_part(S.base, sp - 1)
+      -- Their dead entries go first (as a write of theirs would drop them), so that parts not
+      -- written for a while do not hold a shrinking set apart.
+      redis.call('ZREMRANGEBYSCORE', last, SSET_FLOOR, fmt(past))
+      redis.call('ZREMRANGEBYSCORE', buddy, SSET_FLOOR, fmt(past))
       if redis.call('ZCARD', last) + redis.call('ZCARD', buddy) <= SSET_FILL / 2 then
         sset_merge(S)
         merged = true

@@ -322,7 +322,18 @@ pub struct Settings {
         skip_serializing_if = "Option::is_none"
     )]
     pub tls: Option<TlsSettings>,
+    /// Entries per part of a sender's service windows and pair rates before the part splits
+    /// (docs/internals.md, "A sender's sets in parts"). Not a setting of the file, the flags or
+    /// the environment: it must stay below Redis's `zset-max-listpack-entries` (128), and the
+    /// tests lower it so that small sets split and merge.
+    #[serde(skip)]
+    pub set_part_fill: usize,
 }
+
+/// The default of [`Settings::set_part_fill`]: 96, three quarters of Redis's default
+/// `zset-max-listpack-entries`, so a part that takes a batch's entries before it splits mostly
+/// stays a listpack.
+pub const SET_PART_FILL: usize = 96;
 
 impl Default for Settings {
     fn default() -> Self {
@@ -343,6 +354,7 @@ impl Default for Settings {
             durability: Durability::Async,
             durability_replicas: 1,
             durability_timeout: Duration::from_millis(50),
+            set_part_fill: SET_PART_FILL,
             on_ledger_loss: OnLedgerLoss::DenyNew,
             redis_sentinel: Vec::new(),
             redis_sentinel_master: None,

@@ -2,7 +2,8 @@
 //! AcquireBatch, Release, Confirm, RecordInbound, ReportFailure, PutPolicy, AssignSender, Reset)
 //! run against the memory ledger, a standalone Redis and a Cluster, with clock jumps across the
 //! 24 h, 7-day and 30-day boundaries and windows that grow past and shrink below the shard fill
-//! (shard splits and merges). After every step the answers, and `Inspect` of every target, must
+//! (shard splits and merges; a sender's service windows and pair rates split into parts of 4 and
+//! merge back). After every step the answers, and `Inspect` of every target, must
 //! be identical on all three (docs/contract.md: one semantics, whatever the store).
 //!
 //! `DIFF_SEEDS=N` runs N seeds (default 6), `DIFF_STEPS=N` steps each (default 150),
@@ -719,8 +720,10 @@ fn env_u64(name: &str) -> Option<u64> {
 async fn memory_redis_and_cluster_agree_on_random_sequences() {
     let servers = [
         TestServer::start(Backend::Memory).await,
-        TestServer::start(Backend::Redis).await,
-        TestServer::start(Backend::Cluster).await,
+        // Parts of 4 entries: a sender's service windows and pair rates split and merge within
+        // a few steps, and move with it in parts.
+        TestServer::start_with(Backend::Redis, |s| s.set_part_fill = 4).await,
+        TestServer::start_with(Backend::Cluster, |s| s.set_part_fill = 4).await,
     ];
     let steps = env_u64("DIFF_STEPS").unwrap_or(150) as usize;
     let seeds: Vec<u64> = match env_u64("DIFF_SEED") {
@@ -743,4 +746,19 @@ async fn memory_redis_and_cluster_agree_on_random_sequences() {
         started.elapsed().as_secs_f64()
     );
     println!("differential: what memory answered: {:?}", coverage.0);
+    // The sets were split into parts (some may have merged back since).
+    let mut servers = servers;
+    let url = servers[1].redis().expect("the Redis backend").url();
+    let mut conn = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let parts: Vec<String> = redis::cmd("KEYS")
+        .arg("*/*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    println!("differential: parts of sets left on Redis: {}", parts.len());
+    assert!(!parts.is_empty(), "service windows or pair rates split");
 }

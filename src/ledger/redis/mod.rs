@@ -102,7 +102,7 @@ impl RedisLedger {
         let ledger = RedisLedger {
             conns,
             store: describe(&settings.store),
-            scripts: Scripts::new(),
+            scripts: Scripts::with_set_part_fill(settings.set_part_fill),
             keys: match settings.store {
                 Store::Cluster { .. } => Keys::cluster(&settings.key_prefix),
                 _ => Keys::new(&settings.key_prefix),

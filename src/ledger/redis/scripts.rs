@@ -15,7 +15,7 @@ use std::fmt::Write;
 
 use super::keys::{Home, HomeKeys, Keys};
 use super::{TTL_SLACK_MS, defaults_at};
-use crate::config::OnLedgerLoss;
+use crate::config::{OnLedgerLoss, SET_PART_FILL};
 use crate::model::{
     AcquireRequest, Category, DEFAULT_MARKETING_PERIOD_MS, Decision, Defaults,
     FLAGGED_DOWNGRADE_MS, MARKETING_HOLD_MS, MONTH_MS, MessageKind, Millis,
@@ -61,8 +61,8 @@ const SOURCES: [(&str, &str); 14] = [
 ];
 
 /// The library's code after its `#!lua name=` line, and the hash that names it.
-fn library_code() -> (String, String) {
-    let mut code = prelude();
+fn library_code(set_part_fill: usize) -> (String, String) {
+    let mut code = prelude(set_part_fill);
     code.push_str(include_str!("../../../lua/lib.lua"));
     for (name, body) in SOURCES {
         // A function's body sees KEYS and ARGV as its parameters, as a script sees its globals.
@@ -90,7 +90,7 @@ fn library_code() -> (String, String) {
 }
 
 /// Lua constants generated from `model`, so the scripts and the memory ledger share one ladder.
-fn prelude() -> String {
+fn prelude(set_part_fill: usize) -> String {
     let mut p =
         String::from("-- Generated from waquota's model at start-up.\nlocal TIER_LIMIT = {");
     for t in Tier::ALL {
@@ -132,8 +132,10 @@ fn prelude() -> String {
     }
     let _ = write!(
         p,
-        " }}\nlocal DEFAULT_MARKETING_PERIOD_MS, MARKETING_HOLD_MS = {DEFAULT_MARKETING_PERIOD_MS}, {MARKETING_HOLD_MS}\n\n"
+        " }}\nlocal DEFAULT_MARKETING_PERIOD_MS, MARKETING_HOLD_MS = {DEFAULT_MARKETING_PERIOD_MS}, {MARKETING_HOLD_MS}\n"
     );
+    // Entries per part of a sender's sets before it splits (lua/lib.lua, sset_write).
+    let _ = write!(p, "local SSET_FILL = {set_part_fill}\n\n");
     p
 }
 
@@ -158,7 +160,12 @@ pub struct Scripts {
 
 impl Scripts {
     pub fn new() -> Self {
-        let (code, hash) = library_code();
+        Self::with_set_part_fill(SET_PART_FILL)
+    }
+
+    /// The library with another part fill for a sender's sets (`Settings::set_part_fill`).
+    pub fn with_set_part_fill(set_part_fill: usize) -> Self {
+        let (code, hash) = library_code(set_part_fill.max(2));
         let f = |name: &'static str| Script {
             name,
             function: format!("waquota_{hash}_{name}"),
