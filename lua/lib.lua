@@ -279,21 +279,31 @@ local function sset_split(S)
   local rows = redis.call('ZRANGE', src, 0, -1, 'WITHSCORES')
   local ttl = redis.call('PTTL', src)
   local stay, go = {}, {}
+  local shaped = false
   for j = 1, #rows, 2 do
     local r = rows[j]
     local into = stay
-    if r ~= SSET_SHAPE and rhash(r) % (2 * b) == to then
+    if r == SSET_SHAPE then
+      shaped = true
+    elseif rhash(r) % (2 * b) == to then
       into = go
     end
     into[#into + 1] = rows[j + 1]
     into[#into + 1] = r
   end
+  if from == 0 and not shaped then
+    -- Part 0 keeps the shape (its score is set by the caller), so it is written again with
+    -- the source's TTL even when every member moves out.
+    stay[#stay + 1] = fmt(-SSET_BASE)
+    stay[#stay + 1] = SSET_SHAPE
+  end
   redis.call('DEL', src, dst)
   for _, kv in ipairs({ { src, stay }, { dst, go } }) do
     if #kv[2] > 0 then
       chunked('ZADD', kv[1], kv[2], 512)
-      if ttl > 0 then
-        redis.call('PEXPIRE', kv[1], ttl)
+      -- PTTL is 0 in a key's last millisecond: it still expires.
+      if ttl >= 0 then
+        redis.call('PEXPIRE', kv[1], math.max(ttl, 1))
       end
     end
   end
@@ -323,8 +333,8 @@ local function sset_merge(S)
       go[#go + 1] = rows[j]
     end
     chunked('ZADD', dst, go, 512)
-    local ttl = redis.call('PTTL', src)
-    if ttl > 0 and redis.call('PEXPIRE', dst, ttl, 'GT') == 0 then
+    local ttl = math.max(redis.call('PTTL', src), 1)
+    if redis.call('PEXPIRE', dst, ttl, 'GT') == 0 then
       redis.call('PEXPIRE', dst, ttl, 'NX')
     end
     redis.call('DEL', src)

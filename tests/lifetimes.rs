@@ -126,3 +126,66 @@ async fn every_key_of_ledger_state_expires_and_configuration_persists() {
     parts.dedup();
     assert_eq!(parts, ["csw:s1", "pr:s1", "pr:s2"], "{keys:?}");
 }
+
+/// Part 0 of a sender's set holds its shape, so it must live at least as long as every other
+/// part, or the entries there would be lost with it. The hard case: the first split, where every
+/// entry of part 0 moves to part 1 (all their hashes odd) and part 0 keeps only the shape, while
+/// the longest-lived entry (a 72-hour window) was written before the write that splits.
+#[tokio::test(flavor = "multi_thread")]
+async fn part_zero_of_a_split_set_outlives_every_other_part() {
+    let mut srv = TestServer::start_with(Backend::Redis, |s| s.set_part_fill = 4).await;
+    let mut q = srv.quota().await;
+    let t = at(9, 0, 0, 0);
+    // Recipients whose hash is odd: the top bit of their listing position (the hash reversed).
+    let odd: Vec<String> = (0..)
+        .map(|i| format!("odd{i}"))
+        .filter(|r| {
+            let id = waquota::model::RecipientId::parse("r", r).unwrap();
+            waquota::model::listing_position(&id) >= 1 << 31
+        })
+        .take(5)
+        .collect();
+    assert_eq!(inbound_fep(&mut q, "s", &odd[0], t).await, t + 3 * DAY);
+    for r in &odd[1..] {
+        assert_eq!(inbound(&mut q, "s", r, t).await, t + DAY);
+    }
+
+    let redis = srv.redis().expect("a Redis backend");
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let base = "wq:{s:s}:csw:s";
+    let mut parts: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{base}/*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!parts.is_empty(), "the set was split");
+    let in_zero: u64 = redis::cmd("ZCARD")
+        .arg(base)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        in_zero, 1,
+        "part 0 holds only the shape: every entry moved out"
+    );
+    parts.insert(0, base.to_owned());
+    let mut ttls = Vec::new();
+    for key in &parts {
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        ttls.push(pttl);
+    }
+    let longest = *ttls[1..].iter().max().unwrap();
+    assert!(
+        longest > 3 * DAY - HOUR,
+        "a part keeps the 72-hour window: {ttls:?}"
+    );
+    assert!(
+        ttls[0] >= longest - 1_000,
+        "part 0 (the shape) lives as long as every part: {parts:?} {ttls:?}"
+    );
+}
