@@ -157,17 +157,6 @@ end
 -- instead of one per recipient. Each table maps a recipient to its stored value, or nothing.
 local pre_sw, pre_exp, pre_val, pre_pair, pre_uq, pre_hold = {}, {}, {}, {}, {}, {}
 local pairs_shape -- the pair-rate set's shape (lib.lua, sset_scores)
-local function scores(key, names, into, raw)
-  if #names == 0 then
-    return
-  end
-  local got = redis.call('ZMSCORE', key, unpack(names))
-  for j, r in ipairs(names) do
-    if got[j] then
-      into[r] = raw and got[j] or tonumber(got[j])
-    end
-  end
-end
 if not blocked then
   local rs = { unpack(ARGV, 16) }
   sset_scores(service, rs, pre_sw)
@@ -178,7 +167,7 @@ if not blocked then
     table.insert(by[i], r)
   end
   for i, names in pairs(by) do
-    scores(win.zp .. i, names, pre_exp)
+    zscores(win.zp .. i, names, pre_exp)
     local live = {}
     for _, r in ipairs(names) do
       if pre_exp[r] and pre_exp[r] > now then
@@ -195,9 +184,9 @@ if not blocked then
     end
   end
   pairs_shape = sset_scores(prkey, rs, pre_pair)
-  scores(uqkey, unseen, pre_uq, true)
+  zscores(uqkey, unseen, pre_uq, true)
   if marketing then
-    scores(mhkey, rs, pre_hold)
+    zscores(mhkey, rs, pre_hold)
   end
 end
 

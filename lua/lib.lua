@@ -62,11 +62,14 @@ end
 -- Keeps `key` alive until at least `until_ms` (+ slack) without shortening a longer life, and
 -- without reading its entries: PEXPIRE GT, then PEXPIRE NX only when that changed nothing (a key
 -- that has no TTL yet, or one already kept longer).
-local function extend(key, until_ms, now, slack)
-  local ttl = ttl_ms(until_ms, now, slack)
+local function keep_at_least(key, ttl)
   if redis.call('PEXPIRE', key, ttl, 'GT') == 0 then
     redis.call('PEXPIRE', key, ttl, 'NX')
   end
+end
+
+local function extend(key, until_ms, now, slack)
+  keep_at_least(key, ttl_ms(until_ms, now, slack))
 end
 
 -- Latest slot expiry in a window zset (or `now` when empty).
@@ -91,11 +94,35 @@ local function bytes_gt(a, b)
 end
 
 -- Calls redis.call(cmd, key, ...) with `args` in chunks, so no unpack() exceeds Lua's stack.
+-- Returns the sum of the replies (ZADD: members added).
 local function chunked(cmd, key, args, step)
+  local n = 0
   for i = 1, #args, step do
     local last = math.min(i + step - 1, #args)
-    redis.call(cmd, key, unpack(args, i, last))
+    n = n + redis.call(cmd, key, unpack(args, i, last))
   end
+  return n
+end
+
+-- Reads the scores of `names` in the sorted set `key` into `into` (recipient -> number, or the
+-- stored string with `raw`; absent names are left out), in one ZMSCORE. With `lead`, that
+-- member is read first in the same command, and its score returned.
+local function zscores(key, names, into, raw, lead)
+  local got, o
+  if lead then
+    got, o = redis.call('ZMSCORE', key, lead, unpack(names)), 1
+  elseif #names > 0 then
+    got, o = redis.call('ZMSCORE', key, unpack(names)), 0
+  else
+    return nil
+  end
+  for j, r in ipairs(names) do
+    local v = got[j + o]
+    if v then
+      into[r] = raw and v or tonumber(v)
+    end
+  end
+  return lead and got[1] or nil
 end
 
 -- The window of a home is sharded so that every piece stays in Redis's compact listpack encoding
@@ -225,11 +252,30 @@ local function sset_shape(S, score)
   return S
 end
 
+local function sset_shape_score(S)
+  return fmt(-(SSET_BASE + (S.lvl * SSET_SP + S.sp) * 256))
+end
+
+local function sset_is_split(S)
+  return S.lvl > 0 or S.sp > 0
+end
+
 local function sset_part_of(S, r)
-  if S.lvl == 0 and S.sp == 0 then
+  if not sset_is_split(S) then
     return 0
   end
   return (win_shard_of(S, rhash(r)))
+end
+
+-- The last split: the part it came from, the part it made, and the shape before it.
+local function sset_last_split(S)
+  local lvl, sp = S.lvl, S.sp
+  if sp == 0 then
+    lvl = lvl - 1
+    sp = 2 ^ lvl
+  end
+  sp = sp - 1
+  return sp, sp + 2 ^ lvl, lvl
 end
 
 -- How many parts the set has (its shape read from part 0).
@@ -238,30 +284,37 @@ local function sset_parts(base)
   return 2 ^ S.lvl + S.sp
 end
 
+-- The parts beyond part 0 of the split sets among `keys` (a sender's keys, the sorted sets
+-- among them its sets), by key, then by part: the order in which a move hands them over.
+local function sset_further_parts(keys)
+  local out = {}
+  for _, k in ipairs(keys) do
+    if redis.call('TYPE', k).ok == 'zset' then
+      for p = 1, sset_parts(k) - 1 do
+        out[#out + 1] = sset_part(k, p)
+      end
+    end
+  end
+  return out
+end
+
 -- Reads the scores of `names` in the set at `base` into `into` (recipient -> number, or the
 -- stored string with `raw`): one ZMSCORE per part touched. Returns the set's shape, which
 -- sset_write needs.
 local function sset_scores(base, names, into, raw)
-  local got = redis.call('ZMSCORE', base, SSET_SHAPE, unpack(names))
-  local S = sset_shape({ base = base, lvl = 0, sp = 0 }, got[1])
-  local by = {}
-  for j, r in ipairs(names) do
-    local i = sset_part_of(S, r)
-    if i == 0 then
-      if got[j + 1] then
-        into[r] = raw and got[j + 1] or tonumber(got[j + 1])
+  local S = sset_shape({ base = base, lvl = 0, sp = 0 }, zscores(base, names, into, raw, SSET_SHAPE))
+  if sset_is_split(S) then
+    -- Part 0 answered for its own names (a name is stored in its part only); the others now.
+    local by = {}
+    for _, r in ipairs(names) do
+      local i = sset_part_of(S, r)
+      if i ~= 0 then
+        by[i] = by[i] or {}
+        table.insert(by[i], r)
       end
-    else
-      by[i] = by[i] or {}
-      table.insert(by[i], r)
     end
-  end
-  for i, rs in pairs(by) do
-    local g = redis.call('ZMSCORE', sset_part(base, i), unpack(rs))
-    for j, r in ipairs(rs) do
-      if g[j] then
-        into[r] = raw and g[j] or tonumber(g[j])
-      end
+    for i, rs in pairs(by) do
+      zscores(sset_part(base, i), rs, into, raw)
     end
   end
   return S
@@ -294,7 +347,7 @@ local function sset_split(S)
   if from == 0 and not shaped then
     -- Part 0 keeps the shape (its score is set by the caller), so it is written again with
     -- the source's TTL even when every member moves out.
-    stay[#stay + 1] = fmt(-SSET_BASE)
+    stay[#stay + 1] = sset_shape_score(S)
     stay[#stay + 1] = SSET_SHAPE
   end
   redis.call('DEL', src, dst)
@@ -303,7 +356,7 @@ local function sset_split(S)
       chunked('ZADD', kv[1], kv[2], 512)
       -- PTTL is 0 in a key's last millisecond: it still expires.
       if ttl >= 0 then
-        redis.call('PEXPIRE', kv[1], math.max(ttl, 1))
+        keep_at_least(kv[1], math.max(ttl, 1))
       end
     end
   end
@@ -318,13 +371,8 @@ end
 -- TTL of the two. A set that grew in a burst and has emptied since is back to one part after a
 -- few writes, and costs a decision no more commands than a set that never grew.
 local function sset_merge(S)
-  local lvl, sp = S.lvl, S.sp
-  if sp == 0 then
-    lvl = lvl - 1
-    sp = 2 ^ lvl
-  end
-  sp = sp - 1
-  local src, dst = sset_part(S.base, sp + 2 ^ lvl), sset_part(S.base, sp)
+  local into, from, lvl = sset_last_split(S)
+  local src, dst = sset_part(S.base, from), sset_part(S.base, into)
   local rows = redis.call('ZRANGE', src, 0, -1, 'WITHSCORES')
   if #rows > 0 then
     local go = {}
@@ -333,13 +381,10 @@ local function sset_merge(S)
       go[#go + 1] = rows[j]
     end
     chunked('ZADD', dst, go, 512)
-    local ttl = math.max(redis.call('PTTL', src), 1)
-    if redis.call('PEXPIRE', dst, ttl, 'GT') == 0 then
-      redis.call('PEXPIRE', dst, ttl, 'NX')
-    end
+    keep_at_least(dst, math.max(redis.call('PTTL', src), 1))
     redis.call('DEL', src)
   end
-  S.lvl, S.sp = lvl, sp
+  S.lvl, S.sp = lvl, into
 end
 
 -- Splits per write: 8, or one per SSET_FILL / 2 members written when that is more, so a batch of
@@ -364,12 +409,9 @@ local function sset_write(S, z, past, until_ms, now, slack)
   for i, args in pairs(parts) do
     local key = sset_part(S.base, i)
     redis.call('ZREMRANGEBYSCORE', key, SSET_FLOOR, fmt(past))
-    local added = 0
-    for j = 1, #args, 512 do
-      added = added + redis.call('ZADD', key, unpack(args, j, math.min(j + 511, #args)))
-    end
+    local added = chunked('ZADD', key, args, 512)
     extend(key, until_ms, now, slack)
-    if added > 0 or S.lvl > 0 or S.sp > 0 then
+    if added > 0 or sset_is_split(S) then
       size[i] = redis.call('ZCARD', key)
     end
   end
@@ -394,19 +436,15 @@ local function sset_write(S, z, past, until_ms, now, slack)
     splits = splits + 1
   end
   local merged = false
-  if splits == 0 and (S.lvl > 0 or S.sp > 0) then
+  if splits == 0 and sset_is_split(S) then
     -- A part written is nearly empty: undo the last split if its two parts fit in half of one.
     local small = false
     for _, n in pairs(size) do
       small = small or n <= math.max(1, SSET_FILL / 8)
     end
     if small then
-      local lvl, sp = S.lvl, S.sp
-      if sp == 0 then
-        lvl = lvl - 1
-        sp = 2 ^ lvl
-      end
-      local last, buddy = sset_part(S.base, sp - 1 + 2 ^ lvl), sset_part(S.base, sp - 1)
+      local into, from = sset_last_split(S)
+      local last, buddy = sset_part(S.base, from), sset_part(S.base, into)
       -- Their dead entries go first (as a write of theirs would drop them), so that parts not
       -- written for a while do not hold a shrinking set apart.
       redis.call('ZREMRANGEBYSCORE', last, SSET_FLOOR, fmt(past))
@@ -417,10 +455,10 @@ local function sset_write(S, z, past, until_ms, now, slack)
       end
     end
   end
-  if merged and S.lvl == 0 and S.sp == 0 then
+  if merged and not sset_is_split(S) then
     redis.call('ZREM', S.base, SSET_SHAPE)
   elseif splits > 0 or merged then
-    redis.call('ZADD', S.base, fmt(-(SSET_BASE + (S.lvl * SSET_SP + S.sp) * 256)), SSET_SHAPE)
+    redis.call('ZADD', S.base, sset_shape_score(S), SSET_SHAPE)
     extend(S.base, until_ms, now, slack)
   end
 end

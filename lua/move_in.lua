@@ -7,7 +7,7 @@
 -- ARGV[1] new home kind "s" | "p"
 -- ARGV[2] sender
 -- ARGV[3..] per key: payload ("" = absent), pttl; then the same per further part of the split
---           sets among them (move_out.lua, extra_parts)
+--           sets among them (lib.lua, sset_further_parts)
 -- Returns {1} when imported, {0} when it already lived here.
 
 local here
@@ -33,16 +33,12 @@ end
 for i = 2, #KEYS do
   restore(KEYS[i], ARGV[2 * i - 1], ARGV[2 * i])
 end
--- Then the further parts of the split sets, in move_out's order: each restored part 0 (a zset)
--- says how many parts follow it.
+-- Then the further parts of the split sets, in move_out's order: each restored part 0 says how
+-- many parts follow it.
 local a = 2 * #KEYS + 1
-for i = 2, #KEYS do
-  if redis.call('TYPE', KEYS[i]).ok == 'zset' then
-    for p = 1, sset_parts(KEYS[i]) - 1 do
-      restore(sset_part(KEYS[i], p), ARGV[a] or '', ARGV[a + 1] or '-2')
-      a = a + 2
-    end
-  end
+for _, k in ipairs(sset_further_parts({ unpack(KEYS, 2) })) do
+  restore(k, ARGV[a] or '', ARGV[a + 1] or '-2')
+  a = a + 2
 end
 if ARGV[1] == 's' then
   redis.call('DEL', KEYS[1])

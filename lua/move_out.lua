@@ -13,7 +13,7 @@
 -- ARGV[3] the portfolio it moves to ("" = its own home)
 -- ARGV[4] mode "out" | "drop"
 -- Returns for "out" {1, then per key: payload|nil, pttl (-2 = absent, -1 = persistent), then
--- the same for every further part of the split sets among them (extra_parts)};
+-- the same for every further part of the split sets among them (lib.lua, sset_further_parts)};
 -- for "drop" {1} when dropped, {0} when the sender lives here again.
 
 local function lives_here()
@@ -23,25 +23,11 @@ local function lives_here()
   return redis.call('SISMEMBER', KEYS[1], ARGV[2]) == 1
 end
 
--- The parts beyond part 0 of the sender's sets that are split (service windows, pair rates:
--- lib.lua, sset_write), in the order move_in expects them: by key, then by part.
-local function extra_parts()
-  local out = {}
-  for i = 2, #KEYS do
-    if redis.call('TYPE', KEYS[i]).ok == 'zset' then
-      for p = 1, sset_parts(KEYS[i]) - 1 do
-        out[#out + 1] = sset_part(KEYS[i], p)
-      end
-    end
-  end
-  return out
-end
-
 if ARGV[4] == 'drop' then
   if lives_here() then
     return { 0 }
   end
-  for _, k in ipairs(extra_parts()) do
+  for _, k in ipairs(sset_further_parts({ unpack(KEYS, 2) })) do
     redis.call('DEL', k)
   end
   for i = 2, #KEYS do
@@ -57,7 +43,7 @@ else
 end
 local out = { 1 }
 local keys = { unpack(KEYS, 2) }
-for _, k in ipairs(extra_parts()) do
+for _, k in ipairs(sset_further_parts(keys)) do
   keys[#keys + 1] = k
 end
 for _, k in ipairs(keys) do
