@@ -386,6 +386,17 @@ if nmoved > 0 or next(metas) ~= nil then
   win_rebalance(win)
   win_write(win, moved, extended, vals)
 end
+-- The projection index is trimmed and kept alive like the window (win_save): only when the
+-- real time it is kept until (the header's `tu`) comes within 30 days + slack, then RENEW_MS
+-- further, not on every new user; its readers count from now - 30 days, so an entry past that
+-- and not yet trimmed counts for nothing.
+local uq_real
+if next(uniques) ~= nil then
+  local real = redis_ms()
+  if real + MONTH_MS + slack > win.tu then
+    win.tu, uq_real = real + MONTH_MS + slack + RENEW_MS, real
+  end
+end
 win_save(win, now, slack)
 for opener, entries in pairs(wsmoved) do
   local key = ws_prefix .. opener
@@ -428,9 +439,13 @@ if next(uniques) ~= nil then
     z[#z + 1] = fmt(now)
     z[#z + 1] = r
   end
-  redis.call('ZREMRANGEBYSCORE', uqkey, '-inf', fmt(now - MONTH_MS))
+  if uq_real then
+    redis.call('ZREMRANGEBYSCORE', uqkey, '-inf', fmt(now - MONTH_MS))
+  end
   chunked('ZADD', uqkey, z, 512)
-  keep(uqkey, now + MONTH_MS, now, slack)
+  if uq_real then
+    redis.call('PEXPIRE', uqkey, fmt(win.tu - uq_real))
+  end
   -- Project an upgrade the first time the trailing count reaches the bar (docs/contract.md,
   -- "Rule sets and tiers over time"). mirrors rules::projections::project_upgrade
   local pending = W.up_at and W.up_from == W.tier
@@ -439,7 +454,7 @@ if next(uniques) ~= nil then
     -- The 30-day count matters only for the portfolio rules' entry tier.
     local u30 = 0
     if W.rules == 'portfolio' and W.tier == '250' then
-      u30 = redis.call('ZCARD', uqkey)
+      u30 = redis.call('ZCOUNT', uqkey, '(' .. fmt(now - MONTH_MS), '+inf')
     end
     if upgrade_threshold_met(W.rules, W.tier, u7, u30) then
       redis.call('HSET', wpolkey, 'up_at', fmt(now + UPGRADE_DELAY_MS[W.rules]), 'up_from', W.tier)

@@ -179,16 +179,29 @@ local function win_pos(r)
   return rev32(rhash(r))
 end
 
+-- A policy hash as a table of its fields (a field it lacks reads as nil). A policy stores few of
+-- its 18 possible fields, so HGETALL, which names none, costs Redis less than an HMGET naming all
+-- of them: a few thousand instructions a decision (BENCHMARKS.md, "Trims and reads taken off the
+-- decision"). The window header is read with HMGET: it holds every field it is asked for, and
+-- HGETALL measured dearer there.
+local function hash_read(key)
+  local flat, f = redis.call('HGETALL', key), {}
+  for i = 1, #flat, 2 do
+    f[flat[i]] = flat[i + 1]
+  end
+  return f
+end
+
 local function win_open(header, index)
-  local f = redis.call('HMGET', header, 'n', 'lvl', 'sp', 'seq', 'last', 'sb', 'tr', 'rp')
+  local f = redis.call('HMGET', header, 'n', 'lvl', 'sp', 'seq', 'last', 'sb', 'tr', 'rp', 'tu')
   local W = {
     header = header, index = index, zp = header .. ':', mp = string.sub(header, 1, -2) .. 'wm:',
     n = tonumber(f[1] or '0'), lvl = tonumber(f[2] or '0'), sp = tonumber(f[3] or '0'),
     seq = tonumber(f[4] or '0'), last = tonumber(f[5] or '0'), sb = tonumber(f[6] or ''),
-    tr = tonumber(f[7] or '0'), sweeping = f[8] ~= false, at = {}, fresh = {},
+    tr = tonumber(f[7] or '0'), tu = tonumber(f[9] or '0') or 0, sweeping = f[8] ~= false, at = {}, fresh = {},
   }
   -- The header as read (a missing field as its default), so win_save writes only what changed.
-  W.read = { n = W.n, lvl = W.lvl, sp = W.sp, seq = W.seq, last = W.last, sb = W.sb, tr = W.tr }
+  W.read = { n = W.n, lvl = W.lvl, sp = W.sp, seq = W.seq, last = W.last, sb = W.sb, tr = W.tr, tu = W.tu }
   return W
 end
 
@@ -781,7 +794,7 @@ local function win_rebalance(W)
   end
 end
 
-local HEADER_FIELDS = { 'n', 'lvl', 'sp', 'seq', 'last', 'sb', 'tr' }
+local HEADER_FIELDS = { 'n', 'lvl', 'sp', 'seq', 'last', 'sb', 'tr', 'tu' }
 
 -- Writes the header and keeps the window alive until its latest expiry (+ slack) on the
 -- request's clock. The TTLs are renewed for every key of the window at once, RENEW_MS longer
@@ -830,15 +843,14 @@ end
 -- A policy hash, with defaults for what it does not say. Tier changes made by auto_tier and the
 -- projection state (up_at, up_from, flagged) live in the same hash.
 local function read_policy(key, dtier, dmode, drules)
-  local f = redis.call('HMGET', key, 'tier', 'custom', 'mode', 'status', 'quality', 'mps', 'pint', 'pburst',
-    'head', 'scap', 'mcap', 'mper', 'rules', 'auto', 'flagged', 'up_at', 'up_from', 'su')
+  local f = hash_read(key)
   return {
-    tier = f[1] or dtier, custom = tonumber(f[2] or '0'), mode = f[3] or dmode,
-    status = f[4] or 'connected', quality = f[5] or '', mps = tonumber(f[6] or '0'),
-    pint = tonumber(f[7] or '0'), pburst = tonumber(f[8] or '0'), head = tonumber(f[9] or '0'),
-    scap = tonumber(f[10] or '0'), mcap = tonumber(f[11] or '0'), mper = tonumber(f[12] or '0'),
-    rules = f[13] or drules, auto = f[14] == '1', flagged = tonumber(f[15] or ''),
-    up_at = tonumber(f[16] or ''), up_from = f[17] or '', su = tonumber(f[18] or ''),
+    tier = f.tier or dtier, custom = tonumber(f.custom or '0'), mode = f.mode or dmode,
+    status = f.status or 'connected', quality = f.quality or '', mps = tonumber(f.mps or '0'),
+    pint = tonumber(f.pint or '0'), pburst = tonumber(f.pburst or '0'), head = tonumber(f.head or '0'),
+    scap = tonumber(f.scap or '0'), mcap = tonumber(f.mcap or '0'), mper = tonumber(f.mper or '0'),
+    rules = f.rules or drules, auto = f.auto == '1', flagged = tonumber(f.flagged or ''),
+    up_at = tonumber(f.up_at or ''), up_from = f.up_from or '', su = tonumber(f.su or ''),
   }
 end
 
@@ -963,6 +975,10 @@ local function release_slot(W, uq, ws_prefix, r, resv, now, polkey, dtier, drule
   if u and tonumber(u) == tonumber(opened) then
     if prev == '' then
       redis.call('ZREM', uq, r)
+      -- An index emptied is deleted with its TTL: the next new user must set one again.
+      if W.tu > 0 and redis.call('EXISTS', uq) == 0 then
+        W.tu, W.dirty = 0, true
+      end
     else
       redis.call('ZADD', uq, prev, r)
     end

@@ -189,3 +189,55 @@ async fn part_zero_of_a_split_set_outlives_every_other_part() {
         "part 0 (the shape) lives as long as every part: {parts:?} {ttls:?}"
     );
 }
+
+/// The projection index is kept alive by the window header's `tu` (docs/internals.md,
+/// "Lifetimes"), not by a PEXPIRE on every new user. A release that empties it deletes it with
+/// its TTL, so the next new user must set a TTL again; and users written while the TTL needed no
+/// renewal, which are not trimmed then, count for nothing once past 30 days.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_projection_index_keeps_a_ttl_when_a_release_empties_it() {
+    let mut srv = TestServer::start(Backend::Redis).await;
+    let (mut q, mut a) = (srv.quota().await, srv.admin().await);
+    let t = at(9, 0, 0, 0);
+    let redis = srv.redis().expect("a Redis backend");
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let uq = "wq:{s:s}:uq";
+    let pttl = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("PTTL")
+                .arg(uq)
+                .query_async::<i64>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+
+    let r = acquire(&mut q, "s", "a", t).await;
+    assert!(
+        pttl(&mut conn).await > 30 * DAY,
+        "the first user sets a TTL"
+    );
+    assert!(release(&mut q, "s", "a", &r.reservation, t + 1).await);
+    assert_eq!(pttl(&mut conn).await, -2, "the release emptied the index");
+    acquire(&mut q, "s", "b", t + 2).await;
+    let ttl = pttl(&mut conn).await;
+    assert!(
+        ttl > 30 * DAY && ttl <= 31 * DAY,
+        "the next new user sets it again: PTTL {ttl}"
+    );
+
+    // Thirty days on (by the trusted clock: no real time passes, so no renewal trims), a
+    // second user: only it counts, though both are stored.
+    let later = t + 30 * DAY + 3;
+    acquire(&mut q, "s", "c", later).await;
+    let stored: u64 = redis::cmd("ZCARD")
+        .arg(uq)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(stored, 2);
+    let i = inspect(&mut a, sender("s"), later).await;
+    assert_eq!((i.unique_7d, i.unique_30d), (1, 1));
+}
