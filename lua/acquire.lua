@@ -386,15 +386,16 @@ if nmoved > 0 or next(metas) ~= nil then
   win_rebalance(win)
   win_write(win, moved, extended, vals)
 end
--- The projection index is trimmed and kept alive like the window (win_save): only when the
--- real time it is kept until (the header's `tu`) comes within 30 days + slack, then RENEW_MS
--- further, not on every new user; its readers count from now - 30 days, so an entry past that
+-- The projection index is trimmed and kept alive like the window (win_save, renewal): only
+-- when the real time it is kept until (the header's `tu`) comes within 30 days + slack, then
+-- RENEW_MS further, not on every new user; its readers count from now - 30 days, so an entry past that
 -- and not yet trimmed counts for nothing.
 local uq_real
 if next(uniques) ~= nil then
   local real = redis_ms()
-  if real + MONTH_MS + slack > win.tu then
-    win.tu, uq_real = real + MONTH_MS + slack + RENEW_MS, real
+  local renewed = renewal(win.tu, real, MONTH_MS + slack)
+  if renewed then
+    win.tu, uq_real = renewed, real
   end
 end
 win_save(win, now, slack)

@@ -796,6 +796,15 @@ end
 
 local HEADER_FIELDS = { 'n', 'lvl', 'sp', 'seq', 'last', 'sb', 'tr', 'tu' }
 
+-- Keys kept alive until `kept` (Redis's real time: the header's `tr` for the window, `tu` for the
+-- projection index) that must live `need` ms more from `real`: the new time to keep them until,
+-- RENEW_MS beyond the need, or nil while `kept` still covers it.
+local function renewal(kept, real, need)
+  if real + need > kept then
+    return real + need + RENEW_MS
+  end
+end
+
 -- Writes the header and keeps the window alive until its latest expiry (+ slack) on the
 -- request's clock. The TTLs are renewed for every key of the window at once, RENEW_MS longer
 -- than needed, and the header remembers until when (`tr`, in Redis's real time, so a trusted
@@ -805,10 +814,10 @@ local function win_save(W, now, slack)
     return
   end
   local real = redis_ms()
-  local need = math.max(W.last - now, 0) + math.max(slack, 1)
-  local renew = real + need > W.tr
+  local renewed = renewal(W.tr, real, math.max(W.last - now, 0) + math.max(slack, 1))
+  local renew = renewed ~= nil
   if renew then
-    W.tr = real + need + RENEW_MS
+    W.tr = renewed
   end
   -- Only the fields that changed: most calls move n, seq and last, and each field written costs a
   -- scan of the header's listpack.
