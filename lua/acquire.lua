@@ -18,7 +18,8 @@
 --                                 parts (lib.lua, sset_write)
 -- KEYS[10] marketing log   hash   recipient -> "t1,t2,..." recent marketing sends (ms)
 -- KEYS[11] marketing holds zset   recipient -> hold until (ms) (WhatsApp error 131049)
--- KEYS[12] uniques         zset   recipient -> when it last got a new slot (ms): projections
+-- KEYS[12] uniques         zset   recipient -> when it last got a new slot (ms), in parts, and
+--                                 beside it the same times by hour (lib.lua, ut_open): projections
 -- KEYS[13] ledger marker   string "1", or "lost <ms>" (lib.lua, ledger_check)
 -- ARGV[1] now (ms), or "" for Redis TIME
 -- ARGV[2] home kind: "s" (the sender's own window) or "p" (its portfolio's)
@@ -157,6 +158,7 @@ end
 -- instead of one per recipient. Each table maps a recipient to its stored value, or nothing.
 local pre_sw, pre_exp, pre_val, pre_pair, pre_uq, pre_hold = {}, {}, {}, {}, {}, {}
 local pairs_shape -- the pair-rate set's shape (lib.lua, sset_scores)
+local uq_shape -- the projection index's by-user set's shape
 if not blocked then
   local rs = { unpack(ARGV, 16) }
   sset_scores(service, rs, pre_sw)
@@ -184,7 +186,7 @@ if not blocked then
     end
   end
   pairs_shape = sset_scores(prkey, rs, pre_pair)
-  zscores(uqkey, unseen, pre_uq, true)
+  uq_shape = sset_scores(uqkey, unseen, pre_uq, true)
   if marketing then
     zscores(mhkey, rs, pre_hold)
   end
@@ -386,18 +388,6 @@ if nmoved > 0 or next(metas) ~= nil then
   win_rebalance(win)
   win_write(win, moved, extended, vals)
 end
--- The projection index is trimmed and kept alive like the window (win_save, renewal): only
--- when the real time it is kept until (the header's `tu`) comes within 30 days + slack, then
--- RENEW_MS further, not on every new user; its readers count from now - 30 days, so an entry past that
--- and not yet trimmed counts for nothing.
-local uq_real
-if next(uniques) ~= nil then
-  local real = redis_ms()
-  local renewed = renewal(win.tu, real, MONTH_MS + slack)
-  if renewed then
-    win.tu, uq_real = renewed, real
-  end
-end
 win_save(win, now, slack)
 for opener, entries in pairs(wsmoved) do
   local key = ws_prefix .. opener
@@ -435,31 +425,36 @@ if next(mtimes) ~= nil then
   keep(mkkey, now + mper, now, slack)
 end
 if next(uniques) ~= nil then
-  local z = {}
+  -- The projection index (lib.lua, ut_open): each new user's previous time leaves the by-time
+  -- half, and the user comes in at `now` in both halves.
+  local T = ut_open(uqkey, now)
+  local z, olds, n = {}, {}, 0
   for r in pairs(uniques) do
-    z[#z + 1] = fmt(now)
-    z[#z + 1] = r
+    z[r] = now
+    n = n + 1
+    local p = tonumber(pre_uq[r] or '')
+    if p then
+      olds[#olds + 1] = p
+    end
   end
-  if uq_real then
-    redis.call('ZREMRANGEBYSCORE', uqkey, '-inf', fmt(now - MONTH_MS))
-  end
-  chunked('ZADD', uqkey, z, 512)
-  if uq_real then
-    redis.call('PEXPIRE', uqkey, fmt(win.tu - uq_real))
-  end
+  ut_drop(T, olds)
+  ut_add(T, now, n, now, slack)
+  sset_write(uq_shape, z, now - MONTH_MS, now + MONTH_MS, now, slack, true)
   -- Project an upgrade the first time the trailing count reaches the bar (docs/contract.md,
   -- "Rule sets and tiers over time"). mirrors rules::projections::project_upgrade
   local pending = W.up_at and W.up_from == W.tier
   if not pending and eligible(W) and TIER_NEXT[W.rules][W.tier] then
-    local u7 = redis.call('ZCOUNT', uqkey, '(' .. fmt(now - WEEK_MS), '+inf')
+    ut_seek_all(T, now)
+    local u7 = T.cur[1].a
     -- The 30-day count matters only for the portfolio rules' entry tier.
     local u30 = 0
     if W.rules == 'portfolio' and W.tier == '250' then
-      u30 = redis.call('ZCOUNT', uqkey, '(' .. fmt(now - MONTH_MS), '+inf')
+      u30 = T.cur[2].a
     end
     if upgrade_threshold_met(W.rules, W.tier, u7, u30) then
       redis.call('HSET', wpolkey, 'up_at', fmt(now + UPGRADE_DELAY_MS[W.rules]), 'up_from', W.tier)
     end
   end
+  ut_save(T, now, slack)
 end
 return out

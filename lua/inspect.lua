@@ -5,7 +5,7 @@
 -- KEYS[2] window policy  hash   the home's policy
 -- KEYS[3] residency      sender target: the "away" string or members set of its home;
 --                        portfolio target: its members set
--- KEYS[4] uniques        zset   recipient -> when it last got a new slot (ms)
+-- KEYS[4] uniques        zset   the projection index (lib.lua, ut_open)
 -- KEYS[5] sender policy  hash   the sender's own policy (portfolio target: = KEYS[2])
 -- KEYS[6] window index   zset   shard -> its earliest slot expiry (ms)
 -- ARGV[1] now (ms), or "" for Redis TIME
@@ -74,8 +74,10 @@ if r ~= '' then
     counted = e
   end
 end
-local u7 = redis.call('ZCOUNT', KEYS[4], '(' .. fmt(now - WEEK_MS), '+inf')
-local u30 = redis.call('ZCOUNT', KEYS[4], '(' .. fmt(now - MONTH_MS), '+inf')
+-- The cursors moved to now in this call only (a read writes nothing back).
+local uq = ut_open(KEYS[4], now)
+ut_seek_all(uq, now)
+local u7, u30 = uq.cur[1].a, uq.cur[2].a
 -- mirrors rules::settle::projection
 local next_tier, up, down = '', -1, -1
 if W.up_at and W.up_from == W.tier and eligible(W) and TIER_NEXT[W.rules][W.tier] then

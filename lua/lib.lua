@@ -193,15 +193,15 @@ local function hash_read(key)
 end
 
 local function win_open(header, index)
-  local f = redis.call('HMGET', header, 'n', 'lvl', 'sp', 'seq', 'last', 'sb', 'tr', 'rp', 'tu')
+  local f = redis.call('HMGET', header, 'n', 'lvl', 'sp', 'seq', 'last', 'sb', 'tr', 'rp')
   local W = {
     header = header, index = index, zp = header .. ':', mp = string.sub(header, 1, -2) .. 'wm:',
     n = tonumber(f[1] or '0'), lvl = tonumber(f[2] or '0'), sp = tonumber(f[3] or '0'),
     seq = tonumber(f[4] or '0'), last = tonumber(f[5] or '0'), sb = tonumber(f[6] or ''),
-    tr = tonumber(f[7] or '0'), tu = tonumber(f[9] or '0') or 0, sweeping = f[8] ~= false, at = {}, fresh = {},
+    tr = tonumber(f[7] or '0'), sweeping = f[8] ~= false, at = {}, fresh = {},
   }
   -- The header as read (a missing field as its default), so win_save writes only what changed.
-  W.read = { n = W.n, lvl = W.lvl, sp = W.sp, seq = W.seq, last = W.last, sb = W.sb, tr = W.tr, tu = W.tu }
+  W.read = { n = W.n, lvl = W.lvl, sp = W.sp, seq = W.seq, last = W.last, sb = W.sb, tr = W.tr }
   return W
 end
 
@@ -408,7 +408,11 @@ local SSET_SPLITS_PER_CALL = 8
 -- Writes `z` (recipient -> score) into the set of shape S (from sset_scores): each part written
 -- is trimmed of scores up to `past`, written, and kept alive until `until_ms`, and so is part 0.
 -- While a part written (or split) holds more than SSET_FILL members, the set splits.
-local function sset_write(S, z, past, until_ms, now, slack)
+local function sset_write(S, z, past, until_ms, now, slack, steady)
+  -- A set whose entries all matter for the same time after their write (`steady`: the
+  -- projection index, 30 days) is always kept until this write's `until_ms`, never shortened by
+  -- it, so one PEXPIRE does; others may hold an entry kept longer than this write's.
+  local renew = steady and keep or extend
   local parts, written = {}, 0
   for r, t in pairs(z) do
     written = written + 1
@@ -423,13 +427,13 @@ local function sset_write(S, z, past, until_ms, now, slack)
     local key = sset_part(S.base, i)
     redis.call('ZREMRANGEBYSCORE', key, SSET_FLOOR, fmt(past))
     local added = chunked('ZADD', key, args, 512)
-    extend(key, until_ms, now, slack)
+    renew(key, until_ms, now, slack)
     if added > 0 or sset_is_split(S) then
       size[i] = redis.call('ZCARD', key)
     end
   end
   if not parts[0] then
-    extend(S.base, until_ms, now, slack)
+    renew(S.base, until_ms, now, slack)
   end
   local splits = 0
   local budget = math.max(SSET_SPLITS_PER_CALL, math.ceil(written / (SSET_FILL / 2)))
@@ -794,11 +798,11 @@ local function win_rebalance(W)
   end
 end
 
-local HEADER_FIELDS = { 'n', 'lvl', 'sp', 'seq', 'last', 'sb', 'tr', 'tu' }
+local HEADER_FIELDS = { 'n', 'lvl', 'sp', 'seq', 'last', 'sb', 'tr' }
 
--- Keys kept alive until `kept` (Redis's real time: the header's `tr` for the window, `tu` for the
--- projection index) that must live `need` ms more from `real`: the new time to keep them until,
--- RENEW_MS beyond the need, or nil while `kept` still covers it.
+-- Keys kept alive until `kept` (Redis's real time: the window header's `tr`) that must live
+-- `need` ms more from `real`: the new time to keep them until, RENEW_MS beyond the need, or nil
+-- while `kept` still covers it.
 local function renewal(kept, real, need)
   if real + need > kept then
     return real + need + RENEW_MS
@@ -920,6 +924,341 @@ local function settle(p, key, now, persist)
   end
 end
 
+-- The projection index (docs/internals.md, "The projection index"): who got a new slot in the
+-- trailing 30 days and when, kept as two halves, each built for its readers, at under 32 B a user
+-- where one sorted set of both took ~110 (BENCHMARKS.md, "The projection index at steady state").
+-- * By user, at the base key: a set in parts (sset_*), recipient -> time (ms). It gives a
+--   returning user's previous time, a release's check, and the planner's list.
+-- * By time: the times alone, in two-hour buckets. Each bucket is a string of 3-byte big-endian
+--   offsets into its two hours, sorted (base .. ':t:' .. bucket number). A hash (base .. ':t')
+--   holds each bucket's count and two cursors, one per trailing window (7 and 30 days). A cursor is a
+--   boundary `b`, how many values of b's bucket are at or before it (`i`), and how many values
+--   lie after it (`a`: the count a projection reads). A change of a value moves the cursors'
+--   figures; moving a cursor reads only the values it passes and the counts of the buckets it
+--   skips. So the counts are exact to the millisecond, and no call scans the index.
+-- A bucket lives until its last possible value leaves the 30 days; the hash outlives every
+-- bucket, and drops the counts of buckets wholly past 30 days when a new bucket opens.
+-- Two hours fit a 3-byte offset (2^24 ms is 4.66 h); wider buckets are fewer keys (each costs
+-- ~140 B, which a sender meeting few users a day feels), narrower ones shorter strings to splice
+-- (BENCHMARKS.md, "The projection index at steady state").
+local UT_BUCKET_MS = 7200000
+local UT_W = 3
+local UT_FMT = '>I3'
+-- The trailing windows counted: their span, and their cursor's fields in the hash.
+local UT_WINDOWS = { { '7', WEEK_MS, 'b7', 'i7', 'a7' }, { '30', MONTH_MS, 'b30', 'i30', 'a30' } }
+-- Values a cursor reads per GETRANGE while it moves.
+local UT_CHUNK = 16
+
+local function ut_bucket(t)
+  return math.floor(t / UT_BUCKET_MS)
+end
+
+local function ut_key(T, b)
+  return T.h .. ':' .. fmt(b)
+end
+
+-- Reads the hash: the cursors (a new index starts them at `now`, with nothing on either side),
+-- the latest time, and the count of the bucket of `now`, where a new user goes.
+local function ut_open(base, now)
+  local h = base .. ':t'
+  local bn = ut_bucket(now)
+  local f = redis.call('HMGET', h, 'b7', 'i7', 'a7', 'b30', 'i30', 'a30', 'mx', fmt(bn))
+  local T = { h = h, cnt = { [bn] = tonumber(f[8] or '0') }, put = {}, cur = {}, mx = tonumber(f[7] or '') }
+  T.mx0, T.fresh = T.mx, not f[1]
+  for j, w in ipairs(UT_WINDOWS) do
+    local C
+    if f[1] then
+      local at = (j - 1) * 3
+      C = { w = w, b = tonumber(f[at + 1]), i = tonumber(f[at + 2]), a = tonumber(f[at + 3]) }
+    else
+      C = { w = w, b = now - w[2], i = 0, a = 0, moved = true }
+    end
+    C.a0 = C.a
+    T.cur[j] = C
+  end
+  return T
+end
+
+-- The counts of buckets lo..hi into T.cnt (one HMGET per 512 not yet read).
+local function ut_counts(T, lo, hi)
+  for s = lo, hi, 512 do
+    local want = {}
+    for b = s, math.min(hi, s + 511) do
+      if T.cnt[b] == nil then
+        want[#want + 1] = b
+      end
+    end
+    if #want > 0 then
+      local names = {}
+      for j, b in ipairs(want) do
+        names[j] = fmt(b)
+      end
+      for j, c in ipairs(redis.call('HMGET', T.h, unpack(names))) do
+        T.cnt[want[j]] = tonumber(c or '0')
+      end
+    end
+  end
+end
+
+local function ut_count(T, b)
+  local c = T.cnt[b]
+  if c == nil then
+    c = tonumber(redis.call('HGET', T.h, fmt(b)) or '0')
+    T.cnt[b] = c
+  end
+  return c
+end
+
+-- The values at positions from..from+n-1 (0-based) of bucket b, as times (ms).
+local function ut_values(T, b, from, n)
+  local s = redis.call('GETRANGE', ut_key(T, b), fmt(from * UT_W), fmt((from + n) * UT_W - 1))
+  local out = {}
+  for p = 1, #s - UT_W + 1, UT_W do
+    out[#out + 1] = b * UT_BUCKET_MS + struct.unpack(UT_FMT, s, p)
+  end
+  return out
+end
+
+-- In a bucket's string, the first position whose offset is >= x (> x with `after`).
+local function ut_search(s, x, after)
+  local lo, hi = 0, #s / UT_W
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    local v = struct.unpack(UT_FMT, s, mid * UT_W + 1)
+    if v < x or (after and v == x) then
+      lo = mid + 1
+    else
+      hi = mid
+    end
+  end
+  return lo
+end
+
+-- `d` values equal to v came (d > 0) or went (d < 0): the bucket's count, and each cursor's
+-- figures (a value after the boundary is counted in `a`; one at or before it, in b's bucket, in
+-- `i`).
+local function ut_note(T, v, d)
+  local b = ut_bucket(v)
+  T.cnt[b] = ut_count(T, b) + d
+  T.put[b] = true
+  for _, C in ipairs(T.cur) do
+    if v > C.b then
+      C.a = C.a + d
+    elseif b == ut_bucket(C.b) then
+      C.i, C.moved = C.i + d, true
+    end
+  end
+end
+
+-- Adds n values equal to v: appended when no stored value is later (the common case: new users
+-- at the present), otherwise spliced in at its place. A bucket created is given its TTL here.
+local function ut_add(T, v, n, now, slack)
+  local b = ut_bucket(v)
+  local key = ut_key(T, b)
+  local piece = string.rep(struct.pack(UT_FMT, v - b * UT_BUCKET_MS), n)
+  local len
+  if not T.mx or v >= T.mx then
+    len = redis.call('APPEND', key, piece)
+  else
+    local s = redis.call('GET', key) or ''
+    local j = ut_search(s, v - b * UT_BUCKET_MS, true) * UT_W
+    s = string.sub(s, 1, j) .. piece .. string.sub(s, j + 1)
+    redis.call('SET', key, s, 'KEEPTTL')
+    len = #s
+  end
+  if len == #piece then
+    keep(key, (b + 1) * UT_BUCKET_MS + MONTH_MS, now, slack)
+    T.grew = true
+  end
+  T.mx = math.max(T.mx or v, v)
+  ut_note(T, v, n)
+end
+
+-- Removes one value per entry of `vs` (times, ms), where stored; a value no longer stored (its
+-- bucket expired) is skipped. One GET and one SET per bucket touched.
+local function ut_drop(T, vs)
+  local by = {}
+  for _, v in ipairs(vs) do
+    local b = ut_bucket(v)
+    by[b] = by[b] or {}
+    table.insert(by[b], v - b * UT_BUCKET_MS)
+  end
+  for b, offs in pairs(by) do
+    local key = ut_key(T, b)
+    local s = redis.call('GET', key)
+    if s then
+      table.sort(offs)
+      local cut, last = {}, -1
+      for _, off in ipairs(offs) do
+        local p = math.max(ut_search(s, off, false), last + 1)
+        if p < #s / UT_W and struct.unpack(UT_FMT, s, p * UT_W + 1) == off then
+          cut[#cut + 1], last = p, p
+          ut_note(T, b * UT_BUCKET_MS + off, -1)
+        end
+      end
+      if #cut > 0 then
+        local parts, from = {}, 1
+        for _, p in ipairs(cut) do
+          parts[#parts + 1] = string.sub(s, from, p * UT_W)
+          from = (p + 1) * UT_W + 1
+        end
+        parts[#parts + 1] = string.sub(s, from)
+        local rest = table.concat(parts)
+        if rest == '' then
+          redis.call('DEL', key)
+        else
+          redis.call('SET', key, rest, 'KEEPTTL')
+        end
+      end
+    end
+  end
+end
+
+-- Moves cursor C to the boundary B.
+local function ut_seek(T, C, B)
+  if B == C.b then
+    return
+  end
+  local from, to = ut_bucket(C.b), ut_bucket(B)
+  if B > C.b and (not T.mx or B >= T.mx) then
+    -- Every value is at or before B.
+    C.b, C.a, C.i, C.moved = B, 0, ut_count(T, to), true
+    return
+  end
+  if to ~= from then
+    local lo, hi = math.min(from, to) + 1, math.max(from, to) - 1
+    ut_counts(T, lo, hi)
+    local skipped = 0
+    for b = lo, hi do
+      skipped = skipped + T.cnt[b]
+    end
+    if to > from then
+      C.a = C.a - (ut_count(T, from) - C.i) - skipped
+      C.i = 0
+    else
+      C.a = C.a + C.i + skipped
+      C.i = ut_count(T, to)
+    end
+  end
+  if B > C.b then
+    -- Forward: the values from i on that are at or before B (the bucket's string ends the scan).
+    while true do
+      local vs = ut_values(T, to, C.i, UT_CHUNK)
+      local k = 0
+      while k < #vs and vs[k + 1] <= B do
+        k = k + 1
+      end
+      C.i, C.a = C.i + k, C.a - k
+      if k < UT_CHUNK then
+        break
+      end
+    end
+  else
+    -- Backward: the values before i that are after B.
+    while C.i > 0 do
+      local first = math.max(0, C.i - UT_CHUNK)
+      local vs = ut_values(T, to, first, C.i - first)
+      local k = 0
+      while k < #vs and vs[#vs - k] > B do
+        k = k + 1
+      end
+      C.i, C.a = C.i - k, C.a + k
+      if k < #vs or #vs == 0 then
+        break
+      end
+    end
+  end
+  C.b, C.moved = B, true
+end
+
+-- Both cursors to `now`: after this, T.cur[1].a and T.cur[2].a are the users of the trailing 7
+-- and 30 days.
+local function ut_seek_all(T, now)
+  for _, C in ipairs(T.cur) do
+    ut_seek(T, C, now - C.w[2])
+  end
+end
+
+-- The k-th value after C's boundary (a time, ms), or nil when fewer are.
+local function ut_kth(T, C, k)
+  if k < 1 or C.a < k then
+    return nil
+  end
+  local b, last = ut_bucket(C.b), ut_bucket(T.mx)
+  local first = C.i
+  local here = ut_count(T, b) - first
+  while k > here do
+    k = k - here
+    b = b + 1
+    if b > last then
+      return nil
+    end
+    ut_counts(T, b, math.min(b + 63, last))
+    first, here = 0, T.cnt[b]
+  end
+  return ut_values(T, b, first + k - 1, 1)[1]
+end
+
+-- Writes what changed: the counts (a bucket emptied loses its count) and the cursors. When a
+-- bucket opened (every two hours under traffic), the counts of buckets wholly past 30 days are
+-- dropped, and the hash is kept alive as long as that bucket.
+local function ut_save(T, now, slack)
+  if T.fresh and not T.mx then
+    -- Nothing stored, nothing to count: no hash (it would have no TTL).
+    return
+  end
+  if T.grew then
+    ut_seek_all(T, now)
+    -- A bucket's margin, so a clock a little behind (another worker's) finds its counts.
+    local stop = ut_bucket(T.cur[2].b) - 1
+    -- The previous opening dropped those below its own stop, at least the bucket of the latest
+    -- time then stored, less 30 days and two buckets; so only the buckets since are left.
+    if T.mx0 then
+      local gone = {}
+      for b = math.max(ut_bucket(T.mx0 - MONTH_MS) - 2, stop - 4096), stop - 1 do
+        gone[#gone + 1] = fmt(b)
+        T.put[b] = nil
+      end
+      chunked('HDEL', T.h, gone, 512)
+    end
+  end
+  -- Only what changed: a new user moves its bucket's count, the `a` of each cursor, and `mx`.
+  local h, del = {}, {}
+  for b in pairs(T.put) do
+    if T.cnt[b] > 0 then
+      h[#h + 1] = fmt(b)
+      h[#h + 1] = fmt(T.cnt[b])
+    else
+      del[#del + 1] = fmt(b)
+    end
+  end
+  for _, C in ipairs(T.cur) do
+    if C.moved then
+      h[#h + 1] = C.w[3]
+      h[#h + 1] = fmt(C.b)
+      h[#h + 1] = C.w[4]
+      h[#h + 1] = fmt(C.i)
+    end
+    if C.moved or C.a ~= C.a0 then
+      h[#h + 1] = C.w[5]
+      h[#h + 1] = fmt(C.a)
+    end
+  end
+  if T.mx ~= T.mx0 then
+    h[#h + 1] = 'mx'
+    h[#h + 1] = fmt(T.mx)
+  end
+  if #h > 0 then
+    redis.call('HSET', T.h, unpack(h))
+  end
+  if #del > 0 then
+    redis.call('HDEL', T.h, unpack(del))
+  end
+  if T.grew or (T.fresh and T.mx) then
+    extend(T.h, (ut_bucket(T.mx) + 1) * UT_BUCKET_MS + MONTH_MS, now, slack)
+  end
+end
+
 -- GCRA: returns the new TAT, or nil and the wait in ms (rounded up).
 -- mirrors rules::rates::gcra
 local function gcra(tat, now_us, interval, burst)
@@ -932,21 +1271,20 @@ local function gcra(tat, now_us, interval, burst)
 end
 
 -- When the count of unique users reached the bar for the next tier, re-derived from the users
--- still counted: the threshold-th in the trailing window. nil: not reached.
+-- still counted: the threshold-th in the trailing window (T from ut_open). nil: not reached.
 -- mirrors rules::projections::crossing_time
-local function crossing_time(uq, rules, tier, now)
+local function crossing_time(T, rules, tier, now)
   local limit = TIER_LIMIT[tier]
   if limit == 0 then
     return nil
   end
+  ut_seek_all(T, now)
   local best
   if not (rules == 'legacy' and tier == '50') then
-    local row = redis.call('ZRANGEBYSCORE', uq, '(' .. fmt(now - WEEK_MS), '+inf', 'WITHSCORES', 'LIMIT', math.floor(limit / 2) - 1, 1)
-    best = row[2] and tonumber(row[2])
+    best = ut_kth(T, T.cur[1], math.floor(limit / 2))
   end
   if rules == 'portfolio' and tier == '250' then
-    local row = redis.call('ZRANGEBYSCORE', uq, '(' .. fmt(now - MONTH_MS), '+inf', 'WITHSCORES', 'LIMIT', PORTFOLIO_ENTRY_UNIQUES - 1, 1)
-    local t = row[2] and tonumber(row[2])
+    local t = ut_kth(T, T.cur[2], PORTFOLIO_ENTRY_UNIQUES)
     if t and (not best or t < best) then
       best = t
     end
@@ -980,27 +1318,34 @@ local function release_slot(W, uq, ws_prefix, r, resv, now, polkey, dtier, drule
   if ws_prefix ~= '' then
     redis.call('ZREM', ws_prefix .. opener, r)
   end
-  local u = redis.call('ZSCORE', uq, r)
-  if u and tonumber(u) == tonumber(opened) then
+  local got = {}
+  local S = sset_scores(uq, { r }, got)
+  local u = got[r]
+  if u and u == tonumber(opened) then
+    local T = ut_open(uq, now)
+    ut_drop(T, { u })
+    local part = sset_part(uq, sset_part_of(S, r))
     if prev == '' then
-      redis.call('ZREM', uq, r)
-      -- An index emptied is deleted with its TTL: the next new user must set one again.
-      if W.tu > 0 and redis.call('EXISTS', uq) == 0 then
-        W.tu, W.dirty = 0, true
-      end
+      redis.call('ZREM', part, r)
     else
-      redis.call('ZADD', uq, prev, r)
+      redis.call('ZADD', part, prev, r)
+      -- A time already past 30 days counts for nothing again: the by-time half keeps only
+      -- the times that may count.
+      if tonumber(prev) > now - MONTH_MS then
+        ut_add(T, tonumber(prev), 1, now, 0)
+      end
     end
     local f = redis.call('HMGET', polkey, 'up_at', 'up_from', 'tier', 'rules')
     local tier, rules = f[3] or dtier, f[4] or drules
     if f[1] and f[2] == tier then
-      local t = crossing_time(uq, rules, tier, now)
+      local t = crossing_time(T, rules, tier, now)
       if t then
         redis.call('HSET', polkey, 'up_at', fmt(t + UPGRADE_DELAY_MS[rules]))
       else
         redis.call('HDEL', polkey, 'up_at', 'up_from')
       end
     end
+    ut_save(T, now, 0)
   end
   return true
 end

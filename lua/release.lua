@@ -4,7 +4,7 @@
 -- KEYS[1] window header hash   the sharded window (lib.lua, win_open)
 -- KEYS[2] window index  zset   shard -> its earliest slot expiry (ms)
 -- KEYS[3] residency    sender home: its "away" string; portfolio home: its members set
--- KEYS[4] uniques      zset   recipient -> when it last got a new slot (ms)
+-- KEYS[4] uniques      zset   the projection index (lib.lua, ut_open)
 -- KEYS[5] window policy hash   the home's policy (a pending upgrade is re-derived on release)
 -- ARGV[1] now (ms), or "" for Redis TIME
 -- ARGV[2] home kind "s" | "p"

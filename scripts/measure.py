@@ -1,6 +1,7 @@
-"""What the measurement scripts share (redis-instructions-fixed, layout-floor, server-floor):
-free loopback ports, redis-servers started for one run (under callgrind when counting), and
-callgrind's instruction counter. Not a script of its own."""
+"""What the measurement scripts share (redis-instructions-fixed, layout-floor, server-floor,
+index-memory): free loopback ports, redis-servers started for one run (under callgrind when
+counting), callgrind's instruction counter, and the service's own acquire function called
+straight on Redis. Not a script of its own."""
 import os
 import socket
 import subprocess
@@ -39,6 +40,37 @@ def start_redis(tmp=None):
         except redis.ConnectionError:
             time.sleep(0.25)
     raise SystemExit("redis-server did not start")
+
+
+def acquire_function(binary, client):
+    """Loads the function library the way the service does (`waquota serve`, then stopped), and
+    names its acquire function."""
+    srv = subprocess.Popen([binary, "serve", "--redis", f"redis://127.0.0.1:{client.connection_pool.connection_kwargs['port']}",
+                            "--listen", f"127.0.0.1:{free_port()}"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(240):
+            libs = client.function_list()
+            if libs:
+                lib = dict(zip(libs[0][::2], libs[0][1::2]))  # RESP2 answers maps as flat lists
+                names = [dict(zip(f[::2], f[1::2]))[b"name"] for f in lib[b"functions"]]
+                return next(n for n in names if n.endswith(b"_acquire"))
+            time.sleep(0.25)
+        raise SystemExit("the server loaded no function library")
+    finally:
+        stop(srv)
+
+
+def acquire(pipe, fn, sender, recipients, now):
+    """Queues one Acquire(Batch) of `recipients` by `sender` at its own home, at `now`: KEYS and
+    ARGV as lua/acquire.lua documents them, with the service's defaults."""
+    base = f"wq:{{s:{sender}}}"
+    keys = [f"{base}:w", f"{base}:wx", f"{base}:sp:{sender}", f"{base}:csw:{sender}", f"{base}:away",
+            f"{base}:sp:{sender}", f"{base}:ws:{sender}", f"{base}:tp:{sender}", f"{base}:pr:{sender}",
+            f"{base}:mk:{sender}", f"{base}:mh", f"{base}:uq", "wq:ledger"]
+    args = [now, "s", sender, "t", "0", "0", "1k", "conversation", "portfolio", 80, 6000, 1,
+            86_400_000, 3_600_000, "a", *recipients]
+    pipe.execute_command("FCALL", fn, len(keys), *keys, *args)
 
 
 def zero(pid):

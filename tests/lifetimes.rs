@@ -124,7 +124,7 @@ async fn every_key_of_ledger_state_expires_and_configuration_persists() {
     // The sets of many recipients were stored in parts, and every part expires (above).
     parts.sort();
     parts.dedup();
-    assert_eq!(parts, ["csw:s1", "pr:s1", "pr:s2"], "{keys:?}");
+    assert_eq!(parts, ["csw:s1", "pr:s1", "pr:s2", "uq"], "{keys:?}");
 }
 
 /// Part 0 of a sender's set holds its shape, so it must live at least as long as every other
@@ -190,10 +190,11 @@ async fn part_zero_of_a_split_set_outlives_every_other_part() {
     );
 }
 
-/// The projection index is kept alive by the window header's `tu` (docs/internals.md,
-/// "Lifetimes"), not by a PEXPIRE on every new user. A release that empties it deletes it with
-/// its TTL, so the next new user must set a TTL again; and users written while the TTL needed no
-/// renewal, which are not trimmed then, count for nothing once past 30 days.
+/// The projection index's keys (its by-user set, its two-hour buckets, the hash of counts and
+/// cursors: docs/internals.md, "Lifetimes") all expire: a bucket when its end leaves the 30 days,
+/// the hash with the last bucket. A release that empties the index deletes what it emptied, and
+/// the next new user sets every TTL again; a user past 30 days counts for nothing, and leaves the
+/// by-user set when its part is next written.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_projection_index_keeps_a_ttl_when_a_release_empties_it() {
     let mut srv = TestServer::start(Backend::Redis).await;
@@ -203,33 +204,52 @@ async fn the_projection_index_keeps_a_ttl_when_a_release_empties_it() {
     let client = redis::Client::open(redis.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let uq = "wq:{s:s}:uq";
-    let pttl = |conn: &mut redis::aio::MultiplexedConnection| {
+    let hash = "wq:{s:s}:uq:t";
+    let bucket = format!("wq:{{s:s}}:uq:t:{}", t / (2 * HOUR));
+    let pttl = |conn: &mut redis::aio::MultiplexedConnection, key: String| {
         let mut conn = conn.clone();
         async move {
             redis::cmd("PTTL")
-                .arg(uq)
+                .arg(key)
                 .query_async::<i64>(&mut conn)
                 .await
                 .unwrap()
         }
     };
+    // A bucket (two hours) lives until its end + 30 days (+ slack), the hash as long as its
+    // buckets.
+    let bucket_life = (t / (2 * HOUR) + 1) * 2 * HOUR + 30 * DAY - t;
 
     let r = acquire(&mut q, "s", "a", t).await;
     assert!(
-        pttl(&mut conn).await > 30 * DAY,
+        pttl(&mut conn, uq.into()).await > 30 * DAY,
         "the first user sets a TTL"
     );
+    for key in [bucket.clone(), hash.to_owned()] {
+        let ttl = pttl(&mut conn, key.clone()).await;
+        assert!(
+            ttl >= bucket_life && ttl <= bucket_life + DAY,
+            "{key}: PTTL {ttl}"
+        );
+    }
     assert!(release(&mut q, "s", "a", &r.reservation, t + 1).await);
-    assert_eq!(pttl(&mut conn).await, -2, "the release emptied the index");
-    acquire(&mut q, "s", "b", t + 2).await;
-    let ttl = pttl(&mut conn).await;
-    assert!(
-        ttl > 30 * DAY && ttl <= 31 * DAY,
-        "the next new user sets it again: PTTL {ttl}"
+    assert_eq!(
+        pttl(&mut conn, uq.into()).await,
+        -2,
+        "the release emptied the index"
     );
+    assert_eq!(pttl(&mut conn, bucket.clone()).await, -2, "and its bucket");
+    acquire(&mut q, "s", "b", t + 2).await;
+    for key in [uq.to_owned(), bucket.clone()] {
+        let ttl = pttl(&mut conn, key.clone()).await;
+        assert!(
+            ttl > 30 * DAY && ttl <= 31 * DAY,
+            "the next new user sets it again: {key} PTTL {ttl}"
+        );
+    }
 
-    // Thirty days on (by the trusted clock: no real time passes, so no renewal trims), a
-    // second user: only it counts, though both are stored.
+    // Thirty days on (by the trusted clock), a third user: only it counts, and the second, past
+    // 30 days, left the by-user set when the third was written into it.
     let later = t + 30 * DAY + 3;
     acquire(&mut q, "s", "c", later).await;
     let stored: u64 = redis::cmd("ZCARD")
@@ -237,7 +257,7 @@ async fn the_projection_index_keeps_a_ttl_when_a_release_empties_it() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert_eq!(stored, 2);
+    assert_eq!(stored, 1);
     let i = inspect(&mut a, sender("s"), later).await;
     assert_eq!((i.unique_7d, i.unique_30d), (1, 1));
 }

@@ -33,6 +33,7 @@ on_every_ledger!(
     portfolio_upgrade_needs_green_quality_and_is_projected_6_hours_after_the_crossing,
     released_reservations_do_not_count_toward_tier_projections,
     a_released_reservation_does_not_make_the_count_cross_the_upgrade_threshold,
+    unique_counts_are_exact_to_the_millisecond_across_hours_releases_and_a_clock_behind,
     auto_tier_applies_the_projected_upgrade_at_its_moment_and_not_before,
     auto_tier_drops_a_flagged_legacy_sender_one_tier_every_7_days,
     bad_policy_fields_are_refused_naming_the_field_and_change_nothing,
@@ -1417,6 +1418,85 @@ async fn released_reservations_do_not_count_toward_tier_projections(b: Backend) 
     assert_eq!((i.used, i.unique_7d, i.unique_30d), (0, 1, 1));
     let i = inspect(&mut a, sender(s), day(8, 9, 0)).await;
     assert_eq!((i.unique_7d, i.unique_30d), (0, 1));
+}
+
+/// The trailing counts, at every moment probed, are the users whose last new slot lies strictly
+/// inside the 7 (30) days before it: across many users an hour (the index keeps its times by
+/// the hour), several at one millisecond, a release, a returning user, and a clock a few
+/// milliseconds behind the last (another worker's).
+async fn unique_counts_are_exact_to_the_millisecond_across_hours_releases_and_a_clock_behind(
+    b: Backend,
+) {
+    let srv = TestServer::start(b).await;
+    let (mut q, mut a) = (srv.quota().await, srv.admin().await);
+    let s = "many";
+    let p = Policy {
+        messages_per_second: 1000,
+        ..tier(Tier::Tier100k)
+    };
+    put_policy_at(&mut a, sender(s), p, day(1, 0, 0)).await;
+    // The model: each user's last new slot.
+    let mut last: std::collections::HashMap<String, i64> = Default::default();
+    let t0 = day(1, 9, 0);
+    let mut groups = Vec::new();
+    for k in 0..12 {
+        let t = t0 + k * 20 * MINUTE + k;
+        let rs = users(&format!("h{k}"), 30);
+        let got = batch(&mut q, s, &rs, t).await;
+        assert_all(&got, NEW);
+        for r in &rs {
+            last.insert(r.clone(), t);
+        }
+        groups.push((t, rs, got));
+    }
+    // A clock 7 ms behind the last call, then one 3 ms ahead of it.
+    let latest = groups.last().unwrap().0;
+    for (r, t) in [("behind", latest - 7), ("ahead", latest + 3)] {
+        assert_eq!(acquire(&mut q, s, r, t).await.decision(), NEW);
+        last.insert(r.to_owned(), t);
+    }
+    // A release gives the user back (it had no earlier slot).
+    let (t3, rs3, got3) = &groups[3];
+    assert!(release(&mut q, s, &rs3[7], &got3[7].reservation, t3 + 1).await);
+    last.remove(&rs3[7]);
+    // A user of the first group comes back two days later: it counts once, from then.
+    let back = day(3, 9, 30);
+    assert_eq!(
+        acquire(&mut q, s, &groups[0].1[0], back).await.decision(),
+        NEW
+    );
+    last.insert(groups[0].1[0].clone(), back);
+
+    let count = |last: &std::collections::HashMap<String, i64>, since: i64| {
+        last.values().filter(|t| **t > since).count() as u64
+    };
+    let mut probes = vec![back, back + 1];
+    for (t, _, _) in &groups {
+        for span in [7 * DAY, 30 * DAY] {
+            probes.extend([t + span - 1, t + span, t + span + 1]);
+        }
+    }
+    probes.extend([
+        latest - 7 + 7 * DAY,
+        latest + 3 + 7 * DAY,
+        back + 7 * DAY,
+        back + 30 * DAY,
+    ]);
+    probes.sort();
+    for (n, now) in probes.into_iter().enumerate() {
+        let i = inspect(&mut a, sender(s), now).await;
+        assert_eq!(
+            (i.unique_7d, i.unique_30d),
+            (count(&last, now - 7 * DAY), count(&last, now - 30 * DAY)),
+            "at {now}"
+        );
+        // Every third probe also writes: a new user moves the stored cursors to it.
+        if n % 3 == 0 {
+            let r = format!("probe-{n}");
+            assert_eq!(acquire(&mut q, s, &r, now).await.decision(), NEW, "{r}");
+            last.insert(r, now);
+        }
+    }
 }
 
 async fn a_released_reservation_does_not_make_the_count_cross_the_upgrade_threshold(b: Backend) {

@@ -1705,7 +1705,12 @@ async fn measure_memory(args: &BenchArgs, url: &str) -> Result<MemoryReport, Str
                 *encodings.entry(format!("{kind} {enc}")).or_default() += 1;
             }
         }
-        let (projection_bytes, _) = key_memory(&mut conn, &k.uniques()).await;
+        // The projection index is its by-user parts, its two-hour buckets and its hash, all
+        // named from the `uq` key.
+        let mut projection_bytes = 0;
+        for key in scan_keys(&mut conn, &format!("{}*", k.uniques())).await? {
+            projection_bytes += key_memory(&mut conn, &key).await.0;
+        }
         let id = SenderId::parse("sender", &sender).map_err(|e| e.to_string())?;
         let (pair_rate_bytes, pair_rate_entries, pair_rate_encodings) =
             set_memory(&mut conn, &k.pair_rates(&id)).await;

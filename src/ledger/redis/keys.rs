@@ -265,7 +265,10 @@ impl HomeKeys {
         self.key("mh")
     }
 
-    /// zset recipient -> when the user last got a new slot (ms), 30 days: tier projections.
+    /// The projection index (tier projections, 30 days): zset recipient -> when the user last got
+    /// a new slot (ms), in parts (`uq/<i>`); beside it, named from this key in lua/lib.lua
+    /// (`ut_open`), the same times by two-hour bucket (`uq:t:<bucket>`) and their counts and
+    /// cursors (`uq:t`).
     pub fn uniques(&self) -> String {
         self.key("uq")
     }

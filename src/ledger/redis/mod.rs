@@ -26,9 +26,9 @@ use crate::config::{Durability, OnLedgerLoss, Settings, Store};
 use crate::metrics::{Metrics, PoolStatus};
 use crate::model::{
     AcquireRequest, AuditEntry, Cursor, Defaults, ERROR_MARKETING_CAP, FREE_ENTRY_POINT_MS,
-    FailureOutcome, HOUR_MS, Inspection, MARKETING_HOLD_MS, MONTH_MS, Millis, Outcome, Policy,
-    PortfolioId, Projection, RecipientId, Reservation, SERVICE_WINDOW_MS, SLOT_MS, SenderId,
-    Target, TargetKind, WindowEntry, WindowPage, remaining,
+    FailureOutcome, HOUR_MS, Inspection, MARKETING_HOLD_MS, Millis, Outcome, Policy, PortfolioId,
+    Projection, RecipientId, Reservation, SERVICE_WINDOW_MS, SLOT_MS, SenderId, Target, TargetKind,
+    WindowEntry, WindowPage, remaining,
 };
 pub use codec::{AcquireReply, RecipientReply};
 use codec::{
@@ -733,42 +733,27 @@ impl Ledger for RedisLedger {
         };
         // Without a trusted clock, this instance's: a read for planning, not a decision.
         let now = crate::model::clock(at);
-        let since = now - MONTH_MS;
+        let k = self.keys.home(&home);
         let v = self
-            .query(
-                redis::cmd("ZRANGEBYSCORE")
-                    .arg(self.keys.home(&home).uniques())
-                    .arg(format!("({since}"))
-                    .arg("+inf")
-                    .arg("WITHSCORES"),
-            )
+            .run(&Call::new(&self.scripts.uniques, vec![k.uniques()]).clock(Some(now)))
             .await?;
         let bad = |v: &Value| bad_reply("uniques", v);
-        // RESP2 answers member, score, member, score…; RESP3 pairs [member, score].
-        let flat: Vec<Value> = items(v)
-            .map_err(|v| bad(&v))?
-            .into_iter()
-            .flat_map(|v| match v {
-                Value::Array(pair) => pair,
-                other => vec![other],
-            })
-            .collect();
+        // recipient, time, recipient, time…, part by part.
+        let flat = items(v).map_err(|v| bad(&v))?;
         let mut out = Vec::with_capacity(flat.len() / 2);
         for pair in flat.chunks(2) {
             let [m, t] = pair else {
                 return Err(bad(&Value::Array(flat.clone())));
             };
-            let time = match t {
-                Value::Double(d) => Some(*d as Millis),
-                other => int(other),
-            };
-            let (Some(r), Some(time)) = (text(m), time) else {
+            let (Some(r), Some(time)) = (text(m), int(t)) else {
                 return Err(bad(&Value::Array(flat.clone())));
             };
             let r = RecipientId::parse("recipient", &r)
                 .map_err(|_| bad(&Value::Array(flat.clone())))?;
             out.push((r, time));
         }
+        // The memory ledger's order: by time, then recipient.
+        out.sort_unstable_by(|a, b| (a.1, a.0.as_str()).cmp(&(b.1, b.0.as_str())));
         Ok(out)
     }
 

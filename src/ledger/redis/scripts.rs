@@ -31,7 +31,7 @@ pub struct Script {
 }
 
 impl Script {
-    /// Whether the script may change the ledger (all but the read-only Inspect and ListWindow):
+    /// Whether the script may change the ledger (all but the read-only Inspect, ListWindow and the planner's read):
     /// with `durability = replicated`, its answer waits for replicas.
     pub fn writes(&self) -> bool {
         !READ_ONLY.contains(&self.name)
@@ -40,10 +40,10 @@ impl Script {
 
 /// The scripts that never write: their functions carry Redis's `no-writes` flag, and their calls
 /// do not wait for replicas.
-const READ_ONLY: [&str; 3] = ["inspect", "list", "slot"];
+const READ_ONLY: [&str; 4] = ["inspect", "list", "slot", "uniques"];
 
 /// Every script, in the library's order, with its source.
-const SOURCES: [(&str, &str); 14] = [
+const SOURCES: [(&str, &str); 15] = [
     ("acquire", include_str!("../../../lua/acquire.lua")),
     ("release", include_str!("../../../lua/release.lua")),
     ("inbound", include_str!("../../../lua/inbound.lua")),
@@ -58,6 +58,7 @@ const SOURCES: [(&str, &str); 14] = [
     ("failure", include_str!("../../../lua/failure.lua")),
     ("ledger", include_str!("../../../lua/ledger.lua")),
     ("slot", include_str!("../../../lua/slot.lua")),
+    ("uniques", include_str!("../../../lua/uniques.lua")),
 ];
 
 /// The library's code after its `#!lua name=` line, and the hash that names it.
@@ -156,6 +157,7 @@ pub struct Scripts {
     pub failure: Script,
     pub ledger: Script,
     pub slot: Script,
+    pub uniques: Script,
 }
 
 impl Scripts {
@@ -186,6 +188,7 @@ impl Scripts {
             failure: f("failure"),
             ledger: f("ledger"),
             slot: f("slot"),
+            uniques: f("uniques"),
         }
     }
 
