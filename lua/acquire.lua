@@ -19,7 +19,8 @@
 -- KEYS[10] marketing log   hash   recipient -> "t1,t2,..." recent marketing sends (ms)
 -- KEYS[11] marketing holds zset   recipient -> hold until (ms) (WhatsApp error 131049)
 -- KEYS[12] uniques         zset   recipient -> when it last got a new slot (ms), in parts, and
---                                 beside it the same times by hour (lib.lua, ut_open): projections
+--                                 beside it the same times by two-hour bucket (lib.lua, ut_open):
+--                                 projections
 -- KEYS[13] ledger marker   string "1", or "lost <ms>" (lib.lua, ledger_check)
 -- ARGV[1] now (ms), or "" for Redis TIME
 -- ARGV[2] home kind: "s" (the sender's own window) or "p" (its portfolio's)

@@ -1141,18 +1141,18 @@ local function ut_seek(T, C, B)
     end
   end
   if B > C.b then
-    -- Forward: the values from i on that are at or before B (the bucket's string ends the scan).
-    while true do
-      local vs = ut_values(T, to, C.i, UT_CHUNK)
-      local k = 0
-      while k < #vs and vs[k + 1] <= B do
-        k = k + 1
-      end
-      C.i, C.a = C.i + k, C.a - k
-      if k < UT_CHUNK then
-        break
-      end
+    -- Forward: the values from i on that are at or before B. Mostly a few, in the first chunk;
+    -- past it (a long step), the rest of the bucket in one read, searched here.
+    local vs = ut_values(T, to, C.i, UT_CHUNK)
+    local k = 0
+    while k < #vs and vs[k + 1] <= B do
+      k = k + 1
     end
+    if k == UT_CHUNK then
+      local rest = redis.call('GETRANGE', ut_key(T, to), fmt((C.i + k) * UT_W), '-1')
+      k = k + ut_search(rest, B - to * UT_BUCKET_MS, true)
+    end
+    C.i, C.a = C.i + k, C.a - k
   else
     -- Backward: the values before i that are after B.
     while C.i > 0 do
@@ -1332,7 +1332,9 @@ local function release_slot(W, uq, ws_prefix, r, resv, now, polkey, dtier, drule
       -- A time already past 30 days counts for nothing again: the by-time half keeps only
       -- the times that may count.
       if tonumber(prev) > now - MONTH_MS then
-        ut_add(T, tonumber(prev), 1, now, 0)
+        -- A release carries no TTL slack of its own: a bucket it recreates gets RENEW_MS (an
+        -- hour, the service's default slack), so a worker a little behind still finds it.
+        ut_add(T, tonumber(prev), 1, now, RENEW_MS)
       end
     end
     local f = redis.call('HMGET', polkey, 'up_at', 'up_from', 'tier', 'rules')
@@ -1345,7 +1347,7 @@ local function release_slot(W, uq, ws_prefix, r, resv, now, polkey, dtier, drule
         redis.call('HDEL', polkey, 'up_at', 'up_from')
       end
     end
-    ut_save(T, now, 0)
+    ut_save(T, now, RENEW_MS)
   end
   return true
 end

@@ -1421,8 +1421,8 @@ async fn released_reservations_do_not_count_toward_tier_projections(b: Backend) 
 }
 
 /// The trailing counts, at every moment probed, are the users whose last new slot lies strictly
-/// inside the 7 (30) days before it: across many users an hour (the index keeps its times by
-/// the hour), several at one millisecond, a release, a returning user, and a clock a few
+/// inside the 7 (30) days before it: across many users a bucket (the index keeps its times in
+/// two-hour buckets), several at one millisecond, a release, a returning user, and a clock a few
 /// milliseconds behind the last (another worker's).
 async fn unique_counts_are_exact_to_the_millisecond_across_hours_releases_and_a_clock_behind(
     b: Backend,
