@@ -924,7 +924,7 @@ local function settle(p, key, now, persist)
   end
 end
 
--- The projection index (docs/internals.md, "The projection index"): who got a new slot in the
+-- The projection index (docs/internals.md, "Redis key schema"): who got a new slot in the
 -- trailing 30 days and when, kept as two halves, each built for its readers, at under 32 B a user
 -- where one sorted set of both took ~110 (BENCHMARKS.md, "The projection index at steady state").
 -- * By user, at the base key: a set in parts (sset_*), recipient -> time (ms). It gives a
