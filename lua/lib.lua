@@ -800,15 +800,6 @@ end
 
 local HEADER_FIELDS = { 'n', 'lvl', 'sp', 'seq', 'last', 'sb', 'tr' }
 
--- Keys kept alive until `kept` (Redis's real time: the window header's `tr`) that must live
--- `need` ms more from `real`: the new time to keep them until, RENEW_MS beyond the need, or nil
--- while `kept` still covers it.
-local function renewal(kept, real, need)
-  if real + need > kept then
-    return real + need + RENEW_MS
-  end
-end
-
 -- Writes the header and keeps the window alive until its latest expiry (+ slack) on the
 -- request's clock. The TTLs are renewed for every key of the window at once, RENEW_MS longer
 -- than needed, and the header remembers until when (`tr`, in Redis's real time, so a trusted
@@ -818,10 +809,10 @@ local function win_save(W, now, slack)
     return
   end
   local real = redis_ms()
-  local renewed = renewal(W.tr, real, math.max(W.last - now, 0) + math.max(slack, 1))
-  local renew = renewed ~= nil
+  local need = math.max(W.last - now, 0) + math.max(slack, 1)
+  local renew = real + need > W.tr
   if renew then
-    W.tr = renewed
+    W.tr = real + need + RENEW_MS
   end
   -- Only the fields that changed: most calls move n, seq and last, and each field written costs a
   -- scan of the header's listpack.
@@ -945,8 +936,12 @@ local UT_BUCKET_MS = 7200000
 local UT_W = 3
 local UT_FMT = '>I3'
 -- The trailing windows counted: their span, and their cursor's fields in the hash.
-local UT_WINDOWS = { { '7', WEEK_MS, 'b7', 'i7', 'a7' }, { '30', MONTH_MS, 'b30', 'i30', 'a30' } }
--- Values a cursor reads per GETRANGE while it moves.
+local UT_WINDOWS = {
+  { span = WEEK_MS, b = 'b7', i = 'i7', a = 'a7' },
+  { span = MONTH_MS, b = 'b30', i = 'i30', a = 'a30' },
+}
+-- Values a cursor reads in its first GETRANGE when it moves forward (a step past them reads the
+-- rest of its bucket at once).
 local UT_CHUNK = 16
 
 local function ut_bucket(t)
@@ -971,7 +966,7 @@ local function ut_open(base, now)
       local at = (j - 1) * 3
       C = { w = w, b = tonumber(f[at + 1]), i = tonumber(f[at + 2]), a = tonumber(f[at + 3]) }
     else
-      C = { w = w, b = now - w[2], i = 0, a = 0, moved = true }
+      C = { w = w, b = now - w.span, i = 0, a = 0, moved = true }
     end
     C.a0 = C.a
     T.cur[j] = C
@@ -1153,19 +1148,13 @@ local function ut_seek(T, C, B)
       k = k + ut_search(rest, B - to * UT_BUCKET_MS, true)
     end
     C.i, C.a = C.i + k, C.a - k
-  else
-    -- Backward: the values before i that are after B.
-    while C.i > 0 do
-      local first = math.max(0, C.i - UT_CHUNK)
-      local vs = ut_values(T, to, first, C.i - first)
-      local k = 0
-      while k < #vs and vs[#vs - k] > B do
-        k = k + 1
-      end
+  elseif C.i > 0 then
+    -- Backward (a clock behind): the values before i that are after B, in one read, searched.
+    local head = redis.call('GETRANGE', ut_key(T, to), '0', fmt(C.i * UT_W - 1))
+    -- A bucket already expired (a clock far behind) reads empty: its values stay counted before.
+    if #head == C.i * UT_W then
+      local k = C.i - ut_search(head, B - to * UT_BUCKET_MS, true)
       C.i, C.a = C.i - k, C.a + k
-      if k < #vs or #vs == 0 then
-        break
-      end
     end
   end
   C.b, C.moved = B, true
@@ -1175,7 +1164,7 @@ end
 -- and 30 days.
 local function ut_seek_all(T, now)
   for _, C in ipairs(T.cur) do
-    ut_seek(T, C, now - C.w[2])
+    ut_seek(T, C, now - C.w.span)
   end
 end
 
@@ -1234,13 +1223,13 @@ local function ut_save(T, now, slack)
   end
   for _, C in ipairs(T.cur) do
     if C.moved then
-      h[#h + 1] = C.w[3]
+      h[#h + 1] = C.w.b
       h[#h + 1] = fmt(C.b)
-      h[#h + 1] = C.w[4]
+      h[#h + 1] = C.w.i
       h[#h + 1] = fmt(C.i)
     end
     if C.moved or C.a ~= C.a0 then
-      h[#h + 1] = C.w[5]
+      h[#h + 1] = C.w.a
       h[#h + 1] = fmt(C.a)
     end
   end
