@@ -1430,9 +1430,10 @@ async fn unique_counts_are_exact_to_the_millisecond_across_hours_releases_and_a_
     let srv = TestServer::start(b).await;
     let (mut q, mut a) = (srv.quota().await, srv.admin().await);
     let s = "many";
+    // 10K: far from its bar (5,000 users in 7 days), so every new user moves the cursors.
     let p = Policy {
         messages_per_second: 1000,
-        ..tier(Tier::Tier100k)
+        ..tier(Tier::Tier10k)
     };
     put_policy_at(&mut a, sender(s), p, day(1, 0, 0)).await;
     // The model: each user's last new slot.
@@ -1490,11 +1491,19 @@ async fn unique_counts_are_exact_to_the_millisecond_across_hours_releases_and_a_
             (count(&last, now - 7 * DAY), count(&last, now - 30 * DAY)),
             "at {now}"
         );
-        // Every third probe also writes: a new user moves the stored cursors to it.
+        // Every third probe also writes: a new user moves the stored cursors to it, and another
+        // 1 ms behind moves them back (a worker whose clock is behind).
         if n % 3 == 0 {
-            let r = format!("probe-{n}");
-            assert_eq!(acquire(&mut q, s, &r, now).await.decision(), NEW, "{r}");
-            last.insert(r, now);
+            for (r, t) in [
+                (format!("probe-{n}"), now),
+                (format!("behind-{n}"), now - 1),
+            ] {
+                assert_eq!(acquire(&mut q, s, &r, t).await.decision(), NEW, "{r}");
+                last.insert(r, t);
+            }
+            // The 7-day count there: the 30-day one may have lost users trimmed at `now`.
+            let i = inspect(&mut a, sender(s), now - 1).await;
+            assert_eq!(i.unique_7d, count(&last, now - 1 - 7 * DAY), "behind {now}");
         }
     }
 }
